@@ -1,0 +1,86 @@
+"""lazygraph: lazy tensors that record an IR graph, fused into Triton kernels when a value is needed.
+
+    import lazygraph as lg
+    x = lg.lazy(torch.randn(4, 4))
+    z = (x + 2) * (x + 2)       # records, runs nothing
+    print(z)                    # runs the graph once
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from . import counters, dump as _dump
+from .ir import Graph, Node, Op, parse
+from .lazy import LazyTensor, lazy, lazy_mode, node_of, pending_graph, sync, to_eager
+from .runtime import get_backend, set_backend
+
+__all__ = ["lazy", "lazy_mode", "is_lazy", "graph", "sync", "to_eager", "stats", "reset_stats", "dump",
+           "lazy_module", "set_backend", "get_backend", "Graph", "Node", "Op", "parse", "LazyTensor"]
+
+
+def is_lazy(t: Any) -> bool:
+    return isinstance(t, LazyTensor)
+
+
+def graph(*tensors: torch.Tensor) -> Graph:
+    """The pending Graph that produces `tensors` (str() of it is the text form)."""
+    return pending_graph(*tensors)
+
+
+def stats() -> dict[str, Any]:
+    """Counters since the last reset_stats()."""
+    c = counters.COUNTERS
+    return {
+        "nodes_recorded": c["nodes_recorded"],
+        "graphs_run": c["graphs_run"],
+        "compiles": c["compiles"],
+        "cache_hits": c["cache_hits"],
+        "graph_breaks": dict(counters.GRAPH_BREAKS),
+        "triton_kernels": c["triton_kernels"],
+        "extern_calls": c["extern_calls"],
+        "extern_ops": dict(counters.EXTERN_OPS),
+        "recompiles": c["recompiles"],
+    }
+
+
+def reset_stats() -> None:
+    counters.reset()
+
+
+def dump(tensors: Sequence[torch.Tensor] | torch.Tensor | None = None, dir: str | None = None) -> str | None:
+    """Turn dumps on for every later run (dir given, no tensors), or write the dump of the graph
+    that produces `tensors` now, returning the folder written."""
+    if tensors is None:
+        _dump.set_dir(dir)
+        return dir
+    ts = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    g = pending_graph(*ts)
+    from .runtime import build_program
+
+    previous = _dump._dir
+    _dump.set_dir(dir or previous or "lazygraph_dump")
+    try:
+        path = _dump.write_run(g, build_program(g, get_backend()))
+    finally:
+        _dump.set_dir(previous)
+    return path
+
+
+def lazy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Make every parameter and buffer of `module` lazy, in place (tied weights stay tied)."""
+    seen: dict[int, torch.Tensor] = {}
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in seen:
+                seen[id(p)] = torch.nn.Parameter(lazy(p.detach()), requires_grad=p.requires_grad)
+            mod._parameters[name] = seen[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None and not is_lazy(b):
+                mod._buffers[name] = lazy(b)
+    return module

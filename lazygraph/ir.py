@@ -1,0 +1,569 @@
+"""The IR: a graph of Nodes in SSA form over a small, closed set of primitive ops.
+
+Every node has a shape, a dtype and a device. Movement ops (reshape, permute, expand, slice,
+pad) are logical: they never copy by themselves, codegen folds them into index expressions.
+Reductions always keep their reduced axes (size 1), so a reduction and the pointwise work
+around it share one iteration space; a following reshape drops the axes where torch would.
+
+Text form (one line per node, read by people first and parsed second):
+
+    %3 = mul(%1, %2) : f32[4, 8] @cpu
+    %4 = sum(%3, axes=(1,)) : f32[4, 1] @cpu          # model.py:12
+
+`Graph.text()` prints it, `parse()` reads it back, `Graph.structural_hash()` hashes the structure
+and the input signature (never the values), `to_networkx()` and `to_dot()` export it.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+
+class Op(enum.Enum):
+    # leaves
+    INPUT = "input"  # an external buffer (a realized tensor); attrs: name
+    FULL = "full"  # a constant filled to a shape; attrs: value
+    IOTA = "iota"  # 0, 1, ..., n-1 along `axis` of the shape; attrs: axis
+    RAND = "rand"  # uniform [0, 1) from Philox(seed, offset + linear index); srcs: (seed,), attrs: offset
+    # unary pointwise
+    NEG = "neg"
+    EXP = "exp"
+    LOG = "log"
+    SQRT = "sqrt"
+    RSQRT = "rsqrt"
+    SIN = "sin"
+    COS = "cos"
+    TANH = "tanh"
+    ERF = "erf"
+    ABS = "abs"
+    RECIP = "recip"
+    SIGMOID = "sigmoid"
+    FLOOR = "floor"
+    CEIL = "ceil"
+    TRUNC = "trunc"
+    NOT = "not"  # logical not of a bool
+    ISNAN = "isnan"
+    # binary pointwise
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"  # true division for floats, truncating division for integers
+    POW = "pow"
+    MAX = "max"
+    MIN = "min"
+    MOD = "mod"  # Python-style remainder (sign of the divisor), as torch.remainder
+    EQ = "eq"
+    NE = "ne"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    AND = "and"
+    OR = "or"
+    XOR = "xor"
+    # ternary
+    WHERE = "where"
+    # type conversion
+    CAST = "cast"
+    # reductions over `axes`, keeping them as size 1
+    SUM = "sum"
+    PROD = "prod"
+    AMAX = "amax"
+    AMIN = "amin"
+    ARGMAX = "argmax"  # over one axis; int64 result
+    ARGMIN = "argmin"
+    # matrix product with broadcast batch dims
+    MATMUL = "matmul"
+    # movement (logical views)
+    RESHAPE = "reshape"
+    PERMUTE = "permute"  # attrs: dims
+    EXPAND = "expand"  # size-1 axes broadcast to the node's shape
+    SLICE = "slice"  # attrs: starts, steps (the shape gives the counts)
+    PAD = "pad"  # inverse of slice: x lands at starts + i*steps, `value` elsewhere
+    CAT = "cat"  # attrs: axis
+    # indexing
+    GATHER = "gather"  # torch.gather(x, axis, index)
+    SCATTER_ADD = "scatter_add"  # torch.scatter_add(base, axis, index, src)
+    # fused attention, both directions as single ops (never one direction decomposed)
+    ATTENTION = "attention"  # (q, k, v[, seed]) -> out ; attrs: scale, causal, dropout_p
+    ATTENTION_LSE = "attention_lse"  # log-sum-exp rows that the backward reuses
+    ATTENTION_BWD = "attention_bwd"  # (dout, q, k, v, out, lse[, seed]) -> dq|dk|dv ; attrs: which
+    # placement
+    TRANSFER = "transfer"  # copy to another device
+    # torch runs it (fallback); attrs: target (aten op name), args (non-tensor arguments), index
+    EXTERN = "extern"
+
+
+UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.SIN, Op.COS, Op.TANH, Op.ERF, Op.ABS,
+                   Op.RECIP, Op.SIGMOID, Op.FLOOR, Op.CEIL, Op.TRUNC, Op.NOT, Op.ISNAN})
+COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
+LOGICAL = frozenset({Op.AND, Op.OR, Op.XOR})
+BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAX, Op.MIN, Op.MOD}) | COMPARE | LOGICAL
+POINTWISE = UNARY | BINARY | {Op.WHERE, Op.CAST}
+REDUCE = frozenset({Op.SUM, Op.PROD, Op.AMAX, Op.AMIN, Op.ARGMAX, Op.ARGMIN})
+MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.PAD})
+LEAF = frozenset({Op.INPUT, Op.FULL, Op.IOTA})
+# ops whose result is bool whatever their inputs
+BOOL_RESULT = COMPARE | {Op.NOT, Op.ISNAN}
+
+# ---------------------------------------------------------------------------------------------
+# dtypes: short names for the text form, promotion rules
+# ---------------------------------------------------------------------------------------------
+
+DTYPE_NAMES = {
+    torch.bool: "b8", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32",
+    torch.int64: "i64", torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32",
+    torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128",
+}
+DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+_FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_INT_RANK = {torch.bool: 0, torch.uint8: 1, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+_PROMOTE_CACHE: dict[tuple, torch.dtype] = {}
+
+
+def promote_types(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch.promote_types, cached (the C call is cheap, but the cache keeps the hot path flat)."""
+    key = (a, b)
+    out = _PROMOTE_CACHE.get(key)
+    if out is None:
+        out = _PROMOTE_CACHE[key] = torch.promote_types(a, b)
+    return out
+
+
+def result_type(tensors: Sequence[tuple[torch.dtype, int]], scalars: Sequence[Any]) -> torch.dtype:
+    """Type promotion exactly as torch does it for pointwise ops (c10's ResultTypeState).
+
+    `tensors` are (dtype, ndim) pairs. Three priority groups: dimensioned tensors, 0-d tensors,
+    Python scalars; a weaker group only matters when it is of a higher category."""
+    dim_r = zero_r = wrapped_r = None
+    for d, nd in tensors:
+        if nd > 0:
+            dim_r = d if dim_r is None else promote_types(dim_r, d)
+        else:
+            zero_r = d if zero_r is None else promote_types(zero_r, d)
+    for s in scalars:
+        d = _scalar_dtype(s)
+        if d.is_complex:
+            d = torch.complex64 if torch.get_default_dtype() == torch.float32 else torch.complex128
+        elif d.is_floating_point:
+            d = torch.get_default_dtype()
+        wrapped_r = d if wrapped_r is None else promote_types(wrapped_r, d)
+    out = _combine_categories(dim_r, _combine_categories(zero_r, wrapped_r))
+    return out if out is not None else torch.get_default_dtype()
+
+
+def _combine_categories(higher: torch.dtype | None, lower: torch.dtype | None) -> torch.dtype | None:
+    if higher is None:
+        return lower
+    if lower is None or higher.is_complex:
+        return higher
+    if lower.is_complex:
+        return promote_types(higher, lower) if higher.is_floating_point else lower
+    if higher.is_floating_point:
+        return higher
+    if higher == torch.bool or lower.is_floating_point:
+        return promote_types(higher, lower)
+    return higher
+
+
+def _scalar_dtype(s: Any) -> torch.dtype:
+    if isinstance(s, bool):
+        return torch.bool
+    if isinstance(s, int):
+        return torch.int64
+    if isinstance(s, complex):
+        return torch.complex128
+    return torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+# ---------------------------------------------------------------------------------------------
+
+Shape = tuple[int, ...]
+
+
+def broadcast_shapes(*shapes: Shape) -> Shape:
+    """NumPy broadcasting; raises RuntimeError with torch's message on a mismatch."""
+    if len(shapes) == 1:
+        return shapes[0]
+    ndim = max(len(s) for s in shapes)
+    out = [1] * ndim
+    for s in shapes:
+        off = ndim - len(s)
+        for i, d in enumerate(s):
+            o = out[off + i]
+            if d == o or d == 1:
+                continue
+            if o == 1:
+                out[off + i] = d
+            else:
+                raise RuntimeError(
+                    f"The size of tensor a ({o}) must match the size of tensor b ({d}) "
+                    f"at non-singleton dimension {off + i}")
+    return tuple(out)
+
+
+def numel(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def contiguous_strides(shape: Shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+# ---------------------------------------------------------------------------------------------
+# nodes and graphs
+# ---------------------------------------------------------------------------------------------
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Node:
+    """One SSA value. `srcs` are operand nodes; `attrs` are static, hashable parameters.
+
+    A node produced by a graph run is *realized*: it keeps its tensor in `value` and drops its
+    srcs, so it acts as an INPUT from then on and the history behind it can be freed.
+    """
+
+    op: Op
+    srcs: tuple[Node, ...]
+    shape: Shape
+    dtype: torch.dtype
+    device: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # the user's file:line that recorded it
+    value: torch.Tensor | None = None  # the realized tensor (INPUT nodes and realized nodes)
+    captured_version: int | None = None  # value._version when captured: an in-place change after is an error
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def realized(self) -> bool:
+        return self.value is not None
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.value is not None or self.op in LEAF or self.op is Op.INPUT
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * _itemsize(self.dtype)
+
+    def realize(self, value: torch.Tensor) -> None:
+        """Turn this node into a leaf holding `value`; the graph that computed it can be freed."""
+        self.value = value
+        if self.op is not Op.INPUT:
+            self.srcs = ()
+
+    def __repr__(self) -> str:
+        return f"Node(%{self.id} {self.op.value} {dtype_name(self.dtype)}{list(self.shape)})"
+
+
+_ITEMSIZE: dict[torch.dtype, int] = {}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    s = _ITEMSIZE.get(dtype)
+    if s is None:
+        s = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return s
+
+
+itemsize = _itemsize
+
+
+def effective_op(node: Node) -> Op:
+    """A realized node is an input, whatever op once produced it."""
+    return Op.INPUT if node.value is not None else node.op
+
+
+class Graph:
+    """Nodes in topological order, the graph inputs (leaves holding buffers) and the outputs."""
+
+    def __init__(self, nodes: list[Node], outputs: list[Node]):
+        self.nodes = nodes
+        self.outputs = outputs
+
+    @classmethod
+    def from_outputs(cls, outputs: Sequence[Node]) -> Graph:
+        """Collect every node the outputs depend on, stopping at realized nodes."""
+        order: list[Node] = []
+        seen: set[int] = set()
+        for out in outputs:
+            if out.id in seen:
+                continue
+            stack = [(out, False)]
+            while stack:
+                n, done = stack.pop()
+                if done:
+                    order.append(n)
+                    continue
+                if n.id in seen:
+                    continue
+                seen.add(n.id)
+                stack.append((n, True))
+                if n.value is None:
+                    for s in reversed(n.srcs):
+                        if s.id not in seen:
+                            stack.append((s, False))
+        return cls(order, list(outputs))
+
+    @property
+    def inputs(self) -> list[Node]:
+        return [n for n in self.nodes if effective_op(n) is Op.INPUT]
+
+    def users(self) -> dict[int, list[Node]]:
+        out: dict[int, list[Node]] = {n.id: [] for n in self.nodes}
+        for n in self.nodes:
+            if n.value is None:
+                for s in n.srcs:
+                    out[s.id].append(n)
+        return out
+
+    def clone(self) -> Graph:
+        """A structural copy without values: realized nodes become plain INPUTs. Programs keep
+        this copy, so a cached program never holds on to tensors of the run that built it."""
+        new: dict[int, Node] = {}
+        for n in self.nodes:
+            if n.value is not None or n.op is Op.INPUT:
+                attrs = {"name": n.attrs["name"]} if "name" in n.attrs else {}
+                c = Node(Op.INPUT, (), n.shape, n.dtype, n.device, attrs, n.source)
+            else:
+                c = Node(n.op, tuple(new[s.id] for s in n.srcs), n.shape, n.dtype, n.device, dict(n.attrs),
+                         n.source)
+            new[n.id] = c
+        return Graph([new[n.id] for n in self.nodes], [new[o.id] for o in self.outputs])
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    # -- text form ------------------------------------------------------------------------------
+
+    def names(self) -> dict[int, str]:
+        """SSA names %0, %1, ... in graph order: the same structure prints the same text."""
+        return {n.id: f"%{i}" for i, n in enumerate(self.nodes)}
+
+    def text(self, sources: bool = True) -> str:
+        names = self.names()
+        lines = [_node_line(n, names, sources) for n in self.nodes]
+        lines.append("return (" + ", ".join(names[o.id] for o in self.outputs) + ")")
+        return "\n".join(lines) + "\n"
+
+    __str__ = text
+
+    def structural_hash(self) -> str:
+        """Equal for the same structure and input signature, whatever the values and node ids.
+
+        Inputs contribute shape, dtype, device and strides; constants in attrs are part of the
+        structure (they are baked into generated code)."""
+        h = hashlib.sha256()
+        h.update(self.text(sources=False).encode())
+        for n in self.inputs:
+            if n.value is not None:
+                h.update(repr(tuple(n.value.stride())).encode())
+        return h.hexdigest()[:16]
+
+    # -- exports ---------------------------------------------------------------------------------
+
+    def to_networkx(self):
+        import networkx as nx
+
+        names = self.names()
+        g = nx.DiGraph()
+        for n in self.nodes:
+            g.add_node(names[n.id], op=effective_op(n).value, shape=n.shape, dtype=dtype_name(n.dtype),
+                       device=n.device, nbytes=n.nbytes, source=n.source or "")
+            if n.value is None:
+                for s in n.srcs:
+                    g.add_edge(names[s.id], names[n.id], nbytes=s.nbytes)
+        return g
+
+    def to_dot(self, groups: dict[int, int] | None = None) -> str:
+        """Graphviz DOT; `groups` (node id -> fusion group) colours nodes by the kernel they fuse into."""
+        names = self.names()
+        palette = ["#fbb4ae", "#b3cde3", "#ccebc5", "#decbe4", "#fed9a6", "#ffffcc", "#e5d8bd", "#fddaec"]
+        lines = ["digraph lazygraph {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+        outs = {o.id for o in self.outputs}
+        for n in self.nodes:
+            label = f"{names[n.id]} {effective_op(n).value}\\n{dtype_name(n.dtype)}{list(n.shape)}"
+            style = ""
+            if groups and n.id in groups:
+                style = f', style=filled, fillcolor="{palette[groups[n.id] % len(palette)]}"'
+            elif effective_op(n) is Op.INPUT:
+                style = ', style=filled, fillcolor="#eeeeee"'
+            if n.id in outs:
+                style += ", peripheries=2"
+            lines.append(f'  n{names[n.id][1:]} [label="{label}"{style}];')
+        for n in self.nodes:
+            if n.value is None:
+                for s in n.srcs:
+                    lines.append(f"  n{names[s.id][1:]} -> n{names[n.id][1:]};")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt_attr(v: Any) -> str:
+    if isinstance(v, torch.dtype):
+        return dtype_name(v)
+    if isinstance(v, float):
+        return repr(v)  # inf and nan print as inf / nan; parse() reads them back
+    return repr(v)
+
+
+def _node_line(n: Node, names: dict[int, str], sources: bool) -> str:
+    op = effective_op(n)
+    args = [names[s.id] for s in n.srcs] if n.value is None else []
+    attrs = dict(n.attrs)
+    if n.value is not None and n.op is not Op.INPUT:
+        attrs = {"was": n.op.value}
+    args += [f"{k}={_fmt_attr(v)}" for k, v in sorted(attrs.items()) if k != "name"]
+    line = f"{names[n.id]} = {op.value}({', '.join(args)}) : {dtype_name(n.dtype)}{list(n.shape)} @{n.device}"
+    if sources and n.source:
+        line += f"  # {n.source}"
+    return line
+
+
+_LINE = re.compile(r"^(%\d+) = (\w+)\((.*)\) : (\w+)\[(.*)\] @(\S+)(?:\s+# (.*))?$")
+
+
+def parse(text: str) -> Graph:
+    """Read the text form back into a Graph (inputs come back without values)."""
+    by_name: dict[str, Node] = {}
+    nodes: list[Node] = []
+    outputs: list[Node] = []
+    for raw in text.strip().splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("return"):
+            inner = line[line.index("(") + 1: line.rindex(")")]
+            outputs = [by_name[x.strip()] for x in inner.split(",") if x.strip()]
+            continue
+        m = _LINE.match(line)
+        if not m:
+            raise ValueError(f"cannot parse IR line: {line!r}")
+        name, opname, argtext, dt, shapetext, device, source = m.groups()
+        srcs, attrs = [], {}
+        for part in _split_args(argtext):
+            if part.startswith("%"):
+                srcs.append(by_name[part])
+            else:
+                k, v = part.split("=", 1)
+                attrs[k] = _parse_value(v)
+        shape = tuple(int(x) for x in shapetext.split(",") if x.strip())
+        node = Node(Op(opname), tuple(srcs), shape, DTYPES_BY_NAME[dt], device, attrs, source)
+        by_name[name] = node
+        nodes.append(node)
+    return Graph(nodes, outputs)
+
+
+def _split_args(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def _parse_value(v: str) -> Any:
+    v = v.strip()
+    if v in DTYPES_BY_NAME:
+        return DTYPES_BY_NAME[v]
+    if v in ("inf", "-inf", "nan"):
+        return float(v)
+    return ast.literal_eval(v.replace("inf", "1e999").replace("nan", "None")) if (
+        "inf" in v and not v.startswith("'")) else ast.literal_eval(v)
+
+
+def graphs_equal(a: Graph, b: Graph) -> bool:
+    """Same text (structure, attrs, shapes, dtypes, devices), ignoring source comments."""
+    return a.text(sources=False) == b.text(sources=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify: what a well-formed graph is
+# ---------------------------------------------------------------------------------------------
+
+_ARITY = {**{o: 1 for o in UNARY}, **{o: 2 for o in BINARY}, Op.WHERE: 3, Op.CAST: 1, Op.MATMUL: 2,
+          **{o: 1 for o in REDUCE}, **{o: 1 for o in MOVEMENT}, Op.GATHER: 2, Op.SCATTER_ADD: 3,
+          Op.TRANSFER: 1, Op.INPUT: 0, Op.FULL: 0, Op.IOTA: 0, Op.RAND: 1}
+
+
+def verify(graph: Graph) -> None:
+    """Raise AssertionError naming the node if the graph is not well formed."""
+    seen: set[int] = set()
+    for n in graph.nodes:
+        op = effective_op(n)
+        where = f"{n!r} ({n.source or 'no source'})"
+        if n.value is None:
+            for s in n.srcs:
+                assert s.id in seen, f"{where}: operand {s!r} is not defined before it"
+            if op in _ARITY:
+                assert len(n.srcs) == _ARITY[op], f"{where}: {op.value} takes {_ARITY[op]} operands"
+        assert all(isinstance(d, int) and d >= 0 for d in n.shape), f"{where}: bad shape {n.shape}"
+        if op in UNARY | BINARY | {Op.WHERE}:
+            for s in n.srcs:
+                assert s.shape == n.shape, f"{where}: pointwise operand shape {s.shape} != {n.shape}"
+        if op in REDUCE:
+            src = n.srcs[0]
+            axes = n.attrs["axes"]
+            assert len(src.shape) == len(n.shape), f"{where}: reductions keep their axes"
+            for i, (a, b) in enumerate(zip(src.shape, n.shape)):
+                assert b == (1 if i in axes else a), f"{where}: reduced shape mismatch"
+        if op is Op.RESHAPE:
+            assert numel(n.srcs[0].shape) == numel(n.shape), f"{where}: reshape changes numel"
+        if op is Op.EXPAND:
+            src = n.srcs[0]
+            assert len(src.shape) == len(n.shape), f"{where}: expand keeps rank"
+            assert all(a == b or a == 1 for a, b in zip(src.shape, n.shape)), f"{where}: bad expand"
+        if op is Op.PERMUTE:
+            assert sorted(n.attrs["dims"]) == list(range(n.ndim)), f"{where}: bad permutation"
+        seen.add(n.id)
+    for o in graph.outputs:
+        assert o.id in seen, f"output {o!r} not in graph"
+
+
+def iter_ops(graph: Graph) -> Iterable[Op]:
+    return (effective_op(n) for n in graph.nodes)

@@ -1,0 +1,509 @@
+"""Capture: LazyTensor records every aten call as IR nodes; nothing runs until a value is needed.
+
+The whole idea on one screen:
+
+    LazyTensor      a torch.Tensor wrapper subclass holding a Node (its pending value).
+    dispatch()      every aten call on a LazyTensor (or any call inside lazy_mode()) lands here:
+                      view op      -> movement nodes; the result shares its base's Storage
+                      in-place/out= -> the functional op, then the result is bound to the
+                                      mutated tensor (and scattered into its base if a view)
+                      rule          -> lowering.RULES builds primitive nodes
+                      decomposable  -> torch's decomposition, recursively captured
+                      data-dependent-> graph break: materialize, run eagerly, continue lazily
+                      anything else -> an EXTERN node that torch runs, shapes from meta tensors
+    realize()       collects the graph that produces the needed nodes (plus live tensors it
+                    computes anyway), runs it through runtime.execute(), and turns the results
+                    into leaves so the pending graph never grows across steps.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from . import ops, views
+from .counters import COUNTERS, EXTERN_OPS, GRAPH_BREAKS
+from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
+from .lowering import RULES
+
+aten = torch.ops.aten
+
+
+class Storage:
+    """What aliasing tensors share: the base's current node and a version bumped on every write."""
+
+    __slots__ = ("node", "version", "__weakref__")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.version = 0
+
+
+# every Storage that a live LazyTensor holds; realize() writes out those a run computes anyway
+_LIVE_STORAGES: weakref.WeakSet = weakref.WeakSet()
+
+
+class LazyTensor(torch.Tensor):
+    """A tensor whose value is a pending IR node. Use like any tensor; values arrive on demand."""
+
+    _node: Node
+    _storage: Storage
+    _chain: tuple
+    _version_seen: int
+
+    @staticmethod
+    def __new__(cls, node: Node, storage: Storage | None = None, chain: tuple = ()):
+        t = torch.Tensor._make_wrapper_subclass(cls, node.shape, strides=contiguous_strides(node.shape),
+                                                dtype=node.dtype, device=node.device)
+        t._node = node
+        if storage is None:
+            storage = Storage(node)
+            _LIVE_STORAGES.add(storage)
+        t._storage = storage
+        t._chain = chain
+        t._version_seen = storage.version
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs or {})
+
+    # -- values on demand ------------------------------------------------------------------------
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return repr(to_eager(self))
+
+    def tolist(self):
+        return to_eager(self).tolist()
+
+    def numpy(self, *, force: bool = False):
+        return to_eager(self).numpy(force=force)
+
+    def __array__(self, dtype=None):
+        a = to_eager(self).numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def __format__(self, spec):
+        return to_eager(self).__format__(spec)
+
+    def __reduce_ex__(self, proto):
+        return to_eager(self).__reduce_ex__(proto)
+
+
+def node_of(t: LazyTensor) -> Node:
+    """The tensor's current node, re-derived from its base if an alias wrote since we last looked."""
+    st = t._storage
+    if t._version_seen != st.version:
+        t._node = views.apply_steps(st.node, t._chain)
+        t._version_seen = st.version
+    return t._node
+
+
+def wrap(node: Node) -> LazyTensor:
+    return LazyTensor(node)
+
+
+def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """A LazyTensor whose value is `t` (a leaf of the graph). Keeps requires_grad."""
+    if isinstance(t, LazyTensor):
+        return t
+    with _disable_current_modes():
+        out = LazyTensor(ops.input_node(t.detach(), name))
+    if t.requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# source lines: the first frame outside torch and lazygraph is the user's line
+# ---------------------------------------------------------------------------------------------
+
+_LIB_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+_internal_cache: dict[str, bool] = {}
+
+
+def _is_internal(filename: str) -> bool:
+    r = _internal_cache.get(filename)
+    if r is None:
+        r = _internal_cache[filename] = filename.startswith(_LIB_DIRS) or filename.startswith("<frozen")
+    return r
+
+
+def user_source() -> str | None:
+    f = sys._getframe(2)
+    while f is not None and _is_internal(f.f_code.co_filename):
+        f = f.f_back
+    if f is None:
+        return None
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+# ---------------------------------------------------------------------------------------------
+# argument conversion
+# ---------------------------------------------------------------------------------------------
+
+_const_inputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _const(t: torch.Tensor) -> Node:
+    """An INPUT node for a plain tensor used by a lazy op (one per tensor and version)."""
+    hit = _const_inputs.get(t)
+    if hit is not None and hit.captured_version == t._version:
+        return hit
+    n = ops.input_node(t.detach() if t.requires_grad else t)
+    _const_inputs[t] = n
+    return n
+
+
+def _to_nodes(x):
+    if isinstance(x, LazyTensor):
+        return node_of(x)
+    if isinstance(x, torch.Tensor):
+        return _const(x)
+    if isinstance(x, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in x):
+        return type(x)(_to_nodes(e) for e in x)
+    return x
+
+
+def _wrap_outputs(out):
+    if isinstance(out, Node):
+        return LazyTensor(out)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_wrap_outputs(o) for o in out)
+    return out
+
+
+def _flat_tensors(x, out: list) -> list:
+    if isinstance(x, torch.Tensor):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for e in x:
+            _flat_tensors(e, out)
+    elif isinstance(x, dict):
+        for e in x.values():
+            _flat_tensors(e, out)
+    return out
+
+
+def _map_tensors(x, fn):
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(e, fn) for e in x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+_HANDLERS: dict[Any, Callable] = {}
+
+
+def dispatch(func, args, kwargs):
+    handler = _HANDLERS.get(func)
+    if handler is None:
+        handler = _HANDLERS[func] = _classify(func)
+    ops.current_source = user_source()
+    return handler(func, args, kwargs)
+
+
+def _lowered(func, args, kwargs):
+    rule = RULES[func]
+    try:
+        out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
+    except NotImplementedError:
+        return _fallback(func, args, kwargs)
+    return _wrap_outputs(out)
+
+
+def _view(func, args, kwargs):
+    x = args[0]
+    if not isinstance(x, LazyTensor):
+        return _eager(func, args, kwargs)
+    steps = views.VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs)
+    node = views.apply_steps(node_of(x), steps)
+    return LazyTensor(node, x._storage, x._chain + tuple(steps))
+
+
+def _multi_view(func, args, kwargs):
+    x = args[0]
+    if not isinstance(x, LazyTensor):
+        return _eager(func, args, kwargs)
+    base = node_of(x)
+    outs = []
+    for steps in views.MULTI_VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs):
+        outs.append(LazyTensor(views.apply_steps(base, steps), x._storage, x._chain + tuple(steps)))
+    return tuple(outs) if func is aten.unbind.int else outs
+
+
+def assign(t: LazyTensor, value: Node) -> None:
+    """Make `value` the new content of `t` (and of its base and every alias of that base)."""
+    if value.shape != tuple(t.shape):
+        value = ops.expand(value, tuple(t.shape))
+    value = ops.cast(value, t.dtype)
+    st = t._storage
+    st.node = views.scatter_steps(st.node, t._chain, value) if t._chain else value
+    st.version += 1
+    t._node = value
+    t._version_seen = st.version
+
+
+def _mutated_args(func) -> list[tuple[int, str]]:
+    """(position, name) of the arguments the op writes to."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out.append((i, a.name))
+    return out
+
+
+def _functional_variant(func):
+    """aten.add_.Tensor -> aten.add.Tensor; aten.add.out -> the packet (overload picked by args)."""
+    name = func._schema.name.split("::")[1]
+    overload = func._overloadname
+    if name.endswith("_"):
+        packet = getattr(aten, name[:-1], None)
+        if packet is not None:
+            if name[:-1] == "normal":
+                return aten.normal_functional.default
+            return getattr(packet, overload, None) or packet
+    return getattr(aten, name)
+
+
+def _inplace(func, args, kwargs):
+    """In-place or out= op: run its functional variant lazily, then bind results to the written args."""
+    mutated = _mutated_args(func)
+    written = [args[i] if i < len(args) else kwargs.get(n) for i, n in mutated]
+    if not all(isinstance(w, LazyTensor) for w in written if w is not None):
+        return _eager(func, args, kwargs)
+    functional = _functional_variant(func)
+    is_out = any(n.startswith("out") or n in ("values", "indices") for _, n in mutated) and \
+        not func._schema.name.endswith("_")
+    fargs, fkwargs = list(args), dict(kwargs)
+    if is_out:
+        for i, n in mutated:
+            fkwargs.pop(n, None)
+            if i < len(fargs):
+                fargs = fargs[:i]
+    result = dispatch(functional, tuple(fargs), fkwargs)
+    results = list(result) if isinstance(result, (tuple, list)) else [result]
+    for w, r in zip(written, results):
+        if w is None:
+            continue
+        rn = node_of(r) if isinstance(r, LazyTensor) else _const(r)
+        if rn.shape != tuple(w.shape) and is_out:
+            raise RuntimeError(f"lazygraph: out= tensor of shape {tuple(w.shape)} cannot be resized to "
+                               f"{rn.shape}; pass an out tensor of the result's shape")
+        assign(w, rn)
+    if len(written) == 1:
+        return written[0]
+    return tuple(written)
+
+
+def _decomposed(func, args, kwargs):
+    return DECOMPOSITIONS[func](*args, **kwargs)
+
+
+def _fallback(func, args, kwargs):
+    """No rule: decompose if torch knows how, else run in torch as an EXTERN node."""
+    if func in DECOMPOSITIONS:
+        return _decomposed(func, args, kwargs)
+    return _extern(func, args, kwargs)
+
+
+# ops whose output shape depends on the data: a graph break, never a wrong value
+DATA_DEPENDENT = {
+    "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive", "argwhere",
+    "repeat_interleave", "bincount", "masked_scatter", "nonzero_static",
+}
+# ops that need a value now; not a graph break, just a sync
+VALUE_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "is_same_size"}
+
+
+def _to_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+
+
+def _arg_spec(x, tensors: list):
+    """Arguments with tensors as ('$t', i) placeholders and dtypes/devices made literal."""
+    if isinstance(x, torch.Tensor):
+        tensors.append(x)
+        return ("$t", len(tensors) - 1)
+    if isinstance(x, torch.dtype):
+        return ("$dtype", DTYPE_NAMES[x])
+    if isinstance(x, torch.device):
+        return ("$device", str(x))
+    if isinstance(x, (torch.memory_format, torch.layout)):
+        return None
+    if isinstance(x, (list, tuple)):
+        return tuple(_arg_spec(e, tensors) for e in x)
+    return x
+
+
+def _extern(func, args, kwargs):
+    name = func._schema.name.split("::")[1]
+    if name in DATA_DEPENDENT:
+        return _graph_break(func, args, kwargs)
+    try:
+        with _disable_current_modes():
+            meta_out = func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
+    except (NotImplementedError, RuntimeError) as e:
+        if "meta" in str(e).lower() or "dynamic" in str(e).lower() or isinstance(e, NotImplementedError):
+            return _graph_break(func, args, kwargs)
+        raise
+    tensors: list = []
+    spec_args = _arg_spec(tuple(args), tensors)
+    spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
+    srcs = [node_of(t) if isinstance(t, LazyTensor) else _const(t) for t in tensors]
+    device = srcs[0].device if srcs else ops.device_name(kwargs.get("device") or "cpu")
+    EXTERN_OPS[str(func)] += 1
+    outs = _flat_tensors(meta_out, [])
+    nodes = [ops.node(Op.EXTERN, srcs, tuple(m.shape), m.dtype, device, target=str(func), args=spec_args,
+                      kwargs=spec_kwargs, index=i) for i, m in enumerate(outs)]
+    it = iter(nodes)
+    return _map_tensors(meta_out, lambda _m: LazyTensor(next(it)))
+
+
+def _eager(func, args, kwargs):
+    """Run the op in torch on real values (used when an op touches tensors we cannot capture)."""
+    lazies = [t for t in _flat_tensors((args, kwargs), []) if isinstance(t, LazyTensor)]
+    realize([node_of(t) for t in lazies])
+    written = {id(args[i]) if i < len(args) else id(kwargs.get(n)) for i, n in _mutated_args(func)}
+    # a written tensor gets a private copy, bound back through assign() to keep alias semantics
+    real = {id(t): (node_of(t).value.clone() if id(t) in written else node_of(t).value) for t in lazies}
+    conv = lambda t: real.get(id(t), t)
+    with _disable_current_modes():
+        out = func(*_map_tensors(args, conv), **_map_tensors(kwargs, conv))
+    for t in lazies:
+        if id(t) in written:
+            assign(t, ops.input_node(real[id(t)]))
+    back = {id(real[id(t)]): t for t in lazies}
+    return _map_tensors(out, lambda o: back[id(o)] if id(o) in back else lazy(o))
+
+
+def _graph_break(func, args, kwargs):
+    name = func._schema.name.split("::")[1]
+    COUNTERS["graph_breaks"] += 1
+    GRAPH_BREAKS[name] += 1
+    if os.environ.get("LAZYGRAPH_DEBUG"):
+        print(f"lazygraph: graph break at {ops.current_source}: {name} has a data-dependent output shape",
+              file=sys.stderr)
+    return _eager(func, args, kwargs)
+
+
+def _value(func, args, kwargs):
+    lazies = [t for t in _flat_tensors((args, kwargs), []) if isinstance(t, LazyTensor)]
+    realize([node_of(t) for t in lazies])
+    conv = lambda t: node_of(t).value if isinstance(t, LazyTensor) else t
+    with _disable_current_modes():
+        return func(*_map_tensors(args, conv), **_map_tensors(kwargs, conv))
+
+
+def _metadata(func, args, kwargs):
+    # ops that only ask for metadata the wrapper already has
+    with _disable_current_modes():
+        return func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
+
+
+def _classify(func) -> Callable:
+    name = func._schema.name.split("::")[1]
+    if func in RULES:
+        return _lowered
+    if func in views.VIEW_RULES:
+        return _view
+    if func in views.MULTI_VIEW_RULES:
+        return _multi_view
+    if name in VALUE_OPS:
+        return _value
+    if func._schema.is_mutable:
+        return _inplace
+    if name in DATA_DEPENDENT:
+        return _graph_break
+    return _fallback
+
+
+def _load_decompositions() -> dict:
+    from torch._decomp import core_aten_decompositions, decomposition_table
+
+    table = dict(decomposition_table)
+    table.update(core_aten_decompositions())
+    return table
+
+
+DECOMPOSITIONS = _load_decompositions()
+
+
+class LazyMode(TorchDispatchMode):
+    """Inside it, factories and every op on tensors record (plain tensors become graph inputs)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name.split("::")[1] in ("_local_scalar_dense",) and not any(
+                isinstance(t, LazyTensor) for t in _flat_tensors(args, [])):
+            return func(*args, **kwargs)
+        return dispatch(func, args, kwargs)
+
+
+def lazy_mode() -> LazyMode:
+    return LazyMode()
+
+
+# ---------------------------------------------------------------------------------------------
+# realization
+# ---------------------------------------------------------------------------------------------
+
+
+def live_pending_nodes() -> list[Node]:
+    return [st.node for st in list(_LIVE_STORAGES) if st.node.value is None]
+
+
+def realize(nodes: Sequence[Node], backend: str | None = None) -> None:
+    """Run whatever the nodes need, as one graph; results become leaves."""
+    from . import runtime
+
+    pending = [n for n in nodes if n.value is None]
+    if not pending:
+        return
+    graph = Graph.from_outputs(pending)
+    in_graph = {n.id for n in graph.nodes}
+    chosen = {n.id for n in pending}
+    for n in live_pending_nodes():
+        if n.id in in_graph and n.id not in chosen and n.op not in (Op.FULL, Op.IOTA):
+            chosen.add(n.id)
+            graph.outputs.append(n)
+    with _disable_current_modes():
+        values = runtime.execute(graph, backend)
+    for n, v in zip(graph.outputs, values):
+        n.realize(v)
+        n.captured_version = v._version
+
+
+def sync(*tensors: torch.Tensor) -> None:
+    """Run all pending work of `tensors` (all live lazy tensors if none are given) as one graph."""
+    if tensors:
+        realize([node_of(t) for t in _flat_tensors(tensors, []) if isinstance(t, LazyTensor)])
+    else:
+        realize(live_pending_nodes())
+
+
+def to_eager(t: torch.Tensor) -> torch.Tensor:
+    """A plain torch.Tensor holding the value (runs pending work if needed)."""
+    if not isinstance(t, LazyTensor):
+        return t
+    n = node_of(t)
+    realize([n])
+    return n.value
+
+
+def pending_graph(*tensors: torch.Tensor) -> Graph:
+    return Graph.from_outputs([node_of(t) for t in _flat_tensors(tensors, []) if isinstance(t, LazyTensor)])

@@ -1,0 +1,1029 @@
+"""aten -> IR: the rules that turn each captured aten call into primitive nodes.
+
+A rule takes the call's arguments with every tensor already replaced by its Node and returns
+a Node (or a tuple of Nodes, or a plain Python value). Rules exist for the ops models actually
+hit; anything else is decomposed by torch's own decomposition table, and what is left runs in
+torch as an EXTERN node (see lazy.py). View ops are not here: they live in views.py, because
+they must also say how a write through the view lands in its base.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from . import ops
+from .counters import COUNTERS
+from .ir import Node, Op, numel, result_type
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+RULES: dict[Any, Callable] = {}
+
+
+def rule(*overloads):
+    def register(fn):
+        for o in overloads:
+            RULES[o] = fn
+        return fn
+
+    return register
+
+
+def _is_node(x) -> bool:
+    return isinstance(x, Node)
+
+
+def _dtypes(*xs) -> torch.dtype:
+    return result_type([(x.dtype, x.ndim) for x in xs if _is_node(x)], [x for x in xs if not _is_node(x)])
+
+
+def _like(value, like: Node, dtype: torch.dtype) -> Node:
+    return value if _is_node(value) else ops.full(value, like.shape if like.ndim else (), dtype, like.device)
+
+
+def _operands(a, b, dtype):
+    """Both operands as nodes of `dtype` on one device (a 0-d CPU tensor follows the other)."""
+    ref = a if _is_node(a) else b
+    a, b = _like(a, ref, dtype), _like(b, ref, dtype)
+    if a.device != b.device:
+        if a.ndim == 0 and a.device == "cpu":
+            a = ops.transfer(a, b.device)
+        elif b.ndim == 0 and b.device == "cpu":
+            b = ops.transfer(b, a.device)
+        else:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
+                               f"devices, {a.device} and {b.device}!")
+    return a, b
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype.is_floating_point or dtype.is_complex else torch.get_default_dtype()
+
+
+# ---------------------------------------------------------------------------------------------
+# pointwise
+# ---------------------------------------------------------------------------------------------
+
+_FLOAT_UNARY = {
+    aten.exp: Op.EXP, aten.log: Op.LOG, aten.sqrt: Op.SQRT, aten.rsqrt: Op.RSQRT, aten.sin: Op.SIN,
+    aten.cos: Op.COS, aten.tanh: Op.TANH, aten.erf: Op.ERF, aten.reciprocal: Op.RECIP,
+    aten.sigmoid: Op.SIGMOID,
+}
+_SAME_UNARY = {aten.neg: Op.NEG, aten.abs: Op.ABS, aten.floor: Op.FLOOR, aten.ceil: Op.CEIL,
+               aten.trunc: Op.TRUNC}
+
+
+def _unary_rule(op: Op, to_float: bool):
+    def lower(x: Node) -> Node:
+        if to_float:
+            x = ops.cast(x, _float_dtype(x.dtype))
+        if op in (Op.FLOOR, Op.CEIL, Op.TRUNC) and not x.dtype.is_floating_point:
+            return x
+        return ops.unary(op, x)
+
+    return lower
+
+
+for _packet, _op in _FLOAT_UNARY.items():
+    RULES[_packet.default] = _unary_rule(_op, True)
+for _packet, _op in _SAME_UNARY.items():
+    RULES[_packet.default] = _unary_rule(_op, False)
+
+
+@rule(aten.isnan.default)
+def _isnan(x):
+    return ops.unary(Op.ISNAN, x) if x.dtype.is_floating_point else ops.scalar_like(False, x, torch.bool)
+
+
+@rule(aten.logical_not.default)
+def _logical_not(x):
+    return ops.unary(Op.NOT, ops.cast(x, torch.bool))
+
+
+@rule(aten.bitwise_not.default)
+def _bitwise_not(x):
+    return ops.unary(Op.NOT, x)
+
+
+def _binary_rule(op: Op, kind: str = "arith"):
+    """kind: arith (promote), truediv (promote to float), compare (bool out), logical (bool in/out)."""
+
+    def lower(a, b, *, alpha=None, rounding_mode=None):
+        dtype = _dtypes(a, b)
+        if kind == "truediv" and rounding_mode is None:
+            dtype = _float_dtype(dtype)
+        if kind == "logical":
+            dtype = torch.bool
+        a, b = _operands(a, b, dtype)
+        if alpha is not None and alpha != 1:
+            b = ops.binary(Op.MUL, b, ops.scalar_like(alpha, b))
+        out = ops.binary(op, a, b, dtype)
+        if kind == "truediv" and rounding_mode == "floor":
+            if not dtype.is_floating_point:
+                return _int_floor_div(a, b, out)
+            out = ops.unary(Op.FLOOR, out)
+        return out
+
+    return lower
+
+
+def _int_floor_div(a: Node, b: Node, trunc: Node) -> Node:
+    # truncating quotient, minus one where the remainder is non-zero and the signs differ
+    rem = ops.binary(Op.SUB, a, ops.binary(Op.MUL, trunc, b))
+    zero = ops.scalar_like(0, rem)
+    fix = ops.binary(Op.AND, ops.binary(Op.NE, rem, zero),
+                     ops.binary(Op.NE, ops.binary(Op.LT, a, ops.scalar_like(0, a)),
+                                ops.binary(Op.LT, b, ops.scalar_like(0, b))))
+    return ops.binary(Op.SUB, trunc, ops.cast(fix, trunc.dtype))
+
+
+_BINARY_TABLE = {
+    aten.add: (Op.ADD, "arith"), aten.sub: (Op.SUB, "arith"), aten.mul: (Op.MUL, "arith"),
+    aten.div: (Op.DIV, "truediv"), aten.pow: (Op.POW, "arith"), aten.maximum: (Op.MAX, "arith"),
+    aten.minimum: (Op.MIN, "arith"), aten.remainder: (Op.MOD, "arith"),
+    aten.eq: (Op.EQ, "compare"), aten.ne: (Op.NE, "compare"), aten.lt: (Op.LT, "compare"),
+    aten.le: (Op.LE, "compare"), aten.gt: (Op.GT, "compare"), aten.ge: (Op.GE, "compare"),
+    aten.logical_and: (Op.AND, "logical"), aten.logical_or: (Op.OR, "logical"),
+    aten.logical_xor: (Op.XOR, "logical"), aten.bitwise_and: (Op.AND, "arith"),
+    aten.bitwise_or: (Op.OR, "arith"), aten.bitwise_xor: (Op.XOR, "arith"),
+}
+for _packet, (_op, _kind) in _BINARY_TABLE.items():
+    for _name in ("Tensor", "Scalar", "Tensor_mode", "Scalar_mode", "default", "Tensor_Tensor",
+                  "Tensor_Scalar", "Scalar_Tensor"):
+        if _name in _packet.overloads():
+            RULES[getattr(_packet, _name)] = _binary_rule(_op, _kind)
+
+_sub = RULES[aten.sub.Tensor]
+
+
+@rule(aten.rsub.Tensor, aten.rsub.Scalar)
+def _rsub(a, b, alpha=1):
+    return RULES[aten.sub.Tensor](b, a, alpha=alpha) if alpha == 1 else _sub(
+        RULES[aten.mul.Tensor](b, 1), RULES[aten.mul.Tensor](a, alpha))
+
+
+@rule(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
+def _where(c, a, b):
+    dtype = _dtypes(a, b)
+    ref = a if _is_node(a) else b if _is_node(b) else c
+    a, b = _like(a, ref, dtype), _like(b, ref, dtype)
+    return ops.where(c, a, b, dtype)
+
+
+@rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def _masked_fill(x, mask, value):
+    if _is_node(value):
+        value = ops.cast(value, x.dtype)
+    return ops.where(mask, _like(value, x, x.dtype), x, x.dtype)
+
+
+@rule(aten.clamp.default, aten.clamp.Tensor)
+def _clamp(x, min=None, max=None):
+    dtype = _dtypes(x, *[v for v in (min, max) if v is not None])
+    x = ops.cast(x, dtype)
+    if min is not None:
+        x = ops.binary(Op.MAX, x, _like(min, x, dtype), dtype)
+    if max is not None:
+        x = ops.binary(Op.MIN, x, _like(max, x, dtype), dtype)
+    return x
+
+
+@rule(aten.clamp_min.default, aten.clamp_min.Tensor)
+def _clamp_min(x, v):
+    return _clamp(x, min=v)
+
+
+@rule(aten.clamp_max.default, aten.clamp_max.Tensor)
+def _clamp_max(x, v):
+    return _clamp(x, max=v)
+
+
+@rule(aten.relu.default)
+def _relu(x):
+    return ops.binary(Op.MAX, x, ops.scalar_like(0, x))
+
+
+@rule(aten.gelu.default)
+def _gelu(x, approximate="none"):
+    half = ops.scalar_like(0.5, x)
+    if approximate == "tanh":
+        inner = ops.binary(Op.MUL, ops.scalar_like(math.sqrt(2 / math.pi), x), ops.binary(
+            Op.ADD, x, ops.binary(Op.MUL, ops.scalar_like(0.044715, x),
+                                  ops.binary(Op.MUL, x, ops.binary(Op.MUL, x, x)))))
+        t = ops.unary(Op.TANH, inner)
+    else:
+        t = ops.unary(Op.ERF, ops.binary(Op.MUL, x, ops.scalar_like(math.sqrt(0.5), x)))
+    return ops.binary(Op.MUL, ops.binary(Op.MUL, half, x), ops.binary(Op.ADD, ops.scalar_like(1, x), t))
+
+
+@rule(aten.gelu_backward.default)
+def _gelu_backward(grad, x, approximate="none"):
+    if approximate == "tanh":
+        k0, k1 = math.sqrt(2 / math.pi), 0.044715
+        x2 = ops.binary(Op.MUL, x, x)
+        inner = ops.binary(Op.MUL, ops.scalar_like(k0, x), ops.binary(
+            Op.ADD, x, ops.binary(Op.MUL, ops.scalar_like(k1, x), ops.binary(Op.MUL, x2, x))))
+        t = ops.unary(Op.TANH, inner)
+        dinner = ops.binary(Op.MUL, ops.scalar_like(k0, x), ops.binary(
+            Op.ADD, ops.scalar_like(1, x), ops.binary(Op.MUL, ops.scalar_like(3 * k1, x), x2)))
+        sech2 = ops.binary(Op.SUB, ops.scalar_like(1, x), ops.binary(Op.MUL, t, t))
+        d = ops.binary(Op.ADD, ops.binary(Op.MUL, ops.scalar_like(0.5, x), ops.binary(
+            Op.ADD, ops.scalar_like(1, x), t)), ops.binary(Op.MUL, ops.binary(
+                Op.MUL, ops.scalar_like(0.5, x), x), ops.binary(Op.MUL, sech2, dinner)))
+    else:
+        cdf = ops.binary(Op.MUL, ops.scalar_like(0.5, x), ops.binary(Op.ADD, ops.scalar_like(1, x), ops.unary(
+            Op.ERF, ops.binary(Op.MUL, x, ops.scalar_like(math.sqrt(0.5), x)))))
+        pdf = ops.binary(Op.MUL, ops.scalar_like(1 / math.sqrt(2 * math.pi), x), ops.unary(
+            Op.EXP, ops.binary(Op.MUL, ops.scalar_like(-0.5, x), ops.binary(Op.MUL, x, x))))
+        d = ops.binary(Op.ADD, cdf, ops.binary(Op.MUL, x, pdf))
+    return ops.binary(Op.MUL, grad, d)
+
+
+@rule(aten.silu.default)
+def _silu(x):
+    return ops.binary(Op.MUL, x, ops.unary(Op.SIGMOID, x))
+
+
+@rule(aten.sigmoid_backward.default)
+def _sigmoid_backward(grad, y):
+    return ops.binary(Op.MUL, grad, ops.binary(Op.MUL, y, ops.binary(Op.SUB, ops.scalar_like(1, y), y)))
+
+
+@rule(aten.tanh_backward.default)
+def _tanh_backward(grad, y):
+    return ops.binary(Op.MUL, grad, ops.binary(Op.SUB, ops.scalar_like(1, y), ops.binary(Op.MUL, y, y)))
+
+
+@rule(aten.threshold_backward.default)
+def _threshold_backward(grad, x, threshold):
+    return ops.where(ops.binary(Op.LE, x, ops.scalar_like(threshold, x)), ops.scalar_like(0, grad), grad)
+
+
+@rule(aten.square.default)
+def _square(x):
+    return ops.binary(Op.MUL, x, x)
+
+
+@rule(aten.sign.default)
+def _sign(x):
+    pos = ops.cast(ops.binary(Op.GT, x, ops.scalar_like(0, x)), x.dtype)
+    neg = ops.cast(ops.binary(Op.LT, x, ops.scalar_like(0, x)), x.dtype)
+    return ops.binary(Op.SUB, pos, neg)
+
+
+@rule(aten.log1p.default)
+def _log1p(x):
+    x = ops.cast(x, _float_dtype(x.dtype))
+    return ops.unary(Op.LOG, ops.binary(Op.ADD, x, ops.scalar_like(1, x)))
+
+
+@rule(aten.expm1.default)
+def _expm1(x):
+    x = ops.cast(x, _float_dtype(x.dtype))
+    return ops.binary(Op.SUB, ops.unary(Op.EXP, x), ops.scalar_like(1, x))
+
+
+@rule(aten.log2.default)
+def _log2(x):
+    x = ops.cast(x, _float_dtype(x.dtype))
+    return ops.binary(Op.MUL, ops.unary(Op.LOG, x), ops.scalar_like(1 / math.log(2), x))
+
+
+@rule(aten.exp2.default)
+def _exp2(x):
+    x = ops.cast(x, _float_dtype(x.dtype))
+    return ops.unary(Op.EXP, ops.binary(Op.MUL, x, ops.scalar_like(math.log(2), x)))
+
+
+@rule(aten.lerp.Scalar, aten.lerp.Tensor)
+def _lerp(a, b, w):
+    # torch's formula: accurate at both ends
+    dtype = _dtypes(a, b)
+    a, b = ops.cast(a, dtype), ops.cast(b, dtype)
+    diff = ops.binary(Op.SUB, b, a)
+    if not _is_node(w):
+        if abs(w) < 0.5:
+            return ops.binary(Op.ADD, a, ops.binary(Op.MUL, ops.scalar_like(w, diff), diff))
+        return ops.binary(Op.SUB, b, ops.binary(Op.MUL, diff, ops.scalar_like(1 - w, diff)))
+    w = ops.cast(w, dtype)
+    low = ops.binary(Op.ADD, a, ops.binary(Op.MUL, w, diff))
+    high = ops.binary(Op.SUB, b, ops.binary(Op.MUL, diff, ops.binary(Op.SUB, ops.scalar_like(1, w), w)))
+    return ops.where(ops.binary(Op.LT, ops.unary(Op.ABS, w), ops.scalar_like(0.5, w)), low, high)
+
+
+@rule(aten.addcmul.default)
+def _addcmul(x, t1, t2, value=1):
+    dtype = _dtypes(x, t1, t2)
+    prod = ops.binary(Op.MUL, ops.cast(t1, dtype), ops.cast(t2, dtype), dtype)
+    if value != 1:
+        prod = ops.binary(Op.MUL, prod, ops.scalar_like(value, prod))
+    return ops.binary(Op.ADD, ops.cast(x, dtype), prod, dtype)
+
+
+@rule(aten.addcdiv.default)
+def _addcdiv(x, t1, t2, value=1):
+    dtype = _dtypes(x, t1, t2)
+    q = ops.binary(Op.DIV, ops.cast(t1, dtype), ops.cast(t2, dtype), dtype)
+    if value != 1:
+        q = ops.binary(Op.MUL, q, ops.scalar_like(value, q))
+    return ops.binary(Op.ADD, ops.cast(x, dtype), q, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# copies, casts, factories
+# ---------------------------------------------------------------------------------------------
+
+
+@rule(aten.clone.default, aten.lift_fresh_copy.default, aten.lift_fresh.default, aten.contiguous.default,
+      aten.positive.default)
+def _clone(x, memory_format=None):
+    return x
+
+
+@rule(aten._to_copy.default)
+def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
+             memory_format=None):
+    if dtype is not None:
+        x = ops.cast(x, dtype)
+    if device is not None:
+        x = ops.transfer(x, ops.device_name(device))
+    return x
+
+
+@rule(aten.copy.default)
+def _copy(dst, src, non_blocking=False):
+    src = ops.transfer(ops.cast(src, dst.dtype), dst.device)
+    return ops.expand(src, dst.shape)
+
+
+@rule(aten.fill.Scalar, aten.fill.Tensor)
+def _fill(x, value):
+    if _is_node(value):
+        return ops.expand(ops.cast(ops.transfer(value, x.device), x.dtype), x.shape)
+    return ops.full(value, x.shape, x.dtype, x.device)
+
+
+@rule(aten.zero.default)
+def _zero(x):
+    return ops.full(0, x.shape, x.dtype, x.device)
+
+
+def _factory_device(device) -> str:
+    return ops.device_name(device) if device is not None else "cpu"
+
+
+def _factory_dtype(dtype, fill=None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    if isinstance(fill, bool):
+        return torch.bool
+    if isinstance(fill, int):
+        return torch.int64
+    return torch.get_default_dtype()
+
+
+@rule(aten.empty.memory_format, aten.zeros.default, aten.empty_strided.default, aten.new_empty.default,
+      aten.new_zeros.default, aten.new_empty_strided.default)
+def _zeros(*args, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None, **_):
+    size, like = _size_arg(args)
+    if like is not None:
+        dtype = dtype or like.dtype
+        device = device or like.device
+    return ops.full(0, tuple(size), _factory_dtype(dtype), _factory_device(device))
+
+
+def _size_arg(args):
+    """(size, like) from (size, ...) or (like, size, ...)."""
+    if _is_node(args[0]):
+        return args[1], args[0]
+    return args[0], None
+
+
+@rule(aten.ones.default, aten.new_ones.default)
+def _ones(*args, dtype=None, layout=None, device=None, pin_memory=None):
+    size, like = _size_arg(args)
+    if like is not None:
+        dtype = dtype or like.dtype
+        device = device or like.device
+    return ops.full(1, tuple(size), _factory_dtype(dtype), _factory_device(device))
+
+
+@rule(aten.full.default, aten.new_full.default)
+def _full(*args, dtype=None, layout=None, device=None, pin_memory=None):
+    if _is_node(args[0]):
+        like, size, value = args
+        dtype, device = dtype or like.dtype, device or like.device
+    else:
+        size, value = args
+    return ops.full(value, tuple(size), _factory_dtype(dtype, value), _factory_device(device))
+
+
+@rule(aten.scalar_tensor.default)
+def _scalar_tensor(value, dtype=None, layout=None, device=None, pin_memory=None):
+    return ops.full(value, (), dtype or torch.get_default_dtype(), _factory_device(device))
+
+
+def _like_factory(value):
+    def lower(x, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+        return ops.full(value, x.shape, dtype or x.dtype, ops.device_name(device) if device else x.device)
+
+    return lower
+
+
+RULES[aten.zeros_like.default] = _like_factory(0)
+RULES[aten.ones_like.default] = _like_factory(1)
+RULES[aten.empty_like.default] = _like_factory(0)
+
+
+@rule(aten.full_like.default)
+def _full_like(x, value, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return ops.full(value, x.shape, dtype or x.dtype, ops.device_name(device) if device else x.device)
+
+
+@rule(aten.arange.start_step, aten.arange.default, aten.arange.start)
+def _arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (args + (1,))[:3]
+    values = (start, end, step)
+    if dtype is None:
+        dtype = torch.int64 if all(isinstance(v, int) for v in values) else torch.get_default_dtype()
+    n = max(0, math.ceil((end - start) / step))
+    dev = _factory_device(device)
+    idx = ops.iota((n,), 0, torch.int64 if not dtype.is_floating_point else torch.float64, dev)
+    out = idx
+    if step != 1:
+        out = ops.binary(Op.MUL, out, ops.scalar_like(step, out))
+    if start != 0:
+        out = ops.binary(Op.ADD, out, ops.scalar_like(start, out))
+    return ops.cast(out, dtype)
+
+
+def _triangle(lower: bool):
+    def lower_fn(x, diagonal=0):
+        rows, cols = x.shape[-2], x.shape[-1]
+        r = ops.iota((rows, cols), 0, torch.int64, x.device)
+        c = ops.iota((rows, cols), 1, torch.int64, x.device)
+        shifted = ops.binary(Op.ADD, r, ops.scalar_like(diagonal, r))
+        keep = ops.binary(Op.GE if lower else Op.LE, shifted, c)
+        return ops.where(keep, x, ops.scalar_like(0, x), x.dtype)
+
+    return lower_fn
+
+
+RULES[aten.tril.default] = _triangle(True)
+RULES[aten.triu.default] = _triangle(False)
+
+# ---------------------------------------------------------------------------------------------
+# random numbers: seed is an input node (drawn from torch's generator), Philox runs in-kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def new_seed(device: str) -> Node:
+    """A fresh seed drawn from torch's default generator, so torch.manual_seed reproduces runs."""
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    n = ops.input_node(seed, "seed")
+    return n
+
+
+def uniform(shape, dtype, device) -> Node:
+    return ops.rand(new_seed(device), tuple(shape), torch.float32, device) if dtype == torch.float32 else \
+        ops.cast(ops.rand(new_seed(device), tuple(shape), torch.float32, device), dtype)
+
+
+def normal(shape, dtype, device) -> Node:
+    # Box-Muller over two streams of one seed
+    seed = new_seed(device)
+    u1 = ops.rand(seed, tuple(shape), torch.float32, device)
+    u2 = ops.rand(seed, tuple(shape), torch.float32, device, offset=max(numel(shape), 1))
+    r = ops.unary(Op.SQRT, ops.binary(Op.MUL, ops.scalar_like(-2.0, u1), ops.unary(
+        Op.LOG, ops.binary(Op.SUB, ops.scalar_like(1.0, u1), u1))))
+    z = ops.binary(Op.MUL, r, ops.unary(Op.COS, ops.binary(Op.MUL, ops.scalar_like(2 * math.pi, u2), u2)))
+    return ops.cast(z, dtype)
+
+
+@rule(aten.rand.default)
+def _rand(size, dtype=None, layout=None, device=None, pin_memory=None, generator=None):
+    return uniform(size, _factory_dtype(dtype), _factory_device(device))
+
+
+@rule(aten.randn.default)
+def _randn(size, dtype=None, layout=None, device=None, pin_memory=None, generator=None):
+    return normal(size, _factory_dtype(dtype), _factory_device(device))
+
+
+@rule(aten.rand_like.default)
+def _rand_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return uniform(x.shape, dtype or x.dtype, x.device)
+
+
+@rule(aten.randn_like.default)
+def _randn_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return normal(x.shape, dtype or x.dtype, x.device)
+
+
+@rule(aten.uniform.default)
+def _uniform(x, low=0.0, high=1.0, generator=None):
+    u = uniform(x.shape, torch.float32, x.device)
+    return ops.cast(ops.binary(Op.ADD, ops.binary(Op.MUL, u, ops.scalar_like(high - low, u)),
+                               ops.scalar_like(low, u)), x.dtype)
+
+
+@rule(aten.normal_functional.default)
+def _normal(x, mean=0.0, std=1.0, generator=None):
+    z = normal(x.shape, torch.float32, x.device)
+    return ops.cast(ops.binary(Op.ADD, ops.binary(Op.MUL, z, ops.scalar_like(std, z)),
+                               ops.scalar_like(mean, z)), x.dtype)
+
+
+@rule(aten.bernoulli.p)
+def _bernoulli_p(x, p=0.5, generator=None):
+    u = uniform(x.shape, torch.float32, x.device)
+    return ops.cast(ops.binary(Op.LT, u, ops.scalar_like(p, u)), x.dtype)
+
+
+@rule(aten.bernoulli.default)
+def _bernoulli(p, generator=None):
+    u = uniform(p.shape, torch.float32, p.device)
+    return ops.cast(ops.binary(Op.LT, u, ops.cast(p, torch.float32)), p.dtype)
+
+
+@rule(aten.native_dropout.default)
+def _native_dropout(x, p, train):
+    if not train or p == 0:
+        return x, ops.full(True, x.shape, torch.bool, x.device)
+    keep = ops.binary(Op.GE, uniform(x.shape, torch.float32, x.device), ops.full(p, x.shape, torch.float32,
+                                                                                   x.device))
+    scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+    out = ops.binary(Op.MUL, ops.binary(Op.MUL, x, ops.cast(keep, x.dtype)), ops.scalar_like(scale, x))
+    return out, keep
+
+
+@rule(aten.native_dropout_backward.default)
+def _native_dropout_backward(grad, mask, scale):
+    return ops.binary(Op.MUL, ops.binary(Op.MUL, grad, ops.cast(mask, grad.dtype)), ops.scalar_like(scale, grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions
+# ---------------------------------------------------------------------------------------------
+
+
+def _axes(x: Node, dim) -> tuple[int, ...]:
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return tuple(range(x.ndim))
+    if isinstance(dim, int):
+        dim = (dim,)
+    out = []
+    for d in dim:
+        if not -max(x.ndim, 1) <= d < max(x.ndim, 1):
+            raise IndexError(f"Dimension out of range (expected to be in range of "
+                             f"[{-max(x.ndim, 1)}, {max(x.ndim, 1) - 1}], but got {d})")
+        out.append(d % max(x.ndim, 1))
+    return tuple(out)
+
+
+def _finish(x: Node, red: Node, axes, keepdim: bool) -> Node:
+    if keepdim or x.ndim == 0:
+        return red
+    return ops.reshape(red, tuple(d for i, d in enumerate(red.shape) if i not in axes))
+
+
+def _sum_dtype(x: Node, dtype) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return x.dtype if x.dtype.is_floating_point or x.dtype.is_complex else torch.int64
+
+
+@rule(aten.sum.dim_IntList, aten.sum.default)
+def _sum(x, dim=None, keepdim=False, dtype=None):
+    axes = _axes(x, dim)
+    dt = _sum_dtype(x, dtype)
+    return _finish(x, ops.reduce(Op.SUM, ops.cast(x, dt) if not dt.is_floating_point else x, axes, dt),
+                   axes, keepdim)
+
+
+@rule(aten.mean.dim, aten.mean.default)
+def _mean(x, dim=None, keepdim=False, dtype=None):
+    if not (dtype or x.dtype).is_floating_point:
+        raise RuntimeError(f"mean(): could not infer output dtype. Input dtype must be either a floating "
+                           f"point or complex dtype. Got: {str(x.dtype).replace('torch.', '').capitalize()}")
+    axes = _axes(x, dim)
+    dt = dtype or x.dtype
+    s = ops.reduce(Op.SUM, x, axes, dt)
+    count = numel(tuple(x.shape[a] for a in axes))
+    return _finish(x, ops.binary(Op.DIV, s, ops.scalar_like(count, s)), axes, keepdim)
+
+
+@rule(aten.prod.default, aten.prod.dim_int)
+def _prod(x, dim=None, keepdim=False, dtype=None):
+    axes = _axes(x, dim)
+    dt = _sum_dtype(x, dtype)
+    return _finish(x, ops.reduce(Op.PROD, ops.cast(x, dt), axes, dt), axes, keepdim)
+
+
+def _minmax_rule(op: Op):
+    def lower(x, dim=None, keepdim=False):
+        if numel(x.shape) == 0:
+            raise RuntimeError(f"{op.value}(): Expected reduction dim to be specified for input.numel() == 0. "
+                               "Specify the reduction dim with the 'dim' argument.")
+        axes = _axes(x, dim)
+        return _finish(x, ops.reduce(op, x, axes), axes, keepdim)
+
+    return lower
+
+
+RULES[aten.amax.default] = _minmax_rule(Op.AMAX)
+RULES[aten.amin.default] = _minmax_rule(Op.AMIN)
+RULES[aten.max.default] = _minmax_rule(Op.AMAX)
+RULES[aten.min.default] = _minmax_rule(Op.AMIN)
+
+
+def _arg_rule(op: Op):
+    def lower(x, dim=None, keepdim=False):
+        if dim is None:
+            flat = ops.reshape(x, (numel(x.shape),))
+            r = ops.reduce(op, flat, (0,))
+            return ops.reshape(r, (1,) * x.ndim if keepdim else ())
+        axes = _axes(x, dim)
+        return _finish(x, ops.reduce(op, x, axes), axes, keepdim)
+
+    return lower
+
+
+RULES[aten.argmax.default] = _arg_rule(Op.ARGMAX)
+RULES[aten.argmin.default] = _arg_rule(Op.ARGMIN)
+
+
+def _minmax_dim_rule(value_op: Op, index_op: Op):
+    def lower(x, dim, keepdim=False):
+        axes = _axes(x, dim)
+        return (_finish(x, ops.reduce(value_op, x, axes), axes, keepdim),
+                _finish(x, ops.reduce(index_op, x, axes), axes, keepdim))
+
+    return lower
+
+
+RULES[aten.max.dim] = _minmax_dim_rule(Op.AMAX, Op.ARGMAX)
+RULES[aten.min.dim] = _minmax_dim_rule(Op.AMIN, Op.ARGMIN)
+
+
+@rule(aten.any.default, aten.any.dim, aten.any.dims)
+def _any(x, dim=None, keepdim=False):
+    axes = _axes(x, dim)
+    return _finish(x, ops.reduce(Op.AMAX, ops.cast(x, torch.bool), axes), axes, keepdim)
+
+
+@rule(aten.all.default, aten.all.dim, aten.all.dims)
+def _all(x, dim=None, keepdim=False):
+    axes = _axes(x, dim)
+    return _finish(x, ops.reduce(Op.AMIN, ops.cast(x, torch.bool), axes), axes, keepdim)
+
+
+# softmax family: written here (not left to decompositions) so the graph keeps the shape that
+# fusion recognises: amax, sub, exp, sum, div.
+
+
+@rule(aten._softmax.default)
+def _softmax(x, dim, half_to_float=False):
+    dt = torch.float32 if half_to_float else x.dtype
+    xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    m = ops.reduce(Op.AMAX, xf, (dim,))
+    e = ops.unary(Op.EXP, ops.binary(Op.SUB, xf, ops.expand(m, xf.shape)))
+    s = ops.reduce(Op.SUM, e, (dim,))
+    return ops.cast(ops.binary(Op.DIV, e, ops.expand(s, e.shape)), dt)
+
+
+@rule(aten._log_softmax.default)
+def _log_softmax(x, dim, half_to_float=False):
+    dt = torch.float32 if half_to_float else x.dtype
+    xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    m = ops.reduce(Op.AMAX, xf, (dim,))
+    shifted = ops.binary(Op.SUB, xf, ops.expand(m, xf.shape))
+    lse = ops.unary(Op.LOG, ops.reduce(Op.SUM, ops.unary(Op.EXP, shifted), (dim,)))
+    return ops.cast(ops.binary(Op.SUB, shifted, ops.expand(lse, shifted.shape)), dt)
+
+
+@rule(aten._softmax_backward_data.default)
+def _softmax_backward(grad, y, dim, input_dtype):
+    gy = ops.binary(Op.MUL, grad, y)
+    s = ops.reduce(Op.SUM, gy, (dim,))
+    return ops.cast(ops.binary(Op.SUB, gy, ops.binary(Op.MUL, y, ops.expand(s, y.shape))), input_dtype)
+
+
+@rule(aten._log_softmax_backward_data.default)
+def _log_softmax_backward(grad, y, dim, input_dtype):
+    s = ops.reduce(Op.SUM, grad, (dim,))
+    p = ops.unary(Op.EXP, y)
+    return ops.cast(ops.binary(Op.SUB, grad, ops.binary(Op.MUL, p, ops.expand(s, p.shape))), input_dtype)
+
+
+@rule(aten.nll_loss_forward.default)
+def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
+    if weight is not None:
+        raise NotImplementedError("nll_loss with class weights")
+    flat_logp = logp if logp.ndim == 2 else ops.reshape(logp, (1, logp.shape[0]))
+    flat_t = target if target.ndim == 1 else ops.reshape(target, (1,))
+    n = flat_t.shape[0]
+    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
+    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    picked = ops.gather(flat_logp, 1, ops.reshape(safe_t, (n, 1)))
+    picked = ops.reshape(picked, (n,))
+    losses = ops.where(valid, ops.unary(Op.NEG, picked), ops.scalar_like(0, picked))
+    count = ops.reduce(Op.SUM, ops.cast(valid, logp.dtype), (0,))
+    count = ops.reshape(count, ())
+    if reduction == 0:  # none
+        return (losses if target.ndim == 1 else ops.reshape(losses, ())), ops.full(0, (), logp.dtype, logp.device)
+    total = ops.reshape(ops.reduce(Op.SUM, losses, (0,)), ())
+    if reduction == 1:  # mean
+        return ops.binary(Op.DIV, total, count), count
+    return total, count
+
+
+@rule(aten.nll_loss_backward.default)
+def _nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, total_weight):
+    flat_shape = logp.shape if logp.ndim == 2 else (1, logp.shape[0])
+    flat_t = target if target.ndim == 1 else ops.reshape(target, (1,))
+    n, c = flat_shape
+    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
+    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    cls = ops.iota(flat_shape, 1, torch.int64, logp.device)
+    onehot = ops.binary(Op.EQ, cls, ops.expand(ops.reshape(safe_t, (n, 1)), flat_shape))
+    onehot = ops.binary(Op.AND, onehot, ops.expand(ops.reshape(valid, (n, 1)), flat_shape))
+    g = grad if reduction == 0 else ops.reshape(grad, (1,))
+    if reduction == 1:
+        g = ops.binary(Op.DIV, g, ops.cast(ops.reshape(total_weight, (1,)), g.dtype))
+    g = ops.expand(ops.reshape(g, (n if reduction == 0 else 1, 1)), flat_shape)
+    out = ops.where(onehot, ops.unary(Op.NEG, g), ops.scalar_like(0, g), logp.dtype)
+    return ops.reshape(out, logp.shape)
+
+
+@rule(aten.native_layer_norm.default)
+def _native_layer_norm(x, normalized_shape, weight, bias, eps):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xf = ops.cast(x, compute)
+    n = numel(tuple(x.shape[a] for a in axes))
+    mean = ops.binary(Op.DIV, ops.reduce(Op.SUM, xf, axes), ops.full(n, _kept(x, axes), compute, x.device))
+    xc = ops.binary(Op.SUB, xf, ops.expand(mean, xf.shape))
+    var = ops.binary(Op.DIV, ops.reduce(Op.SUM, ops.binary(Op.MUL, xc, xc), axes),
+                     ops.full(n, _kept(x, axes), compute, x.device))
+    rstd = ops.unary(Op.RSQRT, ops.binary(Op.ADD, var, ops.scalar_like(eps, var)))
+    y = ops.binary(Op.MUL, xc, ops.expand(rstd, xc.shape))
+    if weight is not None:
+        y = ops.binary(Op.MUL, y, ops.cast(weight, compute))
+    if bias is not None:
+        y = ops.binary(Op.ADD, y, ops.cast(bias, compute))
+    return ops.cast(y, x.dtype), mean, rstd
+
+
+def _kept(x: Node, axes) -> tuple[int, ...]:
+    return tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+
+
+@rule(aten.native_layer_norm_backward.default)
+def _native_layer_norm_backward(grad, x, normalized_shape, mean, rstd, weight, bias, output_mask):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    outer = tuple(range(x.ndim - len(normalized_shape)))
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xf, gf = ops.cast(x, compute), ops.cast(grad, compute)
+    n = numel(tuple(x.shape[a] for a in axes))
+    xhat = ops.binary(Op.MUL, ops.binary(Op.SUB, xf, ops.expand(mean, xf.shape)), ops.expand(rstd, xf.shape))
+    gw = ops.binary(Op.MUL, gf, ops.cast(weight, compute)) if weight is not None else gf
+    a = ops.reduce(Op.SUM, gw, axes)
+    b = ops.reduce(Op.SUM, ops.binary(Op.MUL, gw, xhat), axes)
+    inner = ops.binary(Op.SUB, ops.binary(Op.SUB, ops.binary(Op.MUL, gw, ops.scalar_like(n, gw)),
+                                          ops.expand(a, gw.shape)),
+                       ops.binary(Op.MUL, xhat, ops.expand(b, xhat.shape)))
+    dx = ops.binary(Op.MUL, inner, ops.expand(ops.binary(Op.DIV, rstd, ops.scalar_like(n, rstd)), inner.shape))
+    dx = ops.cast(dx, x.dtype) if output_mask[0] else None
+    dw = db = None
+    if weight is not None and output_mask[1]:
+        dw = ops.cast(ops.reshape(ops.reduce(Op.SUM, ops.binary(Op.MUL, gf, xhat), outer), weight.shape),
+                      weight.dtype)
+    if bias is not None and output_mask[2]:
+        db = ops.cast(ops.reshape(ops.reduce(Op.SUM, gf, outer), bias.shape), bias.dtype)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul
+# ---------------------------------------------------------------------------------------------
+
+
+@rule(aten.mm.default, aten.bmm.default)
+def _mm(a, b):
+    if a.ndim != b.ndim or a.ndim not in (2, 3):
+        raise RuntimeError(f"self must be a matrix (mm) or a batch of matrices (bmm), got {a.ndim}D and {b.ndim}D")
+    return ops.matmul(a, b)
+
+
+@rule(aten.addmm.default, aten.baddbmm.default)
+def _addmm(bias, a, b, beta=1, alpha=1):
+    out = ops.matmul(a, b)
+    if alpha != 1:
+        out = ops.binary(Op.MUL, out, ops.scalar_like(alpha, out))
+    if beta == 0:
+        return out
+    bias = ops.cast(bias, out.dtype)
+    if beta != 1:
+        bias = ops.binary(Op.MUL, bias, ops.scalar_like(beta, bias))
+    return ops.binary(Op.ADD, out, bias)
+
+
+@rule(aten.mv.default)
+def _mv(a, v):
+    return ops.reshape(ops.matmul(a, ops.reshape(v, (v.shape[0], 1))), (a.shape[0],))
+
+
+@rule(aten.dot.default)
+def _dot(a, b):
+    return ops.reshape(ops.matmul(ops.reshape(a, (1, a.shape[0])), ops.reshape(b, (b.shape[0], 1))), ())
+
+
+# ---------------------------------------------------------------------------------------------
+# concatenation, padding, indexing
+# ---------------------------------------------------------------------------------------------
+
+
+@rule(aten.cat.default)
+def _cat(tensors, dim=0):
+    tensors = [t for t in tensors if not (t.ndim == 1 and t.shape[0] == 0)]  # legacy: empty 1-d skipped
+    if not tensors:
+        raise RuntimeError("torch.cat(): expected a non-empty list of Tensors")
+    dtype = _dtypes(*tensors)
+    dim = dim % tensors[0].ndim
+    for t in tensors[1:]:
+        if t.ndim != tensors[0].ndim or any(a != b for i, (a, b) in enumerate(zip(t.shape, tensors[0].shape))
+                                            if i != dim):
+            raise RuntimeError(f"Sizes of tensors must match except in dimension {dim}. "
+                               f"Expected size {tensors[0].shape} but got size {t.shape} for tensor in the list.")
+    return ops.cat([ops.cast(t, dtype) for t in tensors], dim)
+
+
+@rule(aten.stack.default)
+def _stack(tensors, dim=0):
+    dim = dim % (tensors[0].ndim + 1)
+    expanded = [ops.reshape(t, t.shape[:dim] + (1,) + t.shape[dim:]) for t in tensors]
+    return _cat(expanded, dim)
+
+
+@rule(aten.constant_pad_nd.default)
+def _constant_pad_nd(x, pad, value=0):
+    starts, shape = [0] * x.ndim, list(x.shape)
+    cut_starts, cut_shape = [0] * x.ndim, list(x.shape)
+    for i in range(len(pad) // 2):
+        axis = x.ndim - 1 - i
+        lo, hi = pad[2 * i], pad[2 * i + 1]
+        # negative padding crops first
+        cut_starts[axis] = max(-lo, 0)
+        cut_shape[axis] = x.shape[axis] - max(-lo, 0) - max(-hi, 0)
+        starts[axis] = max(lo, 0)
+        shape[axis] = cut_shape[axis] + max(lo, 0) + max(hi, 0)
+    x = ops.slice_(x, cut_starts, [1] * x.ndim, tuple(cut_shape))
+    return ops.pad(x, tuple(shape), starts, [1] * x.ndim, value)
+
+
+@rule(aten.gather.default)
+def _gather(x, dim, index, sparse_grad=False):
+    return ops.gather(x, dim % max(x.ndim, 1), index)
+
+
+@rule(aten.scatter_add.default)
+def _scatter_add(base, dim, index, src):
+    return ops.scatter_add(base, dim % max(base.ndim, 1), index, src)
+
+
+@rule(aten.index_select.default)
+def _index_select(x, dim, index):
+    dim = dim % max(x.ndim, 1)
+    idx = index if index.ndim == 1 else ops.reshape(index, (numel(index.shape),))
+    shape = x.shape[:dim] + (idx.shape[0],) + x.shape[dim + 1:]
+    view = [1] * x.ndim
+    view[dim] = idx.shape[0]
+    return ops.gather(x, dim, ops.expand(ops.reshape(idx, tuple(view)), shape))
+
+
+@rule(aten.embedding.default)
+def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    n, d = numel(indices.shape), weight.shape[1]
+    flat = ops.reshape(indices, (n, 1))
+    rows = ops.gather(weight, 0, ops.expand(flat, (n, d)))
+    return ops.reshape(rows, indices.shape + (d,))
+
+
+@rule(aten.embedding_dense_backward.default)
+def _embedding_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+    if scale_grad_by_freq:
+        raise NotImplementedError("embedding backward with scale_grad_by_freq")
+    n, d = numel(indices.shape), grad.shape[-1]
+    flat = ops.reshape(indices, (n, 1))
+    g = ops.reshape(grad, (n, d))
+    if padding_idx >= 0:
+        g = ops.where(ops.expand(ops.binary(Op.EQ, flat, ops.scalar_like(padding_idx, flat)), (n, d)),
+                      ops.scalar_like(0, g), g)
+    zeros = ops.full(0, (num_weights, d), grad.dtype, grad.device)
+    return ops.scatter_add(zeros, 0, ops.expand(flat, (n, d)), g)
+
+
+@rule(aten.index.Tensor)
+def _index(x, indices):
+    """Advanced indexing where the indexed dims are leading and adjacent: x[i], x[i, j], x[:, ...] no."""
+    if any(i is None for i in indices) or any(i.dtype == torch.bool for i in indices):
+        raise NotImplementedError("index with None or boolean indices")
+    k = len(indices)
+    from .ir import broadcast_shapes
+    bshape = broadcast_shapes(*[i.shape for i in indices])
+    rest = x.shape[k:]
+    # linear index over the first k dims, then gather rows of the flattened tensor
+    lin = None
+    for axis, idx in enumerate(indices):
+        idx = ops.expand(ops.cast(idx, torch.int64), bshape)
+        size = x.shape[axis]
+        idx = ops.where(ops.binary(Op.LT, idx, ops.scalar_like(0, idx)),
+                        ops.binary(Op.ADD, idx, ops.scalar_like(size, idx)), idx)
+        lin = idx if lin is None else ops.binary(Op.ADD, ops.binary(Op.MUL, lin, ops.scalar_like(size, lin)), idx)
+    lead = numel(x.shape[:k])
+    flat_x = ops.reshape(x, (lead, numel(rest)))
+    n = numel(bshape)
+    m = numel(rest)
+    rows = ops.gather(flat_x, 0, ops.expand(ops.reshape(lin, (n, 1)), (n, m)))
+    return ops.reshape(rows, bshape + rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: one op per direction, never decomposed on one side only
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(q, k, v, scale, causal, dropout_p=0.0):
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    srcs = [q, k, v]
+    if dropout_p > 0:
+        srcs.append(new_seed(q.device))
+    attrs = dict(scale=float(scale), causal=bool(causal), dropout_p=float(dropout_p))
+    out_shape = q.shape[:-1] + (v.shape[-1],)
+    out = ops.node(Op.ATTENTION, srcs, out_shape, q.dtype, q.device, **attrs)
+    lse = ops.node(Op.ATTENTION_LSE, srcs, q.shape[:-1], torch.float32, q.device, **attrs)
+    seed = srcs[3] if dropout_p > 0 else ops.full(0, (), torch.int64, q.device)
+    return out, lse, seed
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p, seed):
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    srcs = [dout, q, k, v, out, lse] + ([seed] if dropout_p > 0 else [])
+    attrs = dict(scale=float(scale), causal=bool(causal), dropout_p=float(dropout_p))
+    return tuple(ops.node(Op.ATTENTION_BWD, srcs, t.shape, t.dtype, t.device, which=w, **attrs)
+                 for w, t in zip("qkv", (q, k, v)))
+
+
+@rule(aten._fused_sdp_choice.default)
+def _sdp_choice(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    # 1 = flash: lazygraph's own fused attention op; 0 = math (decomposed) when a mask is given
+    return 0 if attn_mask is not None or enable_gqa else 1
+
+
+@rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def _sdpa_cpu(q, k, v, dropout_p=0.0, is_causal=False, attn_mask=None, scale=None):
+    if attn_mask is not None:
+        raise NotImplementedError("attention with an explicit mask")
+    out, lse, _ = attention(q, k, v, scale, is_causal, dropout_p)
+    return out, lse
+
+
+@rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def _sdpa_cpu_backward(dout, q, k, v, out, lse, dropout_p, is_causal, attn_mask=None, scale=None):
+    if dropout_p > 0:
+        raise NotImplementedError("cpu flash attention backward with dropout")
+    return attention_backward(dout, q, k, v, out, lse, scale, is_causal, 0.0, None)
+
+
+@rule(aten._scaled_dot_product_flash_attention.default)
+def _sdpa_flash(q, k, v, dropout_p=0.0, is_causal=False, return_debug_mask=False, scale=None):
+    out, lse, seed = attention(q, k, v, scale, is_causal, dropout_p)
+    zero = ops.full(0, (), torch.int64, q.device)
+    return (out, lse, None, None, q.shape[-2], k.shape[-2], seed, zero,
+            ops.full(0, (0,), q.dtype, q.device))
+
+
+@rule(aten._scaled_dot_product_flash_attention_backward.default)
+def _sdpa_flash_backward(dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal,
+                         philox_seed, philox_offset, scale=None):
+    return attention_backward(dout, q, k, v, out, lse, scale, is_causal, dropout_p, philox_seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# prims that torch's decompositions may emit
+# ---------------------------------------------------------------------------------------------
+
+
+@rule(prims.convert_element_type.default)
+def _convert(x, dtype):
+    return ops.cast(x, dtype)
+
+
+def count_rules() -> int:
+    COUNTERS["lowering_rules"] = len(RULES)
+    return len(RULES)

@@ -1,0 +1,297 @@
+"""The reference executor: runs any Graph node by node with plain torch ops.
+
+It is the oracle every pass is checked against and the fallback where no kernel exists.
+Like torch.fx's Interpreter: one method per op kind, a loop over nodes, values freed after
+their last use.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .ir import Graph, Node, Op, effective_op, numel
+
+_UNARY: dict[Op, Callable] = {
+    Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,
+    Op.SIN: torch.sin, Op.COS: torch.cos, Op.TANH: torch.tanh, Op.ERF: torch.erf, Op.ABS: torch.abs,
+    Op.RECIP: torch.reciprocal, Op.SIGMOID: torch.sigmoid, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
+    Op.TRUNC: torch.trunc, Op.NOT: torch.bitwise_not, Op.ISNAN: torch.isnan,
+}
+_BINARY: dict[Op, Callable] = {
+    Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.POW: torch.pow, Op.MAX: torch.maximum,
+    Op.MIN: torch.minimum, Op.MOD: torch.remainder, Op.EQ: torch.eq, Op.NE: torch.ne, Op.LT: torch.lt,
+    Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge, Op.AND: torch.bitwise_and, Op.OR: torch.bitwise_or,
+    Op.XOR: torch.bitwise_xor,
+}
+_REDUCE: dict[Op, Callable] = {
+    Op.SUM: lambda x, axes: torch.sum(x, dim=axes, keepdim=True),
+    Op.PROD: lambda x, axes: _prod(x, axes),
+    Op.AMAX: lambda x, axes: torch.amax(x, dim=axes, keepdim=True),
+    Op.AMIN: lambda x, axes: torch.amin(x, dim=axes, keepdim=True),
+    Op.ARGMAX: lambda x, axes: torch.argmax(x, dim=axes[0], keepdim=True),
+    Op.ARGMIN: lambda x, axes: torch.argmin(x, dim=axes[0], keepdim=True),
+}
+
+
+def _prod(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+    for a in sorted(axes):
+        x = torch.prod(x, dim=a, keepdim=True)
+    return x
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return torch.div(a, b)
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def slice_index(starts: Sequence[int], steps: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The Python slices that pick `shape` elements from `starts` with `steps` on each axis."""
+    return tuple(slice(s, s + (c - 1) * st + 1 if c else s, st) for s, st, c in zip(starts, steps, shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# random numbers: Philox 4x32-10, bit-exact with triton.language.rand(seed, offset)
+# ---------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b for 32-bit unsigned a (python int) and b (int64 tensor)."""
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    lo_lo = a_lo * b_lo
+    mid1 = a_hi * b_lo
+    mid2 = a_lo * b_hi
+    hi_hi = a_hi * b_hi
+    mid = (lo_lo >> 16) + (mid1 & 0xFFFF) + (mid2 & 0xFFFF)
+    lo = ((mid & 0xFFFF) << 16) | (lo_lo & 0xFFFF)
+    hi = hi_hi + (mid1 >> 16) + (mid2 >> 16) + (mid >> 16)
+    return hi & _M32, lo & _M32
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """Uniform floats in [0, 1) equal to tl.rand(seed, offsets) in a Triton kernel."""
+    c0 = offsets.to(torch.int64) & _M32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # reinterpret as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * 4.6566127342e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (both directions), the math the fused kernels must equal
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_probs(q, k, scale, causal):
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if causal:
+        tq, tk = s.shape[-2], s.shape[-1]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(diagonal=tk - tq)
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse)
+    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
+    return p, lse
+
+
+def _dropout_keep(seed, shape, p_drop, device):
+    offsets = torch.arange(numel(shape), device=device).reshape(shape)
+    return philox_uniform(seed, offsets) >= p_drop
+
+
+def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None):
+    p, lse = _attention_probs(q, k, scale, causal)
+    if dropout_p > 0:
+        p = p * _dropout_keep(int(seed), p.shape, dropout_p, p.device) / (1 - dropout_p)
+    out = torch.matmul(p, v.float()).to(q.dtype)
+    return out, lse.squeeze(-1)
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None):
+    p, _ = _attention_probs(q, k, scale, causal)
+    dout_f = dout.float()
+    if dropout_p > 0:
+        keep = _dropout_keep(int(seed), p.shape, dropout_p, p.device) / (1 - dropout_p)
+        pd = p * keep
+    else:
+        keep, pd = None, p
+    dv = torch.matmul(pd.transpose(-2, -1), dout_f)
+    dp = torch.matmul(dout_f, v.float().transpose(-2, -1))
+    if keep is not None:
+        dp = dp * keep
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, k.float()) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), q.float()) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# extern calls: the attrs hold the aten op name and the arguments with tensors as placeholders
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_aten(target: str):
+    """'aten.foo.default' -> torch.ops.aten.foo.default."""
+    ns, name, overload = target.split(".")
+    return getattr(getattr(getattr(torch.ops, ns), name), overload)
+
+
+def fill_placeholders(spec, tensors: Sequence[torch.Tensor]):
+    """Replace ('$t', i) placeholders in a nested args spec with tensors[i]."""
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "$t":
+        return tensors[spec[1]]
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "$dtype":
+        from .ir import DTYPES_BY_NAME
+        return DTYPES_BY_NAME[spec[1]]
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "$device":
+        return torch.device(spec[1])
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(fill_placeholders(s, tensors) for s in spec)
+    if isinstance(spec, dict):
+        return {k: fill_placeholders(v, tensors) for k, v in spec.items()}
+    return spec
+
+
+def run_extern(node: Node, args: Sequence[torch.Tensor]):
+    fn = resolve_aten(node.attrs["target"])
+    call_args = fill_placeholders(node.attrs["args"], args)
+    call_kwargs = fill_placeholders(dict(node.attrs.get("kwargs", ())), args)
+    return fn(*call_args, **call_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interpreter
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
+    """The value of one node given its operands' values."""
+    op = n.op
+    a = n.attrs
+    if op in _UNARY:
+        return _UNARY[op](args[0])
+    if op in _BINARY:
+        return _BINARY[op](args[0], args[1]).to(n.dtype)
+    if op is Op.DIV:
+        return _div(args[0], args[1]).to(n.dtype)
+    if op is Op.WHERE:
+        return torch.where(args[0], args[1], args[2])
+    if op is Op.CAST:
+        return args[0].to(n.dtype)
+    if op in _REDUCE:
+        x = args[0]
+        if op in (Op.SUM, Op.PROD) and not x.dtype.is_floating_point:
+            x = x.to(n.dtype)
+        if numel(x.shape) == 0 and op is Op.SUM:
+            return torch.zeros(n.shape, dtype=n.dtype, device=x.device)
+        return _REDUCE[op](x, tuple(a["axes"])).to(n.dtype)
+    if op is Op.MATMUL:
+        return torch.matmul(args[0], args[1])
+    if op is Op.RESHAPE:
+        return args[0].reshape(n.shape)
+    if op is Op.PERMUTE:
+        return args[0].permute(a["dims"])
+    if op is Op.EXPAND:
+        return args[0].expand(n.shape)
+    if op is Op.SLICE:
+        return args[0][slice_index(a["starts"], a["steps"], n.shape)]
+    if op is Op.PAD:
+        out = torch.full(n.shape, a["value"], dtype=n.dtype, device=args[0].device)
+        out[slice_index(a["starts"], a["steps"], args[0].shape)] = args[0]
+        return out
+    if op is Op.CAT:
+        return torch.cat(args, dim=a["axis"])
+    if op is Op.GATHER:
+        return torch.gather(args[0], a["axis"], args[1])
+    if op is Op.SCATTER_ADD:
+        return args[0].scatter_add(a["axis"], args[1], args[2])
+    if op is Op.FULL:
+        return torch.full(n.shape, a["value"], dtype=n.dtype, device=n.device)
+    if op is Op.IOTA:
+        ax = a["axis"]
+        r = torch.arange(n.shape[ax], dtype=n.dtype, device=n.device)
+        view = [1] * len(n.shape)
+        view[ax] = n.shape[ax]
+        return r.reshape(view).expand(n.shape)
+    if op is Op.RAND:
+        seed = int(args[0])
+        offsets = torch.arange(numel(n.shape), dtype=torch.int64, device=n.device) + a.get("offset", 0)
+        return philox_uniform(seed, offsets).reshape(n.shape).to(n.dtype)
+    if op is Op.TRANSFER:
+        return args[0].to(n.device)
+    if op in (Op.ATTENTION, Op.ATTENTION_LSE):
+        key = ("attn", tuple(s.id for s in n.srcs), tuple(sorted(a.items())))
+        if key not in memo:
+            seed = args[3] if len(args) > 3 else None
+            memo[key] = attention_forward(args[0], args[1], args[2], a["scale"], a["causal"],
+                                          a.get("dropout_p", 0.0), seed)
+        out, lse = memo[key]
+        return out if op is Op.ATTENTION else lse
+    if op is Op.ATTENTION_BWD:
+        attrs = {k: v for k, v in a.items() if k != "which"}
+        key = ("attn_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())))
+        if key not in memo:
+            seed = args[6] if len(args) > 6 else None
+            memo[key] = attention_backward(*args[:6], a["scale"], a["causal"], a.get("dropout_p", 0.0), seed)
+        return memo[key]["qkv".index(a["which"])]
+    if op is Op.EXTERN:
+        key = ("extern", tuple(s.id for s in n.srcs), a["target"], repr(a["args"]), repr(a.get("kwargs")))
+        if key not in memo:
+            memo[key] = run_extern(n, args)
+        res = memo[key]
+        if isinstance(res, (tuple, list)):
+            res = res[a.get("index", 0)]
+        return res
+    raise NotImplementedError(f"reference executor: no rule for {op.value}")
+
+
+def last_uses(graph: Graph) -> dict[int, list[int]]:
+    """For each node position, the ids of values whose last use is that node (to free them)."""
+    last: dict[int, int] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.value is None:
+            for s in n.srcs:
+                last[s.id] = i
+    keep = {o.id for o in graph.outputs}
+    frees: dict[int, list[int]] = {}
+    for nid, i in last.items():
+        if nid not in keep:
+            frees.setdefault(i, []).append(nid)
+    return frees
+
+
+def run_graph(graph: Graph, inputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Evaluate `graph`; `inputs` (in graph.inputs order) override the values the inputs hold."""
+    env: dict[int, torch.Tensor] = {}
+    if inputs is not None:
+        for n, v in zip(graph.inputs, inputs):
+            env[n.id] = v
+    frees = last_uses(graph)
+    memo: dict = {}
+    for i, n in enumerate(graph.nodes):
+        if n.id not in env:
+            if effective_op(n) is Op.INPUT:
+                if n.value is None:
+                    raise RuntimeError(f"input {n!r} has no value")
+                env[n.id] = n.value
+            else:
+                env[n.id] = eval_node(n, [env[s.id] for s in n.srcs], memo)
+        for nid in frees.get(i, ()):
+            env.pop(nid, None)
+    return [env[o.id] for o in graph.outputs]
+

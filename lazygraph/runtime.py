@@ -1,0 +1,89 @@
+"""Executable programs: a graph compiled once per structure, then run with new input values.
+
+`execute(graph)` looks the graph up by structural hash; a miss builds a Program for the chosen
+backend (the reference executor, or fused Triton kernels), a hit reuses it. Programs hold a
+value-free copy of their graph, so the cache never keeps a run's tensors alive.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from . import dump
+from .counters import COUNTERS
+from .ir import Graph
+from .reference import run_graph
+
+BACKENDS = ("reference", "triton", "auto")
+_default_backend = os.environ.get("LAZYGRAPH_BACKEND", "auto")
+_PROGRAMS: dict[str, Program] = {}
+
+
+def set_backend(name: str) -> None:
+    global _default_backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _default_backend = name
+
+
+def get_backend() -> str:
+    return _default_backend
+
+
+class Program:
+    """A compiled graph: run(inputs in graph.inputs order) -> outputs in graph.outputs order."""
+
+    backend = "reference"
+
+    def __init__(self, graph: Graph):
+        self.graph = graph.clone()
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return run_graph(self.graph, inputs)
+
+    def describe(self) -> str:
+        return f"reference program: {len(self.graph)} nodes run one by one"
+
+
+def build_program(graph: Graph, backend: str) -> Program:
+    if backend in ("triton", "auto"):
+        try:
+            from .compiled import CompiledProgram
+        except ImportError:
+            CompiledProgram = None
+        if CompiledProgram is not None:
+            return CompiledProgram(graph)
+    return Program(graph)
+
+
+def _check_inputs(graph: Graph) -> None:
+    for n in graph.inputs:
+        if n.captured_version is not None and n.value._version != n.captured_version:
+            raise RuntimeError(
+                f"lazygraph: a tensor captured by a lazy op ({n.source or 'unknown line'}) was modified in "
+                "place before the pending graph ran; its old value is gone. clone() it before using it "
+                "in lazy ops, or make it lazy with lazygraph.lazy() first.")
+
+
+def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
+    backend = backend or _default_backend
+    _check_inputs(graph)
+    key = f"{backend}:{graph.structural_hash()}"
+    program = _PROGRAMS.get(key)
+    if program is None:
+        COUNTERS["compiles"] += 1
+        program = _PROGRAMS[key] = build_program(graph, backend)
+    else:
+        COUNTERS["cache_hits"] += 1
+    COUNTERS["graphs_run"] += 1
+    outputs = program.run([n.value for n in graph.inputs])
+    if dump.enabled():
+        dump.write_run(graph, program)
+    return outputs
+
+
+def clear_cache() -> None:
+    _PROGRAMS.clear()
