@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops, views
 from .counters import COUNTERS, EXTERN_OPS, GRAPH_BREAKS
@@ -149,7 +150,7 @@ def user_source() -> str | None:
 # argument conversion
 # ---------------------------------------------------------------------------------------------
 
-_const_inputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_const_inputs = WeakIdKeyDictionary()
 
 
 def _const(t: torch.Tensor) -> Node:
@@ -167,7 +168,7 @@ def _to_nodes(x):
         return node_of(x)
     if isinstance(x, torch.Tensor):
         return _const(x)
-    if isinstance(x, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in x):
+    if isinstance(x, (list, tuple)):
         return type(x)(_to_nodes(e) for e in x)
     return x
 

@@ -21,6 +21,7 @@ current_source: str | None = None
 def node(op: Op, srcs: Sequence[Node], shape: Shape, dtype: torch.dtype, device: str, **attrs: Any) -> Node:
     if op not in LEAF:
         COUNTERS["nodes_recorded"] += 1  # constants are not recorded work
+    assert isinstance(device, str), (op, device)
     return Node(op, tuple(srcs), tuple(shape), dtype, device, attrs, current_source)
 
 
