@@ -2,12 +2,14 @@
 
 The default tokenizer is byte-level (vocab 256), so nothing needs downloading.
 GPT-2 BPE is used only if `tiktoken` is installed and its encoding files are
-already cached locally.
+already cached locally; otherwise asking for it is a clear error (no downloads).
 """
 
 from __future__ import annotations
 
-import sys
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -52,21 +54,41 @@ class BPETokenizer:
         return self._enc.decode([int(i) for i in ids])
 
 
+# tiktoken caches its GPT-2 files under the sha1 of their download address.
+_BPE_URLS = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+)
+
+
+def _tiktoken_cache_dir() -> Path:
+    # The same lookup order tiktoken uses.
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
 def get_tokenizer(kind: str = "bytes") -> Tokenizer:
-    """"bytes" or "gpt2". "gpt2" falls back to bytes (with a message) when BPE is unavailable offline."""
+    """"bytes" (default, vocab 256) or "gpt2" (BPE; needs tiktoken and its files cached locally)."""
     if kind == "bytes":
         return ByteTokenizer()
     if kind != "gpt2":
         raise ValueError(f"unknown tokenizer {kind!r}; use 'bytes' or 'gpt2'")
     try:
         import tiktoken
-
-        # tiktoken downloads on a cache miss; any failure (no package, no cache,
-        # no network) means we fall back instead of reaching out.
-        return BPETokenizer(tiktoken.get_encoding("gpt2"))
-    except Exception as e:  # noqa: BLE001 - any failure means "not available offline"
-        print(f"gpt2 BPE unavailable ({type(e).__name__}: {e}); using byte-level tokens", file=sys.stderr)
-        return ByteTokenizer()
+    except ImportError as e:
+        raise RuntimeError("the gpt2 tokenizer needs tiktoken (pip install tiktoken); "
+                           "or use --tokenizer bytes") from e
+    # tiktoken downloads on a cache miss; we never reach out, so check the cache first.
+    cache = _tiktoken_cache_dir()
+    missing = [u for u in _BPE_URLS if not (cache / hashlib.sha1(u.encode()).hexdigest()).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"GPT-2 BPE files are not cached in {cache} (set TIKTOKEN_CACHE_DIR to a folder that has "
+            f"them, or run tiktoken.get_encoding('gpt2') once with network); or use --tokenizer bytes"
+        )
+    return BPETokenizer(tiktoken.get_encoding("gpt2"))
 
 
 def encode(text: str) -> list[int]:
@@ -87,7 +109,11 @@ def load_text(path: str | Path = TINY_TEXT, tokenizer: Tokenizer | None = None) 
 
 
 def get_batch(
-    data: torch.Tensor, batch: int, block: int, generator: torch.Generator | None = None
+    data: torch.Tensor,
+    batch: int,
+    block: int,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch` random windows of length `block`; y is x shifted left by one token."""
     if data.numel() <= block:
@@ -95,4 +121,4 @@ def get_batch(
     ix = torch.randint(data.numel() - block, (batch,), generator=generator)
     x = torch.stack([data[i : i + block] for i in ix.tolist()])
     y = torch.stack([data[i + 1 : i + 1 + block] for i in ix.tolist()])
-    return x, y
+    return x.to(device), y.to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,7 +55,7 @@ class GPTConfig:
     @classmethod
     def tiny(cls, **overrides) -> GPTConfig:
         """A byte-level toy model that trains on a CPU in seconds."""
-        base = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=64)
+        base = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=32)
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -200,19 +201,7 @@ class GPT(nn.Module):
     def configure_optimizer(
         self, weight_decay: float = 0.1, lr: float = 6e-4, betas: tuple[float, float] = (0.9, 0.95)
     ) -> torch.optim.AdamW:
-        """AdamW where only matrices (matmul weights, embeddings) get weight decay."""
-        params = [p for p in self.parameters() if p.requires_grad]  # tied weight appears once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]  # biases, LayerNorm gains
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        # The fused kernel is faster on CUDA; it is only offered by some builds.
-        extra = {}
-        if "fused" in inspect.signature(torch.optim.AdamW).parameters and all(p.is_cuda for p in params):
-            extra["fused"] = True
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+        return make_optimizer(self.parameters(), weight_decay, lr, betas)
 
     @torch.no_grad()
     def generate(
@@ -250,3 +239,26 @@ class GPT(nn.Module):
         model = cls(config if config is not None else GPTConfig.small())
         load_hf_state_dict(model, path)
         return model
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter],
+    weight_decay: float = 0.1,
+    lr: float = 6e-4,
+    betas: tuple[float, float] = (0.9, 0.95),
+) -> torch.optim.AdamW:
+    """AdamW where only matrices (matmul weights, embeddings) get weight decay."""
+    params = [p for p in params if p.requires_grad]  # a tied weight appears once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases, LayerNorm gains
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # The fused kernel is faster on CUDA; it is only offered by some builds, and only for plain
+    # tensors (lazy parameters must see the op-by-op update so it is recorded).
+    extra = {}
+    plain = all(p.is_cuda and type(p) is nn.Parameter for p in params)
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters and plain:
+        extra["fused"] = True
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)

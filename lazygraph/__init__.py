@@ -13,13 +13,21 @@ from typing import Any, Sequence
 
 import torch
 
+# With no CUDA device, generated kernels run in Triton's interpreter. Triton reads this switch
+# when it is first imported, so it must be set before anything imports triton.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from . import counters, dump as _dump
+from .compile import compile
+from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
 from .lazy import LazyTensor, lazy, lazy_mode, node_of, pending_graph, sync, to_eager
 from .runtime import get_backend, set_backend
 
 __all__ = ["lazy", "lazy_mode", "is_lazy", "graph", "sync", "to_eager", "stats", "reset_stats", "dump",
-           "lazy_module", "set_backend", "get_backend", "Graph", "Node", "Op", "parse", "LazyTensor"]
+           "lazy_module", "set_backend", "get_backend", "Graph", "Node", "Op", "parse", "LazyTensor",
+           "export_onnx", "OnnxExportError", "compile"]
 
 
 def is_lazy(t: Any) -> bool:
@@ -44,6 +52,7 @@ def stats() -> dict[str, Any]:
         "extern_calls": c["extern_calls"],
         "extern_ops": dict(counters.EXTERN_OPS),
         "recompiles": c["recompiles"],
+        "recompile_reasons": dict(counters.RECOMPILE_REASONS),
     }
 
 

@@ -9,9 +9,12 @@ COUNTERS: Counter = Counter()
 GRAPH_BREAKS: Counter = Counter()
 # aten op name -> how many times it ran in torch as an EXTERN node instead of being lowered
 EXTERN_OPS: Counter = Counter()
+# "guard: old -> new" -> how many times lazygraph.compile re-traced because that guard failed
+RECOMPILE_REASONS: Counter = Counter()
 
 
 def reset() -> None:
     COUNTERS.clear()
     GRAPH_BREAKS.clear()
     EXTERN_OPS.clear()
+    RECOMPILE_REASONS.clear()

@@ -61,6 +61,7 @@ def write_run(graph: Graph, program, path: str | None = None) -> str:
     extra = getattr(program, "dump_files", None)
     if extra is not None:
         for fname, text in extra().items():
+            os.makedirs(os.path.dirname(os.path.join(path, fname)), exist_ok=True)
             with open(os.path.join(path, fname), "w") as f:
                 f.write(text)
         info.update(getattr(program, "summary", dict)())

@@ -148,11 +148,24 @@ def promote_types(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return out
 
 
+_RESULT_TYPE_CACHE: dict[tuple, torch.dtype] = {}
+
+
 def result_type(tensors: Sequence[tuple[torch.dtype, int]], scalars: Sequence[Any]) -> torch.dtype:
     """Type promotion exactly as torch does it for pointwise ops (c10's ResultTypeState).
 
     `tensors` are (dtype, ndim) pairs. Three priority groups: dimensioned tensors, 0-d tensors,
     Python scalars; a weaker group only matters when it is of a higher category."""
+    # cached: the answer depends only on dtypes, which ranks are 0-d, scalar types, the default dtype
+    key = (tuple((d, nd > 0) for d, nd in tensors), tuple(type(s) for s in scalars),
+           torch.get_default_dtype())
+    out = _RESULT_TYPE_CACHE.get(key)
+    if out is None:
+        out = _RESULT_TYPE_CACHE[key] = _result_type(tensors, scalars)
+    return out
+
+
+def _result_type(tensors: Sequence[tuple[torch.dtype, int]], scalars: Sequence[Any]) -> torch.dtype:
     dim_r = zero_r = wrapped_r = None
     for d, nd in tensors:
         if nd > 0:
@@ -507,14 +520,20 @@ def _split_args(text: str) -> list[str]:
     return parts
 
 
+class _FloatSpecials(ast.NodeTransformer):
+    """inf and nan print as bare names; read them back as floats (anywhere, even inside tuples)."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in ("inf", "nan"):
+            return ast.copy_location(ast.Constant(float(node.id)), node)
+        return node
+
+
 def _parse_value(v: str) -> Any:
     v = v.strip()
     if v in DTYPES_BY_NAME:
         return DTYPES_BY_NAME[v]
-    if v in ("inf", "-inf", "nan"):
-        return float(v)
-    return ast.literal_eval(v.replace("inf", "1e999").replace("nan", "None")) if (
-        "inf" in v and not v.startswith("'")) else ast.literal_eval(v)
+    return ast.literal_eval(_FloatSpecials().visit(ast.parse(v, mode="eval")))
 
 
 def graphs_equal(a: Graph, b: Graph) -> bool:

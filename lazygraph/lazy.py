@@ -59,8 +59,9 @@ class LazyTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, node: Node, storage: Storage | None = None, chain: tuple = ()):
-        t = torch.Tensor._make_wrapper_subclass(cls, node.shape, strides=contiguous_strides(node.shape),
-                                                dtype=node.dtype, device=node.device)
+        # no strides given: the wrapper gets contiguous ones (cheaper than passing them)
+        t = torch.Tensor._make_wrapper_subclass(cls, node.shape, dtype=node.dtype,
+                                                device=_device(node.device))
         t._node = node
         if storage is None:
             storage = Storage(node)
@@ -98,6 +99,16 @@ class LazyTensor(torch.Tensor):
         return to_eager(self).__reduce_ex__(proto)
 
 
+_DEVICES: dict[str, torch.device] = {}
+
+
+def _device(name: str) -> torch.device:
+    d = _DEVICES.get(name)
+    if d is None:
+        d = _DEVICES[name] = torch.device(name)
+    return d
+
+
 def node_of(t: LazyTensor) -> Node:
     """The tensor's current node, re-derived from its base if an alias wrote since we last looked."""
     st = t._storage
@@ -127,23 +138,30 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 _LIB_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
-_internal_cache: dict[str, bool] = {}
+# filename -> None if internal, else its basename (one dict lookup per frame on the hot path)
+_internal_cache: dict[str, str | None] = {}
+
+
+def _user_name(filename: str) -> str | None:
+    r = _internal_cache.get(filename, False)
+    if r is False:
+        internal = filename.startswith(_LIB_DIRS) or filename.startswith("<frozen")
+        r = _internal_cache[filename] = None if internal else os.path.basename(filename)
+    return r
 
 
 def _is_internal(filename: str) -> bool:
-    r = _internal_cache.get(filename)
-    if r is None:
-        r = _internal_cache[filename] = filename.startswith(_LIB_DIRS) or filename.startswith("<frozen")
-    return r
+    return _user_name(filename) is None
 
 
 def user_source() -> str | None:
     f = sys._getframe(2)
-    while f is not None and _is_internal(f.f_code.co_filename):
+    while f is not None:
+        name = _user_name(f.f_code.co_filename)
+        if name is not None:
+            return f"{name}:{f.f_lineno}"
         f = f.f_back
-    if f is None:
-        return None
-    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +176,13 @@ def _const(t: torch.Tensor) -> Node:
     hit = _const_inputs.get(t)
     if hit is not None and hit.captured_version == t._version:
         return hit
-    n = ops.input_node(t.detach() if t.requires_grad else t)
+    if t.numel() <= 1:
+        # scalars (optimizer step counts, ...) are snapshotted: eager reads them at op time, and
+        # they are often bumped in place before the pending graph runs
+        t_val = t.detach().clone()
+    else:
+        t_val = t.detach() if t.requires_grad else t
+    n = ops.input_node(t_val)
     _const_inputs[t] = n
     return n
 
@@ -169,7 +193,7 @@ def _to_nodes(x):
     if isinstance(x, torch.Tensor):
         return _const(x)
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_nodes(e) for e in x)
+        return type(x)([_to_nodes(e) for e in x])
     return x
 
 
@@ -269,7 +293,8 @@ def _mutated_args(func) -> list[tuple[int, str]]:
 
 
 def _functional_variant(func):
-    """aten.add_.Tensor -> aten.add.Tensor; aten.add.out -> the packet (overload picked by args)."""
+    """aten.add_.Tensor -> aten.add.Tensor; aten.add.out -> aten.add.Tensor (the overload whose
+    arguments are the op's arguments minus the written ones)."""
     name = func._schema.name.split("::")[1]
     overload = func._overloadname
     if name.endswith("_"):
@@ -277,17 +302,32 @@ def _functional_variant(func):
         if packet is not None:
             if name[:-1] == "normal":
                 return aten.normal_functional.default
-            return getattr(packet, overload, None) or packet
-    return getattr(aten, name)
+            if overload in packet.overloads():
+                return getattr(packet, overload)
+    else:
+        packet = getattr(aten, name)
+    if packet is None:
+        return None
+    # the written `self` of an in-place op is the functional op's input; out= arguments are dropped
+    want = [(a.name, str(a.type)) for a in func._schema.arguments
+            if a.name == "self" or not (a.alias_info and a.alias_info.is_write)]
+    for o in packet.overloads():
+        f = getattr(packet, o)
+        if not f._schema.is_mutable and [(a.name, str(a.type)) for a in f._schema.arguments] == want:
+            return f
+    return None
 
 
 def _inplace(func, args, kwargs):
     """In-place or out= op: run its functional variant lazily, then bind results to the written args."""
     mutated = _mutated_args(func)
     written = [args[i] if i < len(args) else kwargs.get(n) for i, n in mutated]
-    if not all(isinstance(w, LazyTensor) for w in written if w is not None):
+    flat_written = _flat_tensors(written, [])  # lists of tensors (foreach ops) count element-wise
+    if not all(isinstance(w, LazyTensor) for w in flat_written):
         return _eager(func, args, kwargs)
     functional = _functional_variant(func)
+    if functional is None:
+        return _eager(func, args, kwargs)
     is_out = any(n.startswith("out") or n in ("values", "indices") for _, n in mutated) and \
         not func._schema.name.endswith("_")
     fargs, fkwargs = list(args), dict(kwargs)
@@ -297,18 +337,66 @@ def _inplace(func, args, kwargs):
             if i < len(fargs):
                 fargs = fargs[:i]
     result = dispatch(functional, tuple(fargs), fkwargs)
-    results = list(result) if isinstance(result, (tuple, list)) else [result]
-    for w, r in zip(written, results):
-        if w is None:
-            continue
+    results = _flat_tensors(result, []) if isinstance(result, (tuple, list)) else [result]
+    for w, r in zip(flat_written, results):
         rn = node_of(r) if isinstance(r, LazyTensor) else _const(r)
         if rn.shape != tuple(w.shape) and is_out:
             raise RuntimeError(f"lazygraph: out= tensor of shape {tuple(w.shape)} cannot be resized to "
                                f"{rn.shape}; pass an out tensor of the result's shape")
         assign(w, rn)
+    if not func._schema.returns:
+        return None
     if len(written) == 1:
         return written[0]
     return tuple(written)
+
+
+def _foreach(func, args, kwargs):
+    """_foreach_X(lists, ...) -> X on each element, so every element lowers (and fuses) normally."""
+    schema = func._schema.arguments
+    packet = getattr(aten, func._schema.name.split("::")[1][len("_foreach_"):], None)
+    lists = [i for i, a in enumerate(schema) if isinstance(a.type, torch.ListType) and i < len(args)]
+    if packet is None or not lists or not packet.overloads():
+        return _fallback(func, args, kwargs)
+    element = getattr(packet, packet.overloads()[0])._schema.arguments
+    if len(element) < len(args):
+        return _fallback(func, args, kwargs)
+    outs = []
+    for k in range(len(args[lists[0]])):
+        pos, kw = [], dict(kwargs)
+        for i, v in enumerate(args):
+            v = v[k] if i in lists else v
+            if element[i].kwarg_only:
+                kw[element[i].name] = v
+            else:
+                pos.append(v)
+        outs.append(packet(*pos, **kw))
+    return outs
+
+
+def _inplace_view(func, args, kwargs):
+    """squeeze_, t_, transpose_, ...: the tensor object itself becomes the view of what it was."""
+    x = args[0]
+    name = func._schema.name.split("::")[1][:-1]
+    packet = getattr(aten, name, None)
+    if not isinstance(x, LazyTensor) or packet is None:
+        return _eager(func, args, kwargs)
+    overload = func._overloadname if func._overloadname in packet.overloads() else packet.overloads()[0]
+    view_func = getattr(packet, overload)
+    if view_func not in views.VIEW_RULES:
+        return _eager(func, args, kwargs)
+    view = _view(view_func, args, kwargs)
+    shape = tuple(view.shape)
+    # change the wrapper's own sizes without dispatching (as torch's return_and_correct_aliasing does)
+    with torch.utils._mode_utils.no_dispatch():
+        meta = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            aten.as_strided_.default(x, shape, contiguous_strides(shape))
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta)
+    x._node, x._chain, x._version_seen = view._node, view._chain, view._version_seen
+    return x
 
 
 def _decomposed(func, args, kwargs):
@@ -379,7 +467,8 @@ def _eager(func, args, kwargs):
     """Run the op in torch on real values (used when an op touches tensors we cannot capture)."""
     lazies = [t for t in _flat_tensors((args, kwargs), []) if isinstance(t, LazyTensor)]
     realize([node_of(t) for t in lazies])
-    written = {id(args[i]) if i < len(args) else id(kwargs.get(n)) for i, n in _mutated_args(func)}
+    written = {id(t) for i, n in _mutated_args(func)
+               for t in _flat_tensors(args[i] if i < len(args) else kwargs.get(n), [])}
     # a written tensor gets a private copy, bound back through assign() to keep alias semantics
     real = {id(t): (node_of(t).value.clone() if id(t) in written else node_of(t).value) for t in lazies}
     conv = lambda t: real.get(id(t), t)
@@ -426,8 +515,12 @@ def _classify(func) -> Callable:
         return _multi_view
     if name in VALUE_OPS:
         return _value
+    if torch.Tag.inplace_view in func.tags and name != "resize_":
+        return _inplace_view
     if func._schema.is_mutable:
         return _inplace
+    if name.startswith("_foreach_"):
+        return _foreach
     if name in DATA_DEPENDENT:
         return _graph_break
     return _fallback

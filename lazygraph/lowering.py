@@ -33,11 +33,21 @@ def rule(*overloads):
     return register
 
 
+_REAL = (int, float, bool)
+
+
 def _is_node(x) -> bool:
     return isinstance(x, Node)
 
 
 def _dtypes(*xs) -> torch.dtype:
+    # fast path (most calls): tensors of one dtype, plus real scalars a float tensor absorbs
+    first = xs[0] if isinstance(xs[0], Node) else None
+    if first is not None:
+        d = first.dtype
+        if all(x.dtype is d if isinstance(x, Node) else (d.is_floating_point and type(x) in _REAL)
+               for x in xs):
+            return d
     return result_type([(x.dtype, x.ndim) for x in xs if _is_node(x)], [x for x in xs if not _is_node(x)])
 
 
@@ -106,7 +116,10 @@ def _logical_not(x):
 
 @rule(aten.bitwise_not.default)
 def _bitwise_not(x):
-    return ops.unary(Op.NOT, x)
+    if x.dtype == torch.bool:
+        return ops.unary(Op.NOT, x)
+    # NOT is logical (bool result); on integers ~x is x ^ all-ones
+    return ops.binary(Op.XOR, x, ops.scalar_like(255 if x.dtype == torch.uint8 else -1, x))
 
 
 def _binary_rule(op: Op, kind: str = "arith"):
@@ -626,10 +639,15 @@ def _prod(x, dim=None, keepdim=False, dtype=None):
 
 def _minmax_rule(op: Op):
     def lower(x, dim=None, keepdim=False):
-        if numel(x.shape) == 0:
-            raise RuntimeError(f"{op.value}(): Expected reduction dim to be specified for input.numel() == 0. "
-                               "Specify the reduction dim with the 'dim' argument.")
+        name = "max" if op is Op.AMAX else "min"
+        if numel(x.shape) == 0 and (dim is None or not len(dim)):
+            raise RuntimeError(f"{'a' if dim is not None else ''}{name}(): Expected reduction dim to be "
+                               "specified for input.numel() == 0. Specify the reduction dim with the 'dim' "
+                               "argument.")
         axes = _axes(x, dim)
+        for a in axes:
+            if x.shape[a] == 0:
+                raise IndexError(f"a{name}(): Expected reduction dim {a} to have non-zero size.")
         return _finish(x, ops.reduce(op, x, axes), axes, keepdim)
 
     return lower

@@ -199,6 +199,15 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             x = x.to(n.dtype)
         if numel(x.shape) == 0 and op is Op.SUM:
             return torch.zeros(n.shape, dtype=n.dtype, device=x.device)
+        if numel(x.shape) == 0 and op in (Op.AMAX, Op.AMIN):
+            # internal max/min over an empty axis (softmax of an empty tensor): the identity
+            if n.dtype == torch.bool:
+                ident = op is Op.AMIN
+            elif n.dtype.is_floating_point:
+                ident = float("-inf") if op is Op.AMAX else float("inf")
+            else:
+                ident = torch.iinfo(n.dtype).min if op is Op.AMAX else torch.iinfo(n.dtype).max
+            return torch.full(n.shape, ident, dtype=n.dtype, device=x.device)
         return _REDUCE[op](x, tuple(a["axes"])).to(n.dtype)
     if op is Op.MATMUL:
         return torch.matmul(args[0], args[1])
@@ -255,9 +264,17 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             memo[key] = run_extern(n, args)
         res = memo[key]
         if isinstance(res, (tuple, list)):
-            res = res[a.get("index", 0)]
+            res = _flat_tensors(res)[a.get("index", 0)]  # index counts tensors, as capture does
         return res
     raise NotImplementedError(f"reference executor: no rule for {op.value}")
+
+
+def _flat_tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for e in x for t in _flat_tensors(e)]
+    return []
 
 
 def last_uses(graph: Graph) -> dict[int, list[int]]:

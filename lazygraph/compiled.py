@@ -1,0 +1,208 @@
+"""CompiledProgram: a graph run as fused Triton kernels plus extern calls, in schedule order.
+
+Built once per graph structure (runtime.py caches it by structural hash). Kernels are
+generated at the first run, when every buffer's strides are known (inputs and extern results
+may be strided), and kept per strides signature. Buffers come from the memory plan: a kernel
+output takes the memory of a buffer that died earlier when the sizes match.
+
+If a kernel cannot be generated or compiled, that one group falls back to the reference
+executor, with a warning that names it; the run stays correct.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+from .counters import COUNTERS, EXTERN_OPS
+from .ir import Graph, Node, Op, effective_op, itemsize, numel
+from .passes import PipelineResult, run_pipeline
+from .passes.fuse import FusionGroup, Step
+from .passes.loops import FREE_OPS
+from .reference import eval_node
+
+
+class CompiledProgram:
+    backend = "triton"
+
+    def __init__(self, graph: Graph):
+        self.graph = graph.clone()
+        self.input_ids = [n.id for n in self.graph.inputs]
+        self.result: PipelineResult = run_pipeline(self.graph)
+        self.schedule = self.result.schedule
+        self.names = self.schedule.names
+        self._kernels: dict[tuple, Any] = {}
+        self._failed: dict[int, str] = {}
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        env: dict[int, torch.Tensor] = dict(zip(self.input_ids, inputs))
+        raw: dict[int, torch.Tensor] = {}  # kernel-owned memory, by node id
+        plan = self.result.memory
+        memo: dict = {}
+        for i, step in enumerate(self.schedule.steps):
+            if step.kind == "kernel":
+                self._run_kernel(step.group, env, raw, plan.reuse)
+            else:
+                n = step.node
+                env[n.id] = eval_node(n, [env[s.id] for s in n.srcs], memo)
+                if step.kind == "extern":
+                    COUNTERS["extern_calls"] += 1
+                    EXTERN_OPS[_extern_name(n)] += 1
+            for dead in plan.free_after.get(i, ()):
+                env.pop(dead, None)
+        return [env[o.id] for o in self.result.graph.outputs]
+
+    def _alloc(self, n: Node, raw: dict[int, torch.Tensor], reuse: dict[int, int]) -> torch.Tensor:
+        size = numel(n.shape) * itemsize(n.dtype)
+        donor = reuse.get(n.id)
+        mem = raw.get(donor) if donor is not None else None
+        if mem is None or mem.numel() != size:
+            mem = torch.empty(size, dtype=torch.uint8, device=n.device)
+        raw[n.id] = mem
+        return mem.view(n.dtype).view(n.shape) if size else torch.empty(n.shape, dtype=n.dtype, device=n.device)
+
+    def _run_kernel(self, group: FusionGroup, env, raw, reuse) -> None:
+        prog = group.program
+        ins = [env[b.id] for b in prog.buffers]
+        outs = [self._alloc(o, raw, reuse) for o in prog.outputs]
+        kernel = self._kernel(group, ins)
+        if kernel is None:
+            values = _reference_group(group, env)
+            for o, t, v in zip(prog.outputs, outs, values):
+                t.copy_(v)
+        else:
+            kernel(ins, outs)
+            COUNTERS["triton_kernels"] += 1
+            if _VERIFY:
+                _check_kernel(group, env, outs, kernel)
+        for o, t in zip(prog.outputs, outs):
+            env[o.id] = t
+
+    def _kernel(self, group: FusionGroup, ins: Sequence[torch.Tensor]):
+        from .codegen_triton import Kernel
+
+        key = (group.id, tuple(tuple(t.stride()) for t in ins))
+        if key in self._kernels:
+            return self._kernels[key]
+        try:
+            k = Kernel(group, [t.stride() for t in ins], self.names)
+        except Exception as e:  # report, fall back to torch for this group only
+            warnings.warn(f"lazygraph: kernel {group.name} could not be built ({type(e).__name__}: {e}); "
+                          "running it with torch instead", RuntimeWarning, stacklevel=2)
+            COUNTERS["kernel_fallbacks"] += 1
+            k = None
+        self._kernels[key] = k
+        return k
+
+    def kernels(self) -> list:
+        return [k for k in self._kernels.values() if k is not None]
+
+    # -- describing -----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        s = self.schedule
+        return (f"{len(s.kernels)} Triton kernels, {sum(1 for x in s.steps if x.kind == 'extern')} extern calls, "
+                f"{sum(1 for x in s.steps if x.kind == 'view')} views")
+
+    def summary(self) -> dict[str, Any]:
+        s = self.schedule
+        kernel_list = []
+        for g in s.kernels:
+            prog = g.program
+            kernel_list.append({
+                "name": g.name, "kind": g.kind, "nodes": [self.names[n.id] for n in g.nodes],
+                "sources": sorted({n.source for n in g.nodes if n.source}),
+                "bytes_read": sum(b.nbytes for b in prog.buffers),
+                "bytes_written": sum(o.nbytes for o in prog.outputs),
+            })
+        eager_ops, eager_bytes = eager_cost(self.graph)
+        fused_bytes = sum(k["bytes_read"] + k["bytes_written"] for k in kernel_list)
+        fused_bytes += sum(_op_bytes(x.node) for x in s.steps if x.kind == "extern")
+        return {
+            "eager_ops": eager_ops, "kernels": len(s.kernels),
+            "extern_calls": sum(1 for x in s.steps if x.kind == "extern"),
+            "eager_bytes": eager_bytes, "fused_bytes": fused_bytes,
+            **self.result.memory.summary(),
+            "kernel_list": kernel_list,
+            "passes": [name for name, _ in self.result.stages],
+        }
+
+    def dump_files(self) -> dict[str, str]:
+        import json
+
+        files: dict[str, str] = {}
+        groups = self.schedule.group_of()
+        for name, g in self.result.stages:
+            files[f"passes/{name}.txt"] = g.text()
+            files[f"passes/{name}.dot"] = g.to_dot(groups if name.endswith("fuse") else None)
+        files["fusion.json"] = json.dumps(self.schedule.report(), indent=2)
+        files["fusion.txt"] = self.schedule.report_text()
+        files["memory.txt"] = "\n".join(f"{k}: {v}" for k, v in self.result.memory.summary().items()) + "\n"
+        for k in self.kernels():
+            files[f"kernels/{k.name}.py"] = k.source
+        for g in self.schedule.kernels:  # groups not run yet: their loop program
+            files.setdefault(f"kernels/{g.name}.loops.txt", g.program.text())
+        return files
+
+
+_VERIFY = os.environ.get("LAZYGRAPH_VERIFY", "0") not in ("0", "")
+
+
+def _check_kernel(group: FusionGroup, env, outs, kernel) -> None:
+    """LAZYGRAPH_VERIFY=1: compare every kernel with the reference executor as it runs."""
+    for o, got, want in zip(group.program.outputs, outs, _reference_group(group, env)):
+        try:
+            torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4, equal_nan=True)
+        except AssertionError as e:
+            raise AssertionError(f"kernel {group.name} output {o!r} differs from the reference "
+                                 f"(source {kernel.path}):\n{e}") from None
+
+
+def _extern_name(n: Node) -> str:
+    return n.attrs.get("target", n.op.value) if n.op is Op.EXTERN else n.op.value
+
+
+def _root_bytes(n: Node) -> int:
+    """Bytes an eager kernel reads for operand n: through views to the buffer they show."""
+    while n.op in FREE_OPS and effective_op(n) is n.op:
+        if n.op in (Op.FULL, Op.IOTA):
+            return 0
+        n = n.srcs[0]
+    return n.nbytes
+
+
+def _op_bytes(n: Node) -> int:
+    return n.nbytes + sum(_root_bytes(s) for s in n.srcs)
+
+
+def eager_cost(graph: Graph) -> tuple[int, int]:
+    """Ops eager PyTorch launches for this graph (everything but inputs, constants and views)
+    and the bytes those ops read and write."""
+    ops = [n for n in graph.nodes if effective_op(n) is n.op and n.op not in FREE_OPS and n.op is not Op.INPUT]
+    return len(ops), sum(_op_bytes(n) for n in ops)
+
+
+def _reference_group(group: FusionGroup, env: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    memo: dict = {}
+    values: dict[int, torch.Tensor] = {}
+    members = {n.id for n in group.nodes}
+
+    def value(n: Node) -> torch.Tensor:
+        if n.id in values:
+            return values[n.id]
+        if n.id in env and n.id not in members:
+            return env[n.id]
+        v = eval_node(n, [value(s) for s in n.srcs], memo)
+        values[n.id] = v
+        return v
+
+    return [value(o) for o in group.program.outputs]
+
+
+def _step_label(step: Step, names: dict[int, str]) -> str:
+    return step.group.name if step.kind == "kernel" else f"{step.kind} {names[step.node.id]}"

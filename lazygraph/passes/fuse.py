@@ -1,0 +1,363 @@
+"""fuse: group pointwise and reduction work into kernels, and schedule kernels and extern calls.
+
+Every node a kernel can compute starts in a group of its own. Then, producer by consumer, in
+graph order, each edge is a fusion candidate. `can_fuse` is a small pure function: it answers
+legal or not, with the reason, and the fusion report records every answer (the decisions are
+data). Legal means: same device, no cycle through work outside the two groups, and the merged
+group lowers to one loop program (same iteration space, reductions read only at the kernel's
+own rows, stored values cover the space; see loops.py). Afterwards, reductions over the same
+space that read the same buffer are merged side by side (horizontal fusion).
+
+Movement ops, constants and iota are never scheduled by themselves: they fold into the index
+expressions of whoever reads them. Matmuls, attention, scatter-add and torch fallbacks are
+extern steps; a movement op feeding one runs as a torch view.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..ir import Graph, Node, Op, effective_op, numel
+from .loops import FREE_OPS, FUSIBLE_REDUCE, KERNEL_OPS, LoopProgram, Lowering, NotFusable, Space, dtype_ok
+
+MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and slow to compile
+POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
+
+
+@dataclass
+class FusionGroup:
+    id: int
+    nodes: list[Node]
+    space: Space
+    device: str
+    stored: list[Node] = field(default_factory=list)
+    program: LoopProgram | None = None
+    name: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "reduction" if self.space.axes else "pointwise"
+
+
+@dataclass
+class Decision:
+    producer: str
+    consumer: str
+    legal: bool
+    reason: str
+    bytes_saved: int
+    decision: str
+    kind: str = "vertical"
+
+
+@dataclass
+class Step:
+    kind: str  # "kernel" | "extern" | "view"
+    node: Node | None = None
+    group: FusionGroup | None = None
+
+    def reads(self) -> list[Node]:
+        if self.kind == "kernel":
+            return list(self.group.program.buffers)
+        return list(self.node.srcs)
+
+    def writes(self) -> list[Node]:
+        return list(self.group.stored) if self.kind == "kernel" else [self.node]
+
+
+@dataclass
+class Schedule:
+    graph: Graph
+    steps: list[Step]
+    groups: list[FusionGroup]
+    decisions: list[Decision]
+    names: dict[int, str]
+
+    @property
+    def kernels(self) -> list[FusionGroup]:
+        return [s.group for s in self.steps if s.kind == "kernel"]
+
+    def group_of(self) -> dict[int, int]:
+        return {n.id: g.id for g in self.kernels for n in g.nodes}
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "decisions": [d.__dict__ for d in self.decisions],
+            "groups": [{"id": g.id, "name": g.name, "kind": g.kind, "space": str(g.space),
+                        "nodes": [self.names[n.id] for n in g.nodes],
+                        "stored": [self.names[n.id] for n in g.stored]} for g in self.kernels],
+        }
+
+    def report_text(self) -> str:
+        lines = [f"{len(self.kernels)} kernels, "
+                 f"{sum(1 for s in self.steps if s.kind == 'extern')} extern calls, "
+                 f"{sum(1 for s in self.steps if s.kind == 'view')} views", ""]
+        for g in self.kernels:
+            lines.append(f"kernel {g.name}: {g.kind} over {g.space}")
+            lines.append("  nodes: " + " ".join(f"{self.names[n.id]}:{n.op.value}" for n in g.nodes))
+            lines.append("  stores: " + " ".join(self.names[n.id] for n in g.stored))
+        lines += ["", "decisions (producer -> consumer: decision, reason, bytes saved):"]
+        for d in self.decisions:
+            lines.append(f"  {d.producer} -> {d.consumer} [{d.kind}]: {d.decision}"
+                         f"{'' if d.legal else ' (' + d.reason + ')'}, {d.bytes_saved} B")
+        return "\n".join(lines) + "\n"
+
+
+def is_kernel_node(n: Node) -> bool:
+    if effective_op(n) is not n.op or n.op not in KERNEL_OPS:
+        return False
+    if n.op is Op.POW and not (n.srcs[1].op is Op.FULL and n.srcs[1].attrs.get("value") in POW_EXPONENTS
+                               and n.dtype.is_floating_point):
+        return False  # a general pow has no exact Triton form that also runs in the interpreter
+    dts = [n.dtype] + [s.dtype for s in n.srcs]
+    return all(dtype_ok(d) for d in dts)
+
+
+def _initial_space(n: Node) -> Space:
+    if n.op in FUSIBLE_REDUCE:
+        return Space(tuple(n.srcs[0].shape), tuple(sorted(n.attrs["axes"])))
+    return Space(tuple(n.shape), ())
+
+
+class _Fuser:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.names = graph.names()
+        self.order = {n.id: i for i, n in enumerate(graph.nodes)}
+        self.outputs = {o.id for o in graph.outputs}
+        self.users = graph.users()
+        self.kernel_ids = {n.id for n in graph.nodes if is_kernel_node(n)}
+        self.view_steps: set[int] = set()
+        self._find_view_steps()
+        self.sinks = {n.id: self._sinks(n) for n in graph.nodes}
+        self.group_of: dict[int, FusionGroup] = {}
+        self.groups: dict[int, FusionGroup] = {}
+        for i, n in enumerate(n for n in graph.nodes if n.id in self.kernel_ids):
+            g = FusionGroup(i, [n], _initial_space(n), n.device)
+            self.groups[g.id] = g
+            self.group_of[n.id] = g
+        self.decisions: list[Decision] = []
+
+    # -- which values must exist as buffers ------------------------------------------------------
+
+    def _find_view_steps(self) -> None:
+        """Free nodes read by extern work or returned: they run as torch views of a buffer."""
+        stack = []
+        for n in self.graph.nodes:
+            if effective_op(n) is not n.op or n.id in self.kernel_ids or n.op in FREE_OPS:
+                continue
+            stack.extend(n.srcs)  # extern work reads buffers
+        stack.extend(self.graph.outputs)
+        while stack:
+            n = stack.pop()
+            if n.op in FREE_OPS and effective_op(n) is n.op and n.id not in self.view_steps:
+                self.view_steps.add(n.id)
+                stack.extend(n.srcs)
+
+    def _sinks(self, n: Node) -> set[int]:
+        """Kernel or extern nodes (and view steps) that read n, looking through folded movement ops."""
+        out, stack, seen = set(), list(self.users[n.id]), set()
+        while stack:
+            u = stack.pop()
+            if u.id in seen:
+                continue
+            seen.add(u.id)
+            if u.op in FREE_OPS and u.id not in self.view_steps:
+                stack.extend(self.users[u.id])
+            else:
+                out.add(u.id)
+        return out
+
+    def stored(self, group: FusionGroup) -> list[Node]:
+        members = {n.id for n in group.nodes}
+        return [n for n in group.nodes if n.id in self.outputs or not self.sinks[n.id] <= members]
+
+    # -- legality --------------------------------------------------------------------------------
+
+    def _merged_space(self, a: FusionGroup, b: FusionGroup) -> Space:
+        if a.space.axes and b.space.axes and a.space != b.space:
+            raise NotFusable(f"different iteration space ({a.space} vs {b.space})")
+        if a.space.axes:
+            return a.space
+        if b.space.axes:
+            return b.space
+        return b.space if numel(b.space.shape) >= numel(a.space.shape) else a.space
+
+    def _creates_cycle(self, a: FusionGroup, b: FusionGroup) -> bool:
+        """True if a path leaves the two groups, runs through other work (a kernel, an extern
+        call, a view), and comes back: merging would need that work both before and after.
+        A kernel runs as a whole, so reaching one node of another group reaches all of it."""
+        members = {n.id for n in a.nodes} | {n.id for n in b.nodes}
+        stack = [(u, False) for n in a.nodes + b.nodes for u in self.users[n.id] if u.id not in members]
+        seen: set[tuple[int, bool]] = set()
+        groups_seen: set[int] = set()
+        while stack:
+            u, through_work = stack.pop()
+            if (u.id, through_work) in seen:
+                continue
+            seen.add((u.id, through_work))
+            through_work = through_work or u.op not in FREE_OPS or u.id in self.view_steps
+            nexts = list(self.users[u.id])
+            g = self.group_of.get(u.id)
+            if g is not None and id(g) not in groups_seen:
+                groups_seen.add(id(g))
+                nexts += [w for m in g.nodes for w in self.users[m.id]]
+            for w in nexts:
+                if w.id in members:
+                    if through_work:
+                        return True
+                    continue
+                stack.append((w, through_work))
+        return False
+
+    def can_fuse(self, a: FusionGroup, b: FusionGroup) -> tuple[bool, str, FusionGroup | None]:
+        if a.device != b.device:
+            return False, f"different devices ({a.device} vs {b.device})", None
+        try:
+            space = self._merged_space(a, b)
+        except NotFusable as e:
+            return False, str(e), None
+        if self._creates_cycle(a, b):
+            return False, "would create a cycle (a path between them runs through other work)", None
+        nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
+        merged = FusionGroup(min(a.id, b.id), nodes, space, a.device)
+        merged.stored = self.stored(merged)
+        try:
+            merged.program = Lowering(nodes, space, merged.stored).lower()
+        except NotFusable as e:
+            return False, str(e), None
+        if len(merged.program.buffers) + len(merged.stored) > MAX_BUFFERS:
+            return False, f"too many inputs ({len(merged.program.buffers)} buffers)", None
+        return True, "ok", merged
+
+    def _merge(self, a: FusionGroup, b: FusionGroup, merged: FusionGroup) -> None:
+        del self.groups[a.id], self.groups[b.id]
+        self.groups[merged.id] = merged
+        for n in merged.nodes:
+            self.group_of[n.id] = merged
+
+    # -- the passes over candidates --------------------------------------------------------------
+
+    def _producers(self, n: Node) -> list[Node]:
+        """Kernel nodes feeding n directly or through folded movement ops."""
+        out, stack, seen = [], list(n.srcs), set()
+        while stack:
+            s = stack.pop()
+            if s.id in seen:
+                continue
+            seen.add(s.id)
+            if s.id in self.kernel_ids:
+                out.append(s)
+            elif s.op in FREE_OPS and s.id not in self.view_steps and effective_op(s) is s.op:
+                stack.extend(s.srcs)
+        return out
+
+    def vertical(self) -> None:
+        for c in self.graph.nodes:
+            if c.id not in self.kernel_ids:
+                continue
+            for p in sorted(self._producers(c), key=lambda n: self.order[n.id]):
+                a, b = self.group_of[p.id], self.group_of[c.id]
+                if a is b:
+                    continue
+                ok, reason, merged = self.can_fuse(a, b)
+                saved = 2 * p.nbytes if self.sinks[p.id] <= ({n.id for n in a.nodes} | {n.id for n in b.nodes}) \
+                    and p.id not in self.outputs else p.nbytes
+                self.decisions.append(Decision(self.names[p.id], self.names[c.id], ok, reason,
+                                               saved if ok else 0, "fuse" if ok else "keep apart"))
+                if ok:
+                    self._merge(a, b, merged)
+
+    def horizontal(self) -> None:
+        """Reductions over the same space reading the same buffer share one pass over it."""
+        by_key: dict[tuple, list[FusionGroup]] = {}
+        for g in list(self.groups.values()):
+            if not g.space.axes:
+                continue
+            prog = g.program or Lowering(g.nodes, g.space, self.stored(g)).lower()
+            for buf in prog.buffers:
+                by_key.setdefault((buf.id, g.space), []).append(g)
+        for (buf_id, _), groups in by_key.items():
+            for other in groups[1:]:
+                a, b = self.group_of[groups[0].nodes[0].id], self.group_of[other.nodes[0].id]
+                if a is b:
+                    continue
+                ok, reason, merged = self.can_fuse(a, b)
+                self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], ok, reason,
+                                               self.graph.nodes[self.order[buf_id]].nbytes if ok else 0,
+                                               "fuse" if ok else "keep apart", kind="horizontal"))
+                if ok:
+                    self._merge(a, b, merged)
+
+    def finish(self) -> Schedule:
+        for g in self.groups.values():
+            g.stored = self.stored(g)
+            if g.program is None or [n.id for n in g.program.outputs] != [n.id for n in g.stored]:
+                g.program = Lowering(g.nodes, g.space, g.stored).lower()
+        steps = self._order_steps()
+        for i, g in enumerate(s.group for s in steps if s.kind == "kernel"):
+            g.id = i
+            g.name = kernel_name(g)
+        return Schedule(self.graph, steps, [s.group for s in steps if s.kind == "kernel"], self.decisions,
+                        self.names)
+
+    def _order_steps(self) -> list[Step]:
+        """Kahn's algorithm over steps, ties broken by graph order (a stable, readable schedule)."""
+        steps: dict[int, Step] = {}
+        step_of: dict[int, int] = {}
+        for n in self.graph.nodes:
+            if effective_op(n) is not n.op or n.op is Op.INPUT:
+                continue
+            if n.id in self.kernel_ids:
+                g = self.group_of[n.id]
+                key = self.order[g.nodes[0].id]
+                steps.setdefault(key, Step("kernel", group=g))
+                step_of[n.id] = key
+            elif n.id in self.view_steps:
+                steps[self.order[n.id]] = Step("view", node=n)
+                step_of[n.id] = self.order[n.id]
+            elif n.op not in FREE_OPS:
+                steps[self.order[n.id]] = Step("extern", node=n)
+                step_of[n.id] = self.order[n.id]
+        deps: dict[int, set[int]] = {k: set() for k in steps}
+        for k, s in steps.items():
+            for r in s.reads():
+                if r.id in step_of and step_of[r.id] != k:
+                    deps[k].add(step_of[r.id])
+        users: dict[int, list[int]] = {k: [] for k in steps}
+        for k, ds in deps.items():
+            for d in ds:
+                users[d].append(k)
+        ready = [k for k, ds in deps.items() if not ds]
+        heapq.heapify(ready)
+        out = []
+        while ready:
+            k = heapq.heappop(ready)
+            out.append(steps[k])
+            for u in users[k]:
+                deps[u].discard(k)
+                if not deps[u]:
+                    heapq.heappush(ready, u)
+        if len(out) != len(steps):
+            raise RuntimeError("lazygraph fuse: the step graph has a cycle (a fusion legality bug)")
+        return out
+
+
+def kernel_name(g: FusionGroup) -> str:
+    ops: list[str] = []
+    for n in g.nodes:
+        if n.op.value not in ops:
+            ops.append(n.op.value)
+    label = "_".join(ops[:8]) + ("_etc" if len(ops) > 8 else "")
+    return f"{'fused_' if len(g.nodes) > 1 else ''}{label}_{g.id}"
+
+
+def fuse(graph: Graph, enabled: bool = True) -> Schedule:
+    """Group the graph's kernel work; `enabled=False` gives one kernel per op (for comparisons)."""
+    f = _Fuser(graph)
+    if enabled:
+        f.vertical()
+        f.horizontal()
+    return f.finish()

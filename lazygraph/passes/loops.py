@@ -1,0 +1,420 @@
+"""Lower one fusion group to a loop program: movement ops become index expressions.
+
+A group runs over an iteration space: a shape F and the axes A it reduces over (none for
+pointwise work). A kernel instance owns a block of rows (the elements of F with A collapsed,
+index `x`) and walks the reduced elements (index `r`) in one or more loops. Every node of the
+group is evaluated *at coordinates*: movement ops (reshape, permute, expand, slice, pad, cat)
+never run; they rewrite the coordinates their operand is evaluated at, and loads from buffers
+use the buffer's strides. This is the view folding of the pipeline, in the style of
+tinygrad's ShapeTracker: a transpose or broadcast costs an index expression, not a copy.
+
+The result is a `LoopProgram`: statements in a tiny kernel language that codegen prints as
+Triton. Lowering also decides legality: if a reduction would be read at rows other than the
+kernel's own (a movement op scrambles the row mapping), or a stored value does not cover the
+space, lowering raises `NotFusable` with the reason, and the fusion pass records it.
+
+Contexts: a value is either per row (`row`, shape [XBLOCK, 1]) or per element (`full`, shape
+[XBLOCK, RBLOCK]); pointwise groups only have rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ir import POINTWISE, Node, Op, contiguous_strides, numel
+
+ROW, FULL = "row", "full"
+_TOKEN = re.compile(r"[A-Za-z_]\w*")
+FUSIBLE_REDUCE = frozenset({Op.SUM, Op.AMAX, Op.AMIN})
+# nodes a kernel computes; everything else a kernel reads from a buffer
+KERNEL_OPS = POINTWISE | FUSIBLE_REDUCE | {Op.GATHER, Op.RAND, Op.CAT, Op.PAD}
+# never materialized on their own: folded into whoever reads them
+FREE_OPS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.FULL, Op.IOTA})
+
+
+class NotFusable(Exception):
+    """The group cannot be one kernel; str() is the reason the fusion report shows."""
+
+
+@dataclass(frozen=True)
+class Space:
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+
+    @property
+    def row_dims(self) -> list[int]:
+        return [d for i, d in enumerate(self.shape) if i not in self.axes]
+
+    @property
+    def red_dims(self) -> list[int]:
+        return [d for i, d in enumerate(self.shape) if i in self.axes]
+
+    @property
+    def rows(self) -> int:
+        return numel(self.row_dims)
+
+    @property
+    def red(self) -> int:
+        return numel(self.red_dims) if self.axes else 1
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(1 if i in self.axes else d for i, d in enumerate(self.shape))
+
+    def __str__(self) -> str:
+        return f"{list(self.shape)} reduce {list(self.axes)}" if self.axes else f"{list(self.shape)}"
+
+
+@dataclass
+class Stmt:
+    """`var = kind(args)`; kinds: load, const, index, op, rand, acc_init, acc_update, acc_final, store."""
+
+    var: str | None
+    kind: str
+    args: tuple
+    ctx: str
+    dtype: torch.dtype | None = None
+    node: Node | None = None
+
+    def __str__(self) -> str:
+        lhs = f"{self.var} = " if self.var else ""
+        args = ", ".join(a.value if isinstance(a, Op) else str(a) for a in self.args)
+        return f"{lhs}{self.kind}({args})"
+
+
+@dataclass
+class Phase:
+    """A loop over the reduced elements computing the reductions of one level (or the stores)."""
+
+    before: list[Stmt] = field(default_factory=list)  # row statements hoisted before the loop
+    body: list[Stmt] = field(default_factory=list)  # full statements inside the loop
+    after: list[Stmt] = field(default_factory=list)  # finalizing the reductions
+
+
+@dataclass
+class LoopProgram:
+    space: Space
+    buffers: list[Node]  # buffers read, in parameter order
+    outputs: list[Node]  # nodes stored, in parameter order
+    phases: list[Phase]
+    persistent: bool  # the whole reduced extent fits one block: no loops, values reused across phases
+
+    def text(self) -> str:
+        lines = [f"space {self.space}; rows={self.space.rows} red={self.space.red}"
+                 f"{' persistent' if self.persistent else ''}"]
+        for i, ph in enumerate(self.phases):
+            lines += [f"  {s}" for s in ph.before]
+            lines.append(f"  loop {i}:")
+            lines += [f"    {s}" for s in ph.body]
+            lines += [f"  {s}" for s in ph.after]
+        return "\n".join(lines)
+
+
+def unravel(lin: str, shape: tuple[int, ...]) -> list[str]:
+    """Coordinates of row-major linear index `lin` in `shape`; size-1 axes are '0'.
+
+    Only the non-1 axes take part, so shapes that differ by size-1 axes give the same strings:
+    the row coordinates of [B, T, 1] and [B, T] agree, which is how reshapes that add or drop
+    kept axes stay legal inside a reduction kernel."""
+    big = [i for i, d in enumerate(shape) if d != 1]
+    out = ["0"] * len(shape)
+    stride = 1
+    for k, i in enumerate(reversed(big)):
+        d = shape[i]
+        last = k == len(big) - 1
+        expr = lin if stride == 1 else f"({lin} // {stride})"
+        out[i] = expr if last else f"({expr} % {d})"
+        stride *= d
+    return out
+
+
+def ravel(coords: list[str], shape: tuple[int, ...]) -> str:
+    strides = contiguous_strides(shape)
+    terms = [c if s == 1 else f"{c} * {s}" for c, s, d in zip(coords, strides, shape) if d != 1 and c != "0"]
+    return " + ".join(f"({t})" for t in terms) if terms else "0"
+
+
+class Lowering:
+    """Walks a group's nodes at coordinates and collects the statements of one kernel."""
+
+    def __init__(self, nodes: list[Node], space: Space, stored: list[Node], max_red_block: int = 4096):
+        self.members = {n.id for n in nodes}
+        self.nodes = nodes
+        self.space = space
+        self.stored = stored
+        self.buffers: list[Node] = []
+        self._buffer_index: dict[int, int] = {}
+        self.persistent = space.red <= max_red_block
+        self._n = 0
+        self._var_ctx: dict[str, str] = {}
+        self._row_memo: dict[tuple, str] = {}
+        self._full_memo: dict[tuple, str] = {}
+        self._reduced: dict[int, str] = {}  # reduction node id -> its finalized row variable
+        self.phases: list[Phase] = []
+        self.cur: Phase | None = None
+        rx = unravel("x", tuple(space.row_dims))
+        rr = unravel("r", tuple(space.red_dims))
+        self.row_coords: list[str] = []
+        self.full_coords: list[str] = []
+        ix = ir = 0
+        for i, d in enumerate(space.shape):
+            if i in space.axes:
+                self.full_coords.append(rr[ir])
+                self.row_coords.append("0")
+                ir += 1
+            else:
+                self.full_coords.append(rx[ix])
+                self.row_coords.append(rx[ix])
+                ix += 1
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def _var(self) -> str:
+        self._n += 1
+        return f"t{self._n}"
+
+    def _emit(self, ctx: str, kind: str, args: tuple, dtype=None, node=None, var=True) -> str | None:
+        v = self._var() if var else None
+        if v:
+            self._var_ctx[v] = ctx
+        stmt = Stmt(v, kind, args, ctx, dtype, node)
+        if ctx == ROW:
+            self.cur.before.append(stmt)
+        else:
+            self.cur.body.append(stmt)
+        return v
+
+    def mask(self, ctx: str) -> str:
+        return "xmask" if ctx == ROW else "xmask & rmask"
+
+    def buffer(self, n: Node) -> int:
+        if n.id not in self._buffer_index:
+            self._buffer_index[n.id] = len(self.buffers)
+            self.buffers.append(n)
+        return self._buffer_index[n.id]
+
+    # -- evaluation at coordinates ---------------------------------------------------------------
+
+    def ctx_of(self, *exprs: str | None) -> str:
+        """FULL if an expression mentions the reduced index or a per-element variable."""
+        for e in exprs:
+            if e:
+                for tok in _TOKEN.findall(e):
+                    if tok == "r" or self._var_ctx.get(tok) == FULL:
+                        return FULL
+        return ROW
+
+    def value(self, n: Node, coords: tuple[str, ...], extra_mask: str | None = None) -> str:
+        ctx = self.ctx_of(*coords, extra_mask)
+        key = (n.id, coords, extra_mask)
+        memo = self._row_memo if ctx == ROW else self._full_memo
+        if key in memo:
+            return memo[key]
+        v = self._value(n, coords, extra_mask, ctx)
+        memo[key] = v
+        return v
+
+    def _load(self, n: Node, coords, extra_mask, ctx) -> str:
+        idx = self.buffer(n)
+        mask = self.mask(ctx) + (f" & ({extra_mask})" if extra_mask else "")
+        return self._emit(ctx, "load", (idx, tuple(coords), mask), n.dtype, n)
+
+    def _value(self, n: Node, coords: tuple[str, ...], extra_mask: str | None, ctx: str) -> str:
+        op = n.op
+        if n.id not in self.members and op not in FREE_OPS:
+            return self._load(n, coords, extra_mask, ctx)
+        a = n.attrs
+        if op is Op.FULL:
+            return self._emit(ROW, "const", (a["value"],), n.dtype, n)
+        if op is Op.IOTA:
+            return self._emit(ctx, "index", (coords[a["axis"]],), n.dtype, n)
+        if op is Op.RESHAPE:
+            return self.value(n.srcs[0], self._reshape_coords(n, coords), extra_mask)
+        if op is Op.PERMUTE:
+            inner = ["0"] * n.ndim
+            for i, d in enumerate(a["dims"]):
+                inner[d] = coords[i]
+            return self.value(n.srcs[0], tuple(inner), extra_mask)
+        if op is Op.EXPAND:
+            src = n.srcs[0]
+            inner = tuple("0" if s == 1 else c for s, c in zip(src.shape, coords))
+            return self.value(src, inner, extra_mask)
+        if op is Op.SLICE:
+            inner = tuple(_affine(c, s0, st) for c, s0, st in zip(coords, a["starts"], a["steps"]))
+            return self.value(n.srcs[0], inner, extra_mask)
+        if op is Op.PAD:
+            return self._pad(n, coords, extra_mask, ctx)
+        if op is Op.CAT:
+            return self._cat(n, coords, extra_mask, ctx)
+        if op in FUSIBLE_REDUCE:
+            return self._reduction(n, coords)
+        if op is Op.GATHER:
+            return self._gather(n, coords, extra_mask, ctx)
+        if op is Op.RAND:
+            seed = self.value(n.srcs[0], tuple("0" for _ in n.srcs[0].shape))
+            lin = ravel(list(coords), n.shape)
+            return self._emit(ctx, "rand", (seed, f"({lin}) + {a.get('offset', 0)}"), n.dtype, n)
+        if op in POINTWISE:
+            args = tuple(self.value(s, coords, extra_mask) for s in n.srcs)
+            return self._emit(self.ctx_of(*args), "op", (op, *args), n.dtype, n)
+        raise NotFusable(f"{op.value} cannot be computed inside a kernel")
+
+    def _reshape_coords(self, n: Node, coords: tuple[str, ...]) -> tuple[str, ...]:
+        src = n.srcs[0]
+        out_big = [d for d in n.shape if d != 1]
+        in_big = [d for d in src.shape if d != 1]
+        if out_big == in_big:  # only size-1 axes added or removed: coordinates carry over
+            it = iter(c for c, d in zip(coords, n.shape) if d != 1)
+            return tuple("0" if d == 1 else next(it) for d in src.shape)
+        return tuple(unravel(f"({ravel(list(coords), n.shape)})", src.shape))
+
+    def _pad(self, n: Node, coords, extra_mask, ctx) -> str:
+        a = n.attrs
+        src = n.srcs[0]
+        inner, conds = [], []
+        for c, s0, st, size, full in zip(coords, a["starts"], a["steps"], src.shape, n.shape):
+            if s0 == 0 and st == 1 and size == full:
+                inner.append(c)
+                continue
+            off = f"({c} - {s0})"
+            if st == 1:
+                conds.append(f"({off} >= 0) & ({off} < {size})")
+                inner.append(off)
+            else:
+                conds.append(f"({off} >= 0) & ({off} % {st} == 0) & ({off} // {st} < {size})")
+                inner.append(f"({off} // {st})")
+        valid = " & ".join(conds) if conds else None
+        mask = " & ".join(m for m in (extra_mask, valid) if m) or None
+        inside = self.value(src, tuple(inner), mask)
+        if valid is None:
+            return inside
+        fill = self._emit(ROW, "const", (a["value"],), n.dtype, n)
+        cond = self._emit(self.ctx_of(valid), "cond", (valid,), torch.bool, n)
+        return self._emit(self.ctx_of(cond, inside), "op", (Op.WHERE, cond, inside, fill), n.dtype, n)
+
+    def _cat(self, n: Node, coords, extra_mask, ctx) -> str:
+        axis = n.attrs["axis"]
+        c = coords[axis]
+        offsets, off = [], 0
+        for s in n.srcs:
+            offsets.append(off)
+            off += s.shape[axis]
+        result = None
+        for s, o in reversed(list(zip(n.srcs, offsets))):
+            if s.shape[axis] == 0:
+                continue
+            inner = list(coords)
+            inner[axis] = f"({c} - {o})" if o else c
+            valid = f"({c} >= {o}) & ({c} < {o + s.shape[axis]})"
+            mask = " & ".join(m for m in (extra_mask, valid) if m)
+            v = self.value(s, tuple(inner), mask)
+            if result is None:
+                result = v
+            else:
+                cond = self._emit(self.ctx_of(valid), "cond", (valid,), torch.bool, n)
+                result = self._emit(self.ctx_of(cond, v, result), "op", (Op.WHERE, cond, v, result), n.dtype, n)
+        return result
+
+    def _gather(self, n: Node, coords, extra_mask, ctx) -> str:
+        x, index = n.srcs
+        axis = n.attrs["axis"]
+        i = self.value(index, coords, extra_mask)
+        inner = list(coords)
+        inner[axis] = i
+        valid = f"({i} >= 0) & ({i} < {x.shape[axis]})"
+        mask = " & ".join(m for m in (extra_mask, valid) if m)
+        return self.value(x, tuple(inner), mask)
+
+    def _reduction(self, n: Node, coords: tuple[str, ...]) -> str:
+        expected = tuple(self.row_coords)
+        if n.srcs[0].shape != self.space.shape or tuple(n.attrs["axes"]) != self.space.axes:
+            raise NotFusable(f"{n.op.value} over {list(n.attrs['axes'])} of {list(n.srcs[0].shape)} is a "
+                             f"different iteration space from {self.space}")
+        if tuple(coords) != expected:
+            raise NotFusable("a movement op changes which row a reduced value is read at")
+        if n.id not in self._reduced:
+            raise NotFusable("internal: reduction read before its loop")  # levels prevent this
+        return self._reduced[n.id]
+
+    # -- the program ----------------------------------------------------------------------------
+
+    def lower(self) -> LoopProgram:
+        reductions = [n for n in self.nodes if n.op in FUSIBLE_REDUCE]
+        if reductions and not self.space.axes:
+            raise NotFusable("reduction in a pointwise space")
+        levels = _levels(reductions, self.members)
+        for level in sorted(set(levels.values())):
+            self.cur = Phase()
+            self.phases.append(self.cur)
+            if not self.persistent:
+                self._full_memo = {}
+            pending = []
+            for red in (r for r in reductions if levels[r.id] == level):
+                src = self.value(red.srcs[0], tuple(self.full_coords))
+                acc = self._emit(FULL, "acc_init", (red.op,), red.dtype, red)
+                self._emit(FULL, "acc_update", (red.op, acc, src), red.dtype, red, var=False)
+                pending.append((red, acc))
+            for red, acc in pending:
+                out = self._var()
+                self.cur.after.append(Stmt(out, "acc_final", (red.op, acc), ROW, red.dtype, red))
+                self._reduced[red.id] = out
+        self.cur = Phase()
+        self.phases.append(self.cur)
+        if not self.persistent:
+            self._full_memo = {}
+        for n in self.stored:
+            k = numel(n.shape)
+            if k == self.space.rows:
+                coords = tuple(unravel("x", n.shape))
+            elif self.space.axes and k == self.space.rows * self.space.red:
+                coords = tuple(self.full_coords) if n.shape == self.space.shape else tuple(
+                    unravel(f"({ravel(self.full_coords, self.space.shape)})", n.shape))
+            else:
+                raise NotFusable(f"{n.op.value}{list(n.shape)} is needed outside the kernel but does not "
+                                 f"cover the iteration space {self.space}")
+            v = self.value(n, coords)
+            ctx = self.ctx_of(*coords, v)
+            self._emit(ctx, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
+        return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent)
+
+
+def _affine(c: str, start: int, step: int) -> str:
+    e = c if step == 1 else f"{c} * {step}"
+    return e if start == 0 else f"({e} + {start})"
+
+
+def _levels(reductions: list[Node], members: set[int]) -> dict[int, int]:
+    """Level of a reduction: 0 if it reads no other reduction of the group, else 1 + theirs."""
+    red_ids = {r.id for r in reductions}
+    memo: dict[int, int] = {}
+
+    def upstream_level(n: Node) -> int:  # the highest level among reductions feeding n (-1: none)
+        if n.id in memo:
+            return memo[n.id]
+        if n.id not in members and n.op not in FREE_OPS:
+            return -1
+        best = -1
+        for s in n.srcs:
+            if s.id in red_ids:
+                best = max(best, level(s))
+            else:
+                best = max(best, upstream_level(s))
+        memo[n.id] = best
+        return best
+
+    def level(r: Node) -> int:
+        return upstream_level(r.srcs[0]) + 1
+
+    return {r.id: level(r) for r in reductions}
+
+
+def dtype_ok(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.int8,
+                     torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+__all__ = ["Space", "Stmt", "Phase", "LoopProgram", "Lowering", "NotFusable", "KERNEL_OPS", "FREE_OPS",
+           "FUSIBLE_REDUCE", "unravel", "ravel"]

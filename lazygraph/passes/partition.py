@@ -1,0 +1,171 @@
+"""Partition a joint forward+backward graph into a forward graph and a backward graph.
+
+The joint graph computes the forward outputs and the gradients; its inputs are the primal
+leaves (parameters, user inputs, seeds, constants) and the tangents (the incoming output
+gradients, known only when backward runs). Every node the backward needs that does not depend
+on a tangent could be computed in the forward and saved, or recomputed in the backward from
+something else that is saved. A minimum cut over bytes picks the cheapest set to save:
+
+    source -> every primal leaf, and every non-recomputable node the forward computes anyway
+    node_in -> node_out   capacity = the node's bytes (what saving it costs)
+    node_out -> user_in   infinite (a value cannot be cut from its users)
+    tangent-dependent node_in -> sink   (it can only run in the backward)
+
+The cut edges are the saved values. Only pointwise and movement chains are ever recomputed:
+matmuls, reductions, gathers, attention, randomness and extern calls are tied to the source
+when the forward computes them, so the cut lands at or after them.
+
+`partition(joint, num_forward_outputs, tangents)` is a pure function: the joint graph is not
+changed, and `Partition.report()` explains the decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+
+from ..ir import LEAF, MOVEMENT, POINTWISE, Graph, Node, Op, dtype_name, effective_op
+
+# ops cheap enough to recompute in the backward instead of saving their result
+RECOMPUTABLE = POINTWISE | MOVEMENT | {Op.CAT, Op.FULL, Op.IOTA}
+
+
+@dataclass
+class Partition:
+    forward: Graph  # inputs: primal leaves; outputs: unique(forward outputs + saved)
+    backward: Graph  # inputs: saved placeholders, tangents, primal leaves; outputs: the gradients
+    saved: list[Node]  # joint nodes the forward computes and hands to the backward
+    saved_leaves: list[Node]  # primal leaves the backward reads directly (no extra memory)
+    placeholders: list[Node]  # the backward's INPUT node standing for each saved node
+    outputs_at: list[int]  # position in forward.outputs of each requested forward output
+    saved_at: list[int]  # position in forward.outputs of each saved node
+    naive_bytes: int  # what saving every forward value the backward reads directly would cost
+    recomputed: int  # tangent-free nodes the backward computes itself (recomputed, or only needed there)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(n.nbytes for n in self.saved)
+
+    def summary(self) -> dict:
+        return {"saved_nodes": len(self.saved), "saved_bytes": self.saved_bytes,
+                "saved_leaves": len(self.saved_leaves), "naive_bytes": self.naive_bytes,
+                "recomputed_nodes": self.recomputed, "forward_nodes": len(self.forward),
+                "backward_nodes": len(self.backward)}
+
+    def report(self) -> str:
+        s = self.summary()
+        lines = [f"partition: forward {s['forward_nodes']} nodes, backward {s['backward_nodes']} nodes",
+                 f"saved: {s['saved_nodes']} values, {s['saved_bytes']} bytes "
+                 f"(naive: {s['naive_bytes']} bytes), {s['saved_leaves']} leaves read directly, "
+                 f"{s['recomputed_nodes']} nodes recomputed in the backward"]
+        for n, p in zip(self.saved, self.placeholders):
+            what = f"{effective_op(n).value} {dtype_name(n.dtype)}{list(n.shape)}"
+            where = f"  # {n.source}" if n.source else ""
+            lines.append(f"  {p.attrs['name']} = {what} {n.nbytes} bytes{where}")
+        return "\n".join(lines) + "\n"
+
+
+def _ancestors(outputs: Sequence[Node]) -> dict[int, Node]:
+    """Every node the outputs depend on (leaves included), by id."""
+    return {n.id: n for n in Graph.from_outputs(outputs).nodes}
+
+
+def _copy(outputs: Sequence[Node], subst: dict[int, Node]) -> list[Node]:
+    """Fresh nodes computing `outputs`, reading `subst[id]` in place of the nodes it names.
+    Leaves (inputs, constants) are shared with the joint graph: they hold no history."""
+    memo: dict[int, Node] = dict(subst)
+    for n in Graph.from_outputs(outputs).nodes:
+        if n.id in memo:
+            continue
+        if n.value is not None or n.op in LEAF:
+            memo[n.id] = n
+        else:
+            memo[n.id] = Node(n.op, tuple(memo[s.id] for s in n.srcs), n.shape, n.dtype, n.device,
+                              dict(n.attrs), n.source)
+    return [memo[o.id] for o in outputs]
+
+
+def _unique(nodes: Sequence[Node]) -> tuple[list[Node], list[int]]:
+    out: list[Node] = []
+    where: dict[int, int] = {}
+    at = []
+    for n in nodes:
+        if n.id not in where:
+            where[n.id] = len(out)
+            out.append(n)
+        at.append(where[n.id])
+    return out, at
+
+
+def _tangent_dependent(nodes: Sequence[Node], tangent_ids: set[int]) -> set[int]:
+    """Ids of the nodes (in topological order) that read a tangent, directly or not."""
+    out: set[int] = set()
+    for n in nodes:
+        if n.id in tangent_ids or (n.value is None and any(s.id in out for s in n.srcs)):
+            out.add(n.id)
+    return out
+
+
+def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node],
+              free: Collection[int] = ()) -> Partition:
+    """Split `joint` (outputs: forward outputs, then gradients) into forward and backward graphs.
+
+    `tangents` are the joint graph's INPUT nodes for the incoming output gradients; `free` are ids
+    of leaves that cost nothing to keep for the backward (parameters, buffers: alive anyway)."""
+    fwd_outs = list(joint.outputs[:num_forward_outputs])
+    grads = list(joint.outputs[num_forward_outputs:])
+    tangent_ids = {t.id for t in tangents}
+    free = set(free)
+
+    fwd_needed = _ancestors(fwd_outs)
+    bwd_needed = _ancestors(grads)
+    # tangent-dependent nodes can only run in the backward
+    after_tangent = _tangent_dependent(joint.nodes, tangent_ids)
+
+    g = nx.DiGraph()
+    g.add_node("source")
+    g.add_node("sink")
+    for n in joint.nodes:
+        if n.id not in bwd_needed:
+            continue
+        i, o = ("in", n.id), ("out", n.id)
+        if n.id in after_tangent:
+            g.add_edge(i, "sink")  # no capacity attribute: infinite
+        else:
+            leaf = effective_op(n) is Op.INPUT
+            if leaf or (n.id in fwd_needed and effective_op(n) not in RECOMPUTABLE):
+                g.add_edge("source", i)
+            # ties go to values the forward computes anyway (saving them adds no forward work)
+            g.add_edge(i, o, capacity=0 if n.id in free else n.nbytes + (n.id not in fwd_needed))
+        if n.value is None:
+            for s in n.srcs:
+                if s.id in bwd_needed:
+                    g.add_edge(("out", s.id), i)
+
+    saved_ids: set[int] = set()
+    if grads:
+        _, (reach, _) = nx.minimum_cut(g, "source", "sink")
+        for u in reach:
+            if isinstance(u, tuple) and u[0] == "in" and ("out", u[1]) not in reach \
+                    and g.has_edge(u, ("out", u[1])):
+                saved_ids.add(u[1])
+
+    saved = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is not Op.INPUT]
+    saved_leaves = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is Op.INPUT]
+    placeholders = [Node(Op.INPUT, (), n.shape, n.dtype, n.device, {"name": f"saved{k}"}, n.source)
+                    for k, n in enumerate(saved)]
+
+    fwd_all, at = _unique(fwd_outs + saved)
+    forward = Graph.from_outputs(_copy(fwd_all, {}))
+    backward = Graph.from_outputs(_copy(grads, {n.id: p for n, p in zip(saved, placeholders)}))
+
+    # naive: eager autograd keeps every forward value a backward node reads directly
+    naive = {s.id: s for n in joint.nodes if n.id in after_tangent and n.value is None
+             for s in n.srcs if s.id not in after_tangent and effective_op(s) is not Op.INPUT
+             and s.op not in LEAF}
+    recomputed = len(backward.nodes) - len(_tangent_dependent(backward.nodes, tangent_ids)) - sum(
+        1 for n in backward.nodes if n.value is not None or n.op in LEAF)
+    return Partition(forward, backward, saved, saved_leaves, placeholders, at[:num_forward_outputs],
+                     at[num_forward_outputs:], sum(n.nbytes for n in naive.values()), recomputed)

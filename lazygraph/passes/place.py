@@ -1,0 +1,45 @@
+"""place: give every node a device and insert a transfer wherever a value crosses devices.
+
+A node runs where its operands live; when they disagree, the accelerator wins (a CPU value
+feeding GPU work is copied over once). `extern` work stays where it was recorded, since torch
+chose that device. A user pins nodes with `pins` (node id -> device), e.g. to keep scalar
+bookkeeping on the CPU or to move one subgraph to a second GPU.
+"""
+
+from __future__ import annotations
+
+from ..ir import Graph, Node, Op, effective_op
+from .rewrite import rebuild
+
+
+def _rank(device: str) -> int:
+    return 0 if device == "cpu" or device == "meta" else 1
+
+
+def place(graph: Graph, pins: dict[int, str] | None = None, log: list[str] | None = None) -> Graph:
+    pins = pins or {}
+    transfers: dict[tuple[int, str], Node] = {}
+
+    def on(src: Node, device: str) -> Node:
+        if src.device == device:
+            return src
+        key = (src.id, device)
+        if key not in transfers:
+            transfers[key] = Node(Op.TRANSFER, (src,), src.shape, src.dtype, device, {}, src.source)
+            if log is not None:
+                log.append(f"transfer {src.op.value}{list(src.shape)} {src.device} -> {device}")
+        return transfers[key]
+
+    def assign(n: Node, srcs: tuple[Node, ...]) -> Node:
+        if n.id in pins:
+            device = pins[n.id]
+        elif n.op in (Op.EXTERN, Op.TRANSFER) or not srcs or effective_op(n) is Op.INPUT:
+            device = n.device
+        else:
+            device = max((s.device for s in srcs), key=_rank)
+        moved = tuple(on(s, device) for s in srcs) if n.op is not Op.TRANSFER else srcs
+        if device == n.device and all(a is b for a, b in zip(moved, n.srcs)):
+            return n
+        return Node(n.op, moved, n.shape, n.dtype, device, dict(n.attrs), n.source)
+
+    return rebuild(graph, assign)

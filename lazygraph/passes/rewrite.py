@@ -1,0 +1,41 @@
+"""The one helper every rewriting pass uses: rebuild a graph node by node.
+
+Passes never mutate the graph they are given. `rebuild` walks the nodes in order and asks the
+pass for each node's replacement, given the node and its already-rewritten operands. INPUT
+nodes are kept as the same objects, so a program can still feed its inputs by node id after
+any number of passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..ir import Graph, Node, Op, effective_op
+
+# (original node, its rewritten operands) -> the node that replaces it
+RewriteFn = Callable[[Node, tuple[Node, ...]], Node]
+
+
+def copy_with(n: Node, srcs: tuple[Node, ...]) -> Node:
+    """`n` itself when its operands did not change, else a copy over the new operands."""
+    if all(a is b for a, b in zip(n.srcs, srcs)):
+        return n
+    return Node(n.op, srcs, n.shape, n.dtype, n.device, dict(n.attrs), n.source)
+
+
+def rebuild(graph: Graph, fn: RewriteFn) -> Graph:
+    """Apply `fn` to every non-input node in order; drop nodes no output needs any more."""
+    new: dict[int, Node] = {}
+    for n in graph.nodes:
+        if effective_op(n) is Op.INPUT:
+            new[n.id] = n
+            continue
+        srcs = tuple(new[s.id] for s in n.srcs)
+        new[n.id] = fn(n, srcs)
+    outputs = [new[o.id] for o in graph.outputs]
+    return Graph.from_outputs(outputs)
+
+
+def ordered(graph: Graph) -> Graph:
+    """The graph re-collected from its outputs: dead nodes dropped, order topological."""
+    return Graph.from_outputs(graph.outputs)

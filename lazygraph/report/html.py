@@ -1,0 +1,205 @@
+"""`python -m lazygraph html DIR -o report.html`: one self-contained HTML file (inline CSS, JS and data).
+
+Python does the heavy part (parsing, layout, grouping); the page's script only draws SVG from the
+laid-out boxes and wires up clicks, so the page opens instantly from disk with no network.
+Big graphs stay responsive: over COLLAPSE_AT nodes each fusion group is drawn as one box, and at
+most DRAW_CAP boxes are drawn per graph (the page says so). Identical graphs are laid out once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import json
+import os
+from typing import Any
+
+from .assets import CSS, JS, PAGE
+from .layout import layout
+from .load import Dump, GraphText, Run, load_dump, parse_graph_text
+from .show import kernel_sources
+
+COLLAPSE_AT = 400  # nodes in one graph above which fusion groups are drawn as one box each
+DRAW_CAP = 1500  # boxes drawn per graph at most
+TOTAL_BUDGET = 150_000  # boxes drawn in the whole report; later graphs are listed but not drawn
+FOLDABLE = {"reshape", "permute", "expand", "slice", "pad", "full", "iota"}  # never a launch of their own
+CHAR_W = 6.6  # px per character of the 11px monospace labels
+MAX_LABEL = 34
+
+
+def _box_width(*labels: str) -> float:
+    return 14 + CHAR_W * max(len(x) for x in labels)
+
+
+def _clip(s: str, n: int = MAX_LABEL) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def drawing(g: GraphText, groups: dict[str, int], kernel_names: list[str]) -> dict[str, Any]:
+    """Boxes and edges for one graph. Box fields: id, two label lines, x, y, w, group (-1: none),
+    kind (node, input, output, group), the full text line (or the member list of a collapsed group)."""
+    outputs = set(g.outputs)
+    collapse = len(g.nodes) > COLLAPSE_AT and bool(groups)
+    group_of = _collapsed_groups(g, groups) if collapse else {}
+    box_of: dict[str, str] = {}
+    boxes: list[dict[str, Any]] = []
+    members: dict[str, list[str]] = {}
+    for n in g.nodes:
+        if n.name in group_of:
+            bid = f"k{group_of[n.name]}"
+            box_of[n.name] = bid
+            if bid not in members:
+                members[bid] = []
+                boxes.append({"id": bid, "group": group_of[n.name], "kind": "group"})
+            members[bid].append(n.line)
+            continue
+        box_of[n.name] = n.name
+        kind = "output" if n.name in outputs else "input" if n.op == "input" else "node"
+        boxes.append({"id": n.name, "l1": f"{n.name} {n.op}", "l2": _clip(n.type),
+                      "group": groups.get(n.name, -1), "kind": kind, "text": n.line, "src": n.source})
+    for b in boxes:
+        if b["kind"] == "group":
+            name = kernel_names[b["group"]] if b["group"] < len(kernel_names) else f"group {b['group']}"
+            b["l1"], b["l2"] = _clip(name), f"{len(members[b['id']])} nodes"
+            b["text"] = "\n".join(members[b["id"]])
+    total = len(boxes)
+    note = []
+    if collapse:
+        note.append("each fused kernel drawn as one box, with the views and constants only it reads")
+    if total > DRAW_CAP:
+        boxes = boxes[:DRAW_CAP]
+        note.append(f"drawing the first {DRAW_CAP} of {total} boxes (graph order); 'text' shows them all")
+    index = {b["id"]: i for i, b in enumerate(boxes)}
+    edges = set()
+    for n in g.nodes:
+        for s in n.srcs:
+            a, b = box_of.get(s), box_of.get(n.name)
+            if a in index and b in index and a != b:
+                edges.add((index[a], index[b]))
+    placed, width, height = layout([(b["id"], _box_width(b["l1"], b["l2"])) for b in boxes],
+                                   [(boxes[a]["id"], boxes[b]["id"]) for a, b in edges])
+    for b in boxes:
+        p = placed[b["id"]]
+        b["x"], b["y"], b["w"] = round(p.x, 1), round(p.y, 1), round(p.w, 1)
+    return {"boxes": boxes, "edges": sorted(edges), "width": round(width), "height": round(height),
+            "nodes": len(g.nodes), "note": "; ".join(note)}
+
+
+def _collapsed_groups(g: GraphText, groups: dict[str, int]) -> dict[str, int]:
+    """Node -> group for collapsed drawing: the kernel's own nodes, plus views and constants whose
+    every user is in that one kernel (codegen folds them into its index expressions anyway)."""
+    users: dict[str, list[str]] = {n.name: [] for n in g.nodes}
+    for n in g.nodes:
+        for s in n.srcs:
+            if s in users:
+                users[s].append(n.name)
+    out = dict(groups)
+    outputs = set(g.outputs)
+    for n in reversed(g.nodes):  # users first, so a chain of views folds in one sweep
+        if n.name in out or n.op not in FOLDABLE or n.name in outputs or not users[n.name]:
+            continue
+        owners = {out.get(u, -1) for u in users[n.name]}
+        if len(owners) == 1 and -1 not in owners:
+            out[n.name] = owners.pop()
+    return out
+
+
+def _kernels(run: Run) -> list[dict[str, Any]]:
+    graph = run.grouped_graph().by_name()
+    out = []
+    for i, k in enumerate(run.kernel_list()):
+        nodes = list(k.get("nodes", []))
+        name = k.get("name", f"kernel_{i}")
+        out.append({"index": i, "name": name, "kind": k.get("kind", ""), "nodes": nodes,
+                    "lines": [graph[n].line if n in graph else n for n in nodes],
+                    "sources": kernel_sources(k, graph),
+                    "bytes_read": k.get("bytes_read"), "bytes_written": k.get("bytes_written"),
+                    "code": run.kernels.get(name, ""), "loops": run.loops.get(name, "")})
+    return out
+
+
+def _decisions(run: Run) -> list[dict[str, Any]]:
+    graph = run.grouped_graph().by_name()
+    out = []
+    for d in run.fusion.get("decisions") or []:
+        p, c = str(d.get("producer", "")), str(d.get("consumer", ""))
+        out.append({"producer": p, "producer_op": graph[p].op if p in graph else "",
+                    "consumer": c, "consumer_op": graph[c].op if c in graph else "",
+                    "legal": d.get("legal"), "reason": d.get("reason", ""),
+                    "bytes_saved": d.get("bytes_saved"), "decision": d.get("decision", ""),
+                    "kind": d.get("kind", "")})
+    return out
+
+
+class _Drawings:
+    """Lays out each distinct graph text once (a training loop dumps the same graph every step)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, dict[str, Any]] = {}
+        self.drawn = 0
+
+    def get(self, text: str, groups: dict[str, int], kernel_names: list[str]) -> str:
+        ident = text + json.dumps(sorted(groups.items())) + "|".join(kernel_names)
+        key = hashlib.sha1(ident.encode()).hexdigest()[:12]
+        if key not in self.by_key:
+            g = parse_graph_text(text)
+            if self.drawn >= TOTAL_BUDGET:
+                self.by_key[key] = {"boxes": [], "edges": [], "width": 0, "height": 0, "nodes": len(g.nodes),
+                                    "note": "not drawn: the report's drawing budget is spent (html --run N)"}
+            else:
+                self.by_key[key] = drawing(g, groups, kernel_names)
+                self.drawn += len(self.by_key[key]["boxes"])
+            self.by_key[key]["text"] = text
+        return key
+
+
+def report_data(dump: Dump, runs: list[Run]) -> dict[str, Any]:
+    drawings = _Drawings()
+    out_runs = []
+    for run in runs:
+        kernels = _kernels(run)
+        names = [k["name"] for k in kernels]
+        groups = run.node_groups()
+        stages = list(run.passes.items()) or [("graph", run.graph)]
+        fuse_pass = run.fusion_pass()
+        fuse_at = list(run.passes).index(fuse_pass) if fuse_pass else len(stages)
+        passes = []
+        for i, (name, text) in enumerate(stages):
+            # node names in the fusion report belong to the fused graph: colour only from there on
+            g = groups if i >= fuse_at else {}
+            passes.append({"name": name, "drawing": drawings.get(text, g, names)})
+        summary = {k: v for k, v in run.summary.items() if k != "kernel_list"}
+        out_runs.append({"name": run.name, "summary": summary, "compiled": run.compiled, "passes": passes,
+                         "kernels": kernels, "decisions": _decisions(run),
+                         "default_pass": max(len(passes) - 1, 0)})
+    return {"path": os.path.abspath(dump.path), "runs": out_runs, "events": dump.events,
+            "drawings": drawings.by_key}
+
+
+def render(data: dict[str, Any]) -> str:
+    # "<" escaped inside JSON strings: the data can never close the <script> element that holds it
+    blob = json.dumps(data, separators=(",", ":"), default=str).replace("<", "\\u003c")
+    title = html.escape(f"lazygraph report: {os.path.basename(data['path'])}")
+    page = PAGE.replace("{{TITLE}}", title).replace("{{CSS}}", CSS).replace("{{JS}}", JS)
+    return page.replace("{{DATA}}", blob)
+
+
+def write_report(dump_dir: str, out: str, run: int | None = None) -> str:
+    dump = load_dump(dump_dir)
+    runs = [dump.run(run)] if run is not None else dump.runs
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(render(report_data(dump, runs)))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="dump directory")
+    p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--run", type=int, default=None, help="only this run (1 = run-0001); default all")
+
+
+def main(args: argparse.Namespace) -> int:
+    path = write_report(args.dir, args.output, args.run)
+    print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB); open it in a browser")
+    return 0
