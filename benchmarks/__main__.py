@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import sys
 import time
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({platform.processor() or 'unknown'})",
+        "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({os.cpu_count()} cores)",
         "device_slug": slug,
         "triton_interpreter": interpreted,
         "note": INTERPRETER_NOTE if interpreted else "",

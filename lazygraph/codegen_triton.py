@@ -157,10 +157,12 @@ class _Printer:
             idx, coords, mask = a
             buf = self.p.buffers[idx]
             off = self.offset(coords, buf.shape, self.strides[idx])
-            expr = f"tl.load(in_ptr{idx} + ({off}), mask={mask}, other=0)"
+            expr = f"tl.load({param_name(self.p, idx)} + ({off}), mask={mask}, other=0)"
             if buf.dtype in (torch.float16, torch.bfloat16):
                 expr += ".to(tl.float32)"
             return f"{s.var} = {expr}"
+        if k == "param":
+            return f"{s.var} = tl.full([1, 1], 0, {compute_type(s.dtype)}) + {param_name(self.p, a[0])}"
         if k == "const":
             return f"{s.var} = tl.full([1, 1], {_literal(a[0], s.dtype)}, {compute_type(s.dtype)})"
         if k == "index":
@@ -239,6 +241,10 @@ class _Printer:
         raise ValueError(f"codegen: no Triton form for {op.value}")
 
 
+def param_name(prog: LoopProgram, i: int) -> str:
+    return f"scalar{i}" if prog.buffers[i].attrs.get("scalar") else f"in_ptr{i}"
+
+
 def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: Target | None = None,
                   names: dict[int, str] | None = None) -> str:
     """The Triton source of one fusion group, for buffers with the given strides."""
@@ -249,7 +255,7 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
     sp = prog.space
     big = max([numel(b.shape) for b in prog.buffers + prog.outputs] + [sp.rows * sp.red, 1])
     use64 = big * 2 >= 2**31
-    params = [f"in_ptr{i}" for i in range(len(prog.buffers))] + [f"out_ptr{i}" for i in range(len(prog.outputs))]
+    params = [param_name(prog, i) for i in range(len(prog.buffers))] + [f"out_ptr{i}" for i in range(len(prog.outputs))]
     lines = _header(group, prog, strides, names)
     lines.append("@triton.jit")
     lines.append(f"def {group.name}({', '.join(params)}):")
@@ -300,7 +306,11 @@ def _header(group: FusionGroup, prog: LoopProgram, strides, names) -> list[str]:
                    + (f"  # {n.source}" if n.source else ""))
     out.append("# buffers:")
     for i, b in enumerate(prog.buffers):
-        out.append(f"#   in_ptr{i} = {names.get(b.id, '%?')} {dtype_name(b.dtype)}{list(b.shape)} strides {list(strides[i])}")
+        if b.attrs.get("scalar"):
+            out.append(f"#   scalar{i} = {names.get(b.id, '%?')} {dtype_name(b.dtype)} runtime scalar")
+        else:
+            out.append(f"#   in_ptr{i} = {names.get(b.id, '%?')} {dtype_name(b.dtype)}{list(b.shape)} "
+                       f"strides {list(strides[i])}")
     for i, o in enumerate(prog.outputs):
         out.append(f"#   out_ptr{i} = {names.get(o.id, '%?')} {dtype_name(o.dtype)}{list(o.shape)}")
     if srcs:
@@ -391,7 +401,8 @@ class Kernel:
 
     def signature(self) -> dict[str, str]:
         prog = self.group.program
-        sig = {f"in_ptr{i}": _PTR_TYPES[b.dtype] for i, b in enumerate(prog.buffers)}
+        sig = {param_name(prog, i): ("fp64" if b.dtype == torch.float64 else "fp32") if b.attrs.get("scalar")
+               else _PTR_TYPES[b.dtype] for i, b in enumerate(prog.buffers)}
         sig.update({f"out_ptr{i}": _PTR_TYPES[o.dtype] for i, o in enumerate(prog.outputs)})
         return sig
 

@@ -35,7 +35,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .counters import COUNTERS, RECOMPILE_REASONS
-from .ir import Graph, Node, Op
+from .ir import Graph, Node, Op, runtime_scalars
 from .lazy import LazyTensor, lazy, lazy_mode, node_of
 from .passes.partition import partition
 from .runtime import Program, build_program, get_backend, set_backend
@@ -196,7 +196,8 @@ def _failing_op(exc: BaseException) -> str:
 
 
 def _program(graph: Graph, backend: str) -> Program:
-    key = (backend, graph.structural_hash())
+    # runtime scalars are baked into a traced program (it runs without its graph), so they key it
+    key = (backend, graph.structural_hash(), tuple(runtime_scalars(graph)))
     prog = _PROGRAMS.get(key)
     if prog is None:
         COUNTERS["compiles"] += 1

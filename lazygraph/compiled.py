@@ -31,6 +31,8 @@ class CompiledProgram:
     def __init__(self, graph: Graph):
         self.graph = graph.clone()
         self.input_ids = [n.id for n in self.graph.inputs]
+        self.graph, self.scalar_nodes = lift_scalars(self.graph)
+        self.scalar_defaults = [n.attrs["value"] for n in self.scalar_nodes]
         self.result: PipelineResult = run_pipeline(self.graph)
         self.schedule = self.result.schedule
         self.names = self.schedule.names
@@ -39,8 +41,10 @@ class CompiledProgram:
 
     # -- running --------------------------------------------------------------------------------
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        env: dict[int, torch.Tensor] = dict(zip(self.input_ids, inputs))
+    def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float] | None = None) -> list[torch.Tensor]:
+        env: dict[int, Any] = dict(zip(self.input_ids, inputs))
+        for n, v in zip(self.scalar_nodes, scalars if scalars is not None else self.scalar_defaults):
+            env[n.id] = ScalarValue(v, n)
         raw: dict[int, torch.Tensor] = {}  # kernel-owned memory, by node id
         plan = self.result.memory
         memo: dict = {}
@@ -49,7 +53,7 @@ class CompiledProgram:
                 self._run_kernel(step.group, env, raw, plan.reuse)
             else:
                 n = step.node
-                env[n.id] = eval_node(n, [env[s.id] for s in n.srcs], memo)
+                env[n.id] = eval_node(n, [_tensor(env[s.id]) for s in n.srcs], memo)
                 if step.kind == "extern":
                     COUNTERS["extern_calls"] += 1
                     EXTERN_OPS[_extern_name(n)] += 1
@@ -68,7 +72,7 @@ class CompiledProgram:
 
     def _run_kernel(self, group: FusionGroup, env, raw, reuse) -> None:
         prog = group.program
-        ins = [env[b.id] for b in prog.buffers]
+        ins = [env[b.id].value if isinstance(env[b.id], ScalarValue) else env[b.id] for b in prog.buffers]
         outs = [self._alloc(o, raw, reuse) for o in prog.outputs]
         kernel = self._kernel(group, ins)
         if kernel is None:
@@ -86,11 +90,11 @@ class CompiledProgram:
     def _kernel(self, group: FusionGroup, ins: Sequence[torch.Tensor]):
         from .codegen_triton import Kernel
 
-        key = (group.id, tuple(tuple(t.stride()) for t in ins))
+        key = (group.id, tuple(tuple(t.stride()) if isinstance(t, torch.Tensor) else () for t in ins))
         if key in self._kernels:
             return self._kernels[key]
         try:
-            k = Kernel(group, [t.stride() for t in ins], self.names)
+            k = Kernel(group, [t.stride() if isinstance(t, torch.Tensor) else () for t in ins], self.names)
         except Exception as e:  # report, fall back to torch for this group only
             warnings.warn(f"lazygraph: kernel {group.name} could not be built ({type(e).__name__}: {e}); "
                           "running it with torch instead", RuntimeWarning, stacklevel=2)
@@ -161,6 +165,40 @@ def _check_kernel(group: FusionGroup, env, outs, kernel) -> None:
         except AssertionError as e:
             raise AssertionError(f"kernel {group.name} output {o!r} differs from the reference "
                                  f"(source {kernel.path}):\n{e}") from None
+
+
+class ScalarValue:
+    """A runtime scalar in a run's environment: a kernel argument, or a tensor for torch."""
+
+    def __init__(self, value: float, node: Node):
+        self.value, self.node = value, node
+
+    def tensor(self) -> torch.Tensor:
+        n = self.node
+        return torch.full(n.shape, self.value, dtype=n.dtype, device=n.device)
+
+
+def _tensor(v: Any) -> torch.Tensor:
+    return v.tensor() if isinstance(v, ScalarValue) else v
+
+
+def lift_scalars(graph: Graph) -> tuple[Graph, list[Node]]:
+    """Runtime-scalar constants become scalar inputs, so one program serves every value."""
+    from .ir import is_runtime_scalar
+    from .passes.rewrite import rebuild
+
+    lifted: list[Node] = []
+
+    def lift(n: Node, srcs: tuple[Node, ...]) -> Node:
+        if is_runtime_scalar(n):
+            s = Node(Op.INPUT, (), n.shape, n.dtype, n.device, {"scalar": True, "value": n.attrs["value"]}, n.source)
+            lifted.append(s)
+            return s
+        from .passes.rewrite import copy_with
+
+        return copy_with(n, srcs)
+
+    return rebuild(graph, lift), lifted
 
 
 def _extern_name(n: Node) -> str:

@@ -20,6 +20,7 @@ import ast
 import enum
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -315,6 +316,24 @@ def _itemsize(dtype: torch.dtype) -> int:
 itemsize = _itemsize
 
 
+# Float constants that stay literals in generated code: identities and exponents that rules
+# and codegen look for. Every other float constant is a runtime scalar: a kernel argument.
+LITERAL_FLOATS = frozenset({0.0, 1.0, -1.0, 2.0, 3.0, 0.5, -0.5, -2.0})
+
+
+def is_runtime_scalar(n: Node) -> bool:
+    """A float constant whose value is passed at run time, not baked into the program."""
+    if n.op is not Op.FULL or n.value is not None or not n.dtype.is_floating_point:
+        return False
+    v = n.attrs.get("value")
+    return isinstance(v, float) and math.isfinite(v) and v not in LITERAL_FLOATS
+
+
+def runtime_scalars(graph: Graph) -> list[float]:
+    """The runtime scalars' values, in graph order (the order programs take them in)."""
+    return [n.attrs["value"] for n in graph.nodes if is_runtime_scalar(n)]
+
+
 def effective_op(node: Node) -> Op:
     """A realized node is an input, whatever op once produced it."""
     return Op.INPUT if node.value is not None else node.op
@@ -389,9 +408,9 @@ class Graph:
         """SSA names %0, %1, ... in graph order: the same structure prints the same text."""
         return {n.id: f"%{i}" for i, n in enumerate(self.nodes)}
 
-    def text(self, sources: bool = True) -> str:
+    def text(self, sources: bool = True, scalar_values: bool = True) -> str:
         names = self.names()
-        lines = [_node_line(n, names, sources) for n in self.nodes]
+        lines = [_node_line(n, names, sources, scalar_values) for n in self.nodes]
         lines.append("return (" + ", ".join(names[o.id] for o in self.outputs) + ")")
         return "\n".join(lines) + "\n"
 
@@ -400,10 +419,11 @@ class Graph:
     def structural_hash(self) -> str:
         """Equal for the same structure and input signature, whatever the values and node ids.
 
-        Inputs contribute shape, dtype, device and strides; constants in attrs are part of the
-        structure (they are baked into generated code)."""
+        Inputs contribute shape, dtype, device and strides. Constants are part of the structure
+        (they are baked into generated code), except runtime scalars (see is_runtime_scalar):
+        an optimizer's step-dependent learning-rate factors must not recompile every step."""
         h = hashlib.sha256()
-        h.update(self.text(sources=False).encode())
+        h.update(self.text(sources=False, scalar_values=False).encode())
         for n in self.inputs:
             if n.value is not None:
                 h.update(repr(tuple(n.value.stride())).encode())
@@ -456,10 +476,12 @@ def _fmt_attr(v: Any) -> str:
     return repr(v)
 
 
-def _node_line(n: Node, names: dict[int, str], sources: bool) -> str:
+def _node_line(n: Node, names: dict[int, str], sources: bool, scalar_values: bool = True) -> str:
     op = effective_op(n)
     args = [names[s.id] for s in n.srcs] if n.value is None else []
     attrs = dict(n.attrs)
+    if not scalar_values and is_runtime_scalar(n):
+        attrs["value"] = "?"
     if n.value is not None and n.op is not Op.INPUT:
         attrs = {"was": n.op.value}
     args += [f"{k}={_fmt_attr(v)}" for k, v in sorted(attrs.items()) if k != "name"]

@@ -558,14 +558,17 @@ def lazy_mode() -> LazyMode:
 
 
 def live_pending_nodes() -> list[Node]:
-    return [st.node for st in list(_LIVE_STORAGES) if st.node.value is None]
+    """Pending nodes of live tensors, in recording order (a weak set has none; the graph's
+    node order, and so its structural hash, must not depend on it)."""
+    nodes = {st.node.id: st.node for st in list(_LIVE_STORAGES) if st.node.value is None}
+    return [nodes[k] for k in sorted(nodes)]
 
 
 def realize(nodes: Sequence[Node], backend: str | None = None) -> None:
     """Run whatever the nodes need, as one graph; results become leaves."""
     from . import runtime
 
-    pending = [n for n in nodes if n.value is None]
+    pending = list({n.id: n for n in nodes if n.value is None}.values())
     if not pending:
         return
     graph = Graph.from_outputs(pending)

@@ -14,7 +14,7 @@ import torch
 
 from . import dump
 from .counters import COUNTERS
-from .ir import Graph
+from .ir import Graph, is_runtime_scalar, runtime_scalars
 from .reference import run_graph
 
 BACKENDS = ("reference", "triton", "auto")
@@ -40,8 +40,13 @@ class Program:
 
     def __init__(self, graph: Graph):
         self.graph = graph.clone()
+        self._scalar_nodes = [n for n in self.graph.nodes if is_runtime_scalar(n)]
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """`scalars`: this run's runtime-scalar values (ir.runtime_scalars); None keeps the built ones."""
+        if scalars is not None:
+            for n, v in zip(self._scalar_nodes, scalars):
+                n.attrs["value"] = v
         return run_graph(self.graph, inputs)
 
     def describe(self) -> str:
@@ -79,7 +84,7 @@ def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
     else:
         COUNTERS["cache_hits"] += 1
     COUNTERS["graphs_run"] += 1
-    outputs = program.run([n.value for n in graph.inputs])
+    outputs = program.run([n.value for n in graph.inputs], runtime_scalars(graph))
     if dump.enabled():
         dump.write_run(graph, program)
     return outputs

@@ -158,10 +158,11 @@ def test_a_lazygraph_fallback_warning_is_reported(monkeypatch):
 
     class Falls(suite.FunctionStep):
         def run(self, args):
-            warnings.warn("lazygraph.compile: cannot capture aten.foo; running Thing eagerly from now on")
+            warnings.warn("lazygraph.compile: cannot capture aten.foo; running Thing eagerly", stacklevel=2)
             return super().run(args)
 
     monkeypatch.setattr(workload, "make_step", lambda b, d, dt, dev: Falls(workload.fn, (), b))
     opts = harness.Options(repeat=1, warmup=0)
-    rows = harness.run_case(workload, "small", torch.float32, torch.device("cpu"), opts, ("eager", "lazygraph"))
+    cpu = torch.device("cpu")
+    rows = harness.run_case(workload, "small", torch.float32, cpu, opts, ("eager", "lazygraph"))
     assert "running Thing eagerly" in rows[1].reason

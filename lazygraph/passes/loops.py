@@ -70,7 +70,8 @@ class Space:
 
 @dataclass
 class Stmt:
-    """`var = kind(args)`; kinds: load, const, index, op, rand, acc_init, acc_update, acc_final, store."""
+    """`var = kind(args)`; kinds: load, param, const, index, cond, op, rand, acc_init, acc_update,
+    acc_final, store."""
 
     var: str | None
     kind: str
@@ -219,6 +220,8 @@ class Lowering:
 
     def _load(self, n: Node, coords, extra_mask, ctx) -> str:
         idx = self.buffer(n)
+        if n.attrs.get("scalar"):  # a runtime scalar: a kernel argument, not memory
+            return self._emit(ROW, "param", (idx,), n.dtype, n)
         mask = self.mask(ctx) + (f" & ({extra_mask})" if extra_mask else "")
         return self._emit(ctx, "load", (idx, tuple(coords), mask), n.dtype, n)
 
