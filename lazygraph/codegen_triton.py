@@ -30,7 +30,7 @@ import torch
 
 from .ir import Op, dtype_name, itemsize, numel
 from .passes.fuse import FusionGroup
-from .passes.loops import FULL, ROW, LoopProgram, Stmt
+from .passes.loops import FULL, GRID, ROW, LoopProgram, Stmt
 
 _TL_TYPES = {
     torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
@@ -128,14 +128,33 @@ def _init_value(op: Op, dtype: torch.dtype) -> str:
     return str(info.min if op is Op.AMAX else info.max)
 
 
+def _reduce(op: Op, e: str, axis: int, dtype: torch.dtype) -> str:
+    """tl.max/tl.min drop NaNs; eager's amax/amin return NaN for a row holding one."""
+    out = f"{ {Op.SUM: 'tl.sum', Op.AMAX: 'tl.max', Op.AMIN: 'tl.min'}[op]}({e}, {axis})"
+    if op is Op.SUM or not dtype.is_floating_point:
+        return out
+    return f'tl.where(tl.max(({e} != {e}).to(tl.int8), {axis}) > 0, float("nan"), {out})'
+
+
+def _bf16_rne(v: str) -> str:
+    """fp32 -> bf16 rounding to nearest even by hand: the interpreter's conversion truncates."""
+    b = f"{v}.to(tl.float32).to(tl.uint32, bitcast=True)"
+    r = f"(({b} + 0x7FFF + (({b} >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)"
+    return f"tl.where({v} != {v}, {v}, {r})"
+
+
 class _Printer:
-    def __init__(self, program: LoopProgram, strides: Sequence[Sequence[int]], xblock: int, rblock: int):
+    bf16_by_hand = False  # round to bf16 in integer ops (the interpreter target)
+
+    def __init__(self, program: LoopProgram, strides: Sequence[Sequence[int]], xblock: int, rblock: int,
+                 nprog: int = 1):
         self.p = program
+        self.nprog = nprog
         self.strides = strides
         self.xblock, self.rblock = xblock, rblock
         self.dtypes: dict[str, torch.dtype] = {}  # var -> IR dtype (computed in compute_type)
 
-    def offset(self, coords: Sequence[str], shape: Sequence[int], strides: Sequence[int]) -> str:
+    def offset(self, coords: Sequence[str], shape: Sequence[int], strides: Sequence[int], ctx: str = ROW) -> str:
         from .ir import contiguous_strides
         from .passes.loops import unravel
 
@@ -147,7 +166,9 @@ class _Printer:
             if d == 1 or c == "0" or s == 0:
                 continue
             terms.append(f"({c})" if s == 1 else f"({c}) * {s}")
-        return " + ".join(terms) if terms else "x * 0"  # a block of pointers, even for a scalar
+        if not terms:  # a block of pointers, even for a scalar
+            return "tl.zeros([1, 1], tl.int32)" if ctx == GRID else "x * 0"
+        return " + ".join(terms)
 
     def stmt(self, s: Stmt) -> str:
         k, a = s.kind, s.args
@@ -156,8 +177,10 @@ class _Printer:
         if k == "load":
             idx, coords, mask = a
             buf = self.p.buffers[idx]
-            off = self.offset(coords, buf.shape, self.strides[idx])
+            off = self.offset(coords, buf.shape, self.strides[idx], s.ctx)
             expr = f"tl.load({param_name(self.p, idx)} + ({off}), mask={mask}, other=0)"
+            if mask == "None":
+                expr = f"tl.load({param_name(self.p, idx)} + ({off}))"
             if buf.dtype in (torch.float16, torch.bfloat16):
                 expr += ".to(tl.float32)"
             return f"{s.var} = {expr}"
@@ -183,23 +206,46 @@ class _Printer:
             v = f"{v}.to({compute_type(s.dtype)})"
             if op is Op.SUM:
                 new = f"{acc} + {v}"
-            elif op is Op.AMAX:
-                new = f"tl.maximum({acc}, {v})"
             else:
-                new = f"tl.minimum({acc}, {v})"
+                nan = ", propagate_nan=tl.PropagateNan.ALL" if s.dtype.is_floating_point else ""
+                new = f"tl.{'maximum' if op is Op.AMAX else 'minimum'}({acc}, {v}{nan})"
             if self.p.persistent:
                 return f"{acc} = tl.where(xmask & rmask, {v}, {init})"
             return f"{acc} = tl.where(xmask & rmask, {new}, {acc})"
+        if k == "grid_partial":  # this program's share of a reduction over all rows
+            op, v, j = a
+            init = _init_value(op, s.dtype)
+            part = _reduce(op, _reduce(op, f"tl.where(xmask, {v}.to(tl.float32), {init})", 1, s.dtype), 0, s.dtype)
+            return f"tl.store(ws_ptr + tl.program_id(0) * {len(self.p.grid_reductions)} + {j}, {part})"
+        if k == "grid_final":  # the last program combines every program's partial, in order
+            op, j = a
+            init = _init_value(op, s.dtype)
+            pb = min(1024, _pow2(self.nprog))
+            nan = ", propagate_nan=tl.PropagateNan.ALL" if s.dtype.is_floating_point else ""
+            comb = {Op.SUM: "{0} + {1}", Op.AMAX: "tl.maximum({0}, {1}%s)" % nan,
+                    Op.AMIN: "tl.minimum({0}, {1}%s)" % nan}[op]
+            ng = len(self.p.grid_reductions)
+            return "\n".join([
+                f"acc{j} = tl.full([{pb}], {init}, tl.float32)",
+                f"for i0 in range(0, {self.nprog}, {pb}):",
+                f"    i = i0 + tl.arange(0, {pb})",
+                f"    part = tl.load(ws_ptr + i * {ng} + {j}, mask=i < {self.nprog}, other={init})",
+                f"    acc{j} = {comb.format(f'acc{j}', 'part')}",
+                f"{s.var} = tl.zeros([1, 1], tl.float32) + {_reduce(op, f'acc{j}', 0, s.dtype)}",
+            ])
         if k == "acc_final":
             op, acc = a
-            fn = {Op.SUM: "tl.sum", Op.AMAX: "tl.max", Op.AMIN: "tl.min"}[op]
-            return f"{s.var} = {fn}({acc}, 1)[:, None]"
+            return f"{s.var} = {_reduce(op, acc, 1, s.dtype)}[:, None]"
         if k == "store":
             idx, coords, v = a
             node = self.p.outputs[idx]
             from .ir import contiguous_strides
 
-            off = self.offset(coords, node.shape, contiguous_strides(node.shape))
+            off = self.offset(coords, node.shape, contiguous_strides(node.shape), s.ctx)
+            if node.dtype == torch.bfloat16 and self.bf16_by_hand:
+                v = f"({_bf16_rne(v)})"
+            if s.ctx == GRID:
+                return f"tl.store(out_ptr{idx} + ({off}), {v}.to({_TL_TYPES[node.dtype]}))"
             mask = "xmask & rmask" if s.ctx == FULL else "xmask"
             return f"tl.store(out_ptr{idx} + ({off}), {v}.to({_TL_TYPES[node.dtype]}), mask={mask})"
         raise ValueError(f"codegen: unknown statement {k}")
@@ -233,11 +279,14 @@ class _Printer:
             src = src_dtypes[0]
             if dtype == torch.bool:
                 return f"{args[0]} != 0"
+            v = f"{args[0]}.to(tl.int8)" if src == torch.bool else args[0]  # i1 converts badly to floats
             if dtype in (torch.float16, torch.bfloat16):  # round like eager, keep computing in fp32
-                return f"{args[0]}.to({_TL_TYPES[dtype]}).to(tl.float32)"
-            if src == torch.bool:
-                return f"{args[0]}.to(tl.int8).to({compute_type(dtype)})"
-            return f"{args[0]}.to({compute_type(dtype)})"
+                if src is not None and not src.is_floating_point:
+                    v = f"{v}.to(tl.float32)"  # ints go through fp32 (exact here; the interpreter's direct path is wrong)
+                if dtype == torch.bfloat16 and self.bf16_by_hand:
+                    return _bf16_rne(v)
+                return f"{v}.to({_TL_TYPES[dtype]}).to(tl.float32)"
+            return f"{v}.to({compute_type(dtype)})"
         raise ValueError(f"codegen: no Triton form for {op.value}")
 
 
@@ -251,11 +300,15 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
     target = target or Target.current()
     prog = group.program
     xblock, rblock = block_sizes(prog, target)
-    pr = _Printer(prog, strides, xblock, rblock)
     sp = prog.space
+    nprog = max(1, -(-sp.rows // xblock))
+    pr = _Printer(prog, strides, xblock, rblock, nprog)
+    pr.bf16_by_hand = target is INTERPRETER
     big = max([numel(b.shape) for b in prog.buffers + prog.outputs] + [sp.rows * sp.red, 1])
     use64 = big * 2 >= 2**31
     params = [param_name(prog, i) for i in range(len(prog.buffers))] + [f"out_ptr{i}" for i in range(len(prog.outputs))]
+    if prog.grid_reductions:
+        params += ["ws_ptr", "cnt_ptr"]  # per-program partials, and a counter of finished programs
     lines = _header(group, prog, strides, names)
     lines.append("@triton.jit")
     lines.append(f"def {group.name}({', '.join(params)}):")
@@ -282,6 +335,14 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
             inner += [pr.stmt(s) for s in loop]
             body += ["    " + s for s in inner]
         body += [pr.stmt(s) for s in ph.after]
+    if prog.grid_reductions:
+        # the last program to finish sees every partial (the counter's atomic orders the stores)
+        body.append("tl.debug_barrier()")
+        body.append("finished = tl.atomic_add(cnt_ptr, 1)")
+        body.append(f"if finished == {nprog - 1}:")
+        for st in prog.grid:
+            body += ["    " + line for line in pr.stmt(st).split("\n")]
+        body.append("    tl.store(cnt_ptr, 0)  # ready for the next launch")
     lines += ["    " + s for s in body]
     return "\n".join(lines) + "\n"
 
@@ -390,6 +451,13 @@ class Kernel:
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         if self.group.program.space.rows == 0:
             return
+        prog = self.group.program
+        if prog.grid_reductions:
+            device = outputs[0].device
+            if getattr(self, "_ws", None) is None or self._ws.device != device:
+                self._ws = torch.empty(self.grid[0] * len(prog.grid_reductions), dtype=torch.float32, device=device)
+                self._cnt = torch.zeros(1, dtype=torch.int32, device=device)
+            outputs = [*outputs, self._ws, self._cnt]
         num_warps = 8 if self.xblock * self.rblock >= 4096 and self.target is GPU else 4
         if self.target is GPU:
             self._fn[self.grid](*inputs, *outputs, num_warps=num_warps)
@@ -404,6 +472,8 @@ class Kernel:
         sig = {param_name(prog, i): ("fp64" if b.dtype == torch.float64 else "fp32") if b.attrs.get("scalar")
                else _PTR_TYPES[b.dtype] for i, b in enumerate(prog.buffers)}
         sig.update({f"out_ptr{i}": _PTR_TYPES[o.dtype] for i, o in enumerate(prog.outputs)})
+        if prog.grid_reductions:
+            sig.update({"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
         return sig
 
 

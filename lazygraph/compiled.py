@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .counters import COUNTERS, EXTERN_OPS
+from .flash_attention import run_attention_node
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
 from .passes import PipelineResult, run_pipeline
 from .passes.fuse import FusionGroup, Step
@@ -53,10 +54,15 @@ class CompiledProgram:
                 self._run_kernel(step.group, env, raw, plan.reuse)
             else:
                 n = step.node
-                env[n.id] = eval_node(n, [_tensor(env[s.id]) for s in n.srcs], memo)
-                if step.kind == "extern":
-                    COUNTERS["extern_calls"] += 1
-                    EXTERN_OPS[_extern_name(n)] += 1
+                args = [_tensor(env[s.id]) for s in n.srcs]
+                # attention nodes run as the flash kernels (counted as triton_kernels, one per launch)
+                value = run_attention_node(n, args, memo) if step.kind == "extern" else None
+                if value is None:
+                    value = eval_node(n, args, memo)
+                    if step.kind == "extern":
+                        COUNTERS["extern_calls"] += 1
+                        EXTERN_OPS[_extern_name(n)] += 1
+                env[n.id] = value
             for dead in plan.free_after.get(i, ()):
                 env.pop(dead, None)
         return [env[o.id] for o in self.result.graph.outputs]
@@ -161,7 +167,8 @@ def _check_kernel(group: FusionGroup, env, outs, kernel) -> None:
     """LAZYGRAPH_VERIFY=1: compare every kernel with the reference executor as it runs."""
     for o, got, want in zip(group.program.outputs, outs, _reference_group(group, env)):
         try:
-            torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4, equal_nan=True)
+            tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(got.dtype, 1e-4)
+            torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol, equal_nan=True)
         except AssertionError as e:
             raise AssertionError(f"kernel {group.name} output {o!r} differs from the reference "
                                  f"(source {kernel.path}):\n{e}") from None

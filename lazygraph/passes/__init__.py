@@ -15,13 +15,14 @@ from typing import Callable, Sequence
 import torch
 
 from ..ir import Graph, verify
+from .attention import attention_pass
 from .fuse import Decision, FusionGroup, Schedule, Step, fuse
 from .memory import MemoryPlan, plan_memory
 from .place import place
 from .simplify import simplify
 
 GraphPass = Callable[[Graph], Graph]
-PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("place", place)]
+PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", attention_pass), ("place", place)]
 
 
 @dataclass

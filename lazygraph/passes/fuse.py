@@ -178,6 +178,11 @@ class _Fuser:
 
     def _merged_space(self, a: FusionGroup, b: FusionGroup) -> Space:
         if a.space.axes and b.space.axes and a.space != b.space:
+            # a full reduction of one value per row of the other (the mean of per-row losses) runs
+            # in the other's kernel: each program reduces its rows, the last one combines them
+            for x, y in ((a, b), (b, a)):
+                if _reduces_everything(y.space) and numel(y.space.shape) == x.space.rows > 1:
+                    return x.space
             raise NotFusable(f"different iteration space ({a.space} vs {b.space})")
         if a.space.axes:
             return a.space
@@ -343,6 +348,10 @@ class _Fuser:
         if len(out) != len(steps):
             raise RuntimeError("lazygraph fuse: the step graph has a cycle (a fusion legality bug)")
         return out
+
+
+def _reduces_everything(space: Space) -> bool:
+    return all(i in space.axes or d == 1 for i, d in enumerate(space.shape))
 
 
 def kernel_name(g: FusionGroup) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from ..ir import POINTWISE, Node, Op, contiguous_strides, numel
 
-ROW, FULL = "row", "full"
+ROW, FULL, GRID = "row", "full", "grid"
 _TOKEN = re.compile(r"[A-Za-z_]\w*")
 FUSIBLE_REDUCE = frozenset({Op.SUM, Op.AMAX, Op.AMIN})
 # nodes a kernel computes; everything else a kernel reads from a buffer
@@ -102,6 +102,8 @@ class LoopProgram:
     outputs: list[Node]  # nodes stored, in parameter order
     phases: list[Phase]
     persistent: bool  # the whole reduced extent fits one block: no loops, values reused across phases
+    grid_reductions: list[Node] = field(default_factory=list)  # reduced over every row of the grid
+    grid: list[Stmt] = field(default_factory=list)  # run by the last program instance to finish
 
     def text(self) -> str:
         lines = [f"space {self.space}; rows={self.space.rows} red={self.space.red}"
@@ -111,6 +113,9 @@ class LoopProgram:
             lines.append(f"  loop {i}:")
             lines += [f"    {s}" for s in ph.body]
             lines += [f"  {s}" for s in ph.after]
+        if self.grid:
+            lines.append("  last program:")
+            lines += [f"    {s}" for s in self.grid]
         return "\n".join(lines)
 
 
@@ -151,6 +156,10 @@ class Lowering:
         self.persistent = space.red <= max_red_block
         self._n = 0
         self._var_ctx: dict[str, str] = {}
+        self._in_grid = False
+        self._grid: list[Stmt] = []
+        self._grid_memo: dict[tuple, str] = {}
+        self._grid_reduced: dict[int, str] = {}
         self._row_memo: dict[tuple, str] = {}
         self._full_memo: dict[tuple, str] = {}
         self._reduced: dict[int, str] = {}  # reduction node id -> its finalized row variable
@@ -182,7 +191,10 @@ class Lowering:
         if v:
             self._var_ctx[v] = ctx
         stmt = Stmt(v, kind, args, ctx, dtype, node)
-        if ctx == ROW:
+        if self._in_grid:
+            stmt.ctx = GRID
+            self._grid.append(stmt)
+        elif ctx == ROW:
             self.cur.before.append(stmt)
         else:
             self.cur.body.append(stmt)
@@ -200,7 +212,10 @@ class Lowering:
     # -- evaluation at coordinates ---------------------------------------------------------------
 
     def ctx_of(self, *exprs: str | None) -> str:
-        """FULL if an expression mentions the reduced index or a per-element variable."""
+        """FULL if an expression mentions the reduced index or a per-element variable; GRID when
+        evaluating the last program's epilogue."""
+        if self._in_grid:
+            return GRID
         for e in exprs:
             if e:
                 for tok in _TOKEN.findall(e):
@@ -211,7 +226,7 @@ class Lowering:
     def value(self, n: Node, coords: tuple[str, ...], extra_mask: str | None = None) -> str:
         ctx = self.ctx_of(*coords, extra_mask)
         key = (n.id, coords, extra_mask)
-        memo = self._row_memo if ctx == ROW else self._full_memo
+        memo = {ROW: self._row_memo, FULL: self._full_memo, GRID: self._grid_memo}[ctx]
         if key in memo:
             return memo[key]
         v = self._value(n, coords, extra_mask, ctx)
@@ -222,6 +237,8 @@ class Lowering:
         idx = self.buffer(n)
         if n.attrs.get("scalar"):  # a runtime scalar: a kernel argument, not memory
             return self._emit(ROW, "param", (idx,), n.dtype, n)
+        if ctx == GRID:
+            return self._emit(ctx, "load", (idx, tuple(coords), "None"), n.dtype, n)
         mask = self.mask(ctx) + (f" & ({extra_mask})" if extra_mask else "")
         return self._emit(ctx, "load", (idx, tuple(coords), mask), n.dtype, n)
 
@@ -332,6 +349,10 @@ class Lowering:
         return self.value(x, tuple(inner), mask)
 
     def _reduction(self, n: Node, coords: tuple[str, ...]) -> str:
+        if n.id in self._grid_ids:
+            if not self._in_grid:
+                raise NotFusable("a value reduced over the whole grid is read back inside the grid")
+            return self._grid_reduced[n.id]
         expected = tuple(self.row_coords)
         if n.srcs[0].shape != self.space.shape or tuple(n.attrs["axes"]) != self.space.axes:
             raise NotFusable(f"{n.op.value} over {list(n.attrs['axes'])} of {list(n.srcs[0].shape)} is a "
@@ -344,8 +365,17 @@ class Lowering:
 
     # -- the program ----------------------------------------------------------------------------
 
+    def is_grid_reduction(self, n: Node) -> bool:
+        """A reduction of a per-row value over every row (the mean of a per-row loss)."""
+        src = n.srcs[0]
+        return (bool(self.space.axes) and self.space.rows > 1 and numel(src.shape) == self.space.rows
+                and numel(n.shape) == 1 and src.shape != self.space.shape and n.dtype.is_floating_point)
+
     def lower(self) -> LoopProgram:
         reductions = [n for n in self.nodes if n.op in FUSIBLE_REDUCE]
+        grid_reductions = [n for n in reductions if self.is_grid_reduction(n)]
+        self._grid_ids = {n.id for n in grid_reductions}
+        reductions = [n for n in reductions if n.id not in self._grid_ids]
         if reductions and not self.space.axes:
             raise NotFusable("reduction in a pointwise space")
         levels = _levels(reductions, self.members)
@@ -368,8 +398,12 @@ class Lowering:
         self.phases.append(self.cur)
         if not self.persistent:
             self._full_memo = {}
+        grid_stored = []
         for n in self.stored:
             k = numel(n.shape)
+            if grid_reductions and k == 1 and _depends_on(n, self._grid_ids, self.members):
+                grid_stored.append(n)
+                continue
             if k == self.space.rows:
                 coords = tuple(unravel("x", n.shape))
             elif self.space.axes and k == self.space.rows * self.space.red:
@@ -381,12 +415,41 @@ class Lowering:
             v = self.value(n, coords)
             ctx = self.ctx_of(*coords, v)
             self._emit(ctx, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
-        return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent)
+        # every program writes its partial of each grid reduction; the last one combines them
+        for j, red in enumerate(grid_reductions):
+            src = red.srcs[0]
+            v = self.value(src, tuple(unravel("x", src.shape)))
+            if self.ctx_of(v) != ROW:
+                raise NotFusable("a grid reduction of a per-element value")
+            self._emit(ROW, "grid_partial", (red.op, v, j), red.dtype, red, var=False)
+        self._in_grid = True
+        for j, red in enumerate(grid_reductions):
+            self._grid_reduced[red.id] = self._emit(GRID, "grid_final", (red.op, j), red.dtype, red)
+        for n in grid_stored:
+            coords = tuple("0" for _ in n.shape)
+            v = self.value(n, coords)
+            self._emit(GRID, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
+        self._in_grid = False
+        return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent,
+                           grid_reductions, self._grid)
 
 
 def _affine(c: str, start: int, step: int) -> str:
     e = c if step == 1 else f"{c} * {step}"
     return e if start == 0 else f"({e} + {start})"
+
+
+def _depends_on(n: Node, targets: set[int], members: set[int]) -> bool:
+    stack, seen = [n], set()
+    while stack:
+        m = stack.pop()
+        if m.id in targets:
+            return True
+        if m.id in seen or (m.id not in members and m.op not in FREE_OPS):
+            continue
+        seen.add(m.id)
+        stack.extend(m.srcs)
+    return False
 
 
 def _levels(reductions: list[Node], members: set[int]) -> dict[int, int]:

@@ -1,0 +1,392 @@
+"""Flash attention: one Triton kernel for the forward, one for the backward.
+
+The math is exactly reference.attention_forward / attention_backward: scores = q k^T * scale,
+causal mask ones(tq, tk).tril(tk - tq), softmax (fully masked rows give 0), optional dropout
+with Philox offsets = linear index into the [..., tq, tk] probabilities, out = p v.
+
+Forward: one program per (block of BLOCK_M query rows, batch*head). It walks the key blocks
+with an online softmax (running max m and running sum l), so the tq x tk matrix is never
+stored: q, k, v are read once per query block and out + lse written once. lse (natural log,
+fp32) is what the backward needs to rebuild p without a second pass.
+
+Backward: one program per (block of BLOCK_N keys, batch*head). It keeps k, v and the dk, dv
+accumulators in registers and walks the query blocks that can see its keys, rebuilding
+p = exp(s - lse). delta = rowsum(dout * out) (the softmax backward's row term) is recomputed
+per query block inside the loop instead of in a separate preprocess launch: one extra read of
+`out` beside `dout`, which the loop reads anyway. dq gets a contribution from every key block,
+so it is accumulated with atomic adds into an fp32 buffer (cast to q's dtype afterwards); the
+sum order of those atomics is not fixed, so dq on a GPU is not bitwise deterministic.
+
+All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), half inputs
+feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
+of two (>= 16) and masked. Without CUDA the same kernels run in Triton's interpreter (import
+lazygraph first: it sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .counters import COUNTERS
+from .ir import Node, Op
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """a @ b accumulated in fp32; F32: products in IEEE fp32 (fp32 inputs: no TF32 rounding)."""
+    if F32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def flash_attention_fwd(
+    Q, K, V, Out, Lse,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
+    H, TQ, TK, D, DV, scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols0 = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < TQ
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :] * sq_d,
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    hi = TK
+    if CAUSAL:  # row r sees keys c <= r + TK - TQ: stop after the block's last row's last key
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + TK - TQ)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + cols0
+        col_ok = cols < TK
+        k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d,
+                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        s = _dot(q, tl.trans(k), F32)
+        s = s * qk_scale
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + (TK - TQ))
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: keep exp2 finite
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normaliser uses every probability; only the values see the dropped ones
+            offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
+            keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + dv[None, :] * sv_d,
+                    mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+    has = l_i > 0.0  # fully masked rows: out 0, lse -inf (the reference's nan_to_num / logsumexp)
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :] * so_d, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(Lse + bh * TQ + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def flash_attention_bwd(
+    Q, K, V, Out, DOut, Lse, DQ, DK, DV_,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    H, TQ, TK, D, DV, scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32) for one key block."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows0 = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < TK
+    d_ok = d[None, :] < D
+    dv_ok = dv[None, :] < DV
+    k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_t + d[None, :] * sk_d,
+                mask=col_ok[:, None] & d_ok, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_t + dv[None, :] * sv_d,
+                mask=col_ok[:, None] & dv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    q_base = Q + b * sq_b + h * sq_h
+    o_base = Out + b * so_b + h * so_h
+    do_base = DOut + b * sdo_b + h * sdo_h
+    lo = 0
+    if CAUSAL:  # the first row that sees key c is c - (TK - TQ); start at its block
+        lo = tl.maximum(pid_n * BLOCK_N - (TK - TQ), 0) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, TQ, BLOCK_M):
+        rows = start_m + rows0
+        row_ok = rows < TQ
+        q = tl.load(q_base + rows[:, None] * sq_t + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdo_t + dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok,
+                     other=0.0)
+        o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok, other=0.0)
+        lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        s = _dot(q, tl.trans(k), F32)
+        ok = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + (TK - TQ))
+        p = tl.where(ok, tl.exp(s * scale - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), F32)
+        if DROPOUT:
+            offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
+            keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
+            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            pd = p
+        ds = p * (dp - delta[:, None])
+        dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
+        dq = _dot(ds.to(k.dtype), k, F32)
+        tl.atomic_add(DQ + (bh * TQ + rows[:, None]) * D + d[None, :], dq * scale, mask=row_ok[:, None] & d_ok)
+    tl.store(DK + (bh * TK + cols[:, None]) * D + d[None, :], dk * scale, mask=col_ok[:, None] & d_ok)
+    tl.store(DV_ + (bh * TK + cols[:, None]) * DV + dv[None, :], dvacc, mask=col_ok[:, None] & dv_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch wrappers
+# ---------------------------------------------------------------------------------------------
+
+def _blocks(device: torch.device, dmax: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). The interpreter pays per op, not per element: small blocks
+    keep its numpy work small; on a GPU, 64-wide tiles (narrower in the backward at D = 128,
+    which holds k, v, dk, dv in registers)."""
+    if device.type != "cuda":
+        return 32, 32, 4
+    if backward:
+        return (64, 64, 8) if dmax <= 64 else (32, 64, 8)
+    return (128, 64, 8) if dmax <= 64 else (64, 64, 4)
+
+
+def _dot_f32(q: torch.Tensor) -> bool:
+    """fp32 inputs multiply in fp32. So do bf16 ones in the interpreter, whose tl.dot multiplies
+    bf16's raw uint16 storage; bf16 x bf16 products are exact in fp32, so only the sum order differs."""
+    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type != "cuda")
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _as_4d(t: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+    """[*batch, T, D] -> [B, H, T, D] for the kernels' two batch strides (a view when possible)."""
+    t = t.expand(*batch, *t.shape[-2:])
+    if len(batch) == 2:
+        return t
+    if len(batch) < 2:
+        return t.reshape((1,) * (2 - len(batch)) + tuple(t.shape))
+    return t.reshape(-1, batch[-1], *t.shape[-2:])
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if max(q.shape[-1], v.shape[-1]) > 128:
+        raise ValueError("flash attention supports head dims up to 128")
+    return tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def _seed(seed) -> int:
+    return int(seed) if seed is not None else 0
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                      dropout_p: float = 0.0, seed=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [..., tq, dv] in q's dtype, lse [..., tq] fp32): reference.attention_forward, one launch."""
+    batch = _check(q, k, v)
+    tq, tk, dq_, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    q4, k4, v4 = (_as_4d(t, batch) for t in (q, k, v))
+    nb, nh = q4.shape[0], q4.shape[1]
+    out = torch.empty(nb, nh, tq, dv_, dtype=q.dtype, device=q.device)
+    lse = torch.empty(nb, nh, tq, dtype=torch.float32, device=q.device)
+    if out.numel() and nb * nh:
+        if tk == 0:
+            out.zero_()
+            lse.fill_(float("-inf"))
+        else:
+            bm, bn, warps = _blocks(q.device, max(dq_, dv_), backward=False)
+            grid = (triton.cdiv(tq, bm), nb * nh)
+            flash_attention_fwd[grid](
+                q4, k4, v4, out, lse, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out),
+                nh, tq, tk, dq_, dv_, float(scale), float(dropout_p), _seed(seed),
+                CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_), num_warps=warps)
+    elif tq:
+        lse.fill_(float("-inf"))
+    return out.reshape(*batch, tq, dv_), lse.reshape(*batch, tq)
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, scale: float, causal: bool, dropout_p: float = 0.0,
+                       seed=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
+    batch = _check(q, k, v)
+    tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    q4, k4, v4, o4, do4 = (_as_4d(t, batch) for t in (q, k, v, out, dout))
+    nb, nh = q4.shape[0], q4.shape[1]
+    lse3 = lse.expand(*batch, tq).reshape(nb * nh, tq).float().contiguous()
+    dq = torch.zeros(nb * nh, tq, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(nb * nh, tk, d, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(nb * nh, tk, dv_, dtype=torch.float32, device=q.device)
+    if tq and tk and nb * nh:
+        bm, bn, warps = _blocks(q.device, max(d, dv_), backward=True)
+        grid = (triton.cdiv(tk, bn), nb * nh)
+        flash_attention_bwd[grid](
+            q4, k4, v4, o4, do4, lse3, dq, dk, dv,
+            *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4),
+            nh, tq, tk, d, dv_, float(scale), float(dropout_p), _seed(seed),
+            CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_), num_warps=warps)
+    dq = dq.reshape(*batch, tq, d).to(q.dtype)
+    dk = dk.reshape(*batch, tk, d).to(k.dtype)
+    dv = dv.reshape(*batch, tk, dv_).to(v.dtype)
+    # a broadcast operand's gradient sums over the batch dims it was expanded along
+    return _unbroadcast(dq, q.shape), _unbroadcast(dk, k.shape), _unbroadcast(dv, v.shape)
+
+
+def _unbroadcast(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if g.shape == shape:
+        return g
+    dtype = g.dtype
+    g = g.float().sum(dim=tuple(range(g.ndim - len(shape))))
+    dims = tuple(i for i, n in enumerate(shape[:-2]) if n == 1 and g.shape[i] != 1)
+    return (g.sum(dim=dims, keepdim=True) if dims else g).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# running IR nodes (CompiledProgram's extern steps)
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION_OPS = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
+
+
+def supported(node: Node) -> bool:
+    """Whether the kernels take this node: float q/k/v, head dims <= 128."""
+    q = node.srcs[1] if node.op is Op.ATTENTION_BWD else node.srcs[0]
+    v = node.srcs[3] if node.op is Op.ATTENTION_BWD else node.srcs[2]
+    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.ndim >= 2
+            and max(q.shape[-1], v.shape[-1]) <= 128)
+
+
+def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> torch.Tensor | None:
+    """The value of an ATTENTION / ATTENTION_LSE / ATTENTION_BWD node from the flash kernels, or
+    None when the kernels do not take it (the caller falls back to the reference). Memoized the
+    way reference.eval_node is, so out and lse share one launch, and dq, dk, dv share one."""
+    if node.op not in ATTENTION_OPS or not supported(node):
+        return None
+    a = node.attrs
+    if node.op is Op.ATTENTION_BWD:
+        attrs = {k: v for k, v in a.items() if k != "which"}
+        key = ("flash_bwd", tuple(s.id for s in node.srcs), tuple(sorted(attrs.items())))
+        if key not in memo:
+            seed = args[6] if len(args) > 6 else None
+            memo[key] = attention_backward(*args[:6], a["scale"], a["causal"], a.get("dropout_p", 0.0), seed)
+            COUNTERS["triton_kernels"] += 1
+            COUNTERS["flash_attention_bwd"] += 1
+        return memo[key]["qkv".index(a["which"])]
+    key = ("flash_fwd", tuple(s.id for s in node.srcs), tuple(sorted(a.items())))
+    if key not in memo:
+        seed = args[3] if len(args) > 3 else None
+        memo[key] = attention_forward(args[0], args[1], args[2], a["scale"], a["causal"], a.get("dropout_p", 0.0),
+                                      seed)
+        COUNTERS["triton_kernels"] += 1
+        COUNTERS["flash_attention_fwd"] += 1
+    out, lse = memo[key]
+    return out if node.op is Op.ATTENTION else lse
+
+
+# ---------------------------------------------------------------------------------------------
+# building for a real GPU without one
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dict, dict]]:
+    """(kernel name, signature, constexprs) of both kernels as a GPU run would launch them."""
+    bd = _pow2(head_dim)
+    fwd_m, fwd_n, _ = _blocks(torch.device("cuda"), head_dim, backward=False)
+    bwd_m, bwd_n, _ = _blocks(torch.device("cuda"), head_dim, backward=True)
+    ieee = dtype == "fp32"
+    ptr = f"*{dtype}"
+    scalars = {"H": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "scale": "fp32",
+               "dropout_p": "fp32", "seed": "i64"}
+
+    def strides(prefixes):
+        return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
+
+    def consts(bm, bn):
+        return {"CAUSAL": True, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
+                "BLOCK_DV": bd}
+
+    fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", **strides("qkvo"), **scalars}
+    bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": "*fp32",
+               "DK": "*fp32", "DV_": "*fp32", **strides(["q", "k", "v", "o", "do"]), **scalars}
+    return [("flash_attention_fwd", fwd_sig, consts(fwd_m, fwd_n)),
+            ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
+
+
+def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, str]:
+    """Compile both kernels for sm_`arch` in a subprocess with the interpreter off: name -> PTX."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-m", "lazygraph.flash_attention", str(arch), dtype, str(head_dim)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building flash attention for sm_{arch} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _build_main(arch: int, dtype: str, head_dim: int) -> dict[str, str]:
+    """Subprocess side of build_sm90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fns = {"flash_attention_fwd": flash_attention_fwd, "flash_attention_bwd": flash_attention_bwd}
+    ptx = {}
+    for name, sig, consts in _build_specs(dtype, head_dim):
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        compiled = triton.compile(ASTSource(fn=fns[name], signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", arch, 32))
+        ptx[name] = compiled.asm["ptx"]
+    return ptx
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(_build_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))))
+
+__all__ = ["attention_forward", "attention_backward", "run_attention_node", "build_sm90", "flash_attention_fwd",
+           "flash_attention_bwd"]
