@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -166,9 +167,12 @@ class _Printer:
             if d == 1 or c == "0" or s == 0:
                 continue
             terms.append(f"({c})" if s == 1 else f"({c}) * {s}")
+        block = "tl.zeros([1, 1], tl.int32)" if ctx == GRID else "x * 0"
         if not terms:  # a block of pointers, even for a scalar
-            return "tl.zeros([1, 1], tl.int32)" if ctx == GRID else "x * 0"
-        return " + ".join(terms)
+            return block
+        off = " + ".join(terms)
+        # a constant offset (a fixed element, e.g. x[1]) still needs a block of pointers
+        return off if re.search(r"[A-Za-z_]", off) else f"{off} + {block}"
 
     def stmt(self, s: Stmt) -> str:
         k, a = s.kind, s.args
@@ -431,6 +435,10 @@ def load_kernel(source: str, name: str):
     return fn
 
 
+# (name, source, path, signature) of every kernel this process built: the tests build them all for sm_90
+BUILT_KERNELS: list[tuple[str, str, str, dict[str, str]]] = []
+
+
 class Kernel:
     """A compiled fusion group, ready to launch on buffers with the strides it was built for."""
 
@@ -447,6 +455,7 @@ class Kernel:
             raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off. Import lazygraph "
                                "before triton (it turns the interpreter on), or set TRITON_INTERPRET=1.")
         self._fn = load_kernel(self.source, self.name)
+        BUILT_KERNELS.append((self.name, self.source, self.path, self.signature()))
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         if self.group.program.space.rows == 0:

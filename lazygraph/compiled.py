@@ -153,10 +153,17 @@ class CompiledProgram:
         files["fusion.json"] = json.dumps(self.schedule.report(), indent=2)
         files["fusion.txt"] = self.schedule.report_text()
         files["memory.txt"] = "\n".join(f"{k}: {v}" for k, v in self.result.memory.summary().items()) + "\n"
+        from .codegen_triton import kernel_source
+        from .ir import contiguous_strides
+
         for k in self.kernels():
             files[f"kernels/{k.name}.py"] = k.source
-        for g in self.schedule.kernels:  # groups not run yet: their loop program
-            files.setdefault(f"kernels/{g.name}.loops.txt", g.program.text())
+        for g in self.schedule.kernels:
+            files[f"kernels/{g.name}.loops.txt"] = g.program.text()
+            if f"kernels/{g.name}.py" not in files:  # not run yet: the source for dense buffers
+                strides = [contiguous_strides(b.shape) for b in g.program.buffers]
+                files[f"kernels/{g.name}.py"] = ("# not run yet: generated for contiguous buffers\n"
+                                                 + kernel_source(g, strides, names=self.names))
         return files
 
 

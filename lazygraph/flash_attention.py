@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .counters import COUNTERS
 from .ir import Node, Op
+
 
 @triton.jit
 def _dot(a, b, F32: tl.constexpr):
@@ -101,8 +102,8 @@ def flash_attention_fwd(
     has = l_i > 0.0  # fully masked rows: out 0, lse -inf (the reference's nan_to_num / logsumexp)
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :] * so_d, out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :] * so_d,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(Lse + bh * TQ + rows, lse, mask=row_ok)
 
 
@@ -145,7 +146,8 @@ def flash_attention_bwd(
         q = tl.load(q_base + rows[:, None] * sq_t + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok, other=0.0)
         do = tl.load(do_base + rows[:, None] * sdo_t + dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok,
                      other=0.0)
-        o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok, other=0.0)
+        o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok,
+                    other=0.0)
         lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         s = _dot(q, tl.trans(k), F32)
@@ -165,7 +167,8 @@ def flash_attention_bwd(
         dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
         dq = _dot(ds.to(k.dtype), k, F32)
-        tl.atomic_add(DQ + (bh * TQ + rows[:, None]) * D + d[None, :], dq * scale, mask=row_ok[:, None] & d_ok)
+        tl.atomic_add(DQ + (bh * TQ + rows[:, None]) * D + d[None, :], dq * scale,
+                      mask=row_ok[:, None] & d_ok)
     tl.store(DK + (bh * TK + cols[:, None]) * D + d[None, :], dk * scale, mask=col_ok[:, None] & d_ok)
     tl.store(DV_ + (bh * TK + cols[:, None]) * DV + dv[None, :], dvacc, mask=col_ok[:, None] & dv_ok)
 
@@ -207,7 +210,8 @@ def _as_4d(t: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not fit")
     if max(q.shape[-1], v.shape[-1]) > 128:
         raise ValueError("flash attention supports head dims up to 128")
     return tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
@@ -247,9 +251,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.reshape(*batch, tq, dv_), lse.reshape(*batch, tq)
 
 
-def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, scale: float, causal: bool, dropout_p: float = 0.0,
-                       seed=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                       dropout_p: float = 0.0, seed=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
     batch = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -292,11 +296,13 @@ ATTENTION_OPS = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
 
 
 def supported(node: Node) -> bool:
-    """Whether the kernels take this node: float q/k/v, head dims <= 128."""
+    """Whether the kernels take this node: float q/k/v, head dims <= 128, on a device Triton runs
+    on (a CUDA device, or any tensor in the interpreter)."""
     q = node.srcs[1] if node.op is Op.ATTENTION_BWD else node.srcs[0]
     v = node.srcs[3] if node.op is Op.ATTENTION_BWD else node.srcs[2]
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false")
     return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.ndim >= 2
-            and max(q.shape[-1], v.shape[-1]) <= 128)
+            and max(q.shape[-1], v.shape[-1]) <= 128 and (interpreting or q.device.startswith("cuda")))
 
 
 def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> torch.Tensor | None:
@@ -318,8 +324,8 @@ def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> 
     key = ("flash_fwd", tuple(s.id for s in node.srcs), tuple(sorted(a.items())))
     if key not in memo:
         seed = args[3] if len(args) > 3 else None
-        memo[key] = attention_forward(args[0], args[1], args[2], a["scale"], a["causal"], a.get("dropout_p", 0.0),
-                                      seed)
+        memo[key] = attention_forward(args[0], args[1], args[2], a["scale"], a["causal"],
+                                      a.get("dropout_p", 0.0), seed)
         COUNTERS["triton_kernels"] += 1
         COUNTERS["flash_attention_fwd"] += 1
     out, lse = memo[key]
@@ -355,8 +361,9 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
             ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
 
 
-def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, str]:
-    """Compile both kernels for sm_`arch` in a subprocess with the interpreter off: name -> PTX."""
+def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, dict]:
+    """Compile both kernels for sm_`arch` in a subprocess with the interpreter off:
+    name -> {"ptx": text, "shared": bytes of shared memory a launch needs}."""
     import json
     import subprocess
 
@@ -368,7 +375,7 @@ def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _build_main(arch: int, dtype: str, head_dim: int) -> dict[str, str]:
+def _build_main(arch: int, dtype: str, head_dim: int) -> dict[str, dict]:
     """Subprocess side of build_sm90."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -379,7 +386,7 @@ def _build_main(arch: int, dtype: str, head_dim: int) -> dict[str, str]:
         sig = {**sig, **{k: "constexpr" for k in consts}}
         compiled = triton.compile(ASTSource(fn=fns[name], signature=sig, constexprs=consts),
                                   target=GPUTarget("cuda", arch, 32))
-        ptx[name] = compiled.asm["ptx"]
+        ptx[name] = {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}
     return ptx
 
 
@@ -388,5 +395,5 @@ if __name__ == "__main__":
 
     print(json.dumps(_build_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))))
 
-__all__ = ["attention_forward", "attention_backward", "run_attention_node", "build_sm90", "flash_attention_fwd",
-           "flash_attention_bwd"]
+__all__ = ["attention_forward", "attention_backward", "run_attention_node", "build_sm90",
+           "flash_attention_fwd", "flash_attention_bwd"]

@@ -13,3 +13,32 @@ def _fresh_state():
     torch.manual_seed(0)
     lazygraph.reset_stats()
     yield
+
+
+class _BuiltKernel:
+    """What codegen_triton.build_for_target reads from a Kernel, rebuilt from the registry."""
+
+    def __init__(self, name: str, source: str, path: str, signature: dict[str, str]):
+        self.name, self.source, self.path, self._signature = name, source, path, signature
+
+    def signature(self) -> dict[str, str]:
+        return self._signature
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _build_every_kernel_for_sm90():
+    """LAZYGRAPH_BUILD_ALL_SM90=1: at the end of the session, build every kernel the tests
+    generated for sm_90 (an H100) in one subprocess, and fail the session if one does not build.
+    Off by default (ptxas costs ~0.1 s a kernel); tests/test_sm90.py builds one of each kind."""
+    yield
+    if os.environ.get("LAZYGRAPH_BUILD_ALL_SM90", "0") in ("0", ""):
+        return
+    import time
+
+    from lazygraph import codegen_triton
+
+    unique = {source: _BuiltKernel(name, source, path, sig)
+              for name, source, path, sig in getattr(codegen_triton, "BUILT_KERNELS", [])}
+    start = time.perf_counter()
+    codegen_triton.build_for_target(list(unique.values()))  # raises naming the kernel that failed
+    print(f"\nlazygraph: built {len(unique)} kernels for sm_90 in {time.perf_counter() - start:.1f} s")

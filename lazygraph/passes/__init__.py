@@ -22,7 +22,8 @@ from .place import place
 from .simplify import simplify
 
 GraphPass = Callable[[Graph], Graph]
-PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", attention_pass), ("place", place)]
+PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", attention_pass),
+                                         ("place", place)]
 
 
 @dataclass

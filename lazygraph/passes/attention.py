@@ -23,8 +23,9 @@ only masks built in the graph (tril of ones, iota compares) do, and those cannot
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -38,32 +39,44 @@ Binds = dict[str, Node]
 class Pat:
     """Matches a node: `op` (None: any node, a leaf of the pattern; None with one src: match
     that src here and bind the name, an alias), operand patterns `srcs`, `name` binds it (a name
-    bound twice must be the same node), `views` looks through reshapes first, `when` is an extra
-    test on the node."""
+    bound twice must be the same node), `through` are ops looked through first (batch reshapes,
+    a constant's broadcasts), `when` is an extra test on the node."""
 
     op: Op | None = None
     srcs: tuple[Pat, ...] = ()
     name: str | None = None
-    views: bool = False
+    through: frozenset[Op] = frozenset()
     when: Callable[[Node], bool] | None = None
+
+
+_RESHAPES = frozenset({Op.RESHAPE})
 
 
 def _last_axis(n: Node) -> bool:
     return tuple(n.attrs["axes"]) == (n.ndim - 1,)
 
 
-def _const(name: str) -> Pat:
-    return Pat(Op.FULL, name=name, views=True)
+def _is_scale(n: Node) -> bool:
+    """A constant in the graph, or a runtime scalar a compiled program lifted out of it."""
+    if n.value is not None:
+        return False
+    if n.op is Op.FULL:
+        v = n.attrs.get("value")
+        return isinstance(v, (int, float)) and math.isfinite(v) and v != 0
+    return n.op is Op.INPUT and bool(n.attrs.get("scalar")) and n.dtype.is_floating_point
+
+
+_SCALE = Pat(name="c", through=MOVEMENT, when=_is_scale)
 
 
 # -- the patterns ------------------------------------------------------------------------------
 
-_QK = Pat(Op.MATMUL, (Pat(name="q"), Pat(name="kt")), name="qk", views=True)
-_SCALED = [  # (pattern, how the scale is read from the binds)
-    (Pat(Op.MUL, (_QK, _const("c")), name="scaled"), lambda b: b["c"].attrs["value"]),
-    (Pat(Op.MUL, (_const("c"), _QK), name="scaled"), lambda b: b["c"].attrs["value"]),
-    (Pat(Op.DIV, (_QK, _const("c")), name="scaled"), lambda b: 1.0 / b["c"].attrs["value"]),
-    (_QK, lambda b: 1.0),
+_QK = Pat(Op.MATMUL, (Pat(name="q"), Pat(name="kt")), name="qk", through=_RESHAPES)
+_SCALED = [  # (pattern, how the scores meet the scale: multiplied, divided or no scale)
+    (Pat(Op.MUL, (_QK, _SCALE)), Op.MUL),
+    (Pat(Op.MUL, (_SCALE, _QK)), Op.MUL),
+    (Pat(Op.DIV, (_QK, _SCALE)), Op.DIV),
+    (_QK, None),
 ]
 _MASKED = [  # (pattern builder over the scaled scores, does the mask say keep (True) or drop (False))
     (lambda s: Pat(Op.WHERE, (Pat(name="mask"), s, Pat(name="fill"))), True),
@@ -79,15 +92,15 @@ def _softmax_of(x: Pat) -> Pat:
     return Pat(Op.DIV, (e, Pat(Op.EXPAND, (Pat(Op.SUM, (e,), when=_last_axis),))), name="probs")
 
 
-def _patterns() -> list[tuple[Pat, Callable[[Binds], float], bool | None]]:
-    """Every combination of scale, mask, optional casts around the softmax: (root, scale, keep)."""
+def _patterns() -> list[tuple[Pat, Op | None, bool | None]]:
+    """Every combination of scale, mask, optional casts around the softmax: (root, scale op, keep)."""
     out = []
-    for scaled, scale_of in _SCALED:
+    for scaled, scale_op in _SCALED:
         for masked, keep in _MASKED:
             for x in (Pat(Op.CAST, (masked(scaled),)), masked(scaled)):  # half inputs: softmax in fp32
                 sm = _softmax_of(Pat(srcs=(x,), name="x"))
-                for probs in (Pat(Op.CAST, (sm,), views=True), replace(sm, views=True)):
-                    out.append((Pat(Op.MATMUL, (probs, Pat(name="v")), name="root"), scale_of, keep))
+                for probs in (Pat(Op.CAST, (sm,), through=_RESHAPES), replace(sm, through=_RESHAPES)):
+                    out.append((Pat(Op.MATMUL, (probs, Pat(name="v")), name="root"), scale_op, keep))
     return out
 
 
@@ -99,28 +112,24 @@ PATTERNS = _patterns()
 
 def match(p: Pat, n: Node, binds: Binds, inner: list[Node]) -> bool:
     """Match `p` at `n`, extending `binds` and `inner` (the matched non-leaf nodes)."""
-    if p.views and p.op is not Op.RESHAPE:
-        while n.op is Op.RESHAPE and n.value is None:
-            inner.append(n)
-            n = n.srcs[0]
-        if p.op is Op.FULL:
-            while n.op in MOVEMENT and n.value is None:
-                n = n.srcs[0]
+    while n.op in p.through and n.value is None:
+        if p.op is not None:
+            inner.append(n)  # a batch reshape between the matmuls is part of the match
+        n = n.srcs[0]
     if p.name is not None and p.name in binds:
         return binds[p.name] is n
     if p.op is None and p.srcs:  # alias
         if not match(p.srcs[0], n, binds, inner):
             return False
-    elif p.op is not None:
-        if effective_op(n) is not p.op or (p.srcs and len(n.srcs) != len(p.srcs)):
-            return False
-        if p.when is not None and not p.when(n):
-            return False
-        if p.srcs:
-            for sp, s in zip(p.srcs, n.srcs):
-                if not match(sp, s, binds, inner):
-                    return False
-            inner.append(n)
+    elif p.op is not None and (effective_op(n) is not p.op or (p.srcs and len(n.srcs) != len(p.srcs))):
+        return False
+    if p.when is not None and not p.when(n):
+        return False
+    if p.op is not None and p.srcs:
+        for sp, s in zip(p.srcs, n.srcs):
+            if not match(sp, s, binds, inner):
+                return False
+        inner.append(n)
     if p.name is not None:
         binds[p.name] = n
     return True
@@ -167,11 +176,14 @@ def _is_neg_inf(fill: Node) -> bool:
 
 
 def _only_used_inside(inner: list[Node], root: Node, users: dict[int, list[Node]]) -> bool:
+    """No intermediate is read outside the match: not by another node, not as a graph output (a
+    forward graph that saves the probabilities for its backward returns them)."""
     ids = {n.id for n in inner}
     return all(u.id in ids for n in inner if n is not root for u in users.get(n.id, ()))
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OUTPUT = Node(Op.INPUT, (), (), torch.float32, "cpu")  # stands for "the graph returns it" among users
 
 
 @dataclass(frozen=True)
@@ -180,39 +192,45 @@ class Match:
     q: Node
     kt: Node
     v: Node
-    scale: float
     causal: bool
+    scale: Node | None  # the constant the scores are multiplied or divided by
+    scale_op: Op | None  # MUL, DIV, or None (no scale)
 
 
 def find(root: Node, users: dict[int, list[Node]]) -> Match | None:
     """The first pattern that matches at `root` and passes every safety check."""
     if root.op is not Op.MATMUL or root.value is not None:
         return None
-    for pat, scale_of, keep in PATTERNS:
+    for pat, scale_op, keep in PATTERNS:
         binds: Binds = {}
         inner: list[Node] = []
         if not match(pat, root, binds, inner):
             continue
         q, kt, v, qk, x = binds["q"], binds["kt"], binds["v"], binds["qk"], binds["x"]
-        p_in = root.srcs[0]
-        tq, tk = qk.shape[-2:] if qk.ndim >= 2 else (0, 0)
-        if qk.ndim < 2 or x.shape[-2:] != (tq, tk) or p_in.shape != qk.shape or q.ndim < 2:
+        if qk.ndim < 2 or q.ndim < 2:
+            continue
+        tq, tk = qk.shape[-2:]
+        if x.shape[-2:] != (tq, tk) or root.srcs[0].shape != qk.shape:
             continue  # the reshapes between the matmuls must keep the [tq, tk] axes and the batch layout
         if not (q.dtype == kt.dtype == v.dtype == root.dtype and q.dtype in _DTYPES):
+            continue
+        if scale_op is not None and binds["c"].dtype != q.dtype:
             continue
         if not _only_used_inside(inner, root, users):
             continue
         causal = keep is not None
-        if causal and (tq > tk or not _is_neg_inf(binds["fill"]) or not _is_causal(binds["mask"], keep, tq, tk)):
+        if causal and not (tq <= tk and _is_neg_inf(binds["fill"])
+                           and _is_causal(binds["mask"], keep, tq, tk)):
             continue
-        scale = float(scale_of(binds))
-        return Match(root, q, kt, v, scale, causal)
+        return Match(root, q, kt, v, causal, binds.get("c"), scale_op)
     return None
 
 
 def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
     """Rewrite every safe explicit-attention match into one ATTENTION node."""
     users = graph.users()
+    for o in graph.outputs:
+        users.setdefault(o.id, []).append(_OUTPUT)
     matches = {n.id: m for n in graph.nodes if (m := find(n, users)) is not None}
     if not matches:
         return graph
@@ -225,7 +243,7 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
         else:
             out = _attention_node(m, lambda x: new_of.get(x.id, x))
             if log is not None:
-                log.append(f"attention scale={m.scale} causal={m.causal} ({n.source or ''})")
+                log.append(f"attention causal={m.causal} scale={m.scale_op and m.scale_op.value} ({n.source or ''})")
         new_of[n.id] = out
         return out
 
@@ -233,7 +251,7 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
 
 
 def _attention_node(m: Match, new: Callable[[Node], Node]) -> Node:
-    kt = new(m.kt)
+    q, kt = new(m.q), new(m.kt)
     nd = kt.ndim
     swap = tuple(range(nd - 2)) + (nd - 1, nd - 2)
     if kt.op is Op.PERMUTE and kt.value is None and tuple(kt.attrs["dims"]) == swap:
@@ -241,9 +259,24 @@ def _attention_node(m: Match, new: Callable[[Node], Node]) -> Node:
     else:
         k = Node(Op.PERMUTE, (kt,), kt.shape[:-2] + (kt.shape[-1], kt.shape[-2]), kt.dtype, kt.device,
                  {"dims": swap}, kt.source)
-    attrs = {"scale": m.scale, "causal": m.causal, "dropout_p": 0.0}
-    return Node(Op.ATTENTION, (new(m.q), k, new(m.v)), m.root.shape, m.root.dtype, m.root.device, attrs,
+    scale = 1.0
+    if m.scale is not None and m.scale.op is Op.FULL:
+        c = float(m.scale.attrs["value"])
+        scale = c if m.scale_op is Op.MUL else 1.0 / c
+    elif m.scale is not None:  # a runtime scalar: its value may change between runs, so q carries it
+        c = _broadcast_scalar(new(m.scale), q)
+        q = Node(m.scale_op, (q, c), q.shape, q.dtype, q.device, {}, q.source)
+    attrs = {"scale": scale, "causal": m.causal, "dropout_p": 0.0}
+    return Node(Op.ATTENTION, (q, k, new(m.v)), m.root.shape, m.root.dtype, m.root.device, attrs,
                 m.root.source)
+
+
+def _broadcast_scalar(s: Node, like: Node) -> Node:
+    """One element of the constant-filled `s`, broadcast to `like`'s shape (views only)."""
+    one = Node(Op.SLICE, (s,), (1,) * s.ndim, s.dtype, s.device,
+               {"starts": (0,) * s.ndim, "steps": (1,) * s.ndim}, s.source) if s.ndim else s
+    one = Node(Op.RESHAPE, (one,), (1,) * like.ndim, s.dtype, s.device, {}, s.source)
+    return Node(Op.EXPAND, (one,), like.shape, s.dtype, s.device, {}, s.source)
 
 
 __all__ = ["attention_pass", "PATTERNS", "Pat", "match", "find", "constant_value"]
