@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -26,7 +27,7 @@ from .lazy import LazyTensor, lazy, lazy_mode, node_of, pending_graph, sync, to_
 from .runtime import get_backend, set_backend
 
 __all__ = ["lazy", "lazy_mode", "is_lazy", "graph", "sync", "to_eager", "stats", "reset_stats", "dump",
-           "lazy_module", "set_backend", "get_backend", "Graph", "Node", "Op", "parse", "LazyTensor",
+           "lazy_module", "pinned", "set_backend", "get_backend", "Graph", "Node", "Op", "parse", "LazyTensor",
            "export_onnx", "OnnxExportError", "compile"]
 
 
@@ -77,6 +78,20 @@ def dump(tensors: Sequence[torch.Tensor] | torch.Tensor | None = None, dir: str 
     finally:
         _dump.set_dir(previous)
     return path
+
+
+@contextlib.contextmanager
+def pinned(device: str | torch.device):
+    """Run the work recorded inside on `device` (e.g. keep bookkeeping on the CPU); values
+    crossing the boundary get transfer nodes, and results come back where they were recorded."""
+    from . import ops
+
+    previous = ops.current_pin
+    ops.current_pin = ops.device_name(device)
+    try:
+        yield
+    finally:
+        ops.current_pin = previous
 
 
 def lazy_module(module: torch.nn.Module) -> torch.nn.Module:

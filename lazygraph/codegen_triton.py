@@ -219,15 +219,16 @@ class _Printer:
         if k == "grid_partial":  # this program's share of a reduction over all rows
             op, v, j = a
             init = _init_value(op, s.dtype)
-            part = _reduce(op, _reduce(op, f"tl.where(xmask, {v}.to(tl.float32), {init})", 1, s.dtype), 0, s.dtype)
+            rows = _reduce(op, f"tl.where(xmask, {v}.to(tl.float32), {init})", 1, s.dtype)
+            part = _reduce(op, rows, 0, s.dtype)
             return f"tl.store(ws_ptr + tl.program_id(0) * {len(self.p.grid_reductions)} + {j}, {part})"
         if k == "grid_final":  # the last program combines every program's partial, in order
             op, j = a
             init = _init_value(op, s.dtype)
             pb = min(1024, _pow2(self.nprog))
             nan = ", propagate_nan=tl.PropagateNan.ALL" if s.dtype.is_floating_point else ""
-            comb = {Op.SUM: "{0} + {1}", Op.AMAX: "tl.maximum({0}, {1}%s)" % nan,
-                    Op.AMIN: "tl.minimum({0}, {1}%s)" % nan}[op]
+            comb = {Op.SUM: "{0} + {1}", Op.AMAX: "tl.maximum({0}, {1}" + nan + ")",
+                    Op.AMIN: "tl.minimum({0}, {1}" + nan + ")"}[op]
             ng = len(self.p.grid_reductions)
             return "\n".join([
                 f"acc{j} = tl.full([{pb}], {init}, tl.float32)",

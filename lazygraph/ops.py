@@ -18,10 +18,15 @@ from .ir import BOOL_RESULT, LEAF, Node, Op, Shape, broadcast_shapes, numel
 current_source: str | None = None
 
 
+# lazygraph.pinned(device) sets this: nodes recorded meanwhile run on that device (passes/place.py)
+current_pin: str | None = None
+
+
 def node(op: Op, srcs: Sequence[Node], shape: Shape, dtype: torch.dtype, device: str, **attrs: Any) -> Node:
     if op not in LEAF:
         COUNTERS["nodes_recorded"] += 1  # constants are not recorded work
-    assert isinstance(device, str), (op, device)
+    if current_pin is not None:
+        attrs["pin"] = current_pin
     return Node(op, tuple(srcs), tuple(shape), dtype, device, attrs, current_source)
 
 

@@ -8,7 +8,7 @@ switch) where that helps to name the kernel that went wrong.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -118,7 +118,8 @@ def test_cast_to_bf16_inside_a_kernel_rounds_to_nearest():
     x = torch.randn(6, 65)
     check(lambda x: x.bfloat16().float() * 3, x, rtol=0, atol=0)
     check(lambda x: x.to(torch.float16).float() * 3, x, rtol=0, atol=0)
-    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.3e38, -0.0, 1e-40, 1.00390625, 1.01171875])
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.3e38, -0.0, 1e-40,
+                            1.00390625, 1.01171875])  # ties round to even
     check(lambda x: x.bfloat16().float() + 0, special, rtol=0, atol=0)
 
 
@@ -179,7 +180,8 @@ def test_integer_and_bool_ops(name):
         "truncdiv": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
         "float_floordiv": lambda a, b: torch.div(a * 1.5, b, rounding_mode="floor"),
         "float_remainder": lambda a, b: torch.remainder(a * 1.5, b.float()),
-        "compare_where_cast": lambda a, b: torch.where(a > b, a, b * 2).float() + (a == b).int() - (a <= b).long(),
+        "compare_where_cast": lambda a, b: (torch.where(a > b, a, b * 2).float() + (a == b).int()
+                                            - (a <= b).long()),
         "bool_logic": lambda a, b: ((a > 0) & (b < 0)) | ~(a == b) ^ (a < b),
         "int_reductions": lambda a, b: (a.sum(1), (a > 0).sum(0), a.amax(1), b.amin(0), (a > 3).any(1)),
         "int32_mix": lambda a, b: a.int() * 3 + b.to(torch.int16),
@@ -190,7 +192,7 @@ def test_integer_and_bool_ops(name):
 def test_remainder_by_negative_divisor_takes_the_divisors_sign():
     a = torch.tensor([-7, -6, -1, 0, 1, 6, 7])
     for d in (-3, 3, -1):
-        check(lambda a: torch.remainder(a, d) + a // d, a)
+        check(lambda a, d=d: torch.remainder(a, d) + a // d, a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +286,14 @@ def test_slicing_with_steps():
     check(lambda x: x[..., ::4].sum(0), x)
 
 
+def test_a_fixed_element_read_in_a_kernel():
+    # x[1] is a load at a constant offset: the kernel still needs a block of pointers
+    x, b = torch.randn(4), torch.randn(())
+    check(lambda x, b: x[1] + b, x, b)
+    check(lambda x: x[1:2].sum() * x, x)
+    check(lambda x: x[2] * torch.randn(3, 3).t().contiguous()[0], torch.randn(5, 3))
+
+
 def test_iota_arange():
     x = torch.randn(7, 10)
     check(lambda x: x + torch.arange(10.0), x)
@@ -345,7 +355,8 @@ def test_verify_switch_catches_a_wrong_kernel(monkeypatch, verify_kernels):
 
 
 @pytest.mark.xfail(strict=True, reason="compiled._reference_group hands a runtime scalar (ScalarValue) to "
-                   "eval_node instead of its tensor: `return env[n.id]` should be `return _tensor(env[n.id])`")
+                   "eval_node instead of its tensor: `return env[n.id]` should be "
+                   "`return _tensor(env[n.id])`")
 def test_verify_switch_with_runtime_scalars(verify_kernels):
     x = torch.randn(3, 5)
     torch.testing.assert_close(lg.to_eager(lg.lazy(x) * 0.37 + 1), x * 0.37 + 1)

@@ -3,7 +3,9 @@
 A node runs where its operands live; when they disagree, the accelerator wins (a CPU value
 feeding GPU work is copied over once). `extern` work stays where it was recorded, since torch
 chose that device. A user pins nodes with `pins` (node id -> device), e.g. to keep scalar
-bookkeeping on the CPU or to move one subgraph to a second GPU.
+bookkeeping on the CPU or to move one subgraph to a second GPU; nodes recorded inside
+`lazygraph.pinned(device)` carry a `pin` attribute that does the same. A graph output that a pin
+moved is transferred back, so the user sees each tensor on the device it reported.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def place(graph: Graph, pins: dict[int, str] | None = None, log: list[str] | Non
     def assign(n: Node, srcs: tuple[Node, ...]) -> Node:
         if n.id in pins:
             device = pins[n.id]
+        elif "pin" in n.attrs:
+            device = n.attrs["pin"]
         elif n.op in (Op.EXTERN, Op.TRANSFER) or not srcs or effective_op(n) is Op.INPUT:
             device = n.device
         else:
@@ -42,4 +46,7 @@ def place(graph: Graph, pins: dict[int, str] | None = None, log: list[str] | Non
             return n
         return Node(n.op, moved, n.shape, n.dtype, device, dict(n.attrs), n.source)
 
-    return rebuild(graph, assign)
+    placed = rebuild(graph, assign)
+    wanted = [o.device for o in graph.outputs]
+    outputs = [o if o.device == d else on(o, d) for o, d in zip(placed.outputs, wanted)]
+    return Graph.from_outputs(outputs) if any(a is not b for a, b in zip(outputs, placed.outputs)) else placed
