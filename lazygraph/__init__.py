@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,7 +20,8 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from . import counters, dump as _dump
+from . import counters
+from . import dump as _dump
 from .compile import compile
 from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse

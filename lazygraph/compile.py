@@ -38,13 +38,12 @@ from .counters import COUNTERS, RECOMPILE_REASONS
 from .ir import Graph, Node, Op, runtime_scalars
 from .lazy import LazyTensor, lazy, lazy_mode, node_of
 from .passes.partition import partition
-from .runtime import Program, build_program, get_backend, set_backend
+from .runtime import Program, get_backend, get_program, set_backend
 
 # the package's dump() function shadows the dump module as an attribute of lazygraph
 _dump = importlib.import_module(".dump", __package__)
 RECOMPILE_LIMIT = 8
 _TENSOR_FIELDS = ("shape", "dtype", "stride", "device", "requires_grad")
-_PROGRAMS: dict[tuple[str, str], Program] = {}
 _dump_index = 0
 
 
@@ -197,14 +196,7 @@ def _failing_op(exc: BaseException) -> str:
 
 def _program(graph: Graph, backend: str) -> Program:
     # runtime scalars are baked into a traced program (it runs without its graph), so they key it
-    key = (backend, graph.structural_hash(), tuple(runtime_scalars(graph)))
-    prog = _PROGRAMS.get(key)
-    if prog is None:
-        COUNTERS["compiles"] += 1
-        prog = _PROGRAMS[key] = build_program(graph, backend)
-    else:
-        COUNTERS["cache_hits"] += 1
-    return prog
+    return get_program(graph, backend, tuple(runtime_scalars(graph)))
 
 
 def _new_seed() -> torch.Tensor:

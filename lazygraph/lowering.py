@@ -10,7 +10,8 @@ they must also say how a write through the view lands in its base.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

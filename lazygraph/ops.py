@@ -7,7 +7,8 @@ pointwise node in a graph has operands of its own shape.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -8,7 +8,7 @@ value-free copy of their graph, so the cache never keeps a run's tensors alive.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -73,16 +73,22 @@ def _check_inputs(graph: Graph) -> None:
                 "in lazy ops, or make it lazy with lazygraph.lazy() first.")
 
 
-def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
-    backend = backend or _default_backend
-    _check_inputs(graph)
-    key = f"{backend}:{graph.structural_hash()}"
+def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
+    """The cached program for this graph's structure (built on a miss; counted either way)."""
+    key = f"{backend}:{graph.structural_hash()}:{extra_key!r}"
     program = _PROGRAMS.get(key)
     if program is None:
         COUNTERS["compiles"] += 1
         program = _PROGRAMS[key] = build_program(graph, backend)
     else:
         COUNTERS["cache_hits"] += 1
+    return program
+
+
+def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
+    backend = backend or _default_backend
+    _check_inputs(graph)
+    program = get_program(graph, backend)
     COUNTERS["graphs_run"] += 1
     outputs = program.run([n.value for n in graph.inputs], runtime_scalars(graph))
     if dump.enabled():

@@ -9,7 +9,8 @@ That is all functionalization needs: in-place ops become pure ops plus a re-bind
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

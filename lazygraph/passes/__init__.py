@@ -9,8 +9,8 @@ executor before and after every pass to prove it (tests, and LAZYGRAPH_VERIFY=1)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 

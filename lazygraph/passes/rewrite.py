@@ -8,7 +8,7 @@ any number of passes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..ir import Graph, Node, Op, effective_op
 

@@ -7,8 +7,8 @@ dtype, so no rule can change what a graph computes, only how much work it does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
