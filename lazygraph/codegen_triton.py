@@ -59,7 +59,6 @@ class Target:
 
     name: str
     max_pointwise_block: int
-    max_persistent: int  # largest reduced extent kept in registers
     max_tile: int  # XBLOCK * RBLOCK bound
 
     @staticmethod
@@ -67,8 +66,8 @@ class Target:
         return GPU if torch.cuda.is_available() else INTERPRETER
 
 
-GPU = Target("cuda", 1024, 4096, 4096)
-INTERPRETER = Target("interpreter", 16384, 16384, 65536)
+GPU = Target("cuda", 1024, 4096)
+INTERPRETER = Target("interpreter", 16384, 65536)
 
 
 def _pow2(n: int) -> int:

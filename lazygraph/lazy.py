@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops, views
-from .counters import COUNTERS, EXTERN_OPS, GRAPH_BREAKS
+from .counters import COUNTERS, GRAPH_BREAKS
 from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
 from .lowering import RULES
 
@@ -456,7 +456,6 @@ def _extern(func, args, kwargs):
     spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
     srcs = [node_of(t) if isinstance(t, LazyTensor) else _const(t) for t in tensors]
     device = srcs[0].device if srcs else ops.device_name(kwargs.get("device") or "cpu")
-    EXTERN_OPS[str(func)] += 1
     outs = _flat_tensors(meta_out, [])
     nodes = [ops.node(Op.EXTERN, srcs, tuple(m.shape), m.dtype, device, target=str(func), args=spec_args,
                       kwargs=spec_kwargs, index=i) for i, m in enumerate(outs)]

@@ -631,6 +631,36 @@ def _mean(x, dim=None, keepdim=False, dtype=None):
     return _finish(x, ops.binary(Op.DIV, s, ops.scalar_like(count, s)), axes, keepdim)
 
 
+def _var_and_mean(x, dim=None, correction=None, keepdim=False):
+    """Two passes (mean, then squared deviations), as eager: fuses into one row kernel."""
+    if not x.dtype.is_floating_point:
+        raise NotImplementedError("var of a non-float tensor")  # torch's own path gives its error
+    axes = _axes(x, dim)
+    count = numel(tuple(x.shape[a] for a in axes))
+    s = ops.reduce(Op.SUM, x, axes)
+    mean = ops.binary(Op.DIV, s, ops.scalar_like(float(count), s))
+    dev = ops.binary(Op.SUB, x, ops.expand(mean, x.shape))
+    ss = ops.reduce(Op.SUM, ops.binary(Op.MUL, dev, dev), axes)
+    dof = max(count - (1 if correction is None else correction), 0)
+    var = ops.binary(Op.DIV, ss, ops.scalar_like(float(dof), ss))
+    return _finish(x, var, axes, keepdim), _finish(x, mean, axes, keepdim)
+
+
+@rule(aten.var.correction)
+def _var(x, dim=None, *, correction=None, keepdim=False):
+    return _var_and_mean(x, dim, correction, keepdim)[0]
+
+
+@rule(aten.var_mean.correction)
+def _var_mean(x, dim=None, *, correction=None, keepdim=False):
+    return _var_and_mean(x, dim, correction, keepdim)
+
+
+@rule(aten.std.correction)
+def _std(x, dim=None, *, correction=None, keepdim=False):
+    return ops.unary(Op.SQRT, _var_and_mean(x, dim, correction, keepdim)[0])
+
+
 @rule(aten.prod.default, aten.prod.dim_int)
 def _prod(x, dim=None, keepdim=False, dtype=None):
     axes = _axes(x, dim)

@@ -354,15 +354,11 @@ def test_verify_switch_catches_a_wrong_kernel(monkeypatch, verify_kernels):
         lg.to_eager(torch.exp(lg.lazy(torch.randn(3, 5))) * 2)
 
 
-@pytest.mark.xfail(strict=True, reason="compiled._reference_group hands a runtime scalar (ScalarValue) to "
-                   "eval_node instead of its tensor: `return env[n.id]` should be "
-                   "`return _tensor(env[n.id])`")
 def test_verify_switch_with_runtime_scalars(verify_kernels):
     x = torch.randn(3, 5)
     torch.testing.assert_close(lg.to_eager(lg.lazy(x) * 0.37 + 1), x * 0.37 + 1)
 
 
-@pytest.mark.xfail(strict=True, reason="as above: the verify switch fails on graphs with runtime scalars")
 def test_verified_soups(verify_kernels):
     for seed in range(10):
         soup = random_soup(2000 + seed)

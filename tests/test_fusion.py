@@ -172,17 +172,11 @@ def _cross_entropy_inputs():
     return torch.randn(6, 37), torch.randint(0, 37, (6,))
 
 
-def test_cross_entropy_forward_kernel_count():
-    # Today: one row kernel (log-softmax + pick the target) and one for the final mean over
-    # rows, a reduction over a different iteration space. The lead is merging them into one.
-    s = run_counted(F.cross_entropy, *_cross_entropy_inputs())
-    assert 1 <= s["triton_kernels"] <= 2 and s["extern_calls"] == 0
-
-
-@pytest.mark.xfail(strict=False, reason="cross-entropy's final mean is still a second kernel")
 def test_cross_entropy_forward_is_one_kernel():
+    # log-softmax, picking the target and the mean over rows: the mean is a grid reduction that the
+    # last program of the row kernel finishes
     s = run_counted(F.cross_entropy, *_cross_entropy_inputs())
-    assert s["triton_kernels"] == 1
+    assert s["triton_kernels"] == 1 and s["extern_calls"] == 0
 
 
 def test_gpt2_mlp_block_fuses_around_matmuls():
@@ -234,7 +228,6 @@ def test_mean_and_var_values():
     assert s["triton_kernels"] <= 4
 
 
-@pytest.mark.xfail(strict=False, reason="var lowers to an extern prims.var call, not to sum/mul kernels")
 def test_var_is_fused_without_externs():
     s = run_counted(lambda x: x.var(1), torch.randn(6, 33))
     assert s["extern_calls"] == 0 and s["triton_kernels"] == 1

@@ -266,7 +266,11 @@ def test_place_pins_a_node():
     pinned = place(g, pins={g.nodes[2].id: "cpu"})
     verify(pinned)
     out = pinned.outputs[0]
-    assert out.device == "cpu" and out.srcs[0].op is Op.TRANSFER and out.srcs[0].srcs[0].op is Op.EXP
+    # the sum runs on the CPU (its operand is moved there); the user gets it back on cuda:0
+    assert out.op is Op.TRANSFER and out.device == "cuda:0"
+    total = out.srcs[0]
+    assert total.op is Op.SUM and total.device == "cpu"
+    assert total.srcs[0].op is Op.TRANSFER and total.srcs[0].srcs[0].op is Op.EXP
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,12 +390,14 @@ def test_fuse_refuses_a_cycle_through_an_extern():
 
 
 def test_fuse_refuses_different_devices():
-    # built by hand without place(): a CPU producer read directly by GPU work
+    # built by hand without place(): a CPU producer (an output, so never recomputed) read
+    # directly by GPU work
     r = reasons("""
         %0 = input() : f32[4] @cpu
         %1 = exp(%0) : f32[4] @cpu
-        %2 = neg(%1) : f32[4] @cuda:0
-        return (%2)
+        %2 = sin(%1) : f32[4] @cpu
+        %3 = neg(%2) : f32[4] @cuda:0
+        return (%2, %3)
     """)
     assert any(x.startswith("different devices") for x in r), r
 

@@ -19,7 +19,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ir import Graph, Node, Op, effective_op, numel
+from ..ir import POINTWISE, Graph, Node, Op, effective_op, numel
 from .loops import FREE_OPS, FUSIBLE_REDUCE, KERNEL_OPS, LoopProgram, Lowering, NotFusable, Space, dtype_ok
 
 MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and slow to compile
@@ -132,6 +132,10 @@ class _Fuser:
         self.view_steps: set[int] = set()
         self._find_view_steps()
         self.sinks = {n.id: self._sinks(n) for n in graph.nodes}
+        # A single cheap op over buffers (~mask, x * scale of an input) read only by kernels is
+        # recomputed by each of them rather than given a kernel and a buffer of its own.
+        self.inline_ids = {n.id for n in graph.nodes if self._recompute(n)}
+        self.kernel_ids -= self.inline_ids
         self.group_of: dict[int, FusionGroup] = {}
         self.groups: dict[int, FusionGroup] = {}
         for i, n in enumerate(n for n in graph.nodes if n.id in self.kernel_ids):
@@ -155,6 +159,13 @@ class _Fuser:
             if n.op in FREE_OPS and effective_op(n) is n.op and n.id not in self.view_steps:
                 self.view_steps.add(n.id)
                 stack.extend(n.srcs)
+
+    def _recompute(self, n: Node) -> bool:
+        if n.id not in self.kernel_ids or n.op not in POINTWISE or n.id in self.outputs:
+            return False
+        if not self.sinks[n.id] or not self.sinks[n.id] <= self.kernel_ids:
+            return False
+        return all(_reads_only_buffers(s, self.kernel_ids) for s in n.srcs)
 
     def _sinks(self, n: Node) -> set[int]:
         """Kernel or extern nodes (and view steps) that read n, looking through folded movement ops."""
@@ -230,7 +241,7 @@ class _Fuser:
         merged = FusionGroup(min(a.id, b.id), nodes, space, a.device)
         merged.stored = self.stored(merged)
         try:
-            merged.program = Lowering(nodes, space, merged.stored).lower()
+            merged.program = Lowering(nodes, space, merged.stored, inline=self.inline_ids).lower()
         except NotFusable as e:
             return False, str(e), None
         if len(merged.program.buffers) + len(merged.stored) > MAX_BUFFERS:
@@ -281,7 +292,7 @@ class _Fuser:
         for g in list(self.groups.values()):
             if not g.space.axes:
                 continue
-            prog = g.program or Lowering(g.nodes, g.space, self.stored(g)).lower()
+            prog = g.program or Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
             for buf in prog.buffers:
                 by_key.setdefault((buf.id, g.space), []).append(g)
         for (buf_id, _), groups in by_key.items():
@@ -300,10 +311,11 @@ class _Fuser:
         for g in self.groups.values():
             g.stored = self.stored(g)
             if g.program is None or [n.id for n in g.program.outputs] != [n.id for n in g.stored]:
-                g.program = Lowering(g.nodes, g.space, g.stored).lower()
+                g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
         steps = self._order_steps()
         for i, g in enumerate(s.group for s in steps if s.kind == "kernel"):
             g.id = i
+            g.nodes = sorted(g.nodes + g.program.inlined, key=lambda n: self.order[n.id])
             g.name = kernel_name(g)
         return Schedule(self.graph, steps, [s.group for s in steps if s.kind == "kernel"], self.decisions,
                         self.names)
@@ -323,7 +335,7 @@ class _Fuser:
             elif n.id in self.view_steps:
                 steps[self.order[n.id]] = Step("view", node=n)
                 step_of[n.id] = self.order[n.id]
-            elif n.op not in FREE_OPS:
+            elif n.op not in FREE_OPS and n.id not in self.inline_ids:
                 steps[self.order[n.id]] = Step("extern", node=n)
                 step_of[n.id] = self.order[n.id]
         deps: dict[int, set[int]] = {k: set() for k in steps}
@@ -348,6 +360,16 @@ class _Fuser:
         if len(out) != len(steps):
             raise RuntimeError("lazygraph fuse: the step graph has a cycle (a fusion legality bug)")
         return out
+
+
+def _reads_only_buffers(n: Node, kernel_ids: set[int]) -> bool:
+    """n is a buffer, a constant, or movement over those: reading it costs a load, no compute."""
+    while True:
+        if effective_op(n) is Op.INPUT or n.op in (Op.FULL, Op.IOTA):
+            return True
+        if n.op not in FREE_OPS or n.id in kernel_ids:
+            return n.op not in KERNEL_OPS and n.op not in FREE_OPS  # an extern result is a buffer
+        n = n.srcs[0]
 
 
 def _reduces_everything(space: Space) -> bool:

@@ -102,6 +102,7 @@ class LoopProgram:
     outputs: list[Node]  # nodes stored, in parameter order
     phases: list[Phase]
     persistent: bool  # the whole reduced extent fits one block: no loops, values reused across phases
+    inlined: list[Node] = field(default_factory=list)  # cheap ops over buffers recomputed here
     grid_reductions: list[Node] = field(default_factory=list)  # reduced over every row of the grid
     grid: list[Stmt] = field(default_factory=list)  # run by the last program instance to finish
 
@@ -146,8 +147,11 @@ def ravel(coords: list[str], shape: tuple[int, ...]) -> str:
 class Lowering:
     """Walks a group's nodes at coordinates and collects the statements of one kernel."""
 
-    def __init__(self, nodes: list[Node], space: Space, stored: list[Node], max_red_block: int = 4096):
+    def __init__(self, nodes: list[Node], space: Space, stored: list[Node], max_red_block: int = 4096,
+                 inline: frozenset[int] | set[int] = frozenset()):
         self.members = {n.id for n in nodes}
+        self.inline = inline  # cheap ops over buffers that every reader recomputes
+        self._inlined: dict[int, Node] = {}
         self.nodes = nodes
         self.space = space
         self.stored = stored
@@ -245,7 +249,9 @@ class Lowering:
     def _value(self, n: Node, coords: tuple[str, ...], extra_mask: str | None, ctx: str) -> str:
         op = n.op
         if n.id not in self.members and op not in FREE_OPS:
-            return self._load(n, coords, extra_mask, ctx)
+            if n.id not in self.inline:
+                return self._load(n, coords, extra_mask, ctx)
+            self._inlined.setdefault(n.id, n)
         a = n.attrs
         if op is Op.FULL:
             return self._emit(ROW, "const", (a["value"],), n.dtype, n)
@@ -431,7 +437,7 @@ class Lowering:
             self._emit(GRID, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
         self._in_grid = False
         return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent,
-                           grid_reductions, self._grid)
+                           list(self._inlined.values()), grid_reductions, self._grid)
 
 
 def _affine(c: str, start: int, step: int) -> str:
