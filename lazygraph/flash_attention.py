@@ -54,6 +54,7 @@ def flash_attention_fwd(
     H, TQ, TK, D, DV, scale, dropout_p, seed,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SKIP: tl.constexpr,  # skip fully masked blocks (GPU); the masks alone give the same result
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -73,7 +74,7 @@ def flash_attention_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     hi = TK
-    if CAUSAL:  # row r sees keys c <= r + TK - TQ: stop after the block's last row's last key
+    if CAUSAL and SKIP:  # row r sees keys c <= r + TK - TQ: stop after the block's last row's last key
         hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + TK - TQ)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + cols0
@@ -115,6 +116,7 @@ def flash_attention_bwd(
     H, TQ, TK, D, DV, scale, dropout_p, seed,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SKIP: tl.constexpr,  # skip fully masked blocks (GPU); the masks alone give the same result
 ):
     """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32) for one key block."""
     pid_n = tl.program_id(0)
@@ -138,7 +140,7 @@ def flash_attention_bwd(
     o_base = Out + b * so_b + h * so_h
     do_base = DOut + b * sdo_b + h * sdo_h
     lo = 0
-    if CAUSAL:  # the first row that sees key c is c - (TK - TQ); start at its block
+    if CAUSAL and SKIP:  # the first row that sees key c is c - (TK - TQ); start at its block
         lo = tl.maximum(pid_n * BLOCK_N - (TK - TQ), 0) // BLOCK_M * BLOCK_M
     for start_m in range(lo, TQ, BLOCK_M):
         rows = start_m + rows0
@@ -245,7 +247,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                 q4, k4, v4, out, lse, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out),
                 nh, tq, tk, dq_, dv_, float(scale), float(dropout_p), _seed(seed),
                 CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_), num_warps=warps)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_), SKIP=q.is_cuda,
+                num_warps=warps)
     elif tq:
         lse.fill_(float("-inf"))
     return out.reshape(*batch, tq, dv_), lse.reshape(*batch, tq)
@@ -271,7 +274,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4),
             nh, tq, tk, d, dv_, float(scale), float(dropout_p), _seed(seed),
             CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_), num_warps=warps)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_), SKIP=q.is_cuda, num_warps=warps)
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
     dk = dk.reshape(*batch, tk, d).to(k.dtype)
     dv = dv.reshape(*batch, tk, dv_).to(v.dtype)
@@ -352,7 +355,7 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
 
     def consts(bm, bn):
         return {"CAUSAL": True, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
-                "BLOCK_DV": bd}
+                "BLOCK_DV": bd, "SKIP": True}
 
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", **strides("qkvo"), **scalars}
     bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": "*fp32",
