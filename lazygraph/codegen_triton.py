@@ -440,6 +440,22 @@ def load_kernel(source: str, name: str):
 BUILT_KERNELS: list[tuple[str, str, str, dict[str, str]]] = []
 
 
+def _quiet_interpreter() -> None:
+    """Triton's interpreter checks every int32 add and mul for overflow (a debug aid that GPU
+    builds only run in debug mode); it costs about 40% of interpreted time. Our index math is
+    sized to fit (int64 where a buffer needs it), so switch the check off."""
+    try:
+        import dataclasses
+
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        if getattr(builder.options, "sanitize_overflow", False):
+            builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    except Exception:  # an interpreter without this knob: nothing to switch off
+        pass
+
+
 class Kernel:
     """A compiled fusion group, ready to launch on buffers with the strides it was built for."""
 
@@ -456,6 +472,8 @@ class Kernel:
             raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off. Import lazygraph "
                                "before triton (it turns the interpreter on), or set TRITON_INTERPRET=1.")
         self._fn = load_kernel(self.source, self.name)
+        if self.target is INTERPRETER:
+            _quiet_interpreter()
         BUILT_KERNELS.append((self.name, self.source, self.path, self.signature()))
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
