@@ -25,7 +25,7 @@ from . import dump as _dump
 from .compile import compile
 from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
-from .lazy import LazyTensor, lazy, lazy_mode, node_of, pending_graph, sync, to_eager
+from .lazy import LazyTensor, lazy, lazy_mode, pending_graph, sync, to_eager
 from .runtime import get_backend, set_backend
 
 __all__ = ["lazy", "lazy_mode", "is_lazy", "graph", "sync", "to_eager", "stats", "reset_stats", "dump",

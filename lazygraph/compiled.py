@@ -87,7 +87,7 @@ class CompiledProgram:
         kernel = self._kernel(group, ins)
         if kernel is None:
             values = _reference_group(group, env)
-            for o, t, v in zip(prog.outputs, outs, values):
+            for t, v in zip(outs, values):
                 t.copy_(v)
         else:
             kernel(ins, outs)

@@ -22,7 +22,8 @@ from tests.models.tiny_gpt import TinyGPT
 # a silent fall back to eager would make every comparison below pass: make it an error
 pytestmark = pytest.mark.filterwarnings("error:lazygraph.compile")
 
-BACKEND = os.environ.get("LAZYGRAPH_TEST_BACKEND", "reference")  # fast on CPU; one test below goes through the default ("auto") backend
+# fast on CPU; the acceptance tests below go through the default ("auto") backend, fused kernels
+BACKEND = os.environ.get("LAZYGRAPH_TEST_BACKEND", "reference")
 
 
 def _compiled(model, **kw):
@@ -105,7 +106,7 @@ def test_gpt2_tiny_through_fused_kernels_matches_eager_for_5_adamw_steps():
     opt_c = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
     gen = torch.Generator().manual_seed(2)
     lg.reset_stats()
-    for step in range(5):
+    for _ in range(5):
         idx = torch.randint(0, 256, (3, 32), generator=gen)
         tgt = torch.randint(0, 256, (3, 32), generator=gen)
         logits_e, loss_e = eager(idx, tgt)

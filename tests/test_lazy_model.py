@@ -19,7 +19,7 @@ def test_tiny_gpt_forward_backward_and_adamw_steps_equal_eager():
     opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
     opt_l = torch.optim.AdamW(lazy_model.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
     gen = torch.Generator().manual_seed(1)
-    for step in range(3):
+    for _ in range(3):
         idx = torch.randint(0, 61, (3, 13), generator=gen)  # odd batch, odd length
         tgt = torch.randint(0, 61, (3, 13), generator=gen)
         logits_e, loss_e = eager(idx, tgt)

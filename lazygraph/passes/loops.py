@@ -174,7 +174,7 @@ class Lowering:
         self.row_coords: list[str] = []
         self.full_coords: list[str] = []
         ix = ir = 0
-        for i, d in enumerate(space.shape):
+        for i in range(len(space.shape)):
             if i in space.axes:
                 self.full_coords.append(rr[ir])
                 self.row_coords.append("0")
