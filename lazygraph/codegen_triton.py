@@ -310,7 +310,10 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
     nprog = max(1, -(-sp.rows // xblock))
     pr = _Printer(prog, strides, xblock, rblock, nprog)
     pr.bf16_by_hand = target is INTERPRETER
-    big = max([numel(b.shape) for b in prog.buffers + prog.outputs] + [sp.rows * sp.red, 1])
+    # int64 index math when any element offset could pass int32: sizes, and strided views of big buffers
+    reach = [sum((d - 1) * abs(st) for d, st in zip(b.shape, strides[i]) if d > 0)
+             for i, b in enumerate(prog.buffers) if not b.attrs.get("scalar")]
+    big = max([numel(b.shape) for b in prog.buffers + prog.outputs] + reach + [sp.rows * sp.red, 1])
     use64 = big * 2 >= 2**31
     params = [param_name(prog, i) for i in range(len(prog.buffers))] + [f"out_ptr{i}" for i in range(len(prog.outputs))]
     if prog.grid_reductions:

@@ -23,6 +23,7 @@ only masks built in the graph (tril of ones, iota compares) do, and those cannot
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -51,6 +52,7 @@ class Pat:
 
 
 _RESHAPES = frozenset({Op.RESHAPE})
+_EXPANDS = frozenset({Op.EXPAND})
 
 
 def _keeps_last2(n: Node) -> bool:
@@ -94,9 +96,10 @@ _MASKED = [  # (pattern builder over the scaled scores, does the mask say keep (
 
 def _softmax_of(x: Pat) -> Pat:
     """The lowering's softmax: div(e, sum(e)) with e = exp(x - amax(x)) over the last axis."""
-    mx = Pat(Op.EXPAND, (Pat(Op.AMAX, (Pat(name="x"),), when=_last_axis),))  # the same x
+    # the broadcasts back are looked through: simplify drops them where the last axis has size 1
+    mx = Pat(Op.AMAX, (Pat(name="x"),), when=_last_axis, through=_EXPANDS)  # the same x
     e = Pat(Op.EXP, (Pat(Op.SUB, (x, mx)),), name="e")
-    return Pat(Op.DIV, (e, Pat(Op.EXPAND, (Pat(Op.SUM, (e,), when=_last_axis),))), name="probs")
+    return Pat(Op.DIV, (e, Pat(Op.SUM, (e,), when=_last_axis, through=_EXPANDS)), name="probs")
 
 
 def _patterns() -> list[tuple[Pat, Op | None, bool | None]]:
@@ -267,7 +270,11 @@ def _same_batch(n: Node) -> bool:
 
 
 def _is_zero(n: Node) -> bool:
-    return n.op is Op.FULL and n.value is None and n.attrs.get("value") == 0
+    """A zero constant: a full, or (torch.where's backward) a 0-d input whose value the graph holds."""
+    if n.op is Op.FULL and n.value is None:
+        return n.attrs.get("value") == 0
+    value = constant_value(n)
+    return value is not None and bool((value == 0).all())
 
 
 def _t(x: Pat) -> Pat:
@@ -284,10 +291,19 @@ def _mm(a: Pat, b: Pat, name: str | None = None, through: frozenset[Op] = frozen
     return Pat(Op.MATMUL, (a, b), name=name, through=through, batch_only=True, when=_same_batch)
 
 
-_DP = _mm(_bound("dout"), _t(_bound("v")), name="dp", through=_RESHAPES)
-_GY = Pat(Op.MUL, (_DP, _bound("p")), name="gy")
-_SOFTMAX_BWD = Pat(Op.SUB, (_GY, Pat(Op.MUL, (_bound("p"), Pat(Op.EXPAND, (Pat(Op.SUM, (_GY,), when=_last_axis),))))),
-                   name="ds")
+def _tr(name: str) -> tuple[Pat, Pat]:
+    """x^T for a bound x: a transpose of it, or, where x is itself a transpose (k^T written as
+    k.transpose), the node below it (simplify folds the two permutes away); see _seed."""
+    return _t(_bound(name)), _bound(name + "^T")
+
+
+def _softmax_bwd(vt: Pat) -> Pat:
+    """_softmax_backward_data(dp, p) as the lowering writes it: dp * p - p * sum(dp * p)."""
+    gy = Pat(Op.MUL, (_mm(_bound("dout"), vt, name="dp", through=_RESHAPES), _bound("p")), name="gy")
+    return Pat(Op.SUB, (gy, Pat(Op.MUL, (_bound("p"), Pat(Op.SUM, (gy,), when=_last_axis, through=_EXPANDS)))),
+               name="ds")
+
+
 _ZERO = Pat(name="zero", through=MOVEMENT, when=_is_zero)
 _SCALE_BWD = Pat(name="cb", through=MOVEMENT, when=_is_scale)
 _MASK_BWD = {  # the forward's `keep` -> the backward of its where (the mask is the forward's node)
@@ -305,11 +321,25 @@ _SCALE_BWDS = {  # the forward's scale op -> the scale's backward variants
 def _grad_patterns(scale_op: Op | None, keep: bool | None) -> list[tuple[str, Pat]]:
     """(which, pattern rooted at the gradient matmul) for one forward variant."""
     out = [("v", _mm(_t(_bound("p")), _bound("dout")))]
-    for ds in (_SOFTMAX_BWD, Pat(Op.CAST, (_SOFTMAX_BWD,))):  # a cast back to the scores' dtype (half)
-        for scaled in _SCALE_BWDS[scale_op]:
-            dsin = Pat(srcs=(scaled(_MASK_BWD[keep](ds)),), name="dsin", through=_RESHAPES, batch_only=True)
-            out += [("q", _mm(dsin, _t(_bound("kt")))), ("k", _mm(_t(_bound("q")), dsin))]
+    for vt, cast, scaled in itertools.product(_tr("v"), (False, True), _SCALE_BWDS[scale_op]):
+        ds = _softmax_bwd(vt)
+        ds = Pat(Op.CAST, (ds,)) if cast else ds  # a cast back to the scores' dtype (half)
+        dsin = Pat(srcs=(scaled(_MASK_BWD[keep](ds)),), name="dsin", through=_RESHAPES, batch_only=True)
+        out += [("q", _mm(dsin, ktt)) for ktt in _tr("kt")] + [("k", _mm(qt, dsin)) for qt in _tr("q")]
     return out
+
+
+def _seed(fbinds: Binds, p: Node) -> Binds:
+    """The backward patterns' bound names: p, q, kt, v below their batch reshapes, and x^T where
+    x is a transpose (its source, as the backward reads it once simplify has folded x^T^T)."""
+    seed: Binds = {"p": _strip(p)}
+    for name in ("q", "kt", "v"):
+        x = seed[name] = _strip(fbinds[name])
+        if x.op is Op.PERMUTE and x.value is None and _swaps_last2(x):
+            seed[name + "^T"] = _strip(x.srcs[0])
+    if "mask" in fbinds:
+        seed["mask"] = fbinds["mask"]
+    return seed
 
 
 def _strip(n: Node) -> Node:
@@ -358,9 +388,7 @@ def _joint(root, fbinds, finner, scale_op, keep, users) -> JointMatch | None:
     if not (q.shape[:-2] == kt.shape[:-2] == v.shape[:-2] == root.shape[:-2] == root.srcs[0].shape[:-2]):
         return None  # no batch broadcasting anywhere: each gradient is one attention_bwd output
     p = fbinds.get("p", fbinds["probs"])
-    seed: Binds = {"p": _strip(p), "q": _strip(q), "kt": _strip(kt), "v": _strip(v)}
-    if keep is not None:
-        seed["mask"] = fbinds["mask"]
+    seed = _seed(fbinds, p)
     binds: Binds = dict(seed)
     grads: dict[str, Node] = {}
     inner: list[Node] = list(finner)
@@ -440,16 +468,24 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
     if not matches and not joints:
         return graph
     new_of: dict[int, Node] = {}
-    built: dict[int, tuple[Node, ...]] = {}  # root id -> (q, k, v, out, lse, dout) of its attention
+    built: dict[int, tuple[Node, ...]] = {}  # root id -> (q, k, v, out, lse); -id-1 -> (..., dout)
 
     def new(x: Node) -> Node:
         """The rewritten `x`, rewriting it now if the walk has not reached it yet (a gradient may
         come before v in graph order)."""
-        if effective_op(x) is Op.INPUT:
-            return x
-        if x.id not in new_of:
-            rewrite(x, tuple(new(s) for s in x.srcs))
-        return new_of[x.id]
+        stack = [x]
+        while stack:  # post-order over the ancestors not rewritten yet (no recursion: graphs are deep)
+            n = stack[-1]
+            if effective_op(n) is Op.INPUT or n.id in new_of:
+                stack.pop()
+                continue
+            pending = [s for s in n.srcs if effective_op(s) is not Op.INPUT and s.id not in new_of]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            rewrite(n, tuple(new_of.get(s.id, s) for s in n.srcs))
+        return new_of.get(x.id, x)
 
     def forward(jm: JointMatch) -> tuple[Node, ...]:
         if jm.fwd.root.id not in built:
@@ -457,11 +493,19 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
             r = jm.fwd.root
             out = Node(Op.ATTENTION, (q, k, v), r.shape, r.dtype, r.device, attrs, r.source)
             lse = Node(Op.ATTENTION_LSE, (q, k, v), q.shape[:-1], torch.float32, r.device, attrs, r.source)
+            built[r.id] = (q, k, v, out, lse)
+        return built[jm.fwd.root.id]
+
+    def backward(jm: JointMatch) -> tuple[Node, ...]:
+        """The forward's nodes and dout (often computed from the forward's result: built apart)."""
+        key = -jm.fwd.root.id - 1
+        if key not in built:
+            out = forward(jm)[3]
             dout = new(jm.dout)
             if dout.shape != out.shape:  # one node for all three gradients: they share one launch
                 dout = Node(Op.RESHAPE, (dout,), out.shape, dout.dtype, dout.device, {}, dout.source)
-            built[r.id] = (q, k, v, out, lse, dout)
-        return built[jm.fwd.root.id]
+            built[key] = forward(jm) + (dout,)
+        return built[key]
 
     def rewrite(n: Node, srcs: tuple[Node, ...]) -> Node:
         if n.id in new_of:
@@ -473,7 +517,7 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
             out = forward(joints[n.id])[3]
         elif n.id in grad_of:
             jm, which = grad_of[n.id]
-            out = _grad_node(jm, which, forward(jm), new)
+            out = _grad_node(jm, which, backward(jm), new)
         else:
             out = copy_with(n, srcs)
         if log is not None and (m is not None or n.id in joints):
