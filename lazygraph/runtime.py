@@ -88,12 +88,34 @@ def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
 def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
     backend = backend or _default_backend
     _check_inputs(graph)
+    hits = COUNTERS["cache_hits"]
     program = get_program(graph, backend)
     COUNTERS["graphs_run"] += 1
     outputs = program.run([n.value for n in graph.inputs], runtime_scalars(graph))
     if dump.enabled():
         dump.write_run(graph, program)
+    if DEBUG:
+        _debug_print(graph, program, cached=COUNTERS["cache_hits"] > hits)
     return outputs
+
+
+# LAZYGRAPH_DEBUG=1: a line per graph run; 2: plus the fusion report; 3: plus the graph and kernels
+DEBUG = int(os.environ.get("LAZYGRAPH_DEBUG", "0") or 0)
+
+
+def _debug_print(graph: Graph, program: Program, cached: bool) -> None:
+    import sys
+
+    out = sys.stderr
+    print(f"lazygraph: ran graph {graph.structural_hash()} ({len(graph.nodes)} nodes, "
+          f"{'cached' if cached else 'new'}): {program.describe()}", file=out)
+    schedule = getattr(program, "schedule", None)
+    if DEBUG >= 2 and schedule is not None:
+        print(schedule.report_text(), file=out)
+    if DEBUG >= 3:
+        print(graph.text(), file=out)
+        for k in getattr(program, "kernels", list)():
+            print(k.source, file=out)
 
 
 def clear_cache() -> None:

@@ -416,7 +416,7 @@ def _joint(root, fbinds, finner, scale_op, keep, users) -> JointMatch | None:
         return None
     fwd = _as_match(root, fbinds, scale_op, keep)
     cb = binds.get("cb")
-    if scale_op is not None and not _same_scale(fwd.scale, cb):
+    if scale_op is not None and set(grads) != {"v"} and not _same_scale(fwd.scale, cb):
         return None
     if not _accounted(inner, root, grads, seed, users):
         return None
