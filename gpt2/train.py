@@ -55,6 +55,8 @@ def prepare(
                       if v is not None and k in accepted}
             return lg.compile(model, **kwargs), "compiled"
         print("note: lazygraph.compile is not available yet; using lazygraph.lazy_module instead", flush=True)
+    if dump_dir is not None:
+        lg.dump(dir=dump_dir)  # lazy mode: every graph run from now on is dumped there
     return lg.lazy_module(model), "lazy"
 
 

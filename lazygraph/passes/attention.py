@@ -10,8 +10,10 @@ between the two matmuls.
 
 A match is rewritten only when it is safe:
 - the probabilities and every other intermediate have no users outside the match. With a
-  backward in the graph the softmax output is read again, and rewriting only the forward would
-  leave a decomposed backward beside a fused forward (DESIGN.md: never one direction only);
+  backward in the graph (training) the softmax output is read again: then the match is the
+  forward together with its whole autograd backward (find_joint), which becomes attention +
+  attention_lse and attention_bwd(which=q|k|v); never one direction only (DESIGN.md). A forward
+  whose backward does not match, or dropout on the probabilities, is left as written;
 - the mask is provably causal: its subgraph has only constant leaves (iota, full, or an input
   whose value this graph holds) and evaluates to ones(tq, tk).tril(tk - tq); the fill is -inf
   (or the dtype's lowest value); tq <= tk, so no row is fully masked (eager gives NaN there);
