@@ -37,6 +37,8 @@ import torch.utils._pytree as pytree
 from .counters import COUNTERS, RECOMPILE_REASONS
 from .ir import Graph, Node, Op, runtime_scalars
 from .lazy import LazyTensor, lazy, lazy_mode, node_of
+from .passes.attention import attention_pass
+from .passes.simplify import simplify
 from .passes.partition import partition
 from .runtime import Program, get_backend, get_program, set_backend
 
@@ -495,7 +497,9 @@ class CompiledModule(torch.nn.Module):
         if len(joint.outputs) > num_fwd:
             free = {n.id for n, (kind, v) in zip(joint.inputs, tr.sources)
                     if kind in ("seed", "const") or (kind == "primal" and v < num_module_prims)}
-            part = partition(joint, num_fwd, tangents, free)
+            # explicit attention and its backward become the flash ops before the split, while the
+            # joint graph still holds the mask's value and sees both directions
+            part = partition(attention_pass(simplify(joint)), num_fwd, tangents, free)
             fwd_graph, bwd_graph = part.forward, part.backward
             placeholder = {p.id: i for i, p in enumerate(part.placeholders)}
             bwd_inputs = [("saved", placeholder[n.id]) if n.id in placeholder else ("joint", pos[n.id])

@@ -21,30 +21,61 @@ import torch
 from .counters import COUNTERS, EXTERN_OPS
 from .flash_attention import run_attention_node
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
-from .passes import PipelineResult, run_pipeline
+from .passes import InputValues, PipelineResult, run_pipeline
 from .passes.fuse import FusionGroup, Step
 from .passes.loops import FREE_OPS
 from .reference import eval_node
 
 
+_MAX_LENT_NUMEL = 1 << 22  # inputs small enough for a pass to inspect (masks, not activations)
+
+
 class CompiledProgram:
     backend = "triton"
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, lend_values: bool = True):
         self.graph = graph.clone()
         self.input_ids = [n.id for n in self.graph.inputs]
+        # Passes may rely on small input values (a causal mask in a buffer). They are lent while
+        # building; each run then checks those inputs still hold them (see _assumptions_hold).
+        lent = None
+        if lend_values:
+            lent = InputValues({c.id: n.value for c, n in zip(self.graph.inputs, graph.inputs)
+                                if n.value is not None and n.value.numel() <= _MAX_LENT_NUMEL})
         self.graph, self.scalar_nodes = lift_scalars(self.graph)
         self.scalar_defaults = [n.attrs["value"] for n in self.scalar_nodes]
-        self.result: PipelineResult = run_pipeline(self.graph)
+        self.result: PipelineResult = run_pipeline(self.graph, input_values=lent)
+        self.assumed: dict[int, list] = {}  # input id -> [expected value, data_ptr, version]
+        for i in (lent.relied if lent else ()):
+            v = lent.values[i]
+            self.assumed[i] = [v.clone(), v.data_ptr(), v._version]
+        self._without_assumptions: CompiledProgram | None = None
+        self._source_graph = graph.clone() if self.assumed else None
         self.schedule = self.result.schedule
         self.names = self.schedule.names
         self._kernels: dict[tuple, Any] = {}
-        self._failed: dict[int, str] = {}
+
+    def _assumptions_hold(self, env: dict[int, Any]) -> bool:
+        """The lent input values this program was specialised on are still what it gets: the same
+        tensor unchanged (cheap), or equal values (checked once, then remembered)."""
+        for i, slot in self.assumed.items():
+            expected, ptr, version = slot
+            t = env[i]
+            if t.data_ptr() == ptr and t._version == version:
+                continue
+            if t.shape != expected.shape or not torch.equal(t, expected.to(t.device)):
+                return False
+            slot[1], slot[2] = t.data_ptr(), t._version
+        return True
 
     # -- running --------------------------------------------------------------------------------
 
     def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float] | None = None) -> list[torch.Tensor]:
         env: dict[int, Any] = dict(zip(self.input_ids, inputs))
+        if self.assumed and not self._assumptions_hold(env):
+            if self._without_assumptions is None:
+                self._without_assumptions = CompiledProgram(self._source_graph, lend_values=False)
+            return self._without_assumptions.run(inputs, scalars)
         for n, v in zip(self.scalar_nodes, scalars if scalars is not None else self.scalar_defaults):
             env[n.id] = ScalarValue(v, n)
         raw: dict[int, torch.Tensor] = {}  # kernel-owned memory, by node id

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ir import Graph, verify
-from .attention import attention_pass
+from .attention import InputValues, attention_pass, lend_input_values
 from .fuse import Decision, FusionGroup, Schedule, Step, fuse
 from .memory import MemoryPlan, plan_memory
 from .place import place
@@ -34,12 +34,15 @@ class PipelineResult:
     stages: list[tuple[str, Graph]] = field(default_factory=list)  # ("00-captured", g), ("01-simplify", g), ...
 
 
-def run_pipeline(graph: Graph, fusion: bool = True) -> PipelineResult:
+def run_pipeline(graph: Graph, fusion: bool = True, input_values: InputValues | None = None) -> PipelineResult:
+    """`input_values` lends the values of graph inputs to passes that can use them (a causal mask
+    held in a buffer); the inputs they relied on end up in `input_values.relied`."""
     stages = [("00-captured", graph)]
-    for i, (name, fn) in enumerate(PIPELINE, start=1):
-        graph = fn(graph)
-        verify(graph)
-        stages.append((f"{i:02d}-{name}", graph))
+    with lend_input_values(input_values):
+        for i, (name, fn) in enumerate(PIPELINE, start=1):
+            graph = fn(graph)
+            verify(graph)
+            stages.append((f"{i:02d}-{name}", graph))
     schedule = fuse(graph, enabled=fusion)
     stages.append((f"{len(stages):02d}-fuse", graph))
     return PipelineResult(graph, schedule, plan_memory(schedule), stages)
@@ -64,5 +67,5 @@ def check_pipeline(graph: Graph, inputs: Sequence[torch.Tensor], rtol: float = 1
                 raise AssertionError(f"pass {name} changed output {i}: {e}") from None
 
 
-__all__ = ["PIPELINE", "run_pipeline", "check_pipeline", "simplify", "place", "fuse", "plan_memory", "Schedule",
+__all__ = ["InputValues", "PIPELINE", "run_pipeline", "check_pipeline", "simplify", "place", "fuse", "plan_memory", "Schedule",
            "Step", "FusionGroup", "Decision", "MemoryPlan", "PipelineResult"]

@@ -25,6 +25,8 @@ only masks built in the graph (tril of ones, iota compares) do, and those cannot
 
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 import math
 from collections.abc import Callable
@@ -153,8 +155,32 @@ _MAX_MASK_NODES = 64
 _MAX_MASK_NUMEL = 1 << 24
 
 
+class InputValues:
+    """Values of a value-free graph's inputs, lent to the passes while a program is built (a
+    causal mask kept in a module buffer is an input). Every input whose value a rewrite relied on
+    is recorded: the program must check, before each run, that it still holds that value."""
+
+    def __init__(self, values: dict[int, torch.Tensor]):
+        self.values = values
+        self.relied: set[int] = set()
+
+
+_lent: InputValues | None = None
+
+
+@contextlib.contextmanager
+def lend_input_values(values: InputValues | None):
+    global _lent
+    previous, _lent = _lent, values
+    try:
+        yield values
+    finally:
+        _lent = previous
+
+
 def constant_value(n: Node) -> torch.Tensor | None:
-    """The value of `n` if it depends only on constants (full, iota, inputs holding a value)."""
+    """The value of `n` if it depends only on constants (full, iota, inputs holding a value, or
+    inputs whose values are lent while a program is built)."""
     from ..reference import run_graph
 
     while n.op is Op.EXPAND and n.value is None:  # evaluate before broadcasting: smaller
@@ -162,13 +188,20 @@ def constant_value(n: Node) -> torch.Tensor | None:
     g = Graph.from_outputs([n])
     if len(g.nodes) > _MAX_MASK_NODES:
         return None
+    borrowed: dict[int, torch.Tensor] = {}
     for m in g.nodes:
         op = effective_op(m)
         if op is Op.INPUT and m.value is None:
-            return None
+            lent = _lent.values.get(m.id) if _lent is not None else None
+            if lent is None or lent.numel() > _MAX_MASK_NUMEL:
+                return None
+            borrowed[m.id] = lent
         if op not in POINTWISE | MOVEMENT | {Op.INPUT, Op.FULL, Op.IOTA} or numel(m.shape) > _MAX_MASK_NUMEL:
             return None
-    return run_graph(g)[0]
+    value = run_graph(g, [borrowed.get(m.id, m.value) for m in g.inputs])[0]
+    if borrowed:
+        _lent.relied.update(borrowed)
+    return value
 
 
 def _is_causal(mask: Node, keep: bool, tq: int, tk: int) -> bool:

@@ -120,6 +120,12 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
     free = set(free)
 
     fwd_needed = _ancestors(fwd_outs)
+    # the attention kernel computes its log-sum-exp rows with its output: one launch gives both,
+    # so the forward saves them rather than the backward launching the forward kernel again
+    attention_srcs = {tuple(s.id for s in n.srcs) for n in joint.nodes
+                      if n.op is Op.ATTENTION and n.id in fwd_needed}
+    fwd_needed.update({n.id: n for n in joint.nodes if n.op is Op.ATTENTION_LSE
+                       and tuple(s.id for s in n.srcs) in attention_srcs})
     bwd_needed = _ancestors(grads)
     # tangent-dependent nodes can only run in the backward
     after_tangent = _tangent_dependent(joint.nodes, tangent_ids)
