@@ -38,8 +38,8 @@ from .counters import COUNTERS, RECOMPILE_REASONS
 from .ir import Graph, Node, Op, runtime_scalars
 from .lazy import LazyTensor, lazy, lazy_mode, node_of
 from .passes.attention import attention_pass
-from .passes.simplify import simplify
 from .passes.partition import partition
+from .passes.simplify import simplify
 from .runtime import Program, get_backend, get_program, set_backend
 
 # the package's dump() function shadows the dump module as an attribute of lazygraph

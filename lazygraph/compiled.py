@@ -26,7 +26,6 @@ from .passes.fuse import FusionGroup, Step
 from .passes.loops import FREE_OPS
 from .reference import eval_node
 
-
 _MAX_LENT_NUMEL = 1 << 22  # inputs small enough for a pass to inspect (masks, not activations)
 
 

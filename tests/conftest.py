@@ -4,9 +4,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 import lazygraph  # noqa: E402
-from hypothesis import settings  # noqa: E402
 
 # CI must be reproducible: the same examples every run. HYPOTHESIS_PROFILE=explore searches anew.
 settings.register_profile("ci", derandomize=True, database=None)

@@ -67,5 +67,5 @@ def check_pipeline(graph: Graph, inputs: Sequence[torch.Tensor], rtol: float = 1
                 raise AssertionError(f"pass {name} changed output {i}: {e}") from None
 
 
-__all__ = ["InputValues", "PIPELINE", "run_pipeline", "check_pipeline", "simplify", "place", "fuse", "plan_memory", "Schedule",
-           "Step", "FusionGroup", "Decision", "MemoryPlan", "PipelineResult"]
+__all__ = ["InputValues", "PIPELINE", "run_pipeline", "check_pipeline", "simplify", "place", "fuse", "plan_memory",
+           "Schedule", "Step", "FusionGroup", "Decision", "MemoryPlan", "PipelineResult"]

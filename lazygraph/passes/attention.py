@@ -26,7 +26,6 @@ only masks built in the graph (tril of ones, iota compares) do, and those cannot
 from __future__ import annotations
 
 import contextlib
-
 import itertools
 import math
 from collections.abc import Callable
