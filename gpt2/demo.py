@@ -53,14 +53,18 @@ def count_eager_ops(model: GPT, x: torch.Tensor, y: torch.Tensor, lr: float) -> 
     return total, total - sum(n for op, n in counter.ops.items() if op in _FREE)
 
 
-def latest_summary(dump_dir: str) -> tuple[str | None, dict]:
-    """The newest run folder in a dump and its summary.json (empty if none)."""
-    files = glob.glob(os.path.join(dump_dir, "**", "summary.json"), recursive=True)
-    if not files:
-        return None, {}
-    newest = max(files, key=os.path.getmtime)
-    with open(newest) as f:
-        return os.path.dirname(newest), json.load(f)
+def newest_summaries(dump_dir: str) -> tuple[str | None, list[dict]]:
+    """The newest top-level run folder of a dump (run-NNNN, or compile-NNNN with its forward and
+    backward) and every summary.json inside it."""
+    runs = [d for d in glob.glob(os.path.join(dump_dir, "*")) if os.path.isdir(d)]
+    if not runs:
+        return None, []
+    newest = max(runs, key=os.path.getmtime)
+    out = []
+    for f in sorted(glob.glob(os.path.join(newest, "**", "summary.json"), recursive=True)):
+        with open(f) as fh:
+            out.append(json.load(fh))
+    return newest, out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,21 +121,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     x, y = get_batch(data, args.batch_size, args.block_size, torch.Generator().manual_seed(args.seed))
     ops, memory_ops = count_eager_ops(build_model(cfg, args.seed), x, y, args.lr)
-    run_dir, summary = latest_summary(args.dump_dir)
+    run_dir, summaries = newest_summaries(args.dump_dir)
     pad = " " * 15
+    steps = max(1, args.steps)
     print(f"\neager PyTorch: {ops} aten ops per training step ({memory_ops} not counting views)")
-    line = (f"lazygraph:     {stats['graphs_run'] / max(1, args.steps):.1f} graph(s) per step, "
-            f"{stats['compiles']} compiled, {stats['cache_hits']} reused")
-    if summary:
-        line += f"; last graph {summary.get('nodes', '?')} IR nodes"
-    print(line)
-    if "kernels" in summary or stats["triton_kernels"]:
-        kernels = summary.get("kernels", stats["triton_kernels"])
-        extern = summary.get("extern_calls", stats["extern_calls"])
-        eager_ops = summary.get("eager_ops", memory_ops)
-        print(f"{pad}{eager_ops} eager ops -> {kernels} fused kernels + {extern} extern calls per step")
-    else:
-        print(f"{pad}no fused kernels here: {summary.get('program', 'the reference executor ran it')}")
+    print(f"lazygraph:     {stats['graphs_run'] / steps:.1f} graph runs per step; {stats['compiles']} programs "
+          f"compiled, {stats['nodes_recorded']} IR nodes recorded in all (tracing happens once)")
+    if stats["triton_kernels"]:
+        flash = stats.get("flash_attention", 0)
+        print(f"{pad}{stats['triton_kernels'] / steps:.0f} Triton kernels (of them {flash / steps:.0f} flash attention) "
+              f"+ {stats['extern_calls'] / steps:.0f} extern calls (matmuls) launched per step")
+    if summaries:
+        eager_ops = sum(s.get("eager_ops", 0) for s in summaries)
+        eager_b = sum(s.get("eager_bytes", 0) for s in summaries)
+        fused_b = sum(s.get("fused_bytes", 0) for s in summaries)
+        if eager_b and fused_b:
+            print(f"{pad}model forward+backward: {eager_ops} primitive ops, memory traffic "
+                  f"{eager_b / 2**20:.1f} MiB eager -> {fused_b / 2**20:.1f} MiB fused (modelled)")
+    elif not stats["triton_kernels"]:
+        print(f"{pad}no fused kernels here: the reference executor ran it")
     if stats["graph_breaks"]:
         print(f"{pad}graph breaks: {stats['graph_breaks']}")
 
@@ -139,11 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     if run_dir:
         print(f"\ndump: {where} (newest run: {os.path.relpath(run_dir, where)})")
         print(f"look at it: python -m lazygraph show {args.dump_dir}")
-        print(f"            or read {os.path.join(run_dir, 'summary.txt')} and graph.txt beside it")
+        print(f"            or read the summary.txt, graph.txt, fusion.txt and kernels/ in {run_dir}")
     else:
         print(f"\nno dump was written to {where}")
     return {"eager": eager.losses, "lazy": lazy.losses, "mode": lazy.mode, "match": match, "falls": falls,
-            "eager_ops": ops, "stats": stats, "dump": run_dir, "summary": summary}
+            "eager_ops": ops, "stats": stats, "dump": run_dir, "summaries": summaries}
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def stats() -> dict[str, Any]:
         "cache_hits": c["cache_hits"],
         "graph_breaks": dict(counters.GRAPH_BREAKS),
         "triton_kernels": c["triton_kernels"],
+        "flash_attention": c["flash_attention_fwd"] + c["flash_attention_bwd"],  # counted in triton_kernels too
+        "kernel_fallbacks": c["kernel_fallbacks"],
         "extern_calls": c["extern_calls"],
         "extern_ops": dict(counters.EXTERN_OPS),
         "recompiles": c["recompiles"],

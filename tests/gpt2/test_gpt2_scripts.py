@@ -70,7 +70,7 @@ def test_demo_runs_end_to_end_in_lazy_mode(tmp_path, capsys):
     assert out["mode"] == "lazy" and out["match"]
     assert len(out["eager"]) == len(out["lazy"]) == 2
     assert out["eager_ops"] > 100
-    assert out["dump"] is not None and out["summary"]["nodes"] > 0
+    assert out["dump"] is not None and out["summaries"] and out["summaries"][0]["nodes"] > 0
     text = capsys.readouterr().out
     assert "python -m lazygraph show" in text and "match" in text
 
