@@ -469,3 +469,22 @@ def test_partition_halves_compose_to_the_joint_graph_and_never_recompute_matmuls
     assert all(n.op is not Op.MATMUL and n.op not in REDUCE for n in recomputed)
     assert 0 < part.saved_bytes <= part.naive_bytes
     assert "saved:" in part.report()
+
+
+def test_gpt2_tiny_autocast_bf16_through_fused_kernels():
+    """bf16 autocast, compiled on the default backend: loss and gradients within bf16 tolerance."""
+    from gpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig.tiny())
+    model = _compiled(eager, backend="auto")
+    idx, tgt = torch.randint(0, 256, (3, 32)), torch.randint(0, 256, (3, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss_e = eager(idx, tgt)
+        _, loss_c = model(idx, tgt)
+    loss_e.backward()
+    loss_c.backward()
+    assert_close(loss_c, loss_e, rtol=2e-3, atol=2e-3)
+    for (name, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        scale = pe.grad.abs().max().item() + 1e-6
+        assert (pc.grad - pe.grad).abs().max().item() <= 3e-2 * scale, name
