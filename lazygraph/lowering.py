@@ -329,22 +329,21 @@ def _lerp(a, b, w):
     return ops.where(ops.binary(Op.LT, ops.unary(Op.ABS, w), ops.scalar_like(0.5, w)), low, high)
 
 
-@rule(aten.addcmul.default)
-def _addcmul(x, t1, t2, value=1):
-    dtype = _dtypes(x, t1, t2)
-    prod = ops.binary(Op.MUL, ops.cast(t1, dtype), ops.cast(t2, dtype), dtype)
-    if value != 1:
-        prod = ops.binary(Op.MUL, prod, ops.scalar_like(value, prod))
-    return ops.binary(Op.ADD, ops.cast(x, dtype), prod, dtype)
+def _addc_rule(op: Op):
+    """addcmul / addcdiv: x + value * (t1 op t2), in the promoted dtype."""
+
+    def lower(x, t1, t2, value=1):
+        dtype = _dtypes(x, t1, t2)
+        r = ops.binary(op, ops.cast(t1, dtype), ops.cast(t2, dtype), dtype)
+        if value != 1:
+            r = ops.binary(Op.MUL, r, ops.scalar_like(value, r))
+        return ops.binary(Op.ADD, ops.cast(x, dtype), r, dtype)
+
+    return lower
 
 
-@rule(aten.addcdiv.default)
-def _addcdiv(x, t1, t2, value=1):
-    dtype = _dtypes(x, t1, t2)
-    q = ops.binary(Op.DIV, ops.cast(t1, dtype), ops.cast(t2, dtype), dtype)
-    if value != 1:
-        q = ops.binary(Op.MUL, q, ops.scalar_like(value, q))
-    return ops.binary(Op.ADD, ops.cast(x, dtype), q, dtype)
+RULES[aten.addcmul.default] = _addc_rule(Op.MUL)
+RULES[aten.addcdiv.default] = _addc_rule(Op.DIV)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,15 @@ settings.register_profile("explore")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture
+def fused_backend():
+    """The default backend (fused Triton kernels) for this test, whatever the session uses."""
+    previous = lazygraph.get_backend()
+    lazygraph.set_backend("auto")
+    yield
+    lazygraph.set_backend(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     torch.manual_seed(0)

@@ -21,12 +21,7 @@ from lazygraph.passes import run_pipeline
 from tests.strategies import Soup, assert_same, random_soup, soups
 
 
-@pytest.fixture(autouse=True)
-def _fused_backend():
-    previous = lg.get_backend()
-    lg.set_backend("auto")
-    yield
-    lg.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("fused_backend")
 
 
 @pytest.fixture

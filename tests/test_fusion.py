@@ -23,12 +23,7 @@ dump_module = importlib.import_module("lazygraph.dump")  # the module (lazygraph
 THIS_FILE = os.path.basename(__file__)
 
 
-@pytest.fixture(autouse=True)
-def _fused_backend():
-    previous = lg.get_backend()
-    lg.set_backend("auto")
-    yield
-    lg.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("fused_backend")
 
 
 @pytest.fixture
