@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"compiled, {stats['nodes_recorded']} IR nodes recorded in all (tracing happens once)")
     if stats["triton_kernels"]:
         flash = stats.get("flash_attention", 0)
-        print(f"{pad}{stats['triton_kernels'] / steps:.0f} Triton kernels (of them {flash / steps:.0f} flash attention) "
-              f"+ {stats['extern_calls'] / steps:.0f} extern calls (matmuls) launched per step")
+        print(f"{pad}{stats['triton_kernels'] / steps:.0f} Triton kernels (of them {flash / steps:.0f} flash "
+              f"attention) + {stats['extern_calls'] / steps:.0f} extern calls (matmuls) launched per step")
     if summaries:
         eager_ops = sum(s.get("eager_ops", 0) for s in summaries)
         eager_b = sum(s.get("eager_bytes", 0) for s in summaries)

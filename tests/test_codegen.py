@@ -20,7 +20,6 @@ import lazygraph.compiled as compiled
 from lazygraph.passes import run_pipeline
 from tests.strategies import Soup, assert_same, random_soup, soups
 
-
 pytestmark = pytest.mark.usefixtures("fused_backend")
 
 
