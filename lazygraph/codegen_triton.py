@@ -440,7 +440,9 @@ def load_kernel(source: str, name: str):
     return fn
 
 
-# (name, source, path, signature) of every kernel this process built: the tests build them all for sm_90
+# With RECORD_GPU_SOURCES on (the tests turn it on), every kernel built also records the source it
+# would have on a GPU, as (name, source, path, signature): the tests build them all for sm_90.
+RECORD_GPU_SOURCES = False
 BUILT_KERNELS: list[tuple[str, str, str, dict[str, str]]] = []
 
 
@@ -478,7 +480,13 @@ class Kernel:
         self._fn = load_kernel(self.source, self.name)
         if self.target is INTERPRETER:
             _quiet_interpreter()
-        BUILT_KERNELS.append((self.name, self.source, self.path, self.signature()))
+        if RECORD_GPU_SOURCES:
+            gpu = self.source if self.target is GPU else kernel_source(group, strides, GPU, names)
+            path = kernel_path(gpu, self.name)
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _atomic_write(path, gpu)
+            BUILT_KERNELS.append((self.name, gpu, path, self.signature()))
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         if self.group.program.space.rows == 0:
@@ -511,7 +519,8 @@ class Kernel:
         return sig
 
 
-def build_for_target(kernels: Sequence[Kernel], arch: int = 90, warp_size: int = 32) -> dict[str, str]:
+def build_for_target(kernels: Sequence[Kernel], arch: int = 90, warp_size: int = 32,
+                     jobs: int | None = None) -> dict[str, str]:
     """Compile kernels for a real GPU (default sm_90, an H100) without needing one: name -> PTX.
 
     Runs in a subprocess with the interpreter off (in a process where TRITON_INTERPRET=1, Triton's
@@ -533,9 +542,15 @@ def build_for_target(kernels: Sequence[Kernel], arch: int = 90, warp_size: int =
         os.makedirs(os.path.join(cache_dir(), "sm_builds"), exist_ok=True)
         env = dict(os.environ, TRITON_INTERPRET="0")
         cmd = [sys.executable, "-m", "lazygraph.codegen_triton", str(arch), str(warp_size)]
-        proc = subprocess.run(cmd, input=json.dumps(todo), capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building kernels for sm_{arch} failed:\n{proc.stderr[-4000:]}")
+        workers = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+        procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(workers)]
+        for i, proc in enumerate(procs):  # ptxas is single-threaded: one builder per core
+            proc.stdin.write(json.dumps(todo[i::workers]))
+            proc.stdin.close()
+        failures = [proc.stderr.read()[-4000:] for proc in procs if proc.wait() != 0]
+        if failures:
+            raise RuntimeError(f"building kernels for sm_{arch} failed:\n{failures[0]}")
         for job in todo:
             results[job["name"]] = open(job["out"]).read()
     return results
