@@ -150,7 +150,9 @@ class CompiledProgram:
 
     def describe(self) -> str:
         s = self.schedule
-        return (f"{len(s.kernels)} Triton kernels, {sum(1 for x in s.steps if x.kind == 'extern')} extern calls, "
+        launches = extern_launches(s.steps)
+        flash = f" (+{len(launches['attention'])} flash attention)" if launches["attention"] else ""
+        return (f"{len(s.kernels)} Triton kernels{flash}, {len(launches['extern'])} extern calls, "
                 f"{sum(1 for x in s.steps if x.kind == 'view')} views")
 
     def summary(self) -> dict[str, Any]:
@@ -165,11 +167,20 @@ class CompiledProgram:
                 "bytes_written": sum(o.nbytes for o in prog.outputs),
             })
         eager_ops, eager_bytes = eager_cost(self.graph)
+        launches = extern_launches(s.steps)
+        for name, nodes in launches["attention"].items():
+            kernel_list.append({
+                "name": name, "kind": "attention", "nodes": [self.names[n.id] for n in nodes],
+                "sources": sorted({n.source for n in nodes if n.source}),
+                "bytes_read": sum(_root_bytes(x) for x in {x.id: x for n in nodes for x in n.srcs}.values()),
+                "bytes_written": sum(n.nbytes for n in nodes),
+            })
         fused_bytes = sum(k["bytes_read"] + k["bytes_written"] for k in kernel_list)
-        fused_bytes += sum(_op_bytes(x.node) for x in s.steps if x.kind == "extern")
+        fused_bytes += sum(_op_bytes(nodes[0]) for nodes in launches["extern"].values())
         return {
-            "eager_ops": eager_ops, "kernels": len(s.kernels),
-            "extern_calls": sum(1 for x in s.steps if x.kind == "extern"),
+            "eager_ops": eager_ops, "kernels": len(s.kernels) + len(launches["attention"]),
+            "attention_kernels": len(launches["attention"]),
+            "extern_calls": len(launches["extern"]),
             "eager_bytes": eager_bytes, "fused_bytes": fused_bytes,
             **self.result.memory.summary(),
             "kernel_list": kernel_list,
@@ -247,6 +258,33 @@ def lift_scalars(graph: Graph) -> tuple[Graph, list[Node]]:
         return copy_with(n, srcs)
 
     return rebuild(graph, lift), lifted
+
+
+_ATTENTION_OPS = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
+
+
+def extern_launches(steps: Sequence[Step]) -> dict[str, dict[tuple, list[Node]]]:
+    """Extern steps grouped by the launch that computes them: attention's output and log-sum-exp
+    are one flash kernel, its three gradients another; an aten call may give several outputs."""
+    out: dict[str, dict[tuple, list[Node]]] = {"attention": {}, "extern": {}}
+    for st in steps:
+        if st.kind != "extern":
+            continue
+        n = st.node
+        srcs = tuple(s.id for s in n.srcs)
+        if n.op in _ATTENTION_OPS:
+            direction = "bwd" if n.op is Op.ATTENTION_BWD else "fwd"
+            groups = out["attention"]
+            name = next((k for k, v in groups.items()
+                         if k.startswith(f"flash_attention_{direction}") and v[0].srcs == n.srcs), None)
+            if name is None:
+                name = f"flash_attention_{direction}_{len(groups)}"
+                groups[name] = []
+            groups[name].append(n)
+        else:
+            key = (n.attrs.get("target", n.op.value), srcs, repr(n.attrs.get("args")))
+            out["extern"].setdefault(key, []).append(n)
+    return out
 
 
 def _extern_name(n: Node) -> str:
