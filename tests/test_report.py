@@ -466,3 +466,20 @@ def test_python_dash_m_show(synthetic):
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert SOFTMAX_KERNEL in proc.stdout and "events: 1 graph_break, 2 recompiles" in proc.stdout
+
+
+def test_show_and_html_read_a_compiled_models_dump(tmp_path, capsys):
+    """lazygraph.compile dumps compile-NNNN/{forward,backward}: both halves are runs to show."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16))
+    compiled = lg.compile(model, dump_dir=str(tmp_path))
+    compiled(torch.randn(5, 8)).sum().backward()
+    dump = load_dump(str(tmp_path))
+    assert [r.name for r in dump.runs] == ["compile-0001/forward", "compile-0001/backward"]
+    assert main(["show", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "compile-0001/forward" in out and "compile-0001/backward" in out and "Triton kernels" in out
+    assert main(["show", str(tmp_path), "--run", "2"]) == 0
+    assert "compile-0001/backward" in capsys.readouterr().out
+    assert main(["html", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 0
+    assert "compile-0001/backward" in (tmp_path / "r.html").read_text()

@@ -99,7 +99,7 @@ def strip_sources(text: str) -> str:
 class Run:
     """One graph run: its folder, summary, graph text after each pass, fusion report and kernels."""
 
-    name: str  # "run-0001"
+    name: str  # "run-0001", or "compile-0001/forward" for a compiled model's halves
     path: str
     summary: dict[str, Any]
     graph: str  # graph.txt
@@ -107,11 +107,12 @@ class Run:
     fusion: dict[str, Any] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)  # kernel name -> Triton source
     loops: dict[str, str] = field(default_factory=dict)  # kernel name -> kernels/NAME.loops.txt
+    seq: int = 0  # position in the dump (1-based), when the folder name has no number of its own
 
     @property
     def number(self) -> int:
         m = re.search(r"(\d+)$", self.name)
-        return int(m.group(1)) if m else 0
+        return int(m.group(1)) if m else self.seq
 
     @property
     def compiled(self) -> bool:
@@ -229,6 +230,17 @@ def load_dump(path: str) -> Dump:
         raise FileNotFoundError(f"no dump directory at {path}")
     runs = [load_run(os.path.join(path, d)) for d in sorted(os.listdir(path))
             if d.startswith("run-") and os.path.isdir(os.path.join(path, d))]
+    # lazygraph.compile writes compile-NNNN/{forward,backward}: each half is a run of its own
+    for d in sorted(os.listdir(path)):
+        if d.startswith("compile-") and os.path.isdir(os.path.join(path, d)):
+            for half in ("forward", "backward"):
+                if os.path.exists(os.path.join(path, d, half, "graph.txt")):
+                    run = load_run(os.path.join(path, d, half))
+                    run.name = f"{d}/{half}"
+                    runs.append(run)
+    if any(not re.search(r"\d+$", r.name) for r in runs):
+        for i, r in enumerate(runs, start=1):
+            r.seq = i
     if not runs and os.path.exists(os.path.join(path, "graph.txt")):
         return Dump(path, [load_run(path)], load_events(os.path.dirname(os.path.normpath(path))))
     runs.sort(key=lambda r: r.number)
