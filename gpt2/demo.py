@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     if stats["triton_kernels"]:
         flash = stats.get("flash_attention", 0)
         print(f"{pad}{stats['triton_kernels'] / steps:.0f} Triton kernels (of them {flash / steps:.0f} flash "
-              f"attention) + {stats['extern_calls'] / steps:.0f} extern calls (matmuls) launched per step")
+              f"attention) + {stats['extern_calls'] / steps:.0f} extern calls (cuBLAS matmuls, scatter-add) per step")
     if summaries:
         eager_ops = sum(s.get("eager_ops", 0) for s in summaries)
         eager_b = sum(s.get("eager_bytes", 0) for s in summaries)
