@@ -116,7 +116,6 @@ _BINARY = {
     Op.EQ: "{0} == {1}", Op.NE: "{0} != {1}", Op.LT: "{0} < {1}", Op.LE: "{0} <= {1}", Op.GT: "{0} > {1}",
     Op.GE: "{0} >= {1}", Op.AND: "{0} & {1}", Op.OR: "{0} | {1}", Op.XOR: "{0} ^ {1}",
 }
-_INIT = {Op.SUM: "0", Op.AMAX: "-inf", Op.AMIN: "inf"}
 
 
 def _init_value(op: Op, dtype: torch.dtype) -> str:
@@ -146,11 +145,10 @@ def _bf16_rne(v: str) -> str:
 
 
 class _Printer:
-    bf16_by_hand = False  # round to bf16 in integer ops (the interpreter target)
-
     def __init__(self, program: LoopProgram, strides: Sequence[Sequence[int]], xblock: int, rblock: int,
-                 nprog: int = 1):
+                 nprog: int = 1, bf16_by_hand: bool = False):
         self.p = program
+        self.bf16_by_hand = bf16_by_hand  # round to bf16 with integer ops (the interpreter truncates)
         self.nprog = nprog
         self.strides = strides
         self.xblock, self.rblock = xblock, rblock
@@ -308,8 +306,7 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
     xblock, rblock = block_sizes(prog, target)
     sp = prog.space
     nprog = max(1, -(-sp.rows // xblock))
-    pr = _Printer(prog, strides, xblock, rblock, nprog)
-    pr.bf16_by_hand = target is INTERPRETER
+    pr = _Printer(prog, strides, xblock, rblock, nprog, bf16_by_hand=target is INTERPRETER)
     # int64 index math when any element offset could pass int32: sizes, and strided views of big buffers
     reach = [sum((d - 1) * abs(st) for d, st in zip(b.shape, strides[i]) if d > 0)
              for i, b in enumerate(prog.buffers) if not b.attrs.get("scalar")]

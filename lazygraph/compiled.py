@@ -326,7 +326,3 @@ def _reference_group(group: FusionGroup, env: dict[int, torch.Tensor]) -> list[t
         return v
 
     return [value(o) for o in group.program.outputs]
-
-
-def _step_label(step: Step, names: dict[int, str]) -> str:
-    return step.group.name if step.kind == "kernel" else f"{step.kind} {names[step.node.id]}"
