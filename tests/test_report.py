@@ -475,11 +475,12 @@ def test_show_and_html_read_a_compiled_models_dump(tmp_path, capsys):
     compiled = lg.compile(model, dump_dir=str(tmp_path))
     compiled(torch.randn(5, 8)).sum().backward()
     dump = load_dump(str(tmp_path))
-    assert [r.name for r in dump.runs] == ["compile-0001/forward", "compile-0001/backward"]
+    names = [r.name for r in dump.runs]  # compile-NNNN counts compiles in this process
+    assert len(names) == 2 and re.fullmatch(r"compile-\d{4}/forward", names[0]) and names[1].endswith("/backward")
     assert main(["show", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "compile-0001/forward" in out and "compile-0001/backward" in out and "Triton kernels" in out
+    assert names[0] in out and names[1] in out and "Triton kernels" in out
     assert main(["show", str(tmp_path), "--run", "2"]) == 0
-    assert "compile-0001/backward" in capsys.readouterr().out
+    assert names[1] in capsys.readouterr().out
     assert main(["html", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 0
-    assert "compile-0001/backward" in (tmp_path / "r.html").read_text()
+    assert names[1] in (tmp_path / "r.html").read_text()
