@@ -1,12 +1,10 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from hypothesis import settings
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
-
-import lazygraph  # noqa: E402
+import lazygraph  # turns Triton's interpreter on where there is no CUDA device (before triton loads)
 
 # CI must be reproducible: the same examples every run. HYPOTHESIS_PROFILE=explore searches anew.
 settings.register_profile("ci", derandomize=True, database=None)
