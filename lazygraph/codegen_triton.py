@@ -294,6 +294,13 @@ class _Printer:
         raise ValueError(f"codegen: no Triton form for {op.value}")
 
 
+def _rmask(sp) -> str:
+    """Columns in range; for a split reduction, also elements before the end of the last chunk."""
+    if sp.chunk:
+        return f"(r < {sp.red}) & (x * {sp.chunk} + r < {numel(sp.red_dims)})"
+    return f"r < {sp.red}"
+
+
 def param_name(prog: LoopProgram, i: int) -> str:
     return f"scalar{i}" if prog.buffers[i].attrs.get("scalar") else f"in_ptr{i}"
 
@@ -324,7 +331,7 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
     body.append(f"xmask = x < {sp.rows}")
     if sp.axes and prog.persistent:
         body.append(f"r = tl.arange(0, {rblock})[None, :]")
-        body.append(f"rmask = r < {sp.red}")
+        body.append(f"rmask = {_rmask(sp)}")
     for ph in prog.phases:
         body += [pr.stmt(s) for s in ph.before]
         if not ph.body:
@@ -337,7 +344,7 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
             body += [pr.stmt(s) for s in loop]
         else:
             body.append(f"for r0 in range(0, {sp.red}, {rblock}):")
-            inner = [f"r = r0 + tl.arange(0, {rblock})[None, :]", f"rmask = r < {sp.red}"]
+            inner = [f"r = r0 + tl.arange(0, {rblock})[None, :]", f"rmask = {_rmask(sp)}"]
             inner += [pr.stmt(s) for s in loop]
             body += ["    " + s for s in inner]
         body += [pr.stmt(s) for s in ph.after]

@@ -357,3 +357,22 @@ def test_verified_soups(verify_kernels):
     for seed in range(10):
         soup = random_soup(2000 + seed)
         assert_same(run_soup(soup), soup.fn(*soup.inputs), rtol=1e-4, atol=1e-5, msg=repr(soup))
+
+
+@pytest.mark.parametrize("n", [65537, 200003])
+def test_large_whole_tensor_reductions_are_split_across_programs(n):
+    """A reduction of everything above 64K elements runs as chunks reduced in parallel, finished by
+    the last program (a split reduction), not as one long program."""
+    from lazygraph.compiled import CompiledProgram
+
+    x = torch.randn(n)
+    x[n // 3] = 7.5
+    for fn in (lambda t: t.sum(), lambda t: t.mean(), lambda t: t.amax(), lambda t: t.amin(),
+               lambda t: (t * t).sum().sqrt(), lambda t: F.mse_loss(t, t * 0.5)):
+        check(fn, x, rtol=1e-5, atol=1e-3)
+    program = CompiledProgram(lg.graph(lg.lazy(x).sum()))
+    assert "split" in str(program.schedule.kernels[0].space)
+    big = torch.randint(0, 1000, (n,))
+    check(lambda t: t.sum(), big)  # integer totals stay exact (one program)
+    everything = torch.randn(300, 400)
+    check(lambda t: torch.softmax(t.reshape(-1), 0), everything)  # the total read back: not split

@@ -24,6 +24,8 @@ from .loops import FREE_OPS, FUSIBLE_REDUCE, KERNEL_OPS, LoopProgram, Lowering, 
 
 MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and slow to compile
 POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
+SPLIT_ABOVE = 1 << 16  # a whole-tensor reduction bigger than this is split across programs
+SPLIT_CHUNK = 4096  # elements per program of a split reduction (one register block on a GPU)
 
 
 @dataclass
@@ -312,6 +314,7 @@ class _Fuser:
             g.stored = self.stored(g)
             if g.program is None or [n.id for n in g.program.outputs] != [n.id for n in g.stored]:
                 g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
+            self._split(g)
         steps = self._order_steps()
         for i, g in enumerate(s.group for s in steps if s.kind == "kernel"):
             g.id = i
@@ -319,6 +322,19 @@ class _Fuser:
             g.name = kernel_name(g)
         return Schedule(self.graph, steps, [s.group for s in steps if s.kind == "kernel"], self.decisions,
                         self.names)
+
+    def _split(self, g: FusionGroup) -> None:
+        """A reduction of a whole large tensor would run as one program: split it into chunks
+        reduced in parallel and combined by the last program, when the group allows it."""
+        sp = g.space
+        if not sp.axes or sp.rows != 1 or sp.red <= SPLIT_ABOVE:
+            return
+        split = Space(sp.shape, sp.axes, chunk=SPLIT_CHUNK)
+        try:
+            g.program = Lowering(g.nodes, split, g.stored, inline=self.inline_ids).lower()
+            g.space = split
+        except NotFusable:
+            pass  # e.g. the total is read back per element (softmax of everything): one program
 
     def _order_steps(self) -> list[Step]:
         """Kahn's algorithm over steps, ties broken by graph order (a stable, readable schedule)."""

@@ -41,8 +41,12 @@ class NotFusable(Exception):
 
 @dataclass(frozen=True)
 class Space:
+    """`shape` reduced over `axes`. With `chunk`, a reduction of the whole shape is split: each row
+    reduces `chunk` consecutive elements and the last program combines the rows (split reduction)."""
+
     shape: tuple[int, ...]
     axes: tuple[int, ...]
+    chunk: int = 0
 
     @property
     def row_dims(self) -> list[int]:
@@ -54,10 +58,14 @@ class Space:
 
     @property
     def rows(self) -> int:
+        if self.chunk:
+            return -(-numel(self.red_dims) // self.chunk)
         return numel(self.row_dims)
 
     @property
     def red(self) -> int:
+        if self.chunk:
+            return self.chunk
         return numel(self.red_dims) if self.axes else 1
 
     @property
@@ -65,7 +73,8 @@ class Space:
         return tuple(1 if i in self.axes else d for i, d in enumerate(self.shape))
 
     def __str__(self) -> str:
-        return f"{list(self.shape)} reduce {list(self.axes)}" if self.axes else f"{list(self.shape)}"
+        split = f" split {self.rows} x {self.chunk}" if self.chunk else ""
+        return f"{list(self.shape)} reduce {list(self.axes)}{split}" if self.axes else f"{list(self.shape)}"
 
 
 @dataclass
@@ -170,7 +179,8 @@ class Lowering:
         self.phases: list[Phase] = []
         self.cur: Phase | None = None
         rx = unravel("x", tuple(space.row_dims))
-        rr = unravel("r", tuple(space.red_dims))
+        # split: row x holds elements x * chunk + r of the flattened reduced axes (codegen masks the tail)
+        rr = unravel(f"(x * {space.chunk} + r)" if space.chunk else "r", tuple(space.red_dims))
         self.row_coords: list[str] = []
         self.full_coords: list[str] = []
         ix = ir = 0
@@ -382,6 +392,13 @@ class Lowering:
         grid_reductions = [n for n in reductions if self.is_grid_reduction(n)]
         self._grid_ids = {n.id for n in grid_reductions}
         reductions = [n for n in reductions if n.id not in self._grid_ids]
+        split: dict[int, str] = {}  # split reduction -> its per-row partial
+        if self.space.chunk:
+            if grid_reductions or not reductions:
+                raise NotFusable("a split reduction holds only reductions of the whole space")
+            if not all(r.dtype.is_floating_point for r in reductions):
+                raise NotFusable("split partials are fp32: integer totals stay in one program")
+            self._grid_ids |= {r.id for r in reductions}
         if reductions and not self.space.axes:
             raise NotFusable("reduction in a pointwise space")
         levels = _levels(reductions, self.members)
@@ -399,7 +416,10 @@ class Lowering:
             for red, acc in pending:
                 out = self._var()
                 self.cur.after.append(Stmt(out, "acc_final", (red.op, acc), ROW, red.dtype, red))
-                self._reduced[red.id] = out
+                if self.space.chunk:
+                    split[red.id] = out  # one chunk's share; the last program combines them
+                else:
+                    self._reduced[red.id] = out
         self.cur = Phase()
         self.phases.append(self.cur)
         if not self.persistent:
@@ -407,7 +427,7 @@ class Lowering:
         grid_stored = []
         for n in self.stored:
             k = numel(n.shape)
-            if grid_reductions and k == 1 and _depends_on(n, self._grid_ids, self.members):
+            if (grid_reductions or self.space.chunk) and k == 1 and _depends_on(n, self._grid_ids, self.members):
                 grid_stored.append(n)
                 continue
             if k == self.space.rows:
@@ -422,9 +442,14 @@ class Lowering:
             ctx = self.ctx_of(*coords, v)
             self._emit(ctx, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
         # every program writes its partial of each grid reduction; the last one combines them
+        if self.space.chunk:
+            grid_reductions = [r for r in reductions if r.id in split]
         for j, red in enumerate(grid_reductions):
-            src = red.srcs[0]
-            v = self.value(src, tuple(unravel("x", src.shape)))
+            if red.id in split:
+                v = split[red.id]
+            else:
+                src = red.srcs[0]
+                v = self.value(src, tuple(unravel("x", src.shape)))
             if self.ctx_of(v) != ROW:
                 raise NotFusable("a grid reduction of a per-element value")
             self._emit(ROW, "grid_partial", (red.op, v, j), red.dtype, red, var=False)
