@@ -55,30 +55,43 @@ class MLP(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def _batches(vocab: int, shape: tuple[int, int], seed: int, steps: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(0, vocab, shape, generator=gen), torch.randint(0, vocab, shape, generator=gen)
+
+
+def _train_side_by_side(eager, model, batches, loss_tol: dict, **adamw):
+    """AdamW steps on eager and compiled copies together: logits, loss and every gradient must
+    agree at each step (yields the step number after it). eps=1e-6 in the callers: Adam divides by
+    sqrt(v), and for a gradient that is ~1e-9 rounding noise on both sides eps=1e-8 would turn the
+    noise into +-lr steps (eager itself is not stable there)."""
+    opt_e = torch.optim.AdamW(eager.parameters(), **adamw)
+    opt_c = torch.optim.AdamW(model.parameters(), **adamw)
+    for step, (idx, tgt) in enumerate(batches):
+        logits_e, loss_e = eager(idx, tgt)
+        logits_c, loss_c = model(idx, tgt)
+        assert not lg.is_lazy(loss_c) and loss_c.grad_fn is not None
+        assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
+        assert_close(loss_c, loss_e, **loss_tol)
+        loss_e.backward()
+        loss_c.backward()
+        _assert_grads(eager, model, rtol=1e-4, atol=1e-5)
+        for opt in (opt_e, opt_c):
+            opt.step()
+            opt.zero_grad()
+        yield step
+
+
 def test_tiny_gpt_logits_loss_grads_and_adamw_steps_equal_eager():
     torch.manual_seed(0)
     eager = TinyGPT()
     model = _compiled(eager)
     assert model.lm_head.weight is model.wte.weight  # tied, and the module's own Parameter objects
     assert list(model.state_dict()) == list(eager.state_dict())
-    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
-    opt_c = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
-    gen = torch.Generator().manual_seed(1)
-    for step in range(5):
-        idx = torch.randint(0, 61, (3, 13), generator=gen)  # odd batch, odd length
-        tgt = torch.randint(0, 61, (3, 13), generator=gen)
-        logits_e, loss_e = eager(idx, tgt)
-        logits_c, loss_c = model(idx, tgt)
-        assert not lg.is_lazy(loss_c) and loss_c.grad_fn is not None
-        assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
-        assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
-        loss_e.backward()
-        loss_c.backward()
-        _assert_grads(eager, model, rtol=1e-4, atol=1e-5)
-        opt_e.step()
-        opt_c.step()
-        opt_e.zero_grad()
-        opt_c.zero_grad()
+    steps = _train_side_by_side(eager, model, _batches(61, (3, 13), seed=1), {"rtol": 1e-5, "atol": 1e-5},
+                                lr=1e-2, weight_decay=0.1, eps=1e-6)  # odd batch, odd length
+    for step in steps:
         if step == 0:
             after_first = lg.stats()
     # one trace, two programs; every later step replays
@@ -100,26 +113,10 @@ def test_gpt2_tiny_through_fused_kernels_matches_eager_for_5_adamw_steps():
     torch.manual_seed(0)
     eager = GPT(GPTConfig.tiny())
     model = _compiled(eager, backend="auto")
-    # eps=1e-6: Adam divides by sqrt(v); for a gradient that is ~1e-9 rounding noise on both
-    # sides, eps=1e-8 would turn the noise into +-lr steps (eager itself is not stable there)
-    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3, eps=1e-6)
-    opt_c = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
-    gen = torch.Generator().manual_seed(2)
     lg.reset_stats()
-    for _ in range(5):
-        idx = torch.randint(0, 256, (3, 32), generator=gen)
-        tgt = torch.randint(0, 256, (3, 32), generator=gen)
-        logits_e, loss_e = eager(idx, tgt)
-        logits_c, loss_c = model(idx, tgt)
-        assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
-        assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-        loss_e.backward()
-        loss_c.backward()
-        _assert_grads(eager, model, rtol=1e-4, atol=1e-5)
-        opt_e.step()
-        opt_c.step()
-        opt_e.zero_grad()
-        opt_c.zero_grad()
+    for _ in _train_side_by_side(eager, model, _batches(256, (3, 32), seed=2), {"rtol": 1e-5, "atol": 1e-6},
+                                 lr=1e-3, eps=1e-6):
+        pass
     for (name, pe), pc in zip(eager.named_parameters(), model.parameters()):
         assert_close(pc.detach(), pe.detach(), rtol=1e-4, atol=1e-5, msg=f"param {name}")
     st = lg.stats()
