@@ -48,19 +48,19 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _keys_end(TK, TQ, pid_m, BLOCK_M: tl.constexpr, CAUSAL_SKIP: tl.constexpr):
+def _keys_end(TK, TQ, pid_m, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
     """Row r sees keys c <= r + TK - TQ: a query block can stop after its last row's last key."""
     end = TK
-    if CAUSAL_SKIP:
+    if CAUSAL:
         end = tl.minimum(TK, (pid_m + 1) * BLOCK_M + TK - TQ)
     return end
 
 
 @triton.jit
-def _queries_start(TK, TQ, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_SKIP: tl.constexpr):
+def _queries_start(TK, TQ, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """The first row that sees key c is c - (TK - TQ): a key block can start at that row's block."""
     start = 0
-    if CAUSAL_SKIP:
+    if CAUSAL:
         start = tl.maximum(pid_n * BLOCK_N - (TK - TQ), 0) // BLOCK_M * BLOCK_M
     return start
 
@@ -72,9 +72,9 @@ def flash_attention_fwd(
     H, TQ, TK, D, DV, scale, dropout_p, seed,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SKIP: tl.constexpr,  # skip fully masked blocks (GPU); the masks alone give the same result
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
-    # interpreter cannot loop up to a runtime argument); 0 on a GPU, so lengths never recompile
+    # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
+    # where fully masked causal blocks are skipped and lengths never recompile
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -95,7 +95,7 @@ def flash_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # (an expression, not an `if`: Triton 3.6's interpreter turns a variable assigned under `if`
     # into a tensor, which cannot bound a loop)
-    for start_n in range(0, LOOP_END or _keys_end(TK, TQ, pid_m, BLOCK_M, CAUSAL and SKIP), BLOCK_N):
+    for start_n in range(0, LOOP_END or _keys_end(TK, TQ, pid_m, BLOCK_M, CAUSAL), BLOCK_N):
         cols = start_n + cols0
         col_ok = cols < TK
         k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d,
@@ -135,9 +135,9 @@ def flash_attention_bwd(
     H, TQ, TK, D, DV, scale, dropout_p, seed,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SKIP: tl.constexpr,  # skip fully masked blocks (GPU); the masks alone give the same result
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
-    # interpreter cannot loop up to a runtime argument); 0 on a GPU, so lengths never recompile
+    # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
+    # where fully masked causal blocks are skipped and lengths never recompile
 ):
     """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32) for one key block."""
     pid_n = tl.program_id(0)
@@ -160,7 +160,7 @@ def flash_attention_bwd(
     q_base = Q + b * sq_b + h * sq_h
     o_base = Out + b * so_b + h * so_h
     do_base = DOut + b * sdo_b + h * sdo_h
-    lo = 0 if LOOP_END else _queries_start(TK, TQ, pid_n, BLOCK_M, BLOCK_N, CAUSAL and SKIP)
+    lo = 0 if LOOP_END else _queries_start(TK, TQ, pid_n, BLOCK_M, BLOCK_N, CAUSAL)
     for start_m in range(lo, LOOP_END or TQ, BLOCK_M):
         rows = start_m + rows0
         row_ok = rows < TQ
@@ -266,9 +266,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                 q4, k4, v4, out, lse, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out),
                 nh, tq, tk, dq_, dv_, float(scale), float(dropout_p), _seed(seed),
                 CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_), SKIP=q.is_cuda,
-                LOOP_END=0 if q.is_cuda else tk,
-                num_warps=warps)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_),
+                LOOP_END=0 if q.is_cuda else tk, num_warps=warps)
     elif tq:
         lse.fill_(float("-inf"))
     return out.reshape(*batch, tq, dv_), lse.reshape(*batch, tq)
@@ -294,7 +293,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4),
             nh, tq, tk, d, dv_, float(scale), float(dropout_p), _seed(seed),
             CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_), SKIP=q.is_cuda,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
             LOOP_END=0 if q.is_cuda else tq, num_warps=warps)
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
     dk = dk.reshape(*batch, tk, d).to(k.dtype)
@@ -376,7 +375,7 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
 
     def consts(bm, bn):
         return {"CAUSAL": True, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
-                "BLOCK_DV": bd, "SKIP": True, "LOOP_END": 0}
+                "BLOCK_DV": bd, "LOOP_END": 0}
 
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", **strides("qkvo"), **scalars}
     bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": "*fp32",

@@ -34,8 +34,3 @@ def rebuild(graph: Graph, fn: RewriteFn) -> Graph:
         new[n.id] = fn(n, srcs)
     outputs = [new[o.id] for o in graph.outputs]
     return Graph.from_outputs(outputs)
-
-
-def ordered(graph: Graph) -> Graph:
-    """The graph re-collected from its outputs: dead nodes dropped, order topological."""
-    return Graph.from_outputs(graph.outputs)
