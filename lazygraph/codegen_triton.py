@@ -17,6 +17,8 @@ Kernels run on the GPU where there is one, and in Triton's interpreter on the CP
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import math
@@ -24,6 +26,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -466,6 +469,67 @@ def _quiet_interpreter() -> None:
         pass
 
 
+# Triton's interpreter keeps a launch's state (grid index, patched triton.language) in module
+# globals, so two kernels interpreted at once corrupt each other. GPU launches take no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false")
+
+
+@contextlib.contextmanager
+def launching():
+    """Around Triton kernel launches: when interpreted, one at a time, with triton.language ready."""
+    if not interpreting():
+        yield
+        return
+    with _INTERPRETER_LOCK:
+        _interpretable_language()
+        yield
+
+
+def serialised(fn):
+    """Decorator for a function that launches Triton kernels (see launching())."""
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        with launching():
+            return fn(*args, **kwargs)
+
+    return launch
+
+
+_language_interpretable = False
+
+
+def _interpretable_language() -> None:
+    """Make triton.language's own @triton.jit helpers (tl.sum, tl.max, ...) interpretable.
+
+    triton.jit decides at decoration time whether a function is compiled or interpreted. When
+    triton was imported before lazygraph set TRITON_INTERPRET=1 (`import transformers` and
+    torch.compile import it), those helpers were made for the compiler, and an interpreted kernel
+    calling them fails ("Cannot call @triton.jit'd outside of the scope of a kernel"). Rebuild them
+    as the interpreter would have, in every triton.language module, so identity checks inside
+    Triton (`combine_fn is tl.standard._argmax_combine...`) still hold."""
+    global _language_interpretable
+    with _INTERPRETER_LOCK:
+        if _language_interpretable:
+            return
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        made: dict[int, Any] = {}
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+                continue
+            for attr, value in list(vars(module).items()):
+                if type(value) is JITFunction:
+                    if id(value) not in made:
+                        made[id(value)] = InterpretedFunction(value.fn)
+                    setattr(module, attr, made[id(value)])
+        _language_interpretable = True
+
+
 class Kernel:
     """A compiled fusion group, ready to launch on buffers with the strides it was built for."""
 
@@ -478,9 +542,9 @@ class Kernel:
         self.xblock, self.rblock = block_sizes(group.program, self.target)
         self.grid = (max(1, -(-group.program.space.rows // self.xblock)),)
         self.path = kernel_path(self.source, self.name)
-        if self.target is INTERPRETER and os.environ.get("TRITON_INTERPRET", "0") in ("0", "", "false"):
-            raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off. Import lazygraph "
-                               "before triton (it turns the interpreter on), or set TRITON_INTERPRET=1.")
+        if self.target is INTERPRETER and not interpreting():
+            raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off "
+                               "(TRITON_INTERPRET=0); unset it or set TRITON_INTERPRET=1.")
         self._fn = load_kernel(self.source, self.name)
         if self.target is INTERPRETER:
             _quiet_interpreter()
@@ -509,7 +573,7 @@ class Kernel:
             import numpy as np
 
             # masked-off lanes compute log(0), max of all-NaN padding etc.; eager never sees them
-            with np.errstate(all="ignore"), warnings.catch_warnings():
+            with launching(), np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 self._fn[self.grid](*inputs, *outputs)
 

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .codegen_triton import serialised
 from .counters import COUNTERS
 from .ir import Node, Op
 
@@ -246,6 +247,7 @@ def _seed(seed) -> int:
     return int(seed) if seed is not None else 0
 
 
+@serialised
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
                       dropout_p: float = 0.0, seed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [..., tq, dv] in q's dtype, lse [..., tq] fp32): reference.attention_forward, one launch."""
@@ -273,6 +275,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.reshape(*batch, tq, dv_), lse.reshape(*batch, tq)
 
 
+@serialised
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                        dropout_p: float = 0.0, seed=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
