@@ -90,12 +90,13 @@ def pinned(device: str | torch.device):
     crossing the boundary get transfer nodes, and results come back where they were recorded."""
     from . import ops
 
-    previous = ops.current_pin
-    ops.current_pin = ops.device_name(device)
+    rec = ops.RECORDING  # this thread's: other threads record unpinned meanwhile
+    previous = rec.pin
+    rec.pin = ops.device_name(device)
     try:
         yield
     finally:
-        ops.current_pin = previous
+        rec.pin = previous
 
 
 def lazy_module(module: torch.nn.Module) -> torch.nn.Module:

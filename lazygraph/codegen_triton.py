@@ -428,6 +428,32 @@ def kernel_path(source: str, name: str) -> str:
     return os.path.join(cache_dir(), "kernels", f"{name}-{key}.py")
 
 
+_warned_damaged = False
+
+
+def _cached_file(path: str, text: str) -> None:
+    """Make the cache file at `path` hold `text`. Its name is the hash of `text`, so a file there
+    that holds anything else was changed or cut short: rebuilt (with one warning per process),
+    never run as it is."""
+    global _warned_damaged
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+        damaged = True
+    except FileNotFoundError:
+        damaged = False
+    except (OSError, UnicodeDecodeError):
+        damaged = True
+    if damaged and not _warned_damaged:
+        _warned_damaged = True
+        warnings.warn(f"lazygraph: the cached kernel {path} does not hold the source it was made from "
+                      "(changed or truncated); rebuilding it, and any other damaged file in the cache",
+                      RuntimeWarning, stacklevel=3)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic_write(path, text)
+
+
 def load_kernel(source: str, name: str):
     """The @triton.jit function of `source`, imported from the on-disk cache (Triton reads
     a kernel's source from its file, so generated kernels live in real files)."""
@@ -436,9 +462,7 @@ def load_kernel(source: str, name: str):
     fn = _MODULES.get(key)
     if fn is not None:
         return fn
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not os.path.exists(path):
-        _atomic_write(path, source)
+    _cached_file(path, source)
     spec = importlib.util.spec_from_file_location(f"lazygraph_kernel_{key}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -551,9 +575,7 @@ class Kernel:
         if RECORD_GPU_SOURCES:
             gpu = self.source if self.target is GPU else kernel_source(group, strides, GPU, names)
             path = kernel_path(gpu, self.name)
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                _atomic_write(path, gpu)
+            _cached_file(path, gpu)
             BUILT_KERNELS.append((self.name, gpu, path, self.signature()))
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:

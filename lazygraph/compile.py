@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import importlib
 import os
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -34,19 +35,22 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .counters import COUNTERS, RECOMPILE_REASONS
+from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran, graphs_run_here
 from .ir import Graph, Node, Op, runtime_scalars
 from .lazy import LazyTensor, lazy, lazy_mode, node_of
 from .passes.attention import attention_pass
 from .passes.partition import partition
 from .passes.simplify import simplify
-from .runtime import Program, get_backend, get_program, set_backend
+from .runtime import Program, get_program, using_backend
 
 # the package's dump() function shadows the dump module as an attribute of lazygraph
 _dump = importlib.import_module(".dump", __package__)
 RECOMPILE_LIMIT = 8
 _TENSOR_FIELDS = ("shape", "dtype", "stride", "device", "requires_grad")
 _dump_index = 0
+# A trace swaps a module's parameters and buffers for lazy ones (functional_call): no other thread
+# may trace or read them meanwhile. Reentrant: a compiled submodule traces inside its parent's trace.
+_TRACING = threading.RLock()
 
 
 def compile(model: torch.nn.Module, *, dump_dir: str | None = None, backend: str = "auto",
@@ -258,7 +262,7 @@ def _seed_map(tr: _Trace, seeds: list) -> dict[int, torch.Tensor]:
 
 
 def _run(program: Program, inputs: list) -> list[torch.Tensor]:
-    COUNTERS["graphs_run"] += 1
+    graph_ran()
     # the programs hold explicit casts already; autocast must not add its own
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
         return program.run(inputs)
@@ -346,7 +350,8 @@ class CompiledModule(torch.nn.Module):
                           "Consider lazygraph.compile(..., dynamic=True).", stacklevel=3)
 
     def _prims(self) -> list[torch.Tensor]:
-        return list(self._orig_mod.parameters()) + list(self._orig_mod.buffers())
+        with _TRACING:
+            return list(self._orig_mod.parameters()) + list(self._orig_mod.buffers())
 
     def _replay(self, tr: _Trace, flat_args: list):
         prims = self._prims() + [a for a in flat_args if isinstance(a, torch.Tensor)]
@@ -371,12 +376,11 @@ class CompiledModule(torch.nn.Module):
     def _trace(self, flat_args: list, unflatten: Callable):
         """Record the call; returns a _Trace, or the call's result when it ran another way."""
         model = self._orig_mod
-        ran_before = COUNTERS["graphs_run"]
-        previous = get_backend()
+        ran_before = graphs_run_here()  # this thread's: other threads run graphs meanwhile
         try:
-            if self._lg_backend != "auto":  # values read while tracing run on the chosen backend too
-                set_backend(self._lg_backend)
-            tr = self._record(flat_args, unflatten)
+            # values read while tracing run on the chosen backend too (in this thread only)
+            with _TRACING, using_backend(None if self._lg_backend == "auto" else self._lg_backend):
+                tr = self._record(flat_args, unflatten)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back, never a wrong value
             what = str(e) if isinstance(e, _NotCapturable) else \
                 f"cannot capture {_failing_op(e)} ({type(e).__name__}: {e})"
@@ -385,9 +389,7 @@ class CompiledModule(torch.nn.Module):
             self._lg_eager = True
             args, kwargs = unflatten(flat_args)
             return model(*args, **kwargs)
-        finally:
-            set_backend(previous)
-        if COUNTERS["graphs_run"] != ran_before and not self._lg_dynamic:
+        if graphs_run_here() != ran_before and not self._lg_dynamic:
             # a value was read while tracing: control flow may depend on data, guards cannot see it
             warnings.warn(f"lazygraph.compile: {type(model).__name__}.forward reads tensor values while "
                           "tracing (data-dependent control flow); re-tracing every call (dynamic=True)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 COUNTERS: Counter = Counter()
@@ -11,6 +12,19 @@ GRAPH_BREAKS: Counter = Counter()
 EXTERN_OPS: Counter = Counter()
 # "guard: old -> new" -> how many times lazygraph.compile re-traced because that guard failed
 RECOMPILE_REASONS: Counter = Counter()
+
+
+# graphs run by the current thread (never reset): whether a trace ran one must not see other threads
+_THREAD = threading.local()
+
+
+def graph_ran() -> None:
+    COUNTERS["graphs_run"] += 1
+    _THREAD.graphs_run = graphs_run_here() + 1
+
+
+def graphs_run_here() -> int:
+    return getattr(_THREAD, "graphs_run", 0)
 
 
 def reset() -> None:

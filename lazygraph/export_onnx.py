@@ -77,11 +77,11 @@ def _trace(fn: Callable, args: tuple, input_names: list[str]) -> tuple[Graph, di
             inputs[node_of(t).id] = node_of(t)
             a = t
         lazy_args.append(a)
-    runs_before = counters.COUNTERS["graphs_run"]
+    runs_before = counters.graphs_run_here()  # this thread's: other threads may run graphs
     # lazy_mode: factories (arange, full) and ops on plain tensors (parameters) record too
     with torch.no_grad(), lazy_mode():
         result = fn(*lazy_args)
-    if counters.COUNTERS["graphs_run"] != runs_before:
+    if counters.graphs_run_here() != runs_before:
         raise OnnxExportError(
             "the function needed a tensor's value while it was being traced (a graph break, .item(), "
             "data-dependent control flow, an op run eagerly such as dropout in training mode); an ONNX "

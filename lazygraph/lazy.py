@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,8 +47,15 @@ class Storage:
         self.version = 0
 
 
-# every Storage that a live LazyTensor holds; realize() writes out those a run computes anyway
-_LIVE_STORAGES: weakref.WeakSet = weakref.WeakSet()
+class _Live(threading.local):
+    """Every Storage that a live LazyTensor made by this thread holds; realize() writes out those a
+    run computes anyway. Per thread: a set another thread adds to cannot be iterated safely."""
+
+    def __init__(self):
+        self.storages: weakref.WeakSet = weakref.WeakSet()
+
+
+_LIVE = _Live()
 
 
 class LazyTensor(torch.Tensor):
@@ -66,7 +74,7 @@ class LazyTensor(torch.Tensor):
         t._node = node
         if storage is None:
             storage = Storage(node)
-            _LIVE_STORAGES.add(storage)
+            _LIVE.storages.add(storage)
         t._storage = storage
         t._chain = chain
         t._version_seen = storage.version
@@ -239,7 +247,7 @@ def dispatch(func, args, kwargs):
     handler = _HANDLERS.get(func)
     if handler is None:
         handler = _HANDLERS[func] = _classify(func)
-    ops.current_source = user_source()
+    ops.RECORDING.source = user_source()
     return handler(func, args, kwargs)
 
 
@@ -486,7 +494,7 @@ def _graph_break(func, args, kwargs):
     COUNTERS["graph_breaks"] += 1
     GRAPH_BREAKS[name] += 1
     if os.environ.get("LAZYGRAPH_DEBUG"):
-        print(f"lazygraph: graph break at {ops.current_source}: {name} has a data-dependent output shape",
+        print(f"lazygraph: graph break at {ops.RECORDING.source}: {name} has a data-dependent output shape",
               file=sys.stderr)
     return _eager(func, args, kwargs)
 
@@ -558,9 +566,9 @@ def lazy_mode() -> LazyMode:
 
 
 def live_pending_nodes() -> list[Node]:
-    """Pending nodes of live tensors, in recording order (a weak set has none; the graph's
+    """Pending nodes of this thread's live tensors, in recording order (a weak set has none; the graph's
     node order, and so its structural hash, must not depend on it)."""
-    nodes = {st.node.id: st.node for st in list(_LIVE_STORAGES) if st.node.value is None}
+    nodes = {st.node.id: st.node for st in list(_LIVE.storages) if st.node.value is None}
     return [nodes[k] for k in sorted(nodes)]
 
 

@@ -7,6 +7,7 @@ pointwise node in a graph has operands of its own shape.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,27 +16,37 @@ import torch
 from .counters import COUNTERS
 from .ir import BOOL_RESULT, LEAF, Node, Op, Shape, broadcast_shapes, numel
 
-# file:line of the user code being recorded; the dispatcher sets it once per aten call
-current_source: str | None = None
+class Recording(threading.local):
+    """What the thread recording now is doing; per thread, as each thread records its own ops."""
+
+    source: str | None = None  # file:line of the user code; the dispatcher sets it once per aten call
+    pin: str | None = None  # lazygraph.pinned(device): nodes recorded meanwhile run there (passes/place.py)
 
 
-# lazygraph.pinned(device) sets this: nodes recorded meanwhile run on that device (passes/place.py)
-current_pin: str | None = None
+RECORDING = Recording()
+
+
+def __getattr__(name: str) -> Any:
+    # ops.current_source / ops.current_pin read this thread's values
+    if name in ("current_source", "current_pin"):
+        return getattr(RECORDING, name[len("current_"):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def node(op: Op, srcs: Sequence[Node], shape: Shape, dtype: torch.dtype, device: str, **attrs: Any) -> Node:
     if op not in LEAF:
         COUNTERS["nodes_recorded"] += 1  # constants are not recorded work
-    if current_pin is not None:
-        attrs["pin"] = current_pin
-    return Node(op, tuple(srcs), tuple(shape), dtype, device, attrs, current_source)
+    rec = RECORDING
+    if rec.pin is not None:
+        attrs["pin"] = rec.pin
+    return Node(op, tuple(srcs), tuple(shape), dtype, device, attrs, rec.source)
 
 
 # -- leaves ------------------------------------------------------------------------------------
 
 
 def input_node(value: torch.Tensor, name: str | None = None) -> Node:
-    n = Node(Op.INPUT, (), tuple(value.shape), value.dtype, _dev(value.device), {}, current_source, value,
+    n = Node(Op.INPUT, (), tuple(value.shape), value.dtype, _dev(value.device), {}, RECORDING.source, value,
              value._version)
     if name:
         n.attrs["name"] = name

@@ -7,19 +7,22 @@ value-free copy of their graph, so the cache never keeps a run's tensors alive.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
 
 from . import dump
-from .counters import COUNTERS
+from .counters import COUNTERS, graph_ran
 from .ir import Graph, is_runtime_scalar, runtime_scalars
 from .reference import run_graph
 
 BACKENDS = ("reference", "triton", "auto")
 _default_backend = os.environ.get("LAZYGRAPH_BACKEND", "auto")
 _PROGRAMS: dict[str, Program] = {}
+_SCALARS_LOCK = threading.Lock()
 
 
 def set_backend(name: str) -> None:
@@ -30,7 +33,28 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    return _default_backend
+    override = _THREAD.backend
+    return override if override is not None else _default_backend
+
+
+class _Thread(threading.local):
+    backend: str | None = None  # using_backend(): this thread's choice, over the default
+
+
+_THREAD = _Thread()
+
+
+@contextlib.contextmanager
+def using_backend(name: str | None):
+    """Run this thread's graphs on `name` meanwhile (None: the default); other threads keep theirs."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous = _THREAD.backend
+    _THREAD.backend = name
+    try:
+        yield
+    finally:
+        _THREAD.backend = previous
 
 
 class Program:
@@ -44,10 +68,12 @@ class Program:
 
     def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float] | None = None) -> list[torch.Tensor]:
         """`scalars`: this run's runtime-scalar values (ir.runtime_scalars); None keeps the built ones."""
-        if scalars is not None:
+        if scalars is None or not self._scalar_nodes:
+            return run_graph(self.graph, inputs)
+        with _SCALARS_LOCK:  # the values are written into the graph that every thread runs
             for n, v in zip(self._scalar_nodes, scalars):
                 n.attrs["value"] = v
-        return run_graph(self.graph, inputs)
+            return run_graph(self.graph, inputs)
 
     def describe(self) -> str:
         return f"reference program: {len(self.graph)} nodes run one by one"
@@ -86,11 +112,11 @@ def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
 
 
 def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
-    backend = backend or _default_backend
+    backend = backend or get_backend()
     _check_inputs(graph)
     hits = COUNTERS["cache_hits"]
     program = get_program(graph, backend)
-    COUNTERS["graphs_run"] += 1
+    graph_ran()
     outputs = program.run([n.value for n in graph.inputs], runtime_scalars(graph))
     if dump.enabled():
         dump.write_run(graph, program)

@@ -1,16 +1,20 @@
 """Robustness: the interpreter whatever was imported first, threads, a damaged kernel cache, and
 the no-op or indexing aten calls that used to run in torch between fused kernels."""
 
+import copy
 import os
 import subprocess
 import sys
-import textwrap
+import threading
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.testing import assert_close
 
 import lazygraph as lg
+from lazygraph.lazy import node_of
+from lazygraph.runtime import using_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,3 +50,191 @@ def test_kernels_run_when_triton_was_imported_before_lazygraph(first, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------------------------
+
+
+def _in_threads(fn, n=3):
+    """Run fn(k) in n threads at once; re-raise the first failure."""
+    errors = []
+
+    def run(k):
+        try:
+            fn(k)
+        except BaseException as e:  # noqa: BLE001 - reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.filterwarnings("error:lazygraph")
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_threads_share_a_compiled_module_and_record_lazy_ops(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 17), nn.GELU(), nn.LayerNorm(17), nn.Linear(17, 5))
+    compiled = lg.compile(copy.deepcopy(model), backend=backend)
+
+    def work(k):
+        gen = torch.Generator().manual_seed(k)
+        with using_backend(backend):
+            for _ in range(3):
+                a = torch.randn(7, 9, generator=gen, dtype=torch.float64)
+                scale = 0.5 + k  # a runtime scalar, different in every thread
+                y = lg.lazy(a)
+                got = lg.to_eager(((y * scale).sin() + y.sum(0)).softmax(-1))
+                assert_close(got, ((a * scale).sin() + a.sum(0)).softmax(-1))
+
+                x = torch.randn(6, 13, generator=gen)
+                with torch.no_grad():
+                    assert_close(compiled(x), model(x))
+                xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+                (compiled(xc) * scale).square().sum().backward()
+                (model(xe) * scale).square().sum().backward()
+                assert_close(xc.grad, xe.grad)
+
+    _in_threads(work)
+    assert not compiled._lg_dynamic and not compiled._lg_eager
+    if backend == "auto":
+        assert lg.stats()["triton_kernels"] > 0
+
+
+def _while_other_thread_is_inside(inside, meanwhile):
+    """Run inside(wait) in a thread; it calls wait() at the point of interest, where meanwhile()
+    runs in this thread before the other one continues."""
+    entered, done = threading.Event(), threading.Event()
+
+    def wait():
+        entered.set()
+        assert done.wait(60)
+
+    errors = []
+
+    def run():
+        try:
+            inside(wait)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            entered.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert entered.wait(120)
+    try:
+        meanwhile()
+    finally:
+        done.set()
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+class _Waits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.wait = None
+
+    def forward(self, x):
+        if self.wait is not None:
+            self.wait()
+        return self.lin(x).relu()
+
+
+@pytest.mark.filterwarnings("error:lazygraph")
+def test_a_graph_run_in_another_thread_does_not_make_a_trace_data_dependent():
+    m = _Waits()
+    compiled = lg.compile(m, backend="reference")
+    x = torch.randn(5, 4)
+
+    def trace(wait):
+        m.wait = wait
+        compiled(x)
+
+    def run_a_graph():
+        a = torch.randn(3, 3)
+        assert_close(lg.to_eager(lg.lazy(a).exp()), a.exp())
+
+    _while_other_thread_is_inside(trace, run_a_graph)
+    assert not compiled._lg_dynamic
+    m.wait = None
+    assert_close(compiled(x), m(x))
+
+
+def test_the_backend_a_trace_chooses_and_a_pin_are_per_thread():
+    m = _Waits()
+    compiled = lg.compile(m, backend="reference")
+    seen = {}
+
+    def trace(wait):
+        m.wait = wait
+        with lg.pinned("cpu"):
+            compiled(torch.randn(5, 4))
+
+    def look():
+        seen["backend"] = lg.get_backend()
+        seen["pin"] = node_of(lg.lazy(torch.randn(3)) + 1).attrs.get("pin")
+
+    _while_other_thread_is_inside(trace, look)
+    assert seen == {"backend": lg.get_backend(), "pin": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel cache on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused(x):
+    return (x * 3.0 + 1.0).exp().sum(-1)
+
+
+def _kernel_files(root):
+    folder = os.path.join(root, "kernels")
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+
+
+def _as_if_a_new_process():
+    from lazygraph import codegen_triton, runtime
+
+    runtime.clear_cache()
+    codegen_triton._MODULES.clear()
+    codegen_triton._warned_damaged = False
+
+
+@pytest.mark.parametrize("damage", ["changed", "truncated", "unparseable"])
+def test_a_damaged_cached_kernel_is_rebuilt_not_run(damage, tmp_path, monkeypatch, fused_backend):
+    monkeypatch.setenv("LAZYGRAPH_CACHE_DIR", str(tmp_path))
+    _as_if_a_new_process()
+    x = torch.randn(6, 11)
+    assert_close(lg.to_eager(_fused(lg.lazy(x))), _fused(x))
+    files = _kernel_files(tmp_path)
+    assert files
+    good = {f: open(f).read() for f in files}
+    for f, text in good.items():
+        if damage == "changed":  # still parses, computes something else
+            assert "exp(" in text
+            bad = text.replace("exp(", "log(")
+        elif damage == "truncated":  # cut at a line end: still parses, the stores are gone
+            lines = text.splitlines(keepends=True)
+            bad = "".join(lines[:len(lines) - 3])
+        else:
+            bad = text[:len(text) // 2] + "\n    ((("
+        with open(f, "w") as out:
+            out.write(bad)
+
+    _as_if_a_new_process()
+    lg.reset_stats()
+    with pytest.warns(RuntimeWarning, match="does not hold the source") as caught:
+        got = lg.to_eager(_fused(lg.lazy(x)))
+    assert_close(got, _fused(x))
+    assert sum("does not hold the source" in str(w.message) for w in caught) == 1  # once, however many
+    assert lg.stats()["kernel_fallbacks"] == 0 and lg.stats()["triton_kernels"] > 0
+    assert {f: open(f).read() for f in files} == good
