@@ -16,6 +16,7 @@ import torch
 from .counters import COUNTERS
 from .ir import BOOL_RESULT, LEAF, Node, Op, Shape, broadcast_shapes, numel
 
+
 class Recording(threading.local):
     """What the thread recording now is doing; per thread, as each thread records its own ops."""
 
