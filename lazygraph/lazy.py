@@ -539,6 +539,11 @@ def _load_decompositions() -> dict:
 
     table = dict(decomposition_table)
     table.update(core_aten_decompositions())
+    # Composite ops that decompositions call below autograd (BatchNorm's f32 -> f32 `.to`, the
+    # norms' `flatten`) arrive here instead of being expanded; torch's own definition of each keeps
+    # a no-op cast the same tensor and a flatten a view, as in eager
+    for op in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.flatten.using_ints):
+        table[op] = op.decompose
     return table
 
 

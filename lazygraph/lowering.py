@@ -976,29 +976,74 @@ def _embedding_backward(grad, indices, num_weights, padding_idx, scale_grad_by_f
     return ops.scatter_add(zeros, 0, ops.expand(flat, (n, d)), g)
 
 
+def _index_plan(x: Node, indices) -> tuple[tuple[int, ...], Node, tuple[int, ...], int]:
+    """torch's advanced indexing (integer index tensors, None for a whole axis) as a row gather:
+    (x's axes with the indexed ones first, each index element's row in x permuted that way and
+    flattened to [indexed rows, the rest], the broadcast index shape, where its dims go in the
+    result: at the first indexed axis when the indexed axes are adjacent, else first)."""
+    if len(indices) > x.ndim:
+        raise IndexError(f"too many indices for tensor of dimension {x.ndim} (got {len(indices)})")
+    axes = [a for a, i in enumerate(indices) if i is not None]
+    if not axes or any(indices[a].dtype in (torch.bool, torch.uint8) for a in axes):
+        raise NotImplementedError("index without an index tensor, or with a mask (data-dependent shape)")
+    from .ir import broadcast_shapes
+
+    bshape = broadcast_shapes(*[indices[a].shape for a in axes])
+    row = None
+    for a in axes:
+        idx = ops.expand(ops.cast(indices[a], torch.int64), bshape)
+        size = ops.scalar_like(x.shape[a], idx)
+        idx = ops.where(ops.binary(Op.LT, idx, ops.scalar_like(0, idx)), ops.binary(Op.ADD, idx, size), idx)
+        row = idx if row is None else ops.binary(Op.ADD, ops.binary(Op.MUL, row, size), idx)
+    perm = tuple(axes) + tuple(a for a in range(x.ndim) if a not in axes)
+    adjacent = axes == list(range(axes[0], axes[-1] + 1))
+    return perm, row, bshape, axes[0] if adjacent else 0
+
+
+def _index_dims_at(ndim_index: int, ndim_rest: int, at: int) -> tuple[int, ...]:
+    """The permutation that moves the leading index dims of [index dims, rest] to position `at`."""
+    nb = ndim_index
+    return tuple(range(nb, nb + at)) + tuple(range(nb)) + tuple(range(nb + at, nb + ndim_rest))
+
+
 @rule(aten.index.Tensor)
 def _index(x, indices):
-    """Advanced indexing where the indexed dims are leading and adjacent: x[i], x[i, j], x[:, ...] no."""
-    if any(i is None for i in indices) or any(i.dtype == torch.bool for i in indices):
-        raise NotImplementedError("index with None or boolean indices")
-    k = len(indices)
+    perm, row, bshape, at = _index_plan(x, indices)
+    xp = ops.permute(x, perm)
+    k = sum(i is not None for i in indices)
+    rest = xp.shape[k:]
+    n, m = numel(bshape), numel(rest)
+    flat = ops.reshape(xp, (numel(xp.shape[:k]), m))
+    rows = ops.gather(flat, 0, ops.expand(ops.reshape(row, (n, 1)), (n, m)))
+    return ops.permute(ops.reshape(rows, bshape + rest), _index_dims_at(len(bshape), len(rest), at))
+
+
+@rule(aten.index_put.default)
+def _index_put(x, indices, values, accumulate=False):
+    """x with values added at x[indices] (the backward of indexing). Without accumulate, repeated
+    indices leave one unspecified write: not lowered."""
+    if not accumulate:
+        raise NotImplementedError("index_put without accumulate")
+    if values.dtype != x.dtype:
+        raise RuntimeError("Index put requires the source and destination dtypes match, got "
+                           f"{x.dtype} for the destination and {values.dtype} for the source.")
+    perm, row, bshape, at = _index_plan(x, indices)
+    xp = ops.permute(x, perm)
+    k = sum(i is not None for i in indices)
+    rest = xp.shape[k:]
+    n, m = numel(bshape), numel(rest)
+    order = _index_dims_at(len(bshape), len(rest), at)
+    result_shape = tuple((bshape + rest)[d] for d in order)
     from .ir import broadcast_shapes
-    bshape = broadcast_shapes(*[i.shape for i in indices])
-    rest = x.shape[k:]
-    # linear index over the first k dims, then gather rows of the flattened tensor
-    lin = None
-    for axis, idx in enumerate(indices):
-        idx = ops.expand(ops.cast(idx, torch.int64), bshape)
-        size = x.shape[axis]
-        idx = ops.where(ops.binary(Op.LT, idx, ops.scalar_like(0, idx)),
-                        ops.binary(Op.ADD, idx, ops.scalar_like(size, idx)), idx)
-        lin = idx if lin is None else ops.binary(Op.ADD, ops.binary(Op.MUL, lin, ops.scalar_like(size, lin)), idx)
-    lead = numel(x.shape[:k])
-    flat_x = ops.reshape(x, (lead, numel(rest)))
-    n = numel(bshape)
-    m = numel(rest)
-    rows = ops.gather(flat_x, 0, ops.expand(ops.reshape(lin, (n, 1)), (n, m)))
-    return ops.reshape(rows, bshape + rest)
+
+    if values.ndim > len(result_shape) or broadcast_shapes(values.shape, result_shape) != result_shape:
+        raise RuntimeError(f"shape mismatch: value tensor of shape {list(values.shape)} cannot be broadcast "
+                           f"to indexing result of shape {list(result_shape)}")
+    v = ops.expand(values, result_shape)
+    v = ops.permute(v, tuple(order.index(d) for d in range(len(order))))  # back to [index dims, rest]
+    flat = ops.reshape(xp, (numel(xp.shape[:k]), m))
+    summed = ops.scatter_add(flat, 0, ops.expand(ops.reshape(row, (n, 1)), (n, m)), ops.reshape(v, (n, m)))
+    return ops.permute(ops.reshape(summed, xp.shape), tuple(perm.index(d) for d in range(x.ndim)))
 
 
 # ---------------------------------------------------------------------------------------------

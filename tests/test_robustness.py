@@ -238,3 +238,116 @@ def test_a_damaged_cached_kernel_is_rebuilt_not_run(damage, tmp_path, monkeypatc
     assert sum("does not hold the source" in str(w.message) for w in caught) == 1  # once, however many
     assert lg.stats()["kernel_fallbacks"] == 0 and lg.stats()["triton_kernels"] > 0
     assert {f: open(f).read() for f in files} == good
+
+
+# ---------------------------------------------------------------------------------------------
+# no torch calls between fused kernels for casts, flattens and index gathers
+# ---------------------------------------------------------------------------------------------
+
+_NOT_EXTERN = ("aten.to.", "aten.flatten.", "aten.index.", "aten.index_put.")
+
+
+def _aten_externs():
+    return {op: n for op, n in lg.stats()["extern_ops"].items() if op.startswith(_NOT_EXTERN)}
+
+
+def _train_steps(model, shape, steps=2, dtype=torch.float32):
+    """Training steps of `model` and of a compiled copy (SGD), compared after every step."""
+    model = model.to(dtype)
+    compiled = lg.compile(copy.deepcopy(model))
+    opt_e = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(shape, generator=gen, dtype=dtype)
+        for m, opt in ((model, opt_e), (compiled, opt_c)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+        for (name, pe), pc in zip(model.named_parameters(), compiled.parameters()):
+            assert_close(pc.grad, pe.grad, msg=f"grad of {name}")
+        for (name, be), bc in zip(model.named_buffers(), compiled.buffers()):
+            assert_close(bc, be, msg=f"buffer {name}")
+        opt_e.step()
+        opt_c.step()
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+
+
+@pytest.mark.filterwarnings("error:lazygraph")
+@pytest.mark.parametrize("name", ["conv_bn_relu_pool", "group_norm", "instance_norm"])
+def test_norms_in_training_run_no_cast_or_flatten_in_torch(name, fused_backend):
+    torch.manual_seed(0)
+    model, shape = {
+        "conv_bn_relu_pool": (nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2)),
+                              (3, 3, 9, 7)),
+        "group_norm": (nn.Sequential(nn.GroupNorm(3, 6), nn.GELU()), (2, 6, 5, 3)),
+        "instance_norm": (nn.InstanceNorm2d(4, affine=True, track_running_stats=True), (3, 4, 5, 6)),
+    }[name]
+    _train_steps(model, shape)
+    s = lg.stats()
+    assert _aten_externs() == {} and s["kernel_fallbacks"] == 0, s["extern_ops"]
+
+
+class _Indexes(nn.Module):
+    def __init__(self, shape, index):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(shape, dtype=torch.float64))
+        self.index = index
+
+    def forward(self, x):
+        return self.index(self.w * x).sin()
+
+
+_I = torch.tensor([0, 3, -1, 2, 3])  # a repeat and a negative index: gradients add up
+_J = torch.tensor([[1, 0], [-2, 4]])
+INDEXES = {
+    "x[i]": lambda t: t[_I],
+    "x[:, i]": lambda t: t[:, _I],
+    "x[:, :, j]": lambda t: t[:, :, _J],
+    "x[i, j]": lambda t: t[_I[:2, None], _J[0]],  # broadcast index tensors, adjacent
+    "x[j, :, i]": lambda t: t[_J[:, :1], :, _I[:2]],  # apart: index dims go first
+    "x[:, i, j]": lambda t: t[:, _I[:2], _J[1]],
+    "x[..., i]": lambda t: t[..., _I[1:]],
+}
+
+
+@pytest.mark.filterwarnings("error:lazygraph")
+@pytest.mark.parametrize("index", list(INDEXES))
+def test_advanced_indexing_forward_and_backward_lowered(index, fused_backend):
+    shape = (5, 6, 7)
+    model = _Indexes(shape, INDEXES[index])
+    compiled = lg.compile(copy.deepcopy(model))
+    x = torch.randn(shape, dtype=torch.float64)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_e, out_c = model(xe), compiled(xc)
+    assert_close(out_c, out_e)
+    g = torch.randn(out_e.shape, dtype=torch.float64)
+    out_e.backward(g)
+    out_c.backward(g)
+    assert_close(xc.grad, xe.grad)
+    assert_close(compiled.w.grad, model.w.grad)
+    assert _aten_externs() == {}, lg.stats()["extern_ops"]
+
+
+def test_lazy_indexing_matches_eager_and_raises_what_eager_raises():
+    x = torch.randn(5, 6, 7)
+    for index in INDEXES.values():
+        assert_close(lg.to_eager(index(lg.lazy(x))), index(x))
+    y = torch.randn(4, 5, 3)
+    i = torch.tensor([[0, -3], [2, 1]], dtype=torch.int32)
+    assert_close(lg.to_eager(lg.lazy(y)[i, :, i[0]]), y[i, :, i[0]])
+    for t in (torch.ones(2, 3), lg.lazy(torch.ones(2, 3))):
+        with pytest.raises(IndexError, match="too many indices"):
+            torch.ops.aten.index.Tensor(t, [None, None, torch.tensor([0])])
+
+
+def test_a_flatten_inside_a_decomposition_stays_a_view():
+    """flatten and a no-op cast reached from a decomposition alias their input, as in eager."""
+    x = torch.randn(2, 3, 4)
+    y = lg.lazy(x.clone())
+    with torch._C._AutoDispatchBelowAutograd():  # where decompositions call them
+        f = torch.ops.aten.flatten.using_ints(y, 1)
+        same = torch.ops.aten.to.dtype(y, torch.float32)
+    f.add_(1)
+    assert same is y
+    assert_close(lg.to_eager(y), x + 1)
