@@ -351,3 +351,22 @@ def test_a_flatten_inside_a_decomposition_stays_a_view():
     f.add_(1)
     assert same is y
     assert_close(lg.to_eager(y), x + 1)
+
+
+@pytest.mark.filterwarnings("error:lazygraph")
+def test_llama_rope_and_masks_run_no_index_or_cast_in_torch(fused_backend):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    compiled = lg.compile(copy.deepcopy(model))
+    ids = torch.randint(0, 64, (2, 9))
+    loss_e, loss_c = model(input_ids=ids, labels=ids).loss, compiled(input_ids=ids, labels=ids).loss
+    assert_close(loss_c, loss_e)
+    loss_e.backward()
+    loss_c.backward()
+    for (name, pe), pc in zip(model.named_parameters(), compiled.parameters()):
+        assert_close(pc.grad, pe.grad, msg=f"grad of {name}")
+    assert _aten_externs() == {} and lg.stats()["kernel_fallbacks"] == 0, lg.stats()["extern_ops"]
