@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -976,11 +977,20 @@ def _embedding_backward(grad, indices, num_weights, padding_idx, scale_grad_by_f
     return ops.scatter_add(zeros, 0, ops.expand(flat, (n, d)), g)
 
 
-def _index_plan(x: Node, indices) -> tuple[tuple[int, ...], Node, tuple[int, ...], int]:
-    """torch's advanced indexing (integer index tensors, None for a whole axis) as a row gather:
-    (x's axes with the indexed ones first, each index element's row in x permuted that way and
-    flattened to [indexed rows, the rest], the broadcast index shape, where its dims go in the
-    result: at the first indexed axis when the indexed axes are adjacent, else first)."""
+@dataclass
+class _Rows:
+    """torch's advanced indexing (integer index tensors, None for a whole axis) as rows of a table:
+    x with the indexed axes first, flattened to [indexed positions, the rest]."""
+
+    perm: tuple[int, ...]  # x's axes, the indexed ones first
+    table: Node  # x permuted by perm, reshaped to [indexed positions, rest]
+    rows: Node  # [n, rest]: the table row of each of the n index elements
+    shape: tuple[int, ...]  # the gathered rows' shape: index dims, then the rest of x's dims
+    order: tuple[int, ...]  # shape -> the result's dims: index dims at the first indexed axis when
+    #                         the indexed axes are adjacent, else first (torch's rule)
+
+
+def _rows(x: Node, indices) -> _Rows:
     if len(indices) > x.ndim:
         raise IndexError(f"too many indices for tensor of dimension {x.ndim} (got {len(indices)})")
     axes = [a for a, i in enumerate(indices) if i is not None]
@@ -989,33 +999,31 @@ def _index_plan(x: Node, indices) -> tuple[tuple[int, ...], Node, tuple[int, ...
     from .ir import broadcast_shapes
 
     bshape = broadcast_shapes(*[indices[a].shape for a in axes])
-    row = None
+    row = inside = None
     for a in axes:
         idx = ops.expand(ops.cast(indices[a], torch.int64), bshape)
         size = ops.scalar_like(x.shape[a], idx)
         idx = ops.where(ops.binary(Op.LT, idx, ops.scalar_like(0, idx)), ops.binary(Op.ADD, idx, size), idx)
+        if len(axes) > 1:  # an index out of its axis's range must not land on another row
+            ok = ops.binary(Op.AND, ops.binary(Op.GE, idx, ops.scalar_like(0, idx)), ops.binary(Op.LT, idx, size))
+            inside = ok if inside is None else ops.binary(Op.AND, inside, ok)
         row = idx if row is None else ops.binary(Op.ADD, ops.binary(Op.MUL, row, size), idx)
+    if inside is not None:
+        row = ops.where(inside, row, ops.scalar_like(-1, row))  # -1: out of range for every reader
     perm = tuple(axes) + tuple(a for a in range(x.ndim) if a not in axes)
-    adjacent = axes == list(range(axes[0], axes[-1] + 1))
-    return perm, row, bshape, axes[0] if adjacent else 0
-
-
-def _index_dims_at(ndim_index: int, ndim_rest: int, at: int) -> tuple[int, ...]:
-    """The permutation that moves the leading index dims of [index dims, rest] to position `at`."""
-    nb = ndim_index
-    return tuple(range(nb, nb + at)) + tuple(range(nb)) + tuple(range(nb + at, nb + ndim_rest))
+    xp = ops.permute(x, perm)
+    rest = xp.shape[len(axes):]
+    n, m = numel(bshape), numel(rest)
+    nb, at = len(bshape), axes[0] if axes == list(range(axes[0], axes[-1] + 1)) else 0
+    order = tuple(range(nb, nb + at)) + tuple(range(nb)) + tuple(range(nb + at, nb + len(rest)))
+    return _Rows(perm, ops.reshape(xp, (numel(xp.shape[:len(axes)]), m)),
+                 ops.expand(ops.reshape(row, (n, 1)), (n, m)), bshape + rest, order)
 
 
 @rule(aten.index.Tensor)
 def _index(x, indices):
-    perm, row, bshape, at = _index_plan(x, indices)
-    xp = ops.permute(x, perm)
-    k = sum(i is not None for i in indices)
-    rest = xp.shape[k:]
-    n, m = numel(bshape), numel(rest)
-    flat = ops.reshape(xp, (numel(xp.shape[:k]), m))
-    rows = ops.gather(flat, 0, ops.expand(ops.reshape(row, (n, 1)), (n, m)))
-    return ops.permute(ops.reshape(rows, bshape + rest), _index_dims_at(len(bshape), len(rest), at))
+    r = _rows(x, indices)
+    return ops.permute(ops.reshape(ops.gather(r.table, 0, r.rows), r.shape), r.order)
 
 
 @rule(aten.index_put.default)
@@ -1027,23 +1035,17 @@ def _index_put(x, indices, values, accumulate=False):
     if values.dtype != x.dtype:
         raise RuntimeError("Index put requires the source and destination dtypes match, got "
                            f"{x.dtype} for the destination and {values.dtype} for the source.")
-    perm, row, bshape, at = _index_plan(x, indices)
-    xp = ops.permute(x, perm)
-    k = sum(i is not None for i in indices)
-    rest = xp.shape[k:]
-    n, m = numel(bshape), numel(rest)
-    order = _index_dims_at(len(bshape), len(rest), at)
-    result_shape = tuple((bshape + rest)[d] for d in order)
     from .ir import broadcast_shapes
 
+    r = _rows(x, indices)
+    result_shape = tuple(r.shape[d] for d in r.order)
     if values.ndim > len(result_shape) or broadcast_shapes(values.shape, result_shape) != result_shape:
         raise RuntimeError(f"shape mismatch: value tensor of shape {list(values.shape)} cannot be broadcast "
                            f"to indexing result of shape {list(result_shape)}")
-    v = ops.expand(values, result_shape)
-    v = ops.permute(v, tuple(order.index(d) for d in range(len(order))))  # back to [index dims, rest]
-    flat = ops.reshape(xp, (numel(xp.shape[:k]), m))
-    summed = ops.scatter_add(flat, 0, ops.expand(ops.reshape(row, (n, 1)), (n, m)), ops.reshape(v, (n, m)))
-    return ops.permute(ops.reshape(summed, xp.shape), tuple(perm.index(d) for d in range(x.ndim)))
+    v = ops.permute(ops.expand(values, result_shape), tuple(r.order.index(d) for d in range(len(r.order))))
+    summed = ops.scatter_add(r.table, 0, r.rows, ops.reshape(v, r.rows.shape))
+    xp_shape = tuple(x.shape[a] for a in r.perm)
+    return ops.permute(ops.reshape(summed, xp_shape), tuple(r.perm.index(d) for d in range(x.ndim)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -341,6 +341,16 @@ def test_lazy_indexing_matches_eager_and_raises_what_eager_raises():
             torch.ops.aten.index.Tensor(t, [None, None, torch.tensor([0])])
 
 
+def test_an_index_out_of_its_axis_never_reads_another_element():
+    x = torch.randn(5, 6)
+    i, j = torch.tensor([0, 1]), torch.tensor([2, 6])  # 1 * 6 + 6 would be row 2's first element
+    with pytest.raises(IndexError):
+        x[i, j]
+    with using_backend("reference"), pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        lg.to_eager(lg.lazy(x)[i, j])
+    assert lg.to_eager(lg.lazy(x)[i, j])[1] != x[2, 0]
+
+
 def test_a_flatten_inside_a_decomposition_stays_a_view():
     """flatten and a no-op cast reached from a decomposition alias their input, as in eager."""
     x = torch.randn(2, 3, 4)
