@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 # With no CUDA device, generated kernels run in Triton's interpreter. Triton reads this switch
-# when it is first imported, so it must be set before anything imports triton.
+# when it decorates a @triton.jit function; where triton was imported first (transformers and
+# torch.compile import it), codegen_triton makes triton's own helpers interpretable before a launch.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 

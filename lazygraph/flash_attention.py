@@ -19,8 +19,8 @@ sum order of those atomics is not fixed, so dq on a GPU is not bitwise determini
 
 All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), half inputs
 feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
-of two (>= 16) and masked. Without CUDA the same kernels run in Triton's interpreter (import
-lazygraph first: it sets TRITON_INTERPRET=1).
+of two (>= 16) and masked. Without CUDA the same kernels run in Triton's interpreter (lazygraph
+sets TRITON_INTERPRET=1), one launch at a time (codegen_triton.serialised).
 """
 
 from __future__ import annotations
