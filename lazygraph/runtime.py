@@ -25,6 +25,13 @@ _PROGRAMS: dict[str, Program] = {}
 _SCALARS_LOCK = threading.Lock()
 
 
+class _Thread(threading.local):
+    backend: str | None = None  # using_backend(): this thread's choice, over the default
+
+
+_THREAD = _Thread()
+
+
 def set_backend(name: str) -> None:
     global _default_backend
     if name not in BACKENDS:
@@ -37,17 +44,13 @@ def get_backend() -> str:
     return override if override is not None else _default_backend
 
 
-class _Thread(threading.local):
-    backend: str | None = None  # using_backend(): this thread's choice, over the default
-
-
-_THREAD = _Thread()
-
-
 @contextlib.contextmanager
 def using_backend(name: str | None):
-    """Run this thread's graphs on `name` meanwhile (None: the default); other threads keep theirs."""
-    if name is not None and name not in BACKENDS:
+    """Run this thread's graphs on `name` meanwhile (None: no change); other threads keep theirs."""
+    if name is None:
+        yield
+        return
+    if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous = _THREAD.backend
     _THREAD.backend = name
