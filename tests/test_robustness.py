@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lazygraph as lg
@@ -92,6 +93,9 @@ def test_threads_share_a_compiled_module_and_record_lazy_ops(backend):
                 y = lg.lazy(a)
                 got = lg.to_eager(((y * scale).sin() + y.sum(0)).softmax(-1))
                 assert_close(got, ((a * scale).sin() + a.sum(0)).softmax(-1))
+                q = torch.randn(1, 2, 5, 8, generator=gen)
+                att = F.scaled_dot_product_attention(lg.lazy(q), lg.lazy(q), lg.lazy(q), is_causal=True)
+                assert_close(lg.to_eager(att), F.scaled_dot_product_attention(q, q, q, is_causal=True))
 
                 x = torch.randn(6, 13, generator=gen)
                 with torch.no_grad():
@@ -104,7 +108,7 @@ def test_threads_share_a_compiled_module_and_record_lazy_ops(backend):
     _in_threads(work)
     assert not compiled._lg_dynamic and not compiled._lg_eager
     if backend == "auto":
-        assert lg.stats()["triton_kernels"] > 0
+        assert lg.stats()["triton_kernels"] > 0 and lg.stats()["flash_attention"] > 0
 
 
 def _while_other_thread_is_inside(inside, meanwhile):
