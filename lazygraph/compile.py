@@ -675,10 +675,8 @@ class CompiledModule(torch.nn.Module):
             self._recompiled(reason)
         tr = self._trace(flat, unflatten)
         if isinstance(tr, _Eager):
-            self._lg_traces[key] = tr
-            tr = tr.result
-            self._lg_traces[key] = _Eager(None)  # the result is not kept alive
-            return tr
+            self._lg_traces[key] = _Eager(None)  # this signature runs eagerly from now on
+            return tr.result
         if not self._lg_dynamic:
             self._lg_traces.setdefault(key, []).append(tr)
             self._lg_seen.append(guards)
@@ -929,3 +927,105 @@ def _warn(msg: str) -> None:
         return
     warnings.warn_explicit(msg, UserWarning, f.f_code.co_filename, f.f_lineno, module=f.f_globals.get("__name__"),
                            registry=f.f_globals.setdefault("__warningregistry__", {}), module_globals=f.f_globals)
+
+
+# ---------------------------------------------------------------------------------------------
+# explain(): what compile makes of one call
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Explanation:
+    """What lazygraph.compile makes of a call, like torch._dynamo.explain; str() reads it."""
+
+    traces: int  # graphs traced for the call (0: it ran eagerly)
+    dynamic: str | None  # why the module re-traces every call, if it does
+    graph_breaks: list[str]  # "file:line: op (reason)"
+    programs: dict[str, str]  # "forward"/"backward" -> what it runs
+    kernels: list[str]  # Triton kernels, fused attention included
+    externs: dict[str, int]  # aten op -> calls run by torch per replay
+    guards: list[str]  # what a later call must match to replay
+    notes: list[str]  # warnings the call gave
+
+    def __str__(self) -> str:
+        lines = [f"traces: {self.traces}"]
+        if self.dynamic:
+            lines.append(f"re-traces every call: {self.dynamic}")
+        lines.append(f"graph breaks: {len(self.graph_breaks)}")
+        lines += [f"  {b}" for b in self.graph_breaks]
+        for name, what in self.programs.items():
+            lines.append(f"{name} program: {what}")
+        lines.append(f"kernels: {len(self.kernels)}")
+        lines += [f"  {k}" for k in self.kernels]
+        lines.append(f"extern calls (run by torch): {sum(self.externs.values())}")
+        lines += [f"  {op}: {n}" for op, n in sorted(self.externs.items(), key=lambda kv: -kv[1])]
+        lines.append(f"guards: {len(self.guards)}")
+        lines += [f"  {g}" for g in self.guards]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    __repr__ = __str__
+
+
+def explain(model: torch.nn.Module | Callable, *inputs, **kwargs) -> Explanation:
+    """Trace `model(*inputs, **kwargs)` once, as compile() would (the call runs: buffers such as
+    running statistics update), and describe the result: graphs, graph breaks with their lines,
+    kernels, extern calls by op, guards."""
+    backend = model._lg_backend if isinstance(model, CompiledModule) else "auto"
+    cm = compile(model, backend=backend)
+    if not isinstance(cm, CompiledModule) or cm._lg_eager:
+        return Explanation(0, None, [], {}, [], {}, [], ["LAZYGRAPH_DISABLE=1: everything runs eagerly"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm(*inputs, **kwargs)
+    notes = [str(w.message) for w in caught if "lazygraph" in str(w.message)]
+    tr = cm._lg_last
+    if tr is None:
+        return Explanation(0, None, [], {}, [], {}, [], notes)
+    breaks = [f"{line or 'unknown line'}: {op} (data-dependent output shape)" for op, line in tr.breaks]
+    programs, kernels, externs = {}, [], Counter()
+    for name, prog in (("forward", tr.programs.forward), ("backward", tr.programs.backward)):
+        if prog is not None:
+            programs[name] = prog.describe()
+            k, e = _contents(prog)
+            kernels += k
+            externs.update(e)
+    guards = _describe_guards(cm._lg_seen[-1]) if cm._lg_seen else []
+    if tr.read_guard is not None:
+        guards += [f"value read at {r.describe()} == {r.result!r}" for r in tr.read_guard.reads]
+    guards += [f"an input keeps the value a pass relied on (shape {list(v[0].shape)})"
+               for v in tr.programs.assumed.values()]
+    return Explanation(cm._lg_count, tr.unreplayable, breaks, programs, kernels, dict(externs), guards, notes)
+
+
+def _contents(prog: Program) -> tuple[list[str], Counter]:
+    """A program's kernel names and its extern calls by op."""
+    schedule = getattr(prog, "schedule", None)
+    if schedule is None:  # the reference executor: every node runs in torch
+        return [], Counter(n.attrs.get("target") for n in prog.graph.nodes if n.op is Op.EXTERN)
+    from .compiled import extern_launches
+
+    launches = extern_launches(schedule.steps)
+    return ([g.name for g in schedule.kernels] + list(launches["attention"]),
+            Counter(key[0] for key in launches["extern"]))
+
+
+def _describe_guards(guards: list[tuple[str, Any]]) -> list[str]:
+    out: list[str] = []
+    counts = Counter()
+    for name, value in guards:
+        kind = name.split(" ")[0]
+        if kind in ("parameter", "buffer", "attribute"):
+            counts[kind] += 1
+        elif name == "input structure":
+            out.append(f"{name}: the same nesting of arguments and keywords")
+        elif kind == "input" and isinstance(value, tuple) and len(value) == len(_TENSOR_FIELDS):
+            out.append(f"{name}: " + ", ".join(f"{f}={v}" for f, v in zip(_TENSOR_FIELDS, value)))
+        else:
+            out.append(f"{name}: {value}")
+    if counts["parameter"] or counts["buffer"]:
+        out.append(f"{counts['parameter']} parameters and {counts['buffer']} buffers: identity, shape, dtype, "
+                   "strides, device, requires_grad")
+    out.append(f"plain attributes (by value) and tensor attributes (identity, version) of {counts['attribute']} "
+               "modules")
+    return out
