@@ -191,9 +191,9 @@ def _attributes(m: torch.nn.Module) -> tuple:
     return tuple(out)
 
 
-def _guards(model: torch.nn.Module, flat_args: list, structure: Any) -> list[tuple[str, Any]]:
+def _guards(model: torch.nn.Module, flat_args: list, structure: Any, backend: str) -> list[tuple[str, Any]]:
     """(what is checked, its value now), in a fixed order; the tuple of values is the cache key."""
-    g: list[tuple[str, Any]] = [("grad mode", torch.is_grad_enabled()),
+    g: list[tuple[str, Any]] = [("backend", backend), ("grad mode", torch.is_grad_enabled()),
                                 ("training flags", tuple(m.training for m in model.modules())),
                                 ("autocast", _autocast_state()), ("input structure", structure)]
     for i, a in enumerate(flat_args):
@@ -224,6 +224,16 @@ def _why(old: list[tuple[str, Any]], new: list[tuple[str, Any]]) -> str:
                     return f"{name} {f}: {x} -> {y}"
         return f"{name}: {a} -> {b}"
     return "number of inputs or parameters changed"
+
+
+def _distance(old: list[tuple[str, Any]], new: list[tuple[str, Any]]) -> int:
+    """How many guards differ (each module attribute counted on its own)."""
+    d = 0
+    for (name, a), (_, b) in zip(old, new):
+        if a != b:
+            attrs = name.startswith("attribute ") and len(a) == len(b)
+            d += sum(x != y for x, y in zip(a, b)) if attrs else 1
+    return d
 
 
 def _why_attribute(name: str, old: tuple, new: tuple) -> str:
@@ -629,6 +639,14 @@ class CompiledModule(torch.nn.Module):
                 raise
             return getattr(inner, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # the wrapped module's state is what traces read: `compiled.p = 0.5` must change it there
+        inner = self.__dict__.get("_modules", {}).get("_orig_mod")
+        if inner is None or name.startswith("_lg_") or name in ("_orig_mod", "training"):
+            super().__setattr__(name, value)
+        else:
+            setattr(inner, name, value)
+
     def state_dict(self, *args, **kwargs):
         return self._orig_mod.state_dict(*args, **kwargs)
 
@@ -651,7 +669,7 @@ class CompiledModule(torch.nn.Module):
         if self._lg_dynamic:
             tr = self._trace(flat, unflatten)
             return tr.result if isinstance(tr, _Eager) else self._replay(tr, flat)
-        guards = _guards(self._orig_mod, flat, structure)
+        guards = _guards(self._orig_mod, flat, structure, self._backend())
         key = tuple(v for _, v in guards)
         entry = self._lg_traces.get(key)
         if isinstance(entry, _Eager):  # this signature could not be captured
@@ -669,7 +687,7 @@ class CompiledModule(torch.nn.Module):
                 return self.forward(*args, **kwargs)
         elif self._lg_seen:
             # explain against the closest signature seen: the guard that failed, not every one
-            closest = min(self._lg_seen, key=lambda old: sum(a != b for (_, a), (_, b) in zip(old, guards)))
+            closest = min(self._lg_seen, key=lambda old: _distance(old, guards))
             reason = _why(closest, guards)
         if reason is not None:
             self._recompiled(reason)
