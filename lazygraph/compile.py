@@ -682,7 +682,7 @@ class CompiledModule(torch.nn.Module):
                 if reason is None:
                     _debug(f"replayed {self._name()} (trace {tr.number})")
                     return self._replay(tr, flat)
-            if sum(map(len, self._lg_traces.values())) >= RECOMPILE_LIMIT:
+            if len(self._lg_seen) >= RECOMPILE_LIMIT:
                 self._go_dynamic(f"reads a value that changes from call to call: {reason}")
                 return self.forward(*args, **kwargs)
         elif self._lg_seen:
@@ -854,18 +854,26 @@ class CompiledModule(torch.nn.Module):
         joint = Graph.from_outputs(uniq + grad_nodes)
         prim_pos = {n.id: k for k, n in enumerate(start_nodes)}
         tangent_pos = {node_of(t).id: j for j, t in enumerate(tangents)}
+        captured = _captured_tensors(joint)
+        prim_index = {id(t): k for k, t in enumerate(params + buffers)}
         sources: list[tuple[str, Any]] = []
         for n in joint.inputs:
+            t = captured.get(n.id)
             if n.id in prim_pos:
                 sources.append(("primal", prim_pos[n.id]))
             elif n.id in tangent_pos:
                 sources.append(("tangent", tangent_pos[n.id]))
             elif n.op is Op.INPUT and n.attrs.get("name") == "seed":
                 sources.append(("seed", n.value))
+            elif t is not None and id(t) in prim_index:
+                # the module's own tensor used outside functional_call (a checkpoint's recompute
+                # during the backward): the same primal, read at each call
+                sources.append(("primal", prim_index[id(t)]))
+            elif t is not None and t.requires_grad and torch.is_grad_enabled():
+                raise _NotCapturable(f"forward uses a tensor that requires grad but is neither a parameter nor "
+                                     f"an input ({n.source or 'unknown line'}); it would get no gradient")
             else:
                 sources.append(("const", n.value))
-        if torch.is_grad_enabled():
-            _check_constants(joint)
         tr = _Trace(sources, out_leaves, out_unflatten, num_outputs, differentiable, updates, grad_of,
                     fresh_seeds=not self._lg_dynamic, scalars=runtime_scalars(joint), breaks=tracer.breaks)
         tr.programs = self._compile(joint, tr, len(uniq), len(params) + len(buffers))
@@ -915,14 +923,10 @@ class CompiledModule(torch.nn.Module):
             f.write(progs.report or "forward only: no backward graph\n")
 
 
-def _check_constants(joint: Graph) -> None:
-    """A plain tensor that requires grad, used by the trace but neither a parameter nor an input
-    (a module captured by a function's closure), would get no gradient from the programs."""
-    constants = {n.id for n in joint.inputs}
-    for t, n in list(_lazy._const_inputs.items()):
-        if n.id in constants and t.requires_grad:
-            raise _NotCapturable(f"forward uses a tensor that requires grad but is neither a parameter nor an "
-                                 f"input ({n.source or 'unknown line'}); it would get no gradient")
+def _captured_tensors(joint: Graph) -> dict[int, torch.Tensor]:
+    """Joint input node id -> the plain tensor a lazy op captured as that input."""
+    ids = {n.id for n in joint.inputs}
+    return {n.id: t for t, n in list(_lazy._const_inputs.items()) if n.id in ids}
 
 
 # ---------------------------------------------------------------------------------------------
