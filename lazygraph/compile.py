@@ -404,6 +404,7 @@ class _Programs:
     assumed: dict[int, list] = field(default_factory=dict)
     rebuild: Callable[[], _Programs] | None = None  # the same, built without those assumptions
     plain: _Programs | None = None
+    graphs: tuple = ()  # (forward graph, backward graph or None), for dumps
     summary: dict = field(default_factory=dict)
     report: str = ""
 

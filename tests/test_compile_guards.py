@@ -17,6 +17,8 @@ import lazygraph as lg
 from lazygraph import runtime
 from lazygraph.compile import compile
 
+compile_module = sys.modules["lazygraph.compile"]  # the package's compile() shadows the module
+
 # a silent fall back to eager would make every comparison below pass: make it an error
 pytestmark = pytest.mark.filterwarnings("error:lazygraph.compile")
 
@@ -262,6 +264,30 @@ def test_value_read_while_tracing_is_guarded_and_replayed():
     assert lg.stats()["nodes_recorded"] == recorded
 
 
+class ReadsACounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) / (1.0 + self.calls.item())  # a value that changes every call
+
+
+def test_a_value_read_that_changes_every_call_stays_correct_then_goes_dynamic():
+    torch.manual_seed(0)
+    eager = ReadsACounter().double()
+    model = _compiled(eager)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for _ in range(compile_module.RECOMPILE_LIMIT):
+        _check_step(eager, model, x)
+    with pytest.warns(UserWarning, match=r"changes from call to call: value read at test_compile_guards.py:\d+"):
+        _check_step(eager, model, x)
+    _check_step(eager, model, x)
+    assert model.calls.item() == eager.calls.item() == compile_module.RECOMPILE_LIMIT + 2
+
+
 # ---------------------------------------------------------------------------------------------
 # robustness: errors, arguments, functions
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +334,18 @@ def test_compile_accepts_plain_functions_and_bound_methods():
     eager(x, 0.7).sum().backward()
     for (name, ge), gc in zip(_grads(eager).items(), _grads(model).values()):
         assert_close(gc, ge, msg=name)  # the method's module parameters get their gradients
+
+
+def test_a_function_using_a_module_it_does_not_own_runs_eagerly_rather_than_lose_gradients():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    cf = compile(lambda x: torch.tanh(lin(x)).sum(), backend=BACKEND)
+    with pytest.warns(UserWarning, match="requires grad but is neither a parameter nor an input"):
+        cf(x).backward()
+    got, lin.weight.grad = lin.weight.grad, None
+    torch.tanh(lin(x)).sum().backward()
+    assert_close(got, lin.weight.grad)
 
 
 # ---------------------------------------------------------------------------------------------
