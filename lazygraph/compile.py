@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import lazy as _lazy
@@ -183,7 +182,7 @@ def _attributes(m: torch.nn.Module) -> tuple:
     buffers) by identity and version: a trace may have read any of them."""
     out = []
     for k, v in m.__dict__.items():
-        if type(v) in _PLAIN:
+        if type(v) in _PLAIN or (type(v) is tuple and all(type(e) in _PLAIN for e in v)):  # Conv2d.padding
             if k != "training":  # guarded with every module's flag
                 out.append((k, v))
         elif isinstance(v, torch.Tensor):
@@ -386,6 +385,7 @@ def _read_guard(tracer: _Tracer, prim_pos: dict[int, int], backend: str) -> _Rea
 # ---------------------------------------------------------------------------------------------
 # a traced and partitioned module call
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Programs:

@@ -149,7 +149,7 @@ def test_train_eval_switch_is_guarded():
     eager = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Dropout(0.5)).double()
     model = _compiled(eager)
     for mode in ("train", "eval", "train", "eval"):
-        _both(eager, model, lambda m: getattr(m, mode)())
+        _both(eager, model, lambda m, mode=mode: getattr(m, mode)())
         x = torch.randn(6, 4, dtype=torch.float64)
         out_e, out_c = eager(x), model(x)
         if mode == "eval":  # dropout draws differ in training; running stats must not
