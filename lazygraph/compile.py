@@ -274,7 +274,12 @@ class _Read:
     source: str | None
 
     def describe(self) -> str:
-        return f"{self.source or 'unknown line'} ({self.func})"
+        name = self.func._schema.name.split("::")[1]
+        return f"{self.source or 'unknown line'} ({_READ_NAMES.get(name, name)})"
+
+
+# how users spell the value reads (lazy.VALUE_OPS)
+_READ_NAMES = {"_local_scalar_dense": "item() / bool() / float()", "is_nonzero": "bool()", "equal": "torch.equal"}
 
 
 class _Tracer:
@@ -367,18 +372,13 @@ class _ReadGuard:
         return None
 
 
-def _read_guard(tracer: _Tracer, prim_pos: dict[int, int], backend: str) -> _ReadGuard | str:
+def _read_guard(tracer: _Tracer, source_of: Callable[[Node], tuple[str, Any]], backend: str) -> _ReadGuard | str:
     """The guard for the tracer's reads, or why none can be built (a read depends on random
     numbers or on a backward input: replay could not recompute it beforehand)."""
     g = Graph.from_outputs(tracer.read_nodes)
-    sources: list[tuple[str, Any]] = []
-    for n in g.inputs:
-        if n.id in prim_pos:
-            sources.append(("primal", prim_pos[n.id]))
-        elif n.op is Op.INPUT and n.attrs.get("name") in ("seed", "tangent"):
-            return f"reads a value that depends on random numbers or gradients ({tracer.reads[0].describe()})"
-        else:
-            sources.append(("const", n.value))
+    sources = [source_of(n) for n in g.inputs]
+    if any(kind not in ("primal", "const") for kind, _ in sources):
+        return f"reads a value that depends on random numbers or gradients ({tracer.reads[0].describe()})"
     return _ReadGuard(tracer.reads, get_program(g, backend), sources, runtime_scalars(g))
 
 
@@ -853,34 +853,14 @@ class CompiledModule(torch.nn.Module):
             j += g is not None
 
         joint = Graph.from_outputs(uniq + grad_nodes)
-        prim_pos = {n.id: k for k, n in enumerate(start_nodes)}
-        tangent_pos = {node_of(t).id: j for j, t in enumerate(tangents)}
-        captured = _captured_tensors(joint)
-        prim_index = {id(t): k for k, t in enumerate(params + buffers)}
-        sources: list[tuple[str, Any]] = []
-        for n in joint.inputs:
-            t = captured.get(n.id)
-            if n.id in prim_pos:
-                sources.append(("primal", prim_pos[n.id]))
-            elif n.id in tangent_pos:
-                sources.append(("tangent", tangent_pos[n.id]))
-            elif n.op is Op.INPUT and n.attrs.get("name") == "seed":
-                sources.append(("seed", n.value))
-            elif t is not None and id(t) in prim_index:
-                # the module's own tensor used outside functional_call (a checkpoint's recompute
-                # during the backward): the same primal, read at each call
-                sources.append(("primal", prim_index[id(t)]))
-            elif t is not None and t.requires_grad and torch.is_grad_enabled():
-                raise _NotCapturable(f"forward uses a tensor that requires grad but is neither a parameter nor "
-                                     f"an input ({n.source or 'unknown line'}); it would get no gradient")
-            else:
-                sources.append(("const", n.value))
+        source_of = _Sources(params + buffers, start_nodes, tangents)
+        sources = [source_of(n) for n in joint.inputs]
         tr = _Trace(sources, out_leaves, out_unflatten, num_outputs, differentiable, updates, grad_of,
                     fresh_seeds=not self._lg_dynamic, scalars=runtime_scalars(joint), breaks=tracer.breaks)
         tr.programs = self._compile(joint, tr, len(uniq), len(params) + len(buffers))
         tr.unreplayable = tracer.unreplayable()
         if tracer.reads and tr.unreplayable is None and not self._lg_dynamic:
-            guard = _read_guard(tracer, prim_pos, tracer.backend)
+            guard = _read_guard(tracer, source_of, tracer.backend)
             if isinstance(guard, str):
                 tr.unreplayable = guard
             else:
@@ -924,10 +904,34 @@ class CompiledModule(torch.nn.Module):
             f.write(progs.report or "forward only: no backward graph\n")
 
 
-def _captured_tensors(joint: Graph) -> dict[int, torch.Tensor]:
-    """Joint input node id -> the plain tensor a lazy op captured as that input."""
-    ids = {n.id for n in joint.inputs}
-    return {n.id: t for t, n in list(_lazy._const_inputs.items()) if n.id in ids}
+class _Sources:
+    """Where a graph input of a trace comes from at each call: ("primal", k) a parameter, buffer or
+    tensor argument; ("tangent", j) an output gradient; ("seed", v) a random seed; ("const", t) a
+    tensor captured as it is."""
+
+    def __init__(self, module_tensors: list[torch.Tensor], start_nodes: list[Node], tangents: list):
+        self.prim_pos = {n.id: k for k, n in enumerate(start_nodes)}
+        self.tangent_pos = {node_of(t).id: j for j, t in enumerate(tangents)}
+        self.module_index = {id(t): k for k, t in enumerate(module_tensors)}
+        # the plain tensors lazy ops captured, by their input node
+        self.captured = {n.id: t for t, n in list(_lazy._const_inputs.items())}
+
+    def __call__(self, n: Node) -> tuple[str, Any]:
+        if n.id in self.prim_pos:
+            return ("primal", self.prim_pos[n.id])
+        if n.id in self.tangent_pos:
+            return ("tangent", self.tangent_pos[n.id])
+        if n.op is Op.INPUT and n.attrs.get("name") == "seed":
+            return ("seed", n.value)
+        t = self.captured.get(n.id)
+        if t is not None and id(t) in self.module_index:
+            # the module's own tensor used outside functional_call (a checkpoint's recompute
+            # during the backward): the same primal, read at each call
+            return ("primal", self.module_index[id(t)])
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise _NotCapturable(f"forward uses a tensor that requires grad but is neither a parameter nor an "
+                                 f"input ({n.source or 'unknown line'}); it would get no gradient")
+        return ("const", n.value)
 
 
 # ---------------------------------------------------------------------------------------------
