@@ -264,6 +264,55 @@ def test_value_read_while_tracing_is_guarded_and_replayed():
     assert lg.stats()["nodes_recorded"] == recorded
 
 
+def _hf_step(eager, model, **batch):
+    """A training step of a Hugging Face model on both: loss and every gradient equal eager."""
+    loss_e, loss_c = eager(**batch).loss, model(**batch).loss
+    assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    loss_e.backward()
+    loss_c.backward()
+    for (name, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
+        pe.grad = pc.grad = None
+
+
+def test_hf_bert_with_a_padding_mask_replays_instead_of_retracing():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=37, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    eager = transformers.BertForMaskedLM(config)
+    model = _compiled(eager)
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    _hf_step(eager, model, input_ids=ids, attention_mask=mask, labels=ids)
+    recorded = lg.stats()["nodes_recorded"]
+    for _ in range(2):
+        ids = torch.randint(0, 50, (2, 7))
+        _hf_step(eager, model, input_ids=ids, attention_mask=mask.clone(), labels=ids)
+    assert lg.stats()["nodes_recorded"] == recorded and lg.stats()["recompiles"] == 0
+
+
+def test_hf_gpt2_with_gradient_checkpointing_replays_with_gradients_equal_eager():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    eager = transformers.GPT2LMHeadModel(config)
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    eager.train()
+    model = _compiled(eager)
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    _hf_step(eager, model, input_ids=ids, attention_mask=mask, labels=ids)
+    recorded = lg.stats()["nodes_recorded"]
+    ids = torch.randint(0, 50, (2, 7))
+    _hf_step(eager, model, input_ids=ids, attention_mask=mask, labels=ids)
+    assert lg.stats()["nodes_recorded"] == recorded
+
+
 class ReadsACounter(nn.Module):
     def __init__(self):
         super().__init__()
