@@ -683,7 +683,7 @@ class CompiledModule(torch.nn.Module):
                 if reason is None:
                     _debug(f"replayed {self._name()} (trace {tr.number})")
                     return self._replay(tr, flat)
-            if len(self._lg_seen) >= RECOMPILE_LIMIT:
+            if len(entry) >= RECOMPILE_LIMIT:  # the same call, read values differing each time
                 self._go_dynamic(f"reads a value that changes from call to call: {reason}")
                 return self.forward(*args, **kwargs)
         elif self._lg_seen:

@@ -294,6 +294,7 @@ def test_hf_bert_with_a_padding_mask_replays_instead_of_retracing():
     assert lg.stats()["nodes_recorded"] == recorded and lg.stats()["recompiles"] == 0
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 def test_hf_gpt2_with_gradient_checkpointing_replays_with_gradients_equal_eager():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
