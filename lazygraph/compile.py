@@ -643,7 +643,9 @@ class CompiledModule(torch.nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         # the wrapped module's state is what traces read: `compiled.p = 0.5` must change it there
         inner = self.__dict__.get("_modules", {}).get("_orig_mod")
-        if inner is None or name.startswith("_lg_") or name in ("_orig_mod", "training"):
+        own = name.startswith("_lg_") or name in ("_orig_mod", "training") or (
+            name.startswith("_") and not hasattr(inner, name))  # torch's own bookkeeping on the wrapper
+        if inner is None or own:
             super().__setattr__(name, value)
         else:
             setattr(inner, name, value)
