@@ -66,8 +66,11 @@ def test_float_argument_changes_between_calls_is_not_stale():
     eager = Scaled().double()
     model = _compiled(eager)
     x = torch.randn(7, 5, dtype=torch.float64)
-    for k in (5.0, 1.7, 5.0, -0.3):
+    _check_step(eager, model, x, 5.0)
+    compiles = lg.stats()["compiles"]
+    for k in (1.7, 5.0, -0.3):
         _check_step(eager, model, x, k)
+    assert lg.stats()["compiles"] == compiles  # a new value re-traces, but the programs take it as an argument
 
 
 def test_batchnorm_momentum_none_running_stats_equal_eager():
