@@ -23,15 +23,26 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 from . import counters
 from . import dump as _dump
-from .compile import compile
+from .compile import DISABLED as _DISABLED
+from .compile import compile, explain
 from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
-from .lazy import LazyTensor, lazy, lazy_mode, pending_graph, sync, to_eager
-from .runtime import get_backend, set_backend
+from .lazy import LazyTensor, lazy_mode, pending_graph, sync, to_eager
+from .lazy import lazy as _lazy
+from .runtime import BACKENDS, get_backend, set_backend
+
+if get_backend() not in BACKENDS:
+    raise ValueError(f"LAZYGRAPH_BACKEND must be one of {BACKENDS}, got {get_backend()!r}")
 
 __all__ = ["lazy", "lazy_mode", "is_lazy", "graph", "sync", "to_eager", "stats", "reset_stats", "dump",
            "lazy_module", "pinned", "set_backend", "get_backend", "Graph", "Node", "Op", "parse", "LazyTensor",
-           "export_onnx", "OnnxExportError", "compile"]
+           "export_onnx", "OnnxExportError", "compile", "explain"]
+
+
+def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """A LazyTensor whose value is `t` (a leaf of the graph); keeps requires_grad.
+    With LAZYGRAPH_DISABLE=1 it returns `t` itself: everything then runs eagerly."""
+    return t if _DISABLED else _lazy(t, name)
 
 
 def is_lazy(t: Any) -> bool:
@@ -101,7 +112,10 @@ def pinned(device: str | torch.device):
 
 
 def lazy_module(module: torch.nn.Module) -> torch.nn.Module:
-    """Make every parameter and buffer of `module` lazy, in place (tied weights stay tied)."""
+    """Make every parameter and buffer of `module` lazy, in place (tied weights stay tied).
+    With LAZYGRAPH_DISABLE=1 the module is returned unchanged."""
+    if _DISABLED:
+        return module
     seen: dict[int, torch.Tensor] = {}
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):

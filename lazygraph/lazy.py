@@ -174,6 +174,25 @@ def user_source() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the tracer: lazygraph.compile's recorder of the call it traces (per thread). Its guards must
+# cover what the trace read: it sees every value read, graph break and graph run meanwhile.
+# ---------------------------------------------------------------------------------------------
+
+_tracing = threading.local()
+
+
+def current_tracer():
+    return getattr(_tracing, "tracer", None)
+
+
+def set_tracer(tracer) -> Any:
+    """Install `tracer` for this thread; returns the one it replaces."""
+    previous = current_tracer()
+    _tracing.tracer = tracer
+    return previous
+
+
+# ---------------------------------------------------------------------------------------------
 # argument conversion
 # ---------------------------------------------------------------------------------------------
 
@@ -493,6 +512,9 @@ def _graph_break(func, args, kwargs):
     name = func._schema.name.split("::")[1]
     COUNTERS["graph_breaks"] += 1
     GRAPH_BREAKS[name] += 1
+    tracer = current_tracer()
+    if tracer is not None:
+        tracer.graph_break(name, ops.current_source)
     if os.environ.get("LAZYGRAPH_DEBUG"):
         print(f"lazygraph: graph break at {ops.RECORDING.source}: {name} has a data-dependent output shape",
               file=sys.stderr)
@@ -500,6 +522,9 @@ def _graph_break(func, args, kwargs):
 
 
 def _value(func, args, kwargs):
+    tracer = current_tracer()
+    if tracer is not None:  # compile guards on the value read instead of realizing the trace
+        return tracer.read_value(func, args, kwargs)
     lazies = [t for t in _flat_tensors((args, kwargs), []) if isinstance(t, LazyTensor)]
     realize([node_of(t) for t in lazies])
     conv = lambda t: node_of(t).value if isinstance(t, LazyTensor) else t
@@ -584,6 +609,9 @@ def realize(nodes: Sequence[Node], backend: str | None = None) -> None:
     pending = list({n.id: n for n in nodes if n.value is None}.values())
     if not pending:
         return
+    tracer = current_tracer()
+    if tracer is not None:
+        tracer.realized(pending)
     graph = Graph.from_outputs(pending)
     in_graph = {n.id for n in graph.nodes}
     chosen = {n.id for n in pending}

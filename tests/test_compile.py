@@ -251,16 +251,20 @@ def test_dynamic_mode_reuses_programs_for_the_same_structure():
     assert lg.stats()["compiles"] == compiles
 
 
-def test_value_read_while_tracing_switches_to_dynamic_with_a_warning():
+def test_value_read_while_tracing_becomes_a_guard_on_the_value():
     torch.manual_seed(0)
     eager = Branchy()
     model = _compiled(eager)
     x = torch.randn(4, 6).abs()
-    with pytest.warns(UserWarning, match="data-dependent"):
-        out = model(x, 1)
-    assert_close(out, eager(x, 1), rtol=1e-5, atol=1e-6)
+    assert_close(model(x, 1), eager(x, 1), rtol=1e-5, atol=1e-6)
+    recorded = lg.stats()["nodes_recorded"]
+    x = torch.randn(4, 6).abs()
+    assert_close(model(x, 1), eager(x, 1), rtol=1e-5, atol=1e-6)  # the same branch: a replay
+    assert lg.stats()["nodes_recorded"] == recorded
     x = -torch.randn(4, 6).abs() - 5
-    assert_close(model(x, 2), eager(x, 2), rtol=1e-5, atol=1e-6)  # the other branch, not a replay
+    assert_close(model(x, 1), eager(x, 1), rtol=1e-5, atol=1e-6)  # the other branch, not a replay
+    (reason,) = lg.stats()["recompile_reasons"]
+    assert reason.startswith("value read at test_compile.py:") and reason.endswith(("True -> False", "False -> True"))
 
 
 # ---------------------------------------------------------------------------------------------
