@@ -1,0 +1,5 @@
+import sys
+
+from tests.opinfo.runner import main
+
+sys.exit(main())
