@@ -86,8 +86,9 @@ def compare_tensor(l: torch.Tensor, e: torch.Tensor, r: torch.Tensor | None) -> 
     if not e.is_floating_point():
         if torch.equal(l, e):
             return None
-        bad = (l != e).nonzero()[0].tolist()
-        return f"{int((l != e).sum())} of {e.numel()} differ (exact dtype); first at {bad}: {l[tuple(bad)].item()} != eager {e[tuple(bad)].item()}"
+        bad = tuple((l != e).nonzero()[0].tolist())
+        return (f"{int((l != e).sum())} of {e.numel()} differ (exact dtype); first at {list(bad)}: "
+                f"{l[bad].item()} != eager {e[bad].item()}")
     ln, en = l.double(), e.double()
     if not torch.equal(ln.isnan(), en.isnan()):
         return f"NaN at {int((ln.isnan() != en.isnan()).sum())} positions where eager differs"

@@ -24,9 +24,12 @@ FAILED = ("wrong", "raises")
 
 
 def _worker(conn, limit: int, timeout_s: float) -> None:
+    import warnings
+
     import torch
 
     torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # op_db's samples warn by the thousand (deprecations, options)
     while True:
         case = conn.recv()
         if case is None:
@@ -67,7 +70,7 @@ def run_parallel(todo: list[Case], workers: int, limit: int, timeout_s: float, p
     hard_limit = timeout_s * 1.5 + 30  # the SIGALRM limit inside the worker comes first
     busy = 0
     while pending or busy:
-        for i, s in enumerate(slots):
+        for s in slots:
             if s.case is None and pending:
                 s.give(pending.pop())
                 busy += 1
@@ -117,8 +120,15 @@ def run_serial(todo: Iterable[Case], limit: int, timeout_s: float) -> list[Resul
 # ---------------------------------------------------------------------------------------------
 
 
+def covers(gap: known_gaps.Gap, status: str) -> bool:
+    """A 'wrong' gap also covers the samples of its key that raise; a 'raises' gap only those."""
+    return gap.kind == status or (gap.kind == "wrong" and status == "raises")
+
+
 def check_gaps(results: list[Result], check_stale: bool) -> tuple[list[Result], list[tuple], list[Result]]:
-    """(failures not listed or listed as another kind, stale table keys, listed failures)."""
+    """(failures not listed or listed as another kind, stale table keys, listed failures).
+    An entry is stale when no sample of its key fails the way it says (only a run with the
+    sweep's own samples can tell: check_stale)."""
     unlisted, listed = [], []
     hit: set[tuple] = set()
     covered: set[tuple] = set()
@@ -128,12 +138,13 @@ def check_gaps(results: list[Result], check_stale: bool) -> tuple[list[Result], 
             covered.add(found[0])
         if r.status not in FAILED:
             continue
-        if found and found[1].kind == r.status:
-            hit.add(found[0])
+        if found and covers(found[1], r.status):
             listed.append(r)
+            if found[1].kind == r.status:
+                hit.add(found[0])
         else:
             unlisted.append(r)
-    stale = sorted(k for k in covered - hit) if check_stale else []
+    stale = sorted(covered - hit) if check_stale else []
     return unlisted, stale, listed
 
 
@@ -173,16 +184,21 @@ def failures(results: list[Result]) -> str:
 
 
 def gaps_snippet(results: list[Result]) -> str:
-    """Table entries for every failing key (a start for editing known_gaps.py by hand)."""
-    first: dict[tuple, Result] = {}
+    """Table entries for every failing key (a start for editing known_gaps.py by hand): one entry
+    for all dtypes where they fail alike, else one per dtype."""
+    by_key: dict[tuple, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         if r.status in FAILED:
-            first.setdefault((r.name, r.variant, "*", r.direction, r.status), r)
+            by_key[(r.name, r.variant, r.direction)][r.dtype].append(r)
     out = []
-    for (name, variant, dtype, direction, status), r in sorted(first.items()):
-        reason = f"{r.error}: {r.detail}" if r.error else r.detail
-        reason = reason.split(" @ ")[0][:150].replace("\\", "\\\\").replace('"', "'")
-        out.append(f'    ({name!r}, {variant!r}, {dtype!r}, {direction!r}): {status}("{reason}"),')
+    for (name, variant, direction), per_dtype in sorted(by_key.items()):
+        kinds = {d: "wrong" if any(r.status == "wrong" for r in rs) else "raises" for d, rs in per_dtype.items()}
+        uniform = len(set(kinds.values())) == 1
+        for dtype, rs in sorted(per_dtype.items()) if not uniform else [("*", sum(per_dtype.values(), []))]:
+            kind = kinds[rs[0].dtype]
+            r = next(r for r in rs if r.status == kind)
+            reason = (f"{r.error}: {r.detail}" if r.error else r.detail).split(" @ ")[0][:150]
+            out.append(f"    ({name!r}, {variant!r}, {dtype!r}, {direction!r}): {kind}({reason!r}),")
     return "\n".join(out)
 
 

@@ -360,8 +360,11 @@ def _shapes_only(lazy: Any, eager: Any) -> str | None:
     if [p for p, _ in ls] != [p for p, _ in es]:
         return "structure differs"
     for (p, l), (_, e) in zip(ls, es):
-        if isinstance(e, torch.Tensor) and (not isinstance(l, torch.Tensor) or l.shape != e.shape or l.dtype != e.dtype):
-            return f"out{p}: {getattr(l, 'dtype', type(l))}{list(getattr(l, 'shape', []))} != eager {e.dtype}{list(e.shape)}"
+        if not isinstance(e, torch.Tensor):
+            continue
+        if not isinstance(l, torch.Tensor) or l.shape != e.shape or l.dtype != e.dtype:
+            got = f"{l.dtype}{list(l.shape)}" if isinstance(l, torch.Tensor) else type(l).__name__
+            return f"out{p}: {got} != eager {e.dtype}{list(e.shape)}"
     return None
 
 
