@@ -205,7 +205,7 @@ def gaps_snippet(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m tests.opinfo", description=__doc__)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--ops", default="", help="regex on the op name (and variant): run only those")
+    ap.add_argument("--ops", default="", help="regex on name[.variant]: run only those")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--directions", default="forward,backward")
     ap.add_argument("--samples", type=int, default=SAMPLES_PER_DTYPE, help="samples per op and dtype")
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     pattern = re.compile(args.ops) if args.ops else None
-    todo = cases(lambda op: not pattern or bool(pattern.search(f"{op.name}.{op.variant_test_name}")),
+    label = lambda op: op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
+    todo = cases(lambda op: not pattern or bool(pattern.search(label(op))),
                  tuple(d for d in args.dtypes.split(",") if d), tuple(args.directions.split(",")))
     start = time.perf_counter()
     done = [0]

@@ -191,7 +191,7 @@ def backward(fn, sample, args, kwargs, lazy_cotangents: bool = False) -> Any:
     outs = [o for o in tensors_in(sample.output_process_fn_grad(fn(*args, **kwargs))) if differentiable(o)]
     if not inputs or not outs:
         return None
-    real = [torch.view_as_real(o) if o.is_complex() else o for o in outs]
+    real = [torch.view_as_real(o.resolve_conj()) if o.is_complex() else o for o in outs]
     cots = cotangents([r.detach() for r in real])
     cots = [c.to(r.dtype) for c, r in zip(cots, real)]
     if lazy_cotangents:
