@@ -174,7 +174,8 @@ def random_leaf(l: Any, es: list[Any]) -> str | None:
     mean, std = float(ev.mean()), float(ev.std()) if ev.numel() > 1 else 0.0
     if abs(float(lv.mean()) - mean) > 6 * std / math.sqrt(n) + 1e-6 * (1 + abs(mean)):
         return f"mean {float(lv.mean()):.4g}, eager's {mean:.4g} (std {std:.3g}, n {n})"
-    if n >= 2 and bool((lv == lv[0]).all()):  # constant: how likely is that under eager's distribution?
+    # a constant result no eager run gave, and unlikely under eager's distribution of values
+    if n >= 2 and bool((lv == lv[0]).all()) and not any(bool((x == lv[0]).all()) for x in es):
         p = float((ev == lv[0]).double().mean())
         if p**n < 1e-6:
             return f"all {n} values are {float(lv[0]):.4g}; eager draws that value with frequency {p:.3g}"
