@@ -61,7 +61,9 @@ class Result:
     direction: str
     sample: int
     status: str  # 'pass' | 'wrong' | 'raises' | 'skip'
-    error: str = ""  # exception type (raises) or '' ; 'random' marks a statistics-only comparison
+    # raises: the exception type; otherwise how it was judged: '' (values), 'random' (statistics),
+    # 'uninitialised' (shapes only), 'accepted' (eager raises, lazygraph returned a value)
+    error: str = ""
     detail: str = ""
     seconds: float = 0.0
 
