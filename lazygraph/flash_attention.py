@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .counters import COUNTERS
 from .ir import Node, Op
+from .reference import attention_args, causal_diagonal, kv_group
 
 
 @triton.jit
@@ -48,29 +49,42 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _keys_end(TK, TQ, pid_m, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """Row r sees keys c <= r + TK - TQ: a query block can stop after its last row's last key."""
+def _keys_end(TK, DIAG, pid_m, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Row r sees keys c <= r + DIAG: a query block can stop after its last row's last key."""
     end = TK
     if CAUSAL:
-        end = tl.minimum(TK, (pid_m + 1) * BLOCK_M + TK - TQ)
+        end = tl.maximum(tl.minimum(TK, (pid_m + 1) * BLOCK_M + DIAG), 0)
     return end
 
 
 @triton.jit
-def _queries_start(TK, TQ, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """The first row that sees key c is c - (TK - TQ): a key block can start at that row's block."""
+def _queries_start(DIAG, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The first row that sees key c is c - DIAG: a key block can start at that row's block."""
     start = 0
     if CAUSAL:
-        start = tl.maximum(pid_n * BLOCK_N - (TK - TQ), 0) // BLOCK_M * BLOCK_M
+        start = tl.maximum(pid_n * BLOCK_N - DIAG, 0) // BLOCK_M * BLOCK_M
     return start
 
 
 @triton.jit
+def _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr):
+    """scores + the additive mask: none (MASK 0), one value per key shared by every query row (1: a
+    padding mask, read as a vector), or one per (row, key) (2: read as a tile)."""
+    if MASK == 1:
+        s += tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    elif MASK == 2:
+        s += tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
 def flash_attention_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, M,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
-    H, TQ, TK, D, DV, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    sm_b, sm_h, sm_t, sm_s,
+    H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
@@ -87,29 +101,31 @@ def flash_attention_fwd(
     row_ok = rows < TQ
     q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :] * sq_d,
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    hk = h // GROUP  # grouped-query attention: GROUP query heads share one key/value head
+    k_base = K + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
+    m_base = M + b * sm_b + h * sm_h
+    LOG2E: tl.constexpr = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # (an expression, not an `if`: Triton 3.6's interpreter turns a variable assigned under `if`
     # into a tensor, which cannot bound a loop)
-    for start_n in range(0, LOOP_END or _keys_end(TK, TQ, pid_m, BLOCK_M, CAUSAL), BLOCK_N):
+    for start_n in range(0, LOOP_END or _keys_end(TK, DIAG, pid_m, BLOCK_M, CAUSAL), BLOCK_N):
         cols = start_n + cols0
         col_ok = cols < TK
         k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d,
                     mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
-        s = _dot(q, tl.trans(k), F32)
-        s = s * qk_scale
+        s = _dot(q, tl.trans(k), F32) * scale  # natural units: eager adds the mask to these
+        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
         ok = col_ok[None, :]
         if CAUSAL:
-            ok = ok & (cols[None, :] <= rows[:, None] + (TK - TQ))
+            ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: keep exp2 finite
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the normaliser uses every probability; only the values see the dropped ones
             offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
@@ -121,7 +137,7 @@ def flash_attention_fwd(
         m_i = m_new
     has = l_i > 0.0  # fully masked rows: out 0, lse -inf (the reference's nan_to_num / logsumexp)
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :] * so_d,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(Lse + bh * TQ + rows, lse, mask=row_ok)
@@ -129,17 +145,18 @@ def flash_attention_fwd(
 
 @triton.jit
 def flash_attention_bwd(
-    Q, K, V, Out, DOut, Lse, DQ, DK, DV_,
+    Q, K, V, Out, DOut, Lse, DQ, DK, DV_, M,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
-    sdo_b, sdo_h, sdo_t, sdo_d,
-    H, TQ, TK, D, DV, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
+    H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
     # where fully masked causal blocks are skipped and lengths never recompile
 ):
-    """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32) for one key block."""
+    """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32, per query head: the
+    caller sums a group's heads) for one key block."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -151,16 +168,18 @@ def flash_attention_bwd(
     col_ok = cols < TK
     d_ok = d[None, :] < D
     dv_ok = dv[None, :] < DV
-    k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_t + d[None, :] * sk_d,
+    hk = h // GROUP
+    k = tl.load(K + b * sk_b + hk * sk_h + cols[:, None] * sk_t + d[None, :] * sk_d,
                 mask=col_ok[:, None] & d_ok, other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_t + dv[None, :] * sv_d,
+    v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_t + dv[None, :] * sv_d,
                 mask=col_ok[:, None] & dv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     q_base = Q + b * sq_b + h * sq_h
     o_base = Out + b * so_b + h * so_h
     do_base = DOut + b * sdo_b + h * sdo_h
-    lo = 0 if LOOP_END else _queries_start(TK, TQ, pid_n, BLOCK_M, BLOCK_N, CAUSAL)
+    m_base = M + b * sm_b + h * sm_h
+    lo = 0 if LOOP_END else _queries_start(DIAG, pid_n, BLOCK_M, BLOCK_N, CAUSAL)
     for start_m in range(lo, LOOP_END or TQ, BLOCK_M):
         rows = start_m + rows0
         row_ok = rows < TQ
@@ -171,11 +190,12 @@ def flash_attention_bwd(
                     other=0.0)
         lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        s = _dot(q, tl.trans(k), F32)
-        ok = row_ok[:, None] & col_ok[None, :]
+        s = _dot(q, tl.trans(k), F32) * scale
+        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
+        ok = (row_ok & (lse > float("-inf")))[:, None] & col_ok[None, :]  # fully masked rows: p = 0
         if CAUSAL:
-            ok = ok & (cols[None, :] <= rows[:, None] + (TK - TQ))
-        p = tl.where(ok, tl.exp(s * scale - lse[:, None]), 0.0)
+            ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), F32)
         if DROPOUT:
             offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
@@ -229,13 +249,30 @@ def _as_4d(t: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
     return t.reshape(-1, batch[-1], *t.shape[-2:])
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(q's batch shape, k's and v's batch shape, query heads per key/value head)."""
+    group = kv_group(q.shape, k.shape)
+    if (q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]
+            or (group > 1 and (k.shape[-3] != v.shape[-3] or q.shape[-3] % k.shape[-3]))):
         raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} do not fit")
     if max(q.shape[-1], v.shape[-1]) > 128:
         raise ValueError("flash attention supports head dims up to 128")
-    return tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    if group == 1:
+        batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+        return batch, batch, 1
+    heads = k.shape[-3]  # broadcast the dims before the heads; the heads are grouped, not broadcast
+    outer = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+    return outer + (q.shape[-3],), outer + (heads,), group
+
+
+def _mask_4d(mask: torch.Tensor | None, batch: tuple[int, ...], tq: int, tk: int, like: torch.Tensor):
+    """(mask as [B, H, tq, tk] with its broadcast axes at stride 0, MASK kind for the kernels): 0
+    none (q stands in for the pointer), 1 the same for every query row, 2 a full tile."""
+    if mask is None:
+        return like, (0, 0, 0, 0), 0
+    m4 = _as_4d(mask.expand(*batch, tq, tk), batch)
+    return m4, _strides(m4), 1 if m4.stride(2) == 0 else 2
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -246,12 +283,18 @@ def _seed(seed) -> int:
     return int(seed) if seed is not None else 0
 
 
+def _diagonal(diagonal: int | None, tq: int, tk: int) -> int:
+    return tk - tq if diagonal is None else int(diagonal)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                      dropout_p: float = 0.0, seed=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
+                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [..., tq, dv] in q's dtype, lse [..., tq] fp32): reference.attention_forward, one launch."""
-    batch = _check(q, k, v)
+    batch, kv_batch, group = _check(q, k, v)
     tq, tk, dq_, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    q4, k4, v4 = (_as_4d(t, batch) for t in (q, k, v))
+    q4 = _as_4d(q, batch)
+    k4, v4 = (_as_4d(t, kv_batch) for t in (k, v))
     nb, nh = q4.shape[0], q4.shape[1]
     out = torch.empty(nb, nh, tq, dv_, dtype=q.dtype, device=q.device)
     lse = torch.empty(nb, nh, tq, dtype=torch.float32, device=q.device)
@@ -260,12 +303,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             out.zero_()
             lse.fill_(float("-inf"))
         else:
+            m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
             bm, bn, warps = _blocks(q.device, max(dq_, dv_), backward=False)
             grid = (triton.cdiv(tq, bm), nb * nh)
             flash_attention_fwd[grid](
-                q4, k4, v4, out, lse, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out),
-                nh, tq, tk, dq_, dv_, float(scale), float(dropout_p), _seed(seed),
-                CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+                q4, k4, v4, out, lse, m4, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out), *m_strides,
+                nh, group, tq, tk, dq_, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p),
+                _seed(seed), CAUSAL=bool(causal), MASK=mask_kind, DROPOUT=dropout_p > 0, F32=_dot_f32(q),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_),
                 LOOP_END=0 if q.is_cuda else tk, num_warps=warps)
     elif tq:
@@ -275,31 +319,39 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                       dropout_p: float = 0.0, seed=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
-    batch = _check(q, k, v)
+    batch, kv_batch, group = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    q4, k4, v4, o4, do4 = (_as_4d(t, batch) for t in (q, k, v, out, dout))
+    q4, o4, do4 = (_as_4d(t, batch) for t in (q, out, dout))
+    k4, v4 = (_as_4d(t, kv_batch) for t in (k, v))
     nb, nh = q4.shape[0], q4.shape[1]
     lse3 = lse.expand(*batch, tq).reshape(nb * nh, tq).float().contiguous()
     dq = torch.zeros(nb * nh, tq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(nb * nh, tk, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros(nb * nh, tk, dv_, dtype=torch.float32, device=q.device)
     if tq and tk and nb * nh:
+        m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
         bm, bn, warps = _blocks(q.device, max(d, dv_), backward=True)
         grid = (triton.cdiv(tk, bn), nb * nh)
         flash_attention_bwd[grid](
-            q4, k4, v4, o4, do4, lse3, dq, dk, dv,
-            *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4),
-            nh, tq, tk, d, dv_, float(scale), float(dropout_p), _seed(seed),
-            CAUSAL=bool(causal), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+            q4, k4, v4, o4, do4, lse3, dq, dk, dv, m4,
+            *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
+            nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p), _seed(seed),
+            CAUSAL=bool(causal), MASK=mask_kind, DROPOUT=dropout_p > 0, F32=_dot_f32(q),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
             LOOP_END=0 if q.is_cuda else tq, num_warps=warps)
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
-    dk = dk.reshape(*batch, tk, d).to(k.dtype)
-    dv = dv.reshape(*batch, tk, dv_).to(v.dtype)
+    # per query head: a key/value head's gradient sums its group (fp32, then cast)
+    dk = _sum_group(dk.reshape(*batch, tk, d), group).to(k.dtype)
+    dv = _sum_group(dv.reshape(*batch, tk, dv_), group).to(v.dtype)
     # a broadcast operand's gradient sums over the batch dims it was expanded along
     return _unbroadcast(dq, q.shape), _unbroadcast(dk, k.shape), _unbroadcast(dv, v.shape)
+
+
+def _sum_group(g: torch.Tensor, group: int) -> torch.Tensor:
+    return g.unflatten(-3, (g.shape[-3] // group, group)).sum(-3) if group > 1 else g
 
 
 def _unbroadcast(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -319,12 +371,14 @@ ATTENTION_OPS = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
 
 
 def supported(node: Node) -> bool:
-    """Whether the kernels take this node: float q/k/v, head dims <= 128, on a device Triton runs
-    on (a CUDA device, or any tensor in the interpreter)."""
-    q = node.srcs[1] if node.op is Op.ATTENTION_BWD else node.srcs[0]
-    v = node.srcs[3] if node.op is Op.ATTENTION_BWD else node.srcs[2]
+    """Whether the kernels take this node: float q/k/v (and mask), head dims <= 128, on a device
+    Triton runs on (a CUDA device, or any tensor in the interpreter)."""
+    backward = node.op is Op.ATTENTION_BWD
+    tensors, mask, _ = attention_args(node.attrs, node.srcs, backward)
+    q, k, v = tensors[1:4] if backward else tensors
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false")
     return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.ndim >= 2
+            and (mask is None or mask.dtype.is_floating_point)
             and max(q.shape[-1], v.shape[-1]) <= 128 and (interpreting or q.device.startswith("cuda")))
 
 
@@ -339,16 +393,18 @@ def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> 
         attrs = {k: v for k, v in a.items() if k != "which"}
         key = ("flash_bwd", tuple(s.id for s in node.srcs), tuple(sorted(attrs.items())))
         if key not in memo:
-            seed = args[6] if len(args) > 6 else None
-            memo[key] = attention_backward(*args[:6], a["scale"], a["causal"], a.get("dropout_p", 0.0), seed)
+            tensors, mask, seed = attention_args(a, args, backward=True)
+            diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
+            memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
+                                           diagonal, mask)
             COUNTERS["triton_kernels"] += 1
             COUNTERS["flash_attention_bwd"] += 1
         return memo[key]["qkv".index(a["which"])]
     key = ("flash_fwd", tuple(s.id for s in node.srcs), tuple(sorted(a.items())))
     if key not in memo:
-        seed = args[3] if len(args) > 3 else None
-        memo[key] = attention_forward(args[0], args[1], args[2], a["scale"], a["causal"],
-                                      a.get("dropout_p", 0.0), seed)
+        (q, k, v), mask, seed = attention_args(a, args, backward=False)
+        memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
+                                      causal_diagonal(a, q.shape[-2], k.shape[-2]), mask)
         COUNTERS["triton_kernels"] += 1
         COUNTERS["flash_attention_fwd"] += 1
     out, lse = memo[key]
@@ -367,19 +423,21 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
     bwd_m, bwd_n, _ = _blocks(torch.device("cuda"), head_dim, backward=True)
     ieee = dtype == "fp32"
     ptr = f"*{dtype}"
-    scalars = {"H": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "scale": "fp32",
-               "dropout_p": "fp32", "seed": "i64"}
+    scalars = {"H": "i32", "GROUP": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "DIAG": "i32",
+               "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
 
     def strides(prefixes):
         return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
 
     def consts(bm, bn):
-        return {"CAUSAL": True, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
+        return {"CAUSAL": True, "MASK": 2, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
                 "BLOCK_DV": bd, "LOOP_END": 0}
 
-    fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", **strides("qkvo"), **scalars}
+    mask = {"sm_b": "i64", "sm_h": "i64", "sm_t": "i64", "sm_s": "i64"}
+    fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", "M": ptr, **strides("qkvo"), **mask,
+               **scalars}
     bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": "*fp32",
-               "DK": "*fp32", "DV_": "*fp32", **strides(["q", "k", "v", "o", "do"]), **scalars}
+               "DK": "*fp32", "DV_": "*fp32", "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask, **scalars}
     return [("flash_attention_fwd", fwd_sig, consts(fwd_m, fwd_n)),
             ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
 
