@@ -358,7 +358,9 @@ def _unbroadcast(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if g.shape == shape:
         return g
     dtype = g.dtype
-    g = g.float().sum(dim=tuple(range(g.ndim - len(shape))))
+    g = g.float()
+    if g.ndim > len(shape):  # (sum over an empty dim tuple would sum everything)
+        g = g.sum(dim=tuple(range(g.ndim - len(shape))))
     dims = tuple(i for i, n in enumerate(shape[:-2]) if n == 1 and g.shape[i] != 1)
     return (g.sum(dim=dims, keepdim=True) if dims else g).to(dtype)
 
