@@ -84,7 +84,7 @@ def flash_attention_fwd(
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sm_b, sm_h, sm_t, sm_s,
     H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
@@ -135,12 +135,19 @@ def flash_attention_fwd(
                     mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
         m_i = m_new
-    has = l_i > 0.0  # fully masked rows: out 0, lse -inf (the reference's nan_to_num / logsumexp)
-    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    # fully masked rows: out 0, lse -inf (sdpa); with EMPTY_NAN out and lse NaN (eager's softmax)
+    has = l_i > 0.0
+    empty = float("nan") if EMPTY_NAN else 0.0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], empty)
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :] * so_d,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-    tl.store(Lse + bh * TQ + rows, lse, mask=row_ok)
+    if MASK:  # (max, sum) per row: a row masked by a huge finite value (HF's finfo.min padding)
+        # has max ~ -3.4e38, where max + log(sum) loses log(sum); the backward needs both
+        tl.store(Lse + (bh * TQ + rows) * 2, m_i, mask=row_ok)
+        tl.store(Lse + (bh * TQ + rows) * 2 + 1, l_i, mask=row_ok)
+    else:
+        tl.store(Lse + bh * TQ + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -149,7 +156,7 @@ def flash_attention_bwd(
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
     H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
@@ -188,14 +195,24 @@ def flash_attention_bwd(
                      other=0.0)
         o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok,
                     other=0.0)
-        lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
+        if MASK:
+            row_max = tl.load(Lse + (bh * TQ + rows) * 2, mask=row_ok, other=0.0)
+            row_sum = tl.load(Lse + (bh * TQ + rows) * 2 + 1, mask=row_ok, other=1.0)
+            has = row_sum > 0.0
+            lse = tl.where(has, row_max, 0.0)  # p = exp(s - max) / sum below
+            inv = tl.where(has, 1.0 / tl.where(has, row_sum, 1.0), float("nan") if EMPTY_NAN else 0.0)
+        else:
+            lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
+            has = (lse > float("-inf")) | EMPTY_NAN
+            inv = tl.full([BLOCK_M], 1.0, tl.float32)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         s = _dot(q, tl.trans(k), F32) * scale
         s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
-        ok = (row_ok & (lse > float("-inf")))[:, None] & col_ok[None, :]  # fully masked rows: p = 0
+        # fully masked rows: p = 0, or with EMPTY_NAN NaN (lse is NaN there), poisoning dk and dv as in eager
+        ok = (row_ok & (has | EMPTY_NAN))[:, None] & col_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(ok, tl.exp(s - lse[:, None]) * inv[:, None], 0.0)
         dp = _dot(do, tl.trans(v), F32)
         if DROPOUT:
             offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
@@ -289,7 +306,7 @@ def _diagonal(diagonal: int | None, tq: int, tk: int) -> int:
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
                       dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
-                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask: torch.Tensor | None = None, empty_nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [..., tq, dv] in q's dtype, lse [..., tq] fp32): reference.attention_forward, one launch."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, dq_, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -297,11 +314,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     k4, v4 = (_as_4d(t, kv_batch) for t in (k, v))
     nb, nh = q4.shape[0], q4.shape[1]
     out = torch.empty(nb, nh, tq, dv_, dtype=q.dtype, device=q.device)
-    lse = torch.empty(nb, nh, tq, dtype=torch.float32, device=q.device)
+    stats = (2,) if mask is not None else ()  # a masked op's lse is (max, sum) per row
+    lse = torch.empty(nb, nh, tq, *stats, dtype=torch.float32, device=q.device)
     if out.numel() and nb * nh:
         if tk == 0:
             out.zero_()
-            lse.fill_(float("-inf"))
+            _fill_empty(lse, mask is not None)
         else:
             m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
             bm, bn, warps = _blocks(q.device, max(dq_, dv_), backward=False)
@@ -309,25 +327,36 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             flash_attention_fwd[grid](
                 q4, k4, v4, out, lse, m4, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out), *m_strides,
                 nh, group, tq, tk, dq_, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p),
-                _seed(seed), CAUSAL=bool(causal), MASK=mask_kind, DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+                _seed(seed), CAUSAL=bool(causal), MASK=mask_kind, EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_),
                 LOOP_END=0 if q.is_cuda else tk, num_warps=warps)
     elif tq:
+        _fill_empty(lse, mask is not None)
+    return out.reshape(*batch, tq, dv_), lse.reshape(*batch, tq, *stats)
+
+
+def _fill_empty(lse: torch.Tensor, stats: bool) -> None:
+    """Rows with no key: lse -inf, or max -inf and sum 0."""
+    if stats:
+        lse[..., 0] = float("-inf")
+        lse[..., 1] = 0.0
+    else:
         lse.fill_(float("-inf"))
-    return out.reshape(*batch, tq, dv_), lse.reshape(*batch, tq)
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                        dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
-                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor | None = None,
+                       empty_nan: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     q4, o4, do4 = (_as_4d(t, batch) for t in (q, out, dout))
     k4, v4 = (_as_4d(t, kv_batch) for t in (k, v))
     nb, nh = q4.shape[0], q4.shape[1]
-    lse3 = lse.expand(*batch, tq).reshape(nb * nh, tq).float().contiguous()
+    stats = (2,) if mask is not None else ()
+    lse3 = lse.expand(*batch, tq, *stats).reshape(nb * nh, tq, *stats).float().contiguous()
     dq = torch.zeros(nb * nh, tq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(nb * nh, tk, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros(nb * nh, tk, dv_, dtype=torch.float32, device=q.device)
@@ -339,7 +368,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             q4, k4, v4, o4, do4, lse3, dq, dk, dv, m4,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
             nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p), _seed(seed),
-            CAUSAL=bool(causal), MASK=mask_kind, DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+            CAUSAL=bool(causal), MASK=mask_kind, EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
             LOOP_END=0 if q.is_cuda else tq, num_warps=warps)
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
@@ -398,7 +427,7 @@ def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> 
             tensors, mask, seed = attention_args(a, args, backward=True)
             diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
             memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                           diagonal, mask)
+                                           diagonal, mask, a.get("empty_nan", False))
             COUNTERS["triton_kernels"] += 1
             COUNTERS["flash_attention_bwd"] += 1
         return memo[key]["qkv".index(a["which"])]
@@ -406,7 +435,7 @@ def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> 
     if key not in memo:
         (q, k, v), mask, seed = attention_args(a, args, backward=False)
         memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                      causal_diagonal(a, q.shape[-2], k.shape[-2]), mask)
+                                      causal_diagonal(a, q.shape[-2], k.shape[-2]), mask, a.get("empty_nan", False))
         COUNTERS["triton_kernels"] += 1
         COUNTERS["flash_attention_fwd"] += 1
     out, lse = memo[key]
@@ -432,7 +461,7 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
         return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
 
     def consts(bm, bn):
-        return {"CAUSAL": True, "MASK": 2, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
+        return {"CAUSAL": True, "MASK": 2, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
                 "BLOCK_DV": bd, "LOOP_END": 0}
 
     mask = {"sm_b": "i64", "sm_h": "i64", "sm_t": "i64", "sm_s": "i64"}

@@ -1016,7 +1016,8 @@ def attention(q, k, v, scale, causal, dropout_p=0.0, mask=None, diagonal=None):
     attrs = _attention_attrs(q, k, scale, causal, dropout_p, mask, diagonal)
     out_shape = q.shape[:-1] + (v.shape[-1],)
     out = ops.node(Op.ATTENTION, srcs, out_shape, q.dtype, q.device, **attrs)
-    lse = ops.node(Op.ATTENTION_LSE, srcs, q.shape[:-1], torch.float32, q.device, **attrs)
+    stats = (2,) if mask is not None else ()  # a masked op's lse is (max, sum) per row
+    lse = ops.node(Op.ATTENTION_LSE, srcs, q.shape[:-1] + stats, torch.float32, q.device, **attrs)
     seed = srcs[-1] if dropout_p > 0 else ops.full(0, (), torch.int64, q.device)
     return out, lse, seed
 

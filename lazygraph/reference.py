@@ -132,7 +132,7 @@ def _sum_heads(g, group: int):
     return g.unflatten(-3, (g.shape[-3] // group, group)).sum(-3) if group > 1 else g
 
 
-def _attention_probs(q, k, scale, causal, diagonal=None, mask=None):
+def _attention_probs(q, k, scale, causal, diagonal=None, mask=None, empty_nan=False):
     k = _repeat_heads(k, kv_group(q.shape, k.shape))
     s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     if mask is not None:
@@ -144,7 +144,10 @@ def _attention_probs(q, k, scale, causal, diagonal=None, mask=None):
         s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse)
-    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
+    if empty_nan:  # a fully masked row is NaN, as eager's softmax gives
+        lse = torch.where(lse == float("-inf"), float("nan"), lse)
+    else:  # 0, as sdpa gives
+        p = torch.nan_to_num(p, nan=0.0)
     return p, lse
 
 
@@ -153,17 +156,33 @@ def _dropout_keep(seed, shape, p_drop, device):
     return philox_uniform(seed, offsets) >= p_drop
 
 
-def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None):
-    p, lse = _attention_probs(q, k, scale, causal, diagonal, mask)
+def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None, empty_nan=False):
+    p, lse = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan)
     if dropout_p > 0:
         p = p * _dropout_keep(int(seed), p.shape, dropout_p, p.device) / (1 - dropout_p)
     out = torch.matmul(p, _repeat_heads(v, kv_group(q.shape, v.shape)).float()).to(q.dtype)
+    if mask is not None:  # (max, sum) per row: see flash_attention_fwd
+        return out, _row_stats(q, k, scale, causal, diagonal, mask)
     return out, lse.squeeze(-1)
 
 
-def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None):
+def _row_stats(q, k, scale, causal, diagonal, mask):
+    """[..., tq, 2]: each score row's max and sum(exp(s - max)) (max -inf and sum 0 for a row with no key)."""
+    s = torch.matmul(q.float(), _repeat_heads(k, kv_group(q.shape, k.shape)).float().transpose(-2, -1)) * scale
+    s = s + mask.float()
+    if causal:
+        tq, tk = s.shape[-2], s.shape[-1]
+        diagonal = tk - tq if diagonal is None else diagonal
+        s = s.masked_fill(~torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(diagonal), float("-inf"))
+    m = s.amax(-1)
+    total = torch.exp(s - torch.where(m == float("-inf"), 0.0, m).unsqueeze(-1)).sum(-1)
+    return torch.stack([m, total], -1)
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None,
+                       empty_nan=False):
     group = kv_group(q.shape, k.shape)
-    p, _ = _attention_probs(q, k, scale, causal, diagonal, mask)
+    p, _ = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan)
     k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     dout_f = dout.float()
     if dropout_p > 0:
@@ -291,7 +310,7 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             (q, k, v), mask, seed = attention_args(a, args, backward=False)
             diagonal = causal_diagonal(a, q.shape[-2], k.shape[-2])
             memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                          diagonal, mask)
+                                          diagonal, mask, a.get("empty_nan", False))
         out, lse = memo[key]
         return out if op is Op.ATTENTION else lse
     if op is Op.ATTENTION_BWD:
@@ -301,7 +320,7 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             tensors, mask, seed = attention_args(a, args, backward=True)
             diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
             memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                           diagonal, mask)
+                                           diagonal, mask, a.get("empty_nan", False))
         return memo[key]["qkv".index(a["which"])]
     if op is Op.EXTERN:
         key = ("extern", tuple(s.id for s in n.srcs), a["target"], repr(a["args"]), repr(a.get("kwargs")))
