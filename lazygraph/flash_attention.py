@@ -67,15 +67,34 @@ def _queries_start(DIAG, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CA
 
 
 @triton.jit
-def _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr):
-    """scores + the additive mask: none (MASK 0), one value per key shared by every query row (1: a
-    padding mask, read as a vector), or one per (row, key) (2: read as a tile)."""
-    if MASK == 1:
-        s += tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    elif MASK == 2:
-        s += tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+def _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
+    """The scores under the mask: none (MASK 0), one value per key shared by every query row (1: a
+    padding mask, read as a vector), or one per (row, key) (2: read as a tile). The mask is added,
+    or with REPLACE it replaces the score wherever it is not 0 (masked_fill's fill, exactly)."""
+    if MASK:
+        if MASK == 1:
+            b = tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            b = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        if REPLACE:
+            s = tl.where(b == 0.0, s, b)
+        else:
+            s = s + b
     return s
+
+
+@triton.jit
+def _mask_grad(ds, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
+    """A replaced score has no gradient (masked_fill's backward): ds is 0 where the mask is not 0."""
+    if REPLACE:
+        if MASK == 1:
+            b = tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            b = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        ds = tl.where(b == 0.0, ds, 0.0)
+    return ds
 
 
 @triton.jit
@@ -84,7 +103,7 @@ def flash_attention_fwd(
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sm_b, sm_h, sm_t, sm_s,
     H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
@@ -117,7 +136,7 @@ def flash_attention_fwd(
         k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d,
                     mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
         s = _dot(q, tl.trans(k), F32) * scale  # natural units: eager adds the mask to these
-        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
+        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
         ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
@@ -156,7 +175,7 @@ def flash_attention_bwd(
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
     H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
@@ -207,7 +226,7 @@ def flash_attention_bwd(
             inv = tl.full([BLOCK_M], 1.0, tl.float32)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         s = _dot(q, tl.trans(k), F32) * scale
-        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
+        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
         # fully masked rows: p = 0, or with EMPTY_NAN NaN (lse is NaN there), poisoning dk and dv as in eager
         ok = (row_ok & (has | EMPTY_NAN))[:, None] & col_ok[None, :]
         if CAUSAL:
@@ -221,7 +240,7 @@ def flash_attention_bwd(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         else:
             pd = p
-        ds = p * (dp - delta[:, None])
+        ds = _mask_grad(p * (dp - delta[:, None]), m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
         dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
         dq = _dot(ds.to(k.dtype), k, F32)
@@ -306,7 +325,8 @@ def _diagonal(diagonal: int | None, tq: int, tk: int) -> int:
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
                       dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
-                      mask: torch.Tensor | None = None, empty_nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask: torch.Tensor | None = None, empty_nan: bool = False,
+                      replace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [..., tq, dv] in q's dtype, lse [..., tq] fp32): reference.attention_forward, one launch."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, dq_, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -327,7 +347,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             flash_attention_fwd[grid](
                 q4, k4, v4, out, lse, m4, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out), *m_strides,
                 nh, group, tq, tk, dq_, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p),
-                _seed(seed), CAUSAL=bool(causal), MASK=mask_kind, EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+                _seed(seed), CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_),
                 LOOP_END=0 if q.is_cuda else tk, num_warps=warps)
     elif tq:
@@ -347,8 +367,8 @@ def _fill_empty(lse: torch.Tensor, stats: bool) -> None:
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                        dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
-                       mask: torch.Tensor | None = None,
-                       empty_nan: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor | None = None, empty_nan: bool = False,
+                       replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -368,7 +388,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             q4, k4, v4, o4, do4, lse3, dq, dk, dv, m4,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
             nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p), _seed(seed),
-            CAUSAL=bool(causal), MASK=mask_kind, EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+            CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
             LOOP_END=0 if q.is_cuda else tq, num_warps=warps)
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
@@ -427,7 +447,7 @@ def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> 
             tensors, mask, seed = attention_args(a, args, backward=True)
             diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
             memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                           diagonal, mask, a.get("empty_nan", False))
+                                           diagonal, mask, a.get("empty_nan", False), a.get("mask_replaces", False))
             COUNTERS["triton_kernels"] += 1
             COUNTERS["flash_attention_bwd"] += 1
         return memo[key]["qkv".index(a["which"])]
@@ -435,7 +455,8 @@ def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> 
     if key not in memo:
         (q, k, v), mask, seed = attention_args(a, args, backward=False)
         memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                      causal_diagonal(a, q.shape[-2], k.shape[-2]), mask, a.get("empty_nan", False))
+                                      causal_diagonal(a, q.shape[-2], k.shape[-2]), mask, a.get("empty_nan", False),
+                                      a.get("mask_replaces", False))
         COUNTERS["triton_kernels"] += 1
         COUNTERS["flash_attention_fwd"] += 1
     out, lse = memo[key]
@@ -461,7 +482,7 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
         return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
 
     def consts(bm, bn):
-        return {"CAUSAL": True, "MASK": 2, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
+        return {"CAUSAL": True, "MASK": 2, "REPLACE": False, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
                 "BLOCK_DV": bd, "LOOP_END": 0}
 
     mask = {"sm_b": "i64", "sm_h": "i64", "sm_t": "i64", "sm_s": "i64"}

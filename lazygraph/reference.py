@@ -132,11 +132,17 @@ def _sum_heads(g, group: int):
     return g.unflatten(-3, (g.shape[-3] // group, group)).sum(-3) if group > 1 else g
 
 
-def _attention_probs(q, k, scale, causal, diagonal=None, mask=None, empty_nan=False):
+def _with_mask(s, mask, replace):
+    """Scores under an attention op's mask: added, or (replace) taking its value wherever it is not 0."""
+    if mask is None:
+        return s
+    m = mask.float()
+    return torch.where(m == 0, s, m) if replace else s + m
+
+
+def _attention_probs(q, k, scale, causal, diagonal=None, mask=None, empty_nan=False, replace=False):
     k = _repeat_heads(k, kv_group(q.shape, k.shape))
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
-    if mask is not None:
-        s = s + mask.float()
+    s = _with_mask(torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale, mask, replace)
     if causal:
         tq, tk = s.shape[-2], s.shape[-1]
         diagonal = tk - tq if diagonal is None else diagonal
@@ -156,20 +162,21 @@ def _dropout_keep(seed, shape, p_drop, device):
     return philox_uniform(seed, offsets) >= p_drop
 
 
-def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None, empty_nan=False):
-    p, lse = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan)
+def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None, empty_nan=False,
+                      replace=False):
+    p, lse = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
     if dropout_p > 0:
         p = p * _dropout_keep(int(seed), p.shape, dropout_p, p.device) / (1 - dropout_p)
     out = torch.matmul(p, _repeat_heads(v, kv_group(q.shape, v.shape)).float()).to(q.dtype)
     if mask is not None:  # (max, sum) per row: see flash_attention_fwd
-        return out, _row_stats(q, k, scale, causal, diagonal, mask)
+        return out, _row_stats(q, k, scale, causal, diagonal, mask, replace)
     return out, lse.squeeze(-1)
 
 
-def _row_stats(q, k, scale, causal, diagonal, mask):
+def _row_stats(q, k, scale, causal, diagonal, mask, replace):
     """[..., tq, 2]: each score row's max and sum(exp(s - max)) (max -inf and sum 0 for a row with no key)."""
     s = torch.matmul(q.float(), _repeat_heads(k, kv_group(q.shape, k.shape)).float().transpose(-2, -1)) * scale
-    s = s + mask.float()
+    s = _with_mask(s, mask, replace)
     if causal:
         tq, tk = s.shape[-2], s.shape[-1]
         diagonal = tk - tq if diagonal is None else diagonal
@@ -180,9 +187,9 @@ def _row_stats(q, k, scale, causal, diagonal, mask):
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None,
-                       empty_nan=False):
+                       empty_nan=False, replace=False):
     group = kv_group(q.shape, k.shape)
-    p, _ = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan)
+    p, _ = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
     k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     dout_f = dout.float()
     if dropout_p > 0:
@@ -195,6 +202,8 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, se
     if keep is not None:
         dp = dp * keep
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    if replace and mask is not None:  # a replaced score has no gradient (masked_fill's backward)
+        ds = torch.where(mask.float() == 0, ds, 0.0)
     dq = torch.matmul(ds, k.float()) * scale
     dk = torch.matmul(ds.transpose(-2, -1), q.float()) * scale
     dk, dv = _sum_heads(dk, group), _sum_heads(dv, group)
@@ -310,7 +319,8 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             (q, k, v), mask, seed = attention_args(a, args, backward=False)
             diagonal = causal_diagonal(a, q.shape[-2], k.shape[-2])
             memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                          diagonal, mask, a.get("empty_nan", False))
+                                          diagonal, mask, a.get("empty_nan", False),
+                                          a.get("mask_replaces", False))
         out, lse = memo[key]
         return out if op is Op.ATTENTION else lse
     if op is Op.ATTENTION_BWD:
@@ -320,7 +330,8 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             tensors, mask, seed = attention_args(a, args, backward=True)
             diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
             memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                           diagonal, mask, a.get("empty_nan", False))
+                                           diagonal, mask, a.get("empty_nan", False),
+                                           a.get("mask_replaces", False))
         return memo[key]["qkv".index(a["which"])]
     if op is Op.EXTERN:
         key = ("extern", tuple(s.id for s in n.srcs), a["target"], repr(a["args"]), repr(a.get("kwargs")))

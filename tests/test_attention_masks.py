@@ -28,6 +28,7 @@ def lazy_vs_eager(fn, *tensors, tol=TOL):
     lg.reset_stats()
     got = fn(*lazy)
     (got * lg.lazy(w)).sum().backward()
+    lg.sync()  # forward and backward run as one graph (attention is rewritten in both together)
     torch.testing.assert_close(lg.to_eager(got), want, **tol)
     for a, b in zip(lazy, eager):
         if b.grad is not None:
@@ -156,3 +157,97 @@ def test_transformer_encoder_with_padding_mask():
     x = torch.randn(2, 5, 16)
     pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
     compiled_vs_eager(enc, x, src_key_padding_mask=pad)
+
+
+# -- explicit attention, recognised by meaning ----------------------------------------------------
+
+
+def repeat_kv(x, n):
+    """Hugging Face's repeat_kv: [B, Hk, T, D] -> [B, Hk * n, T, D] by expand + reshape."""
+    b, hk, t, d = x.shape
+    return x[:, :, None].expand(b, hk, n, t, d).reshape(b, hk * n, t, d)
+
+
+SPELLINGS = {
+    # HF GPT-2 / Llama: scale multiplied after the matmul, additive mask, softmax in fp32
+    "hf": lambda q, k, v, m: torch.softmax(q @ k.transpose(-1, -2) * 0.25 + m, -1) @ v,
+    # scale divided, on the other side of the sum
+    "divide": lambda q, k, v, m: torch.softmax(m + torch.matmul(q, k.transpose(2, 3)) / 4.0, -1) @ v,
+    # the scale applied to q before the matmul, constant first
+    "scaled_q": lambda q, k, v, m: torch.softmax((0.25 * q) @ k.transpose(-2, -1) + m, -1) @ v,
+    # a boolean mask through masked_fill with the dtype's lowest value
+    "masked_fill": lambda q, k, v, m: torch.softmax((q @ k.transpose(-2, -1) * 0.25).masked_fill(m < -1, NEG),
+                                                    -1) @ v,
+    # grouped-query attention as Llama writes it
+    "gqa": lambda q, k, v, m: torch.softmax(q @ repeat_kv(k, 2).transpose(2, 3) * 0.25 + m, -1) @ repeat_kv(v, 2),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_explicit_attention_with_a_runtime_mask_trains_through_the_flash_kernels(spelling):
+    hk = 2 if spelling == "gqa" else 4
+    q, k, v = qkv(tq=6, tk=6, hk=hk)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[1, ..., :2] = NEG  # left padding: rows 0 and 1 of batch 1 see no real key (uniform, as eager)
+    mask = mask + torch.full((6, 6), NEG).triu(1)  # and causal, as HF combines them (clamped to NEG)
+    mask = mask.clamp(min=NEG)
+    st = lazy_vs_eager(SPELLINGS[spelling], q, k, v, mask)
+    assert st["flash_attention"] >= 2 and not any("matmul" in op for op in st["extern_ops"]), st
+
+
+def test_explicit_attention_with_minus_inf_rows_gives_nan_as_eager():
+    q, k, v = qkv(tq=5, tk=5)
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[0, 0, 2] = float("-inf")  # eager's softmax gives NaN in that row, and NaN gradients
+    fn = SPELLINGS["hf"]
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = fn(*eager, mask)
+    want.sum().backward()
+    lazy = [lg.lazy(t.clone()).requires_grad_() for t in (q, k, v)]
+    lg.reset_stats()
+    got = fn(*lazy, lg.lazy(mask))
+    got.sum().backward()
+    lg.sync()
+    torch.testing.assert_close(lg.to_eager(got), want, **TOL, equal_nan=True)
+    for a, b in zip(lazy, eager):
+        torch.testing.assert_close(lg.to_eager(a.grad), b.grad, **TOL, equal_nan=True)
+    assert lg.stats()["flash_attention"] >= 2
+
+
+# -- Hugging Face models ------------------------------------------------------------------------
+
+
+def hf_model(kind, impl):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
+                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation=impl)
+        return transformers.GPT2LMHeadModel(cfg)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32,
+                                   attn_implementation=impl)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hugging_face_models_train_through_the_flash_kernels(kind, impl, padded):
+    model = hf_model(kind, impl).train()
+    eager = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 7))
+    kwargs = dict(input_ids=ids, labels=ids)
+    if padded:  # batch 1 left-padded: its first two rows see no real key
+        kwargs["attention_mask"] = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    want = eager(**kwargs)
+    want.loss.backward()
+    lg.reset_stats()
+    got = lg.compile(model)(**kwargs)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    for (name, p), (_, pe) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
+    st = lg.stats()
+    assert st["flash_attention"] == 4 and st["kernel_fallbacks"] == 0, st  # 2 layers x (forward, backward)

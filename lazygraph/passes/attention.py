@@ -20,9 +20,9 @@ A match is rewritten only when it is exact:
 - a boolean mask that is provably causal (only constant leaves: iota, full, or an input whose
   value this graph holds, evaluating to ones(tq, tk).tril(tk - tq), tq <= tk) becomes causal=True;
   any other mask is read by the kernel: an additive bias as is, a boolean one as where(keep, 0,
-  fill). The fill must be -inf or the dtype's lowest value (s + lowest rounds to lowest, as
-  masked_fill gives). Such ops carry empty_nan: a row whose every key is masked gives NaN, as
-  eager's softmax does;
+  fill) that the kernel writes over the scores where not 0 (any fill but 0: -inf, finfo.min, a
+  runtime scalar). Such ops carry empty_nan: a row whose every key is -inf gives NaN, as eager's
+  softmax does;
 - q, k, v and the result share one float dtype (f32, f16, bf16), the kernels' domain.
 
 A cached program holds a value-free copy of its graph, so there an input mask is never proven
@@ -167,15 +167,18 @@ def _is_causal(mask: Node, keep: bool, tq: int, tk: int) -> bool:
     return True
 
 
-def _fill_value(fill: Node) -> float | None:
-    """The fill of a masked score: one value, -inf or the dtype's lowest (s + lowest == lowest)."""
+def _fill(fill: Node) -> Node | float | None:
+    """The fill of a masked score, which the kernel writes over the score wherever the mask it
+    reads is not 0: a constant other than 0 (its value), a runtime scalar (its node: a later run
+    may pass another value; the lifted value is never a literal such as 0), or None."""
+    n = _unexpanded(fill)
+    if n.op is Op.INPUT and n.value is None and n.attrs.get("scalar"):
+        return n
     value = constant_value(fill)
     if value is None or not value.dtype.is_floating_point or value.numel() == 0:
         return None
     v = float(value.flatten()[0])
-    if not bool((value == v).all()) or v not in (float("-inf"), torch.finfo(value.dtype).min):
-        return None
-    return v
+    return v if v != 0 and bool((value == v).all()) else None
 
 
 def _only_used_inside(inner: list[Node], root: Node, users: dict[int, list[Node]]) -> bool:
@@ -200,7 +203,7 @@ class Match:
     scale_op: Op | None  # MUL, DIV, or None (no scale)
     mask_kind: str | None = None  # the mask as written: "bias" (added), "keep" (where), "drop" (masked_fill)
     mask: Node | None = None  # read by the kernel (None: no mask, or proven causal)
-    fill: float | None = None  # a boolean mask's fill
+    fill: Node | float | None = None  # a boolean mask's fill (see _fill)
     batch: tuple[int, ...] = ()  # the scores' batch shape, which the mask broadcasts against
 
 
@@ -234,7 +237,7 @@ def _with_mask(m: Match, binds: Binds, tq: int, tk: int) -> Match | None:
     kind = "keep" if "keep" in binds else "drop" if "drop" in binds else None
     if kind is None:
         return m
-    mask, fill = _unexpanded(binds[kind]), _fill_value(binds["fill"])
+    mask, fill = _unexpanded(binds[kind]), _fill(binds["fill"])
     if mask.dtype != torch.bool or fill is None:
         return None
     if tq <= tk and _is_causal(mask, kind == "keep", tq, tk):
@@ -568,8 +571,10 @@ def _attention_inputs(m: Match, new: Callable[[Node], Node]) -> tuple[tuple[Node
     attrs = {"scale": scale, "causal": m.causal, "dropout_p": 0.0}
     if m.mask is None:
         return (q, k, new(m.v)), attrs
-    # eager's softmax gives NaN in a row whose every key is masked: so does the kernel, told so
+    # eager's softmax gives NaN in a row whose every key is -inf: so does the kernel, told so
     attrs.update(masked=True, empty_nan=True)
+    if m.mask_kind != "bias":
+        attrs["mask_replaces"] = True
     # q, k, v in the scores' batch layout (the matmuls may run on [B*H, T, D]), which the mask is in
     q, k, v = (_reshaped(x, m.batch + x.shape[-2:]) for x in (q, k, new(m.v)))
     return (q, k, v, _additive_mask(m, new)), attrs
@@ -580,14 +585,17 @@ def _reshaped(x: Node, shape: tuple[int, ...]) -> Node:
 
 
 def _additive_mask(m: Match, new: Callable[[Node], Node]) -> Node:
-    """The mask as the kernel reads it: an additive bias (a boolean mask: 0 where kept, the fill
-    where masked; s + fill is the fill itself, for -inf and for the dtype's lowest value)."""
+    """The mask as the kernel reads it: an additive bias as written; a boolean mask as 0 where kept
+    and the fill where masked, which the kernel writes over the score (mask_replaces)."""
     mask = new(m.mask)
     if m.mask_kind == "bias":
         return mask
-    dtype = m.root.dtype if m.root.dtype.is_floating_point else torch.float32
+    dtype = m.root.dtype
     zero = Node(Op.FULL, (), mask.shape, dtype, mask.device, {"value": 0.0}, mask.source)
-    fill = Node(Op.FULL, (), mask.shape, dtype, mask.device, {"value": m.fill}, mask.source)
+    if isinstance(m.fill, Node):
+        fill = _broadcast_scalar(new(m.fill), zero)
+    else:
+        fill = Node(Op.FULL, (), mask.shape, dtype, mask.device, {"value": m.fill}, mask.source)
     kept, dropped = (zero, fill) if m.mask_kind == "keep" else (fill, zero)
     return Node(Op.WHERE, (mask, kept, dropped), mask.shape, dtype, mask.device, {}, mask.source)
 
