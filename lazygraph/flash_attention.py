@@ -1,8 +1,17 @@
 """Flash attention: one Triton kernel for the forward, one for the backward.
 
 The math is exactly reference.attention_forward / attention_backward: scores = q k^T * scale,
-causal mask ones(tq, tk).tril(tk - tq), softmax (fully masked rows give 0), optional dropout
-with Philox offsets = linear index into the [..., tq, tk] probabilities, out = p v.
+plus an optional mask (added, or with REPLACE written over the scores where it is not 0), causal
+mask ones(tq, tk).tril(diagonal) (bottom-right tk - tq unless the op says otherwise; torch's
+sdpa is top-left, 0), softmax (fully masked rows give 0, or NaN as eager's softmax with
+EMPTY_NAN), optional dropout with Philox offsets = linear index into the [..., tq, tk]
+probabilities, out = p v. Grouped-query attention: GROUP query heads read one key/value head
+(h // GROUP), never a repeated copy. The mask is read where the kernel needs it, through its
+broadcast strides: one vector of keys when it is the same for every query row (a padding mask
+[B, 1, 1, S]), a tile otherwise; it is never expanded to [B, H, T, S] in memory.
+
+A masked op's "lse" is (max, sum) per row rather than max + log(sum): a row masked by a huge
+finite value (finfo.min, as Hugging Face pads) has max ~ -3.4e38, where log(sum) is lost.
 
 Forward: one program per (block of BLOCK_M query rows, batch*head). It walks the key blocks
 with an online softmax (running max m and running sum l), so the tq x tk matrix is never
@@ -103,7 +112,8 @@ def flash_attention_fwd(
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sm_b, sm_h, sm_t, sm_s,
     H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
+    DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
@@ -175,7 +185,8 @@ def flash_attention_bwd(
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
     H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
+    DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
     # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
@@ -347,7 +358,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             flash_attention_fwd[grid](
                 q4, k4, v4, out, lse, m4, *_strides(q4), *_strides(k4), *_strides(v4), *_strides(out), *m_strides,
                 nh, group, tq, tk, dq_, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p),
-                _seed(seed), CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+                _seed(seed), CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan),
+                DROPOUT=dropout_p > 0, F32=_dot_f32(q),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(dq_), BLOCK_DV=_pow2(dv_),
                 LOOP_END=0 if q.is_cuda else tk, num_warps=warps)
     elif tq:
@@ -388,7 +400,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             q4, k4, v4, o4, do4, lse3, dq, dk, dv, m4,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
             nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p), _seed(seed),
-            CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan), DROPOUT=dropout_p > 0, F32=_dot_f32(q),
+            CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan),
+            DROPOUT=dropout_p > 0, F32=_dot_f32(q),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
             LOOP_END=0 if q.is_cuda else tq, num_warps=warps)
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
@@ -482,8 +495,8 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
         return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
 
     def consts(bm, bn):
-        return {"CAUSAL": True, "MASK": 2, "REPLACE": False, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
-                "BLOCK_DV": bd, "LOOP_END": 0}
+        return {"CAUSAL": True, "MASK": 2, "REPLACE": False, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee,
+                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd, "LOOP_END": 0}
 
     mask = {"sm_b": "i64", "sm_h": "i64", "sm_t": "i64", "sm_s": "i64"}
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", "M": ptr, **strides("qkvo"), **mask,

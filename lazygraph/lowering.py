@@ -1059,8 +1059,10 @@ def sdpa_mask(mask, q):
 @rule(aten._fused_sdp_choice.default)
 def _sdp_choice(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     # 1 = flash: lazygraph's own fused attention op (grouped-query heads included; on the CPU,
-    # torch's flash op also takes the mask); 0 = math (decomposed): a mask on CUDA, whose flash op has none
-    return 0 if attn_mask is not None and q.device.startswith("cuda") else 1
+    # torch's flash op also takes the mask); 0 = math (decomposed): a mask on CUDA, whose flash op
+    # has none, and dropout on the CPU, whose flash backward is not given the forward's seed
+    cuda = q.device.startswith("cuda")
+    return 0 if (attn_mask is not None and cuda) or (dropout_p > 0 and not cuda) else 1
 
 
 @rule(aten._scaled_dot_product_flash_attention_for_cpu.default)

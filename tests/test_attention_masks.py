@@ -251,3 +251,58 @@ def test_hugging_face_models_train_through_the_flash_kernels(kind, impl, padded)
         torch.testing.assert_close(p.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
     st = lg.stats()
     assert st["flash_attention"] == 4 and st["kernel_fallbacks"] == 0, st  # 2 layers x (forward, backward)
+
+
+# -- the rewrite engine ---------------------------------------------------------------------------
+
+
+def test_pattern_engine_commutative_optional_and_named():
+    from lazygraph.ir import Node, Op
+    from lazygraph.passes.pattern import P, any_of, first, matches, opt, var
+
+    def node(op, *srcs, shape=(2,), dtype=torch.float32, **attrs):
+        return Node(op, srcs, shape, dtype, "cpu", attrs)
+
+    x, c = node(Op.INPUT), node(Op.FULL, value=2.0)
+    mul = P(Op.MUL, (var("x"), var("c", when=lambda n: n.op is Op.FULL)), commutative=True)
+    for e in (node(Op.MUL, x, c), node(Op.MUL, c, x)):  # both orders, one rule
+        b, inner = first(mul, e)
+        assert b["x"] is x and b["c"] is c and inner == (e,)
+    assert first(mul, node(Op.ADD, x, c)) is None
+    # optional: a cast that may be absent; the name binds only when it is there
+    casted = opt(Op.CAST, mul, name="cast")
+    assert first(casted, node(Op.MUL, x, c))[0].keys() == {"x", "c"}
+    assert "cast" in first(casted, node(Op.CAST, node(Op.MUL, x, c)))[0]
+    # a name met twice must be the same node: x * x, not x * y
+    square = P(Op.MUL, (var("x"), var("x")))
+    assert first(square, node(Op.MUL, x, x)) is not None
+    assert first(square, node(Op.MUL, x, node(Op.INPUT))) is None
+    # alternatives, tried in order, every way yielded (backtracking)
+    alt = any_of(P(Op.DIV, (var("a"), var("b")), name="div"), P(Op.MUL, (var("a"), var("b")), name="mul"))
+    assert "mul" in first(alt, node(Op.MUL, x, c))[0]
+    assert len(list(matches(P(Op.MUL, (var("a"), var("b")), commutative=True), node(Op.MUL, x, c)))) == 2
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hugging_face_bert_with_a_padding_mask(impl):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, attn_implementation=impl)
+    model = transformers.BertModel(cfg).train()
+    ids, mask = torch.randint(0, 64, (2, 7)), torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    st = compiled_vs_eager(model, input_ids=ids, attention_mask=mask, return_dict=False)
+    assert st["flash_attention"] == 4, st
+
+
+def test_sdpa_dropout_in_training_runs_the_math_path_with_our_random_numbers():
+    # torch's CPU flash backward would not see the forward's seed: dropout goes the decomposed way
+    q, k, v = (lg.lazy(t).requires_grad_() for t in qkv(tq=64, tk=64, d=8))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    out.sum().backward()
+    lg.sync()
+    assert lg.stats()["kernel_fallbacks"] == 0 and torch.isfinite(lg.to_eager(q.grad)).all()
+    ones = lg.lazy(torch.ones(2, 4, 64, 8))
+    mean = lg.to_eager(F.scaled_dot_product_attention(q.detach(), k.detach(), ones, dropout_p=0.5)).mean()
+    assert abs(float(mean) - 1.0) < 0.05  # kept probabilities are scaled by 1 / (1 - p)
