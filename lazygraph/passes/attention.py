@@ -240,7 +240,9 @@ def _with_mask(m: Match, binds: Binds, tq: int, tk: int) -> Match | None:
     mask, fill = _unexpanded(binds[kind]), _fill(binds["fill"])
     if mask.dtype != torch.bool or fill is None:
         return None
-    if tq <= tk and _is_causal(mask, kind == "keep", tq, tk):
+    # the kernel's causal mask drops scores; a fill drops them only when exp(fill - max) is 0
+    drops = isinstance(fill, float) and fill in (float("-inf"), torch.finfo(binds["fill"].dtype).min)
+    if drops and tq <= tk and _is_causal(mask, kind == "keep", tq, tk):
         return replace(m, causal=True, mask_kind=kind)
     return replace(m, mask_kind=kind, mask=mask, fill=fill)
 
