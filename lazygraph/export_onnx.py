@@ -280,7 +280,7 @@ class _Builder:
     def lower(self, n: Node, x: list[str]) -> str:
         op = n.op
         if op in _UNSUPPORTED or (op in (Op.ATTENTION, Op.ATTENTION_LSE) and _attention_unsupported(n)):
-            why = _UNSUPPORTED.get(op, _attention_unsupported(n))
+            why = _UNSUPPORTED[op] if op in _UNSUPPORTED else _attention_unsupported(n)
             target = f" ({n.attrs['target']})" if op is Op.EXTERN else ""
             raise OnnxExportError(f"cannot export op '{op.value}'{target} recorded at "
                                   f"{n.source or 'an unknown line'}: {why}")
