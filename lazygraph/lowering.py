@@ -1047,13 +1047,22 @@ def sdpa_mask(mask, q):
     that led to it (the kernels read a padding mask [B, 1, 1, S] as one vector per batch)."""
     if mask is None:
         return None
-    while mask.op is Op.EXPAND and mask.value is None:
-        mask = mask.srcs[0]
+    mask = _unbroadcast(mask)
+    if mask.op is Op.WHERE and mask.value is None:
+        # torch turns a boolean mask into where(mask, 0, -inf) after the caller broadcast it:
+        # the same where over the operands before their broadcasts is the same mask, smaller
+        mask = ops.where(*(_unbroadcast(s) for s in mask.srcs))
     if mask.dtype == torch.bool:
         mask = ops.where(mask, ops.full(0.0, (), q.dtype, q.device), ops.full(float("-inf"), (), q.dtype, q.device))
     elif not mask.dtype.is_floating_point:
         raise NotImplementedError("attention with an integer mask")  # torch's own path gives its error
     return mask
+
+
+def _unbroadcast(x):
+    while x.op is Op.EXPAND and x.value is None:
+        x = x.srcs[0]
+    return x
 
 
 @rule(aten._fused_sdp_choice.default)

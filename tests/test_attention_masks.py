@@ -319,3 +319,14 @@ def test_a_causal_mask_with_a_finite_fill_is_not_taken_as_causal():
     fn = lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~keep, -5.0), -1) @ v  # noqa: E731
     st = lazy_vs_eager(fn, q, k, v)
     assert st["flash_attention"] >= 2
+
+
+def test_the_attention_op_reads_the_padding_mask_unexpanded():
+    from lazygraph.ir import Op
+    from lazygraph.passes import run_pipeline
+
+    q, k, v = (lg.lazy(t) for t in qkv(tk=9))
+    keep = lg.lazy(padding(2, 9, [9, 4])).expand(2, 4, 7, 9)  # broadcast by the caller, as HF does
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    (op,) = [n for n in run_pipeline(lg.graph(y)).graph.nodes if n.op is Op.ATTENTION]
+    assert op.attrs["masked"] and op.srcs[3].shape == (2, 1, 1, 9)
