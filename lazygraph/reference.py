@@ -8,6 +8,7 @@ their last use.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -97,15 +98,62 @@ def philox_uniform(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def _attention_probs(q, k, scale, causal):
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+def attention_args(attrs: dict, args: Sequence, backward: bool) -> tuple[list, Any, Any]:
+    """Split an attention node's operands: ATTENTION reads (q, k, v[, mask][, seed]) and
+    ATTENTION_BWD (dout, q, k, v, out, lse[, mask][, seed]); the mask is there when attrs["masked"]
+    (an additive float bias broadcastable to the scores), the seed when dropout_p > 0."""
+    n = 6 if backward else 3
+    rest = list(args[n:])
+    mask = rest.pop(0) if attrs.get("masked") else None
+    seed = rest.pop(0) if attrs.get("dropout_p", 0) > 0 else None
+    return list(args[:n]), mask, seed
+
+
+def kv_group(q_shape, k_shape) -> int:
+    """Query heads per key/value head: grouped-query attention when k has fewer heads (axis -3)
+    than q, each serving a run of consecutive query heads (torch's enable_gqa, HF's repeat_kv)."""
+    if len(q_shape) < 3 or len(k_shape) < 3 or k_shape[-3] in (q_shape[-3], 1):
+        return 1
+    return q_shape[-3] // k_shape[-3]
+
+
+def causal_diagonal(attrs: dict, tq: int, tk: int) -> int:
+    """Row i sees key j <= i + diagonal: bottom-right (tk - tq, a KV cache's causal mask) unless
+    attrs say otherwise (torch's sdpa is_causal is top-left: 0)."""
+    return attrs.get("diagonal", tk - tq)
+
+
+def _repeat_heads(x, group: int):
+    return x.repeat_interleave(group, dim=-3) if group > 1 else x
+
+
+def _sum_heads(g, group: int):
+    """The gradient of _repeat_heads: each key/value head sums its group's query heads."""
+    return g.unflatten(-3, (g.shape[-3] // group, group)).sum(-3) if group > 1 else g
+
+
+def _with_mask(s, mask, replace):
+    """Scores under an attention op's mask: added, or (replace) taking its value wherever it is not 0."""
+    if mask is None:
+        return s
+    m = mask.float()
+    return torch.where(m == 0, s, m) if replace else s + m
+
+
+def _attention_probs(q, k, scale, causal, diagonal=None, mask=None, empty_nan=False, replace=False):
+    k = _repeat_heads(k, kv_group(q.shape, k.shape))
+    s = _with_mask(torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale, mask, replace)
     if causal:
         tq, tk = s.shape[-2], s.shape[-1]
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(diagonal=tk - tq)
-        s = s.masked_fill(~mask, float("-inf"))
+        diagonal = tk - tq if diagonal is None else diagonal
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(diagonal=diagonal)
+        s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse)
-    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
+    if empty_nan:  # a fully masked row is NaN, as eager's softmax gives
+        lse = torch.where(lse == float("-inf"), float("nan"), lse)
+    else:  # 0, as sdpa gives
+        p = torch.nan_to_num(p, nan=0.0)
     return p, lse
 
 
@@ -114,16 +162,35 @@ def _dropout_keep(seed, shape, p_drop, device):
     return philox_uniform(seed, offsets) >= p_drop
 
 
-def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None):
-    p, lse = _attention_probs(q, k, scale, causal)
+def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None, empty_nan=False,
+                      replace=False):
+    p, lse = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
     if dropout_p > 0:
         p = p * _dropout_keep(int(seed), p.shape, dropout_p, p.device) / (1 - dropout_p)
-    out = torch.matmul(p, v.float()).to(q.dtype)
+    out = torch.matmul(p, _repeat_heads(v, kv_group(q.shape, v.shape)).float()).to(q.dtype)
+    if mask is not None:  # (max, sum) per row: see flash_attention_fwd
+        return out, _row_stats(q, k, scale, causal, diagonal, mask, replace)
     return out, lse.squeeze(-1)
 
 
-def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None):
-    p, _ = _attention_probs(q, k, scale, causal)
+def _row_stats(q, k, scale, causal, diagonal, mask, replace):
+    """[..., tq, 2]: each score row's max and sum(exp(s - max)) (max -inf and sum 0 for a row with no key)."""
+    s = torch.matmul(q.float(), _repeat_heads(k, kv_group(q.shape, k.shape)).float().transpose(-2, -1)) * scale
+    s = _with_mask(s, mask, replace)
+    if causal:
+        tq, tk = s.shape[-2], s.shape[-1]
+        diagonal = tk - tq if diagonal is None else diagonal
+        s = s.masked_fill(~torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(diagonal), float("-inf"))
+    m = s.amax(-1)
+    total = torch.exp(s - torch.where(m == float("-inf"), 0.0, m).unsqueeze(-1)).sum(-1)
+    return torch.stack([m, total], -1)
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None,
+                       empty_nan=False, replace=False):
+    group = kv_group(q.shape, k.shape)
+    p, _ = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
+    k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     dout_f = dout.float()
     if dropout_p > 0:
         keep = _dropout_keep(int(seed), p.shape, dropout_p, p.device) / (1 - dropout_p)
@@ -135,8 +202,11 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, se
     if keep is not None:
         dp = dp * keep
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    if replace and mask is not None:  # a replaced score has no gradient (masked_fill's backward)
+        ds = torch.where(mask.float() == 0, ds, 0.0)
     dq = torch.matmul(ds, k.float()) * scale
     dk = torch.matmul(ds.transpose(-2, -1), q.float()) * scale
+    dk, dv = _sum_heads(dk, group), _sum_heads(dv, group)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -246,17 +316,22 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
     if op in (Op.ATTENTION, Op.ATTENTION_LSE):
         key = ("attn", tuple(s.id for s in n.srcs), tuple(sorted(a.items())))
         if key not in memo:
-            seed = args[3] if len(args) > 3 else None
-            memo[key] = attention_forward(args[0], args[1], args[2], a["scale"], a["causal"],
-                                          a.get("dropout_p", 0.0), seed)
+            (q, k, v), mask, seed = attention_args(a, args, backward=False)
+            diagonal = causal_diagonal(a, q.shape[-2], k.shape[-2])
+            memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
+                                          diagonal, mask, a.get("empty_nan", False),
+                                          a.get("mask_replaces", False))
         out, lse = memo[key]
         return out if op is Op.ATTENTION else lse
     if op is Op.ATTENTION_BWD:
         attrs = {k: v for k, v in a.items() if k != "which"}
         key = ("attn_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())))
         if key not in memo:
-            seed = args[6] if len(args) > 6 else None
-            memo[key] = attention_backward(*args[:6], a["scale"], a["causal"], a.get("dropout_p", 0.0), seed)
+            tensors, mask, seed = attention_args(a, args, backward=True)
+            diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
+            memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
+                                           diagonal, mask, a.get("empty_nan", False),
+                                           a.get("mask_replaces", False))
         return memo[key]["qkv".index(a["which"])]
     if op is Op.EXTERN:
         key = ("extern", tuple(s.id for s in n.srcs), a["target"], repr(a["args"]), repr(a.get("kwargs")))

@@ -111,7 +111,18 @@ def test_only_some_gradients():
     torch.testing.assert_close(lg.to_eager(out), want_out.detach(), **TOL)
 
 
-@pytest.mark.parametrize("kind,extra_use", [("triu", False), ("masked_fill", True), ("dropout", False)])
+def test_a_mask_that_is_not_causal_trains_through_the_kernel():
+    (want, got) = train_step((1, 3, 9, 16), (1, 3, 9, 16), "triu")
+    g = lg.graph(*got)
+    check_pipeline(g, [n.value for n in g.inputs], **TOL)
+    after = run_pipeline(g).graph
+    assert count(after, Op.ATTENTION) == 1 and count(after, Op.ATTENTION_BWD) == 3
+    assert count(after, Op.MATMUL) == 0
+    for w, x in zip(want, got):
+        torch.testing.assert_close(lg.to_eager(x), w, **TOL)
+
+
+@pytest.mark.parametrize("kind,extra_use", [("masked_fill", True), ("dropout", False)])
 def test_near_misses_are_left_alone(kind, extra_use):
     (want, got) = train_step((1, 3, 9, 16), (1, 3, 9, 16), kind, extra_use)
     g = lg.graph(*got)
@@ -163,9 +174,10 @@ def test_tiny_gpt2_explicit_attention_training():
     values = [n.value for n in g.inputs]
     for w, x in zip(run_graph(g, values), run_graph(after, [n.value for n in after.inputs])):
         torch.testing.assert_close(x, w, rtol=1e-4, atol=1e-5)
-    # a value-free copy cannot prove the buffer mask causal; a compiled program is lent the values
-    # while it is built (and checks the mask each run), so lazy mode runs the flash kernels
-    assert count(run_pipeline(g.clone()).graph, Op.ATTENTION) == 0
+    # a value-free copy cannot prove the buffer mask causal: the kernel reads it (a compiled program
+    # is lent the values while it is built, and checks the mask each run, so it uses causal=True)
+    blind = [n for n in run_pipeline(g.clone()).graph.nodes if n.op is Op.ATTENTION]
+    assert len(blind) == 2 and all(n.attrs["masked"] and not n.attrs["causal"] for n in blind)
     lg.sync()
     assert counters.COUNTERS["flash_attention_fwd"] == 2 and counters.COUNTERS["flash_attention_bwd"] == 2
     torch.testing.assert_close(lg.to_eager(loss_l), loss_e.detach(), **TOL)
@@ -173,9 +185,9 @@ def test_tiny_gpt2_explicit_attention_training():
         torch.testing.assert_close(lg.to_eager(pl.grad), pe.grad, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
 
 
-def test_a_changed_mask_buffer_is_noticed_and_the_explicit_path_runs():
+def test_a_changed_mask_buffer_is_noticed_and_read_by_the_kernel():
     """The program was built assuming the buffer holds a causal mask; give it another mask with
-    the same structure and it must not run the flash kernels."""
+    the same structure and it must not run the causal kernel: the kernel reads the new mask."""
     from gpt2.model import GPT, GPTConfig
 
     eager = GPT(GPTConfig.tiny(attention="explicit"))
@@ -195,7 +207,7 @@ def test_a_changed_mask_buffer_is_noticed_and_the_explicit_path_runs():
     with torch.no_grad():
         got = lg.to_eager(lazy(idx)[0])
         want = eager(idx)[0]
-    assert lg.stats()["cache_hits"] >= 1 and counters.COUNTERS["flash_attention_fwd"] == 0
+    assert lg.stats()["cache_hits"] >= 1 and counters.COUNTERS["flash_attention_fwd"] == 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -1,32 +1,37 @@
 """attention: explicit attention written by the user becomes one ATTENTION node.
 
-    softmax(where(causal_mask, q @ k^T * s, -inf)) @ v    ->    attention(q, k, v, scale=s, causal=True)
+    softmax(q @ k^T * s + mask) @ v    ->    attention(q, k, v, mask, scale=s)
 
-The shapes are patterns as data (a `Pat` tree per variant, tried in order): the scale as a
-multiply or a divide by a constant or absent, the mask as where(keep, scores, -inf) or
-where(drop, -inf, scores) (masked_fill) or absent, the softmax as the lowering writes it
-(amax, sub, exp, sum, div, with casts around it for half inputs), and any batch reshapes
-between the two matmuls.
+recognised by meaning through the rewrite engine (passes/pattern.py): one forward rule whose
+alternatives cover the scale (multiplied on either side, divided, absent, or applied to q or k
+before the matmul, which attention then takes as given), the mask (an additive float bias such
+as Hugging Face's, a boolean mask through where or masked_fill, or none), the casts of half
+inputs around the softmax (amax, sub, exp, sum, div as the lowering writes it), and batch
+reshapes between the two matmuls. Grouped-query heads written as repeat_kv (expand + reshape)
+reach the op as the repeated k and v.
 
-A match is rewritten only when it is safe:
+A match is rewritten only when it is exact:
 - the probabilities and every other intermediate have no users outside the match. With a
   backward in the graph (training) the softmax output is read again: then the match is the
-  forward together with its whole autograd backward (find_joint), which becomes attention +
-  attention_lse and attention_bwd(which=q|k|v); never one direction only (DESIGN.md). A forward
-  whose backward does not match, or dropout on the probabilities, is left as written;
-- the mask is provably causal: its subgraph has only constant leaves (iota, full, or an input
-  whose value this graph holds) and evaluates to ones(tq, tk).tril(tk - tq); the fill is -inf
-  (or the dtype's lowest value); tq <= tk, so no row is fully masked (eager gives NaN there);
+  forward together with its whole autograd backward (find_joint, three gradient rules), which
+  becomes attention + attention_lse and attention_bwd(which=q|k|v); never one direction only
+  (DESIGN.md). A forward whose backward does not match, or dropout on the probabilities, is left
+  as written;
+- a boolean mask that is provably causal (only constant leaves: iota, full, or an input whose
+  value this graph holds, evaluating to ones(tq, tk).tril(tk - tq), tq <= tk) becomes causal=True;
+  any other mask is read by the kernel: an additive bias as is, a boolean one as where(keep, 0,
+  fill) that the kernel writes over the scores where not 0 (any fill but 0: -inf, finfo.min, a
+  runtime scalar). Such ops carry empty_nan: a row whose every key is -inf gives NaN, as eager's
+  softmax does;
 - q, k, v and the result share one float dtype (f32, f16, bf16), the kernels' domain.
 
-A cached program holds a value-free copy of its graph, so there an input mask never matches:
-only masks built in the graph (tril of ones, iota compares) do, and those cannot change value.
+A cached program holds a value-free copy of its graph, so there an input mask is never proven
+causal: it is read by the kernel instead, whatever value it holds on the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,34 +39,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..ir import MOVEMENT, POINTWISE, Graph, Node, Op, effective_op, numel
+from .pattern import Binds, P, Rule, any_of, keeps_last2, matches, opt, var
 from .rewrite import copy_with, rebuild
-
-Binds = dict[str, Node]
-
-
-@dataclass(frozen=True)
-class Pat:
-    """Matches a node: `op` (None: any node, a leaf of the pattern; None with one src: match
-    that src here and bind the name, an alias), operand patterns `srcs`, `name` binds it (a name
-    bound twice must be the same node), `through` are ops looked through first (batch reshapes,
-    a constant's broadcasts), `when` is an extra test on the node."""
-
-    op: Op | None = None
-    srcs: tuple[Pat, ...] = ()
-    name: str | None = None
-    through: frozenset[Op] = frozenset()
-    when: Callable[[Node], bool] | None = None
-    batch_only: bool = False  # look only through reshapes that keep the last two axes (batch reflattening)
-
 
 _RESHAPES = frozenset({Op.RESHAPE})
 _EXPANDS = frozenset({Op.EXPAND})
-
-
-def _keeps_last2(n: Node) -> bool:
-    """A reshape that keeps the last two axes only regroups the batch: the batch's linear index,
-    and so which matrix is which, does not change."""
-    return n.ndim >= 2 and n.srcs[0].ndim >= 2 and n.shape[-2:] == n.srcs[0].shape[-2:]
 
 
 def _last_axis(n: Node) -> bool:
@@ -78,74 +60,37 @@ def _is_scale(n: Node) -> bool:
     return n.op is Op.INPUT and bool(n.attrs.get("scalar")) and n.dtype.is_floating_point
 
 
-_SCALE = Pat(name="c", through=MOVEMENT, when=_is_scale)
+# -- the forward rule --------------------------------------------------------------------------
+#
+#     root = p @ v,  p = softmax(x) (optionally cast),  x = masked (optionally cast, half inputs),
+#     masked = scaled + bias | where(keep, scaled, fill) | where(drop, fill, scaled) | scaled,
+#     scaled = qk * c | c * qk | qk / c | qk,  qk = q @ kt
+#
+# with batch reshapes looked through between the two matmuls. Which alternative matched is told
+# by the names it bound (mul or div; bias, keep or drop).
+
+_QK = P(Op.MATMUL, (var("q"), var("kt")), name="qk", through=_RESHAPES)
+_SCALE = var("c", through=MOVEMENT, when=_is_scale)
+_SCALED = any_of(P(Op.MUL, (_QK, _SCALE), commutative=True, name="mul"), P(Op.DIV, (_QK, _SCALE), name="div"), _QK)
+_MASKED = any_of(
+    P(Op.ADD, (_SCALED, var("bias", through=_EXPANDS)), commutative=True),  # an additive mask (HF)
+    P(Op.WHERE, (var("keep"), _SCALED, var("fill"))),  # where(keep, s, -inf)
+    P(Op.WHERE, (var("drop"), var("fill"), _SCALED)),  # s.masked_fill(drop, -inf)
+    _SCALED,
+)
 
 
-# -- the patterns ------------------------------------------------------------------------------
-
-_QK = Pat(Op.MATMUL, (Pat(name="q"), Pat(name="kt")), name="qk", through=_RESHAPES)
-_SCALED = [  # (pattern, how the scores meet the scale: multiplied, divided or no scale)
-    (Pat(Op.MUL, (_QK, _SCALE)), Op.MUL),
-    (Pat(Op.MUL, (_SCALE, _QK)), Op.MUL),
-    (Pat(Op.DIV, (_QK, _SCALE)), Op.DIV),
-    (_QK, None),
-]
-_MASKED = [  # (pattern builder over the scaled scores, does the mask say keep (True) or drop (False))
-    (lambda s: Pat(Op.WHERE, (Pat(name="mask"), s, Pat(name="fill"))), True),
-    (lambda s: Pat(Op.WHERE, (Pat(name="mask"), Pat(name="fill"), s)), False),
-    (lambda s: s, None),
-]
-
-
-def _softmax_of(x: Pat) -> Pat:
+def _softmax_of(x: P) -> P:
     """The lowering's softmax: div(e, sum(e)) with e = exp(x - amax(x)) over the last axis."""
     # the broadcasts back are looked through: simplify drops them where the last axis has size 1
-    mx = Pat(Op.AMAX, (Pat(name="x"),), when=_last_axis, through=_EXPANDS)  # the same x
-    e = Pat(Op.EXP, (Pat(Op.SUB, (x, mx)),), name="e")
-    return Pat(Op.DIV, (e, Pat(Op.SUM, (e,), when=_last_axis, through=_EXPANDS)), name="probs")
+    mx = P(Op.AMAX, (var("x"),), when=_last_axis, through=_EXPANDS)  # the same x
+    e = P(Op.EXP, (P(Op.SUB, (x, mx)),), name="e")
+    return P(Op.DIV, (e, P(Op.SUM, (e,), when=_last_axis, through=_EXPANDS)), name="probs")
 
 
-def _patterns() -> list[tuple[Pat, Op | None, bool | None]]:
-    """Every combination of scale, mask, optional casts around the softmax: (root, scale op, keep)."""
-    out = []
-    for scaled, scale_op in _SCALED:
-        for masked, keep in _MASKED:
-            for x in (Pat(Op.CAST, (masked(scaled),)), masked(scaled)):  # half inputs: softmax in fp32
-                sm = _softmax_of(Pat(srcs=(x,), name="x"))
-                for probs in (Pat(Op.CAST, (sm,), through=_RESHAPES, name="p"), replace(sm, through=_RESHAPES)):
-                    out.append((Pat(Op.MATMUL, (probs, Pat(name="v")), name="root"), scale_op, keep))
-    return out
-
-
-PATTERNS = _patterns()
-
-
-# -- matching ----------------------------------------------------------------------------------
-
-
-def match(p: Pat, n: Node, binds: Binds, inner: list[Node]) -> bool:
-    """Match `p` at `n`, extending `binds` and `inner` (the matched non-leaf nodes)."""
-    while n.op in p.through and n.value is None and not (p.batch_only and not _keeps_last2(n)):
-        if p.op is not None or p.srcs:
-            inner.append(n)  # a batch reshape between the matmuls is part of the match
-        n = n.srcs[0]
-    if p.name is not None and p.name in binds:
-        return binds[p.name] is n
-    if p.op is None and p.srcs:  # alias
-        if not match(p.srcs[0], n, binds, inner):
-            return False
-    elif p.op is not None and (effective_op(n) is not p.op or (p.srcs and len(n.srcs) != len(p.srcs))):
-        return False
-    if p.when is not None and not p.when(n):
-        return False
-    if p.op is not None and p.srcs:
-        for sp, s in zip(p.srcs, n.srcs):
-            if not match(sp, s, binds, inner):
-                return False
-        inner.append(n)
-    if p.name is not None:
-        binds[p.name] = n
-    return True
+_X = P(srcs=(opt(Op.CAST, _MASKED),), name="x")  # half inputs: the softmax runs in fp32
+_PROBS = opt(Op.CAST, _softmax_of(_X), through=_RESHAPES, name="p")
+FORWARD = Rule("softmax(q @ k^T * c + mask) @ v -> attention", P(Op.MATMUL, (_PROBS, var("v")), name="root"))
 
 
 # -- the safety checks ------------------------------------------------------------------------
@@ -179,44 +124,61 @@ def lend_input_values(values: InputValues | None):
 
 def constant_value(n: Node) -> torch.Tensor | None:
     """The value of `n` if it depends only on constants (full, iota, inputs holding a value, or
-    inputs whose values are lent while a program is built)."""
+    inputs whose values are lent while a program is built; those are recorded as relied on)."""
+    value, borrowed = _constant(n)
+    if borrowed:
+        _lent.relied.update(borrowed)
+    return value
+
+
+def _constant(n: Node) -> tuple[torch.Tensor | None, set[int]]:
+    """(value or None, ids of the lent inputs it read)."""
     from ..reference import run_graph
 
     while n.op is Op.EXPAND and n.value is None:  # evaluate before broadcasting: smaller
         n = n.srcs[0]
     g = Graph.from_outputs([n])
     if len(g.nodes) > _MAX_MASK_NODES:
-        return None
+        return None, set()
     borrowed: dict[int, torch.Tensor] = {}
     for m in g.nodes:
         op = effective_op(m)
         if op is Op.INPUT and m.value is None:
             lent = _lent.values.get(m.id) if _lent is not None else None
             if lent is None or lent.numel() > _MAX_MASK_NUMEL:
-                return None
+                return None, set()
             borrowed[m.id] = lent
         if op not in POINTWISE | MOVEMENT | {Op.INPUT, Op.FULL, Op.IOTA} or numel(m.shape) > _MAX_MASK_NUMEL:
-            return None
-    value = run_graph(g, [borrowed.get(m.id, m.value) for m in g.inputs])[0]
-    if borrowed:
-        _lent.relied.update(borrowed)
-    return value
+            return None, set()
+    return run_graph(g, [borrowed.get(m.id, m.value) for m in g.inputs])[0], set(borrowed)
 
 
 def _is_causal(mask: Node, keep: bool, tq: int, tk: int) -> bool:
-    value = constant_value(mask)
+    """The mask's value is the bottom-right causal one (an input's lent value is relied on only
+    when it is: any other mask is read at run time)."""
+    value, borrowed = _constant(mask)
     if value is None or value.dtype != torch.bool or value.ndim < 2 or tuple(value.shape[-2:]) != (tq, tk):
         return False
     want = torch.ones(tq, tk, dtype=torch.bool, device=value.device).tril(diagonal=tk - tq)
-    return bool(torch.equal(value if keep else ~value, want.expand(value.shape)))
-
-
-def _is_neg_inf(fill: Node) -> bool:
-    value = constant_value(fill)
-    if value is None or not value.dtype.is_floating_point:
+    if not torch.equal(value if keep else ~value, want.expand(value.shape)):
         return False
-    low = torch.finfo(value.dtype).min
-    return bool(((value == float("-inf")) | (value == low)).all())
+    if borrowed:
+        _lent.relied.update(borrowed)
+    return True
+
+
+def _fill(fill: Node) -> Node | float | None:
+    """The fill of a masked score, which the kernel writes over the score wherever the mask it
+    reads is not 0: a constant other than 0 (its value), a runtime scalar (its node: a later run
+    may pass another value; the lifted value is never a literal such as 0), or None."""
+    n = _unexpanded(fill)
+    if n.op is Op.INPUT and n.value is None and n.attrs.get("scalar"):
+        return n
+    value = constant_value(fill)
+    if value is None or not value.dtype.is_floating_point or value.numel() == 0:
+        return None
+    v = float(value.flatten()[0])
+    return v if v != 0 and bool((value == v).all()) else None
 
 
 def _only_used_inside(inner: list[Node], root: Node, users: dict[int, list[Node]]) -> bool:
@@ -239,18 +201,18 @@ class Match:
     causal: bool
     scale: Node | None  # the constant the scores are multiplied or divided by
     scale_op: Op | None  # MUL, DIV, or None (no scale)
+    mask_kind: str | None = None  # the mask as written: "bias" (added), "keep" (where), "drop" (masked_fill)
+    mask: Node | None = None  # read by the kernel (None: no mask, or proven causal)
+    fill: Node | float | None = None  # a boolean mask's fill (see _fill)
+    batch: tuple[int, ...] = ()  # the scores' batch shape, which the mask broadcasts against
 
 
 def _forward_matches(root: Node):
-    """(binds, inner, scale_op, keep) of every pattern that matches at `root` and passes every
+    """(binds, inner, match) of every way the forward rule matches at `root` and passes every
     check but the one on who else reads the intermediates (the joint match extends that set)."""
     if root.op is not Op.MATMUL or root.value is not None:
         return
-    for pat, scale_op, keep in PATTERNS:
-        binds: Binds = {}
-        inner: list[Node] = []
-        if not match(pat, root, binds, inner):
-            continue
+    for binds, inner in matches(FORWARD.pattern, root):
         q, kt, v, qk, x = binds["q"], binds["kt"], binds["v"], binds["qk"], binds["x"]
         if qk.ndim < 2 or q.ndim < 2:
             continue
@@ -259,39 +221,61 @@ def _forward_matches(root: Node):
             continue  # the reshapes between the matmuls must keep the [tq, tk] axes and the batch layout
         if not (q.dtype == kt.dtype == v.dtype == root.dtype and q.dtype in _DTYPES):
             continue
+        scale_op = Op.MUL if "mul" in binds else Op.DIV if "div" in binds else None
         if scale_op is not None and binds["c"].dtype != q.dtype:
             continue
-        if keep is not None and not (tq <= tk and _is_neg_inf(binds["fill"])
-                                     and _is_causal(binds["mask"], keep, tq, tk)):
-            continue
-        yield binds, inner, scale_op, keep
+        m = _with_mask(Match(root, q, kt, v, False, binds.get("c"), scale_op, batch=x.shape[:-2]), binds, tq, tk)
+        if m is not None:
+            yield binds, list(inner), m
 
 
-def _as_match(root: Node, binds: Binds, scale_op: Op | None, keep: bool | None) -> Match:
-    return Match(root, binds["q"], binds["kt"], binds["v"], keep is not None, binds.get("c"), scale_op)
+def _with_mask(m: Match, binds: Binds, tq: int, tk: int) -> Match | None:
+    """`m` with the mask the forward rule bound, or None where it cannot be taken exactly."""
+    if "bias" in binds:
+        bias = binds["bias"]
+        return replace(m, mask_kind="bias", mask=bias) if bias.dtype.is_floating_point else None
+    kind = "keep" if "keep" in binds else "drop" if "drop" in binds else None
+    if kind is None:
+        return m
+    mask, fill = _unexpanded(binds[kind]), _fill(binds["fill"])
+    if mask.dtype != torch.bool or fill is None:
+        return None
+    # the kernel's causal mask drops scores; a fill drops them only when exp(fill - max) is 0
+    drops = isinstance(fill, float) and fill in (float("-inf"), torch.finfo(binds["fill"].dtype).min)
+    if drops and tq <= tk and _is_causal(mask, kind == "keep", tq, tk):
+        return replace(m, causal=True, mask_kind=kind)
+    return replace(m, mask_kind=kind, mask=mask, fill=fill)
+
+
+def _unexpanded(n: Node) -> Node:
+    """`n` before its broadcasts: the kernel broadcasts a mask itself (a padding mask stays a vector)."""
+    while n.op is Op.EXPAND and n.value is None:
+        n = n.srcs[0]
+    return n
 
 
 def find(root: Node, users: dict[int, list[Node]]) -> Match | None:
-    """The first pattern that matches at `root` and passes every safety check."""
-    for binds, inner, scale_op, keep in _forward_matches(root):
+    """The first way the forward rule matches at `root` and passes every safety check."""
+    for _, inner, m in _forward_matches(root):
         if _only_used_inside(inner, root, users):
-            return _as_match(root, binds, scale_op, keep)
+            return m
     return None
 
 
 # -- training: the forward and its autograd backward together ---------------------------------
 #
 # In a joint graph the probabilities p are read again by the backward, which autograd recorded
-# op by op (lowering.py's rules for bmm, _softmax_backward_data, masked_fill and mul):
+# op by op (lowering.py's rules for bmm, _softmax_backward_data, where, masked_fill, add and mul):
 #
 #     dv = p^T @ dout                       dp = dout @ v^T
 #     ds = dp * p - p * sum(dp * p)         (softmax backward)
-#     ds = where(mask, 0, ds)               (masked_fill backward; where(keep, ds, 0) for where)
+#     ds = where(drop, 0, ds)               (masked_fill backward; where(keep, ds, 0) for where;
+#                                            nothing for an additive mask)
 #     ds = ds * c  |  ds / c                (the scale's backward)
 #     dq = ds @ kt^T                        dkt = q^T @ ds
 #
-# with batch reshapes between. Starting from p's users, these patterns find the three gradient
-# matmuls; they become attention_bwd(which=q|k|v) (dk transposed back to kt's layout).
+# with batch reshapes between. Starting from p's users, three rules (one per gradient) find the
+# gradient matmuls; they become attention_bwd(which=q|k|v) (dk transposed back to kt's layout).
 
 
 def _swaps_last2(n: Node) -> bool:
@@ -311,74 +295,78 @@ def _is_zero(n: Node) -> bool:
     return value is not None and bool((value == 0).all())
 
 
-def _t(x: Pat) -> Pat:
+def _t(x: P) -> P:
     """x^T: a permute that swaps the last two axes."""
-    return Pat(Op.PERMUTE, (x,), when=_swaps_last2)
+    return P(Op.PERMUTE, (x,), when=_swaps_last2)
 
 
-def _bound(name: str) -> Pat:
-    """A node the forward (or an earlier pattern) bound, seen through batch reshapes."""
-    return Pat(name=name, through=_RESHAPES, batch_only=True)
+def _bound(name: str) -> P:
+    """A node the forward (or an earlier part of the rule) bound, seen through batch reshapes."""
+    return var(name, through=_RESHAPES, batch_only=True)
 
 
-def _mm(a: Pat, b: Pat, name: str | None = None, through: frozenset[Op] = frozenset()) -> Pat:
-    return Pat(Op.MATMUL, (a, b), name=name, through=through, batch_only=True, when=_same_batch)
+def _mm(a: P, b: P, name: str | None = None, through: frozenset[Op] = frozenset()) -> P:
+    return P(Op.MATMUL, (a, b), name=name, through=through, batch_only=True, when=_same_batch)
 
 
-def _tr(name: str) -> tuple[Pat, Pat]:
+def _tr(name: str) -> P:
     """x^T for a bound x: a transpose of it, or, where x is itself a transpose (k^T written as
     k.transpose), the node below it (simplify folds the two permutes away); see _seed."""
-    return _t(_bound(name)), _bound(name + "^T")
+    return any_of(_t(_bound(name)), _bound(name + "^T"))
 
 
-def _softmax_bwd(vt: Pat) -> Pat:
+def _softmax_bwd(vt: P) -> P:
     """_softmax_backward_data(dp, p) as the lowering writes it: dp * p - p * sum(dp * p)."""
-    gy = Pat(Op.MUL, (_mm(_bound("dout"), vt, name="dp", through=_RESHAPES), _bound("p")), name="gy")
-    return Pat(Op.SUB, (gy, Pat(Op.MUL, (_bound("p"), Pat(Op.SUM, (gy,), when=_last_axis, through=_EXPANDS)))),
-               name="ds")
+    gy = P(Op.MUL, (_mm(_bound("dout"), vt, name="dp", through=_RESHAPES), _bound("p")), name="gy",
+           commutative=True)
+    return P(Op.SUB, (gy, P(Op.MUL, (_bound("p"), P(Op.SUM, (gy,), when=_last_axis, through=_EXPANDS)),
+                            commutative=True)), name="ds")
 
 
-_ZERO = Pat(name="zero", through=MOVEMENT, when=_is_zero)
-_SCALE_BWD = Pat(name="cb", through=MOVEMENT, when=_is_scale)
-_MASK_BWD = {  # the forward's `keep` -> the backward of its where (the mask is the forward's node)
-    True: lambda ds: Pat(Op.WHERE, (Pat(name="mask"), ds, _ZERO)),
-    False: lambda ds: Pat(Op.WHERE, (Pat(name="mask"), _ZERO, ds)),
-    None: lambda ds: ds,
-}
-_SCALE_BWDS = {  # the forward's scale op -> the scale's backward variants
-    Op.MUL: (lambda ds: Pat(Op.MUL, (ds, _SCALE_BWD)), lambda ds: Pat(Op.MUL, (_SCALE_BWD, ds))),
-    Op.DIV: (lambda ds: Pat(Op.DIV, (ds, _SCALE_BWD)),),
-    None: (lambda ds: ds,),
+_ZERO = var("zero", through=MOVEMENT, when=_is_zero)
+_SCALE_BWD = var("cb", through=MOVEMENT, when=_is_scale)
+_DS = opt(Op.CAST, _softmax_bwd(_tr("v")))  # cast back to the scores' dtype (half inputs)
+_MASK_BWD = {  # the forward's mask as written -> the backward of its where (the mask is the forward's node)
+    "keep": P(Op.WHERE, (var("keep", through=_EXPANDS), _DS, _ZERO)),
+    "drop": P(Op.WHERE, (var("drop", through=_EXPANDS), _ZERO, _DS)),
+    "bias": _DS,
+    None: _DS,
 }
 
 
-def _grad_patterns(scale_op: Op | None, keep: bool | None) -> list[tuple[str, Pat]]:
-    """(which, pattern rooted at the gradient matmul) for one forward variant."""
-    out = [("v", _mm(_t(_bound("p")), _bound("dout")))]
-    for vt, cast, scaled in itertools.product(_tr("v"), (False, True), _SCALE_BWDS[scale_op]):
-        ds = _softmax_bwd(vt)
-        ds = Pat(Op.CAST, (ds,)) if cast else ds  # a cast back to the scores' dtype (half)
-        dsin = Pat(srcs=(scaled(_MASK_BWD[keep](ds)),), name="dsin", through=_RESHAPES, batch_only=True)
-        out += [("q", _mm(dsin, ktt)) for ktt in _tr("kt")] + [("k", _mm(qt, dsin)) for qt in _tr("q")]
-    return out
+def _scale_bwd(scale_op: Op | None, ds: P) -> P:
+    if scale_op is Op.MUL:
+        return P(Op.MUL, (ds, _SCALE_BWD), commutative=True)
+    return P(Op.DIV, (ds, _SCALE_BWD)) if scale_op is Op.DIV else ds
 
 
-def _seed(fbinds: Binds, p: Node) -> Binds:
-    """The backward patterns' bound names: p, q, kt, v below their batch reshapes, and x^T where
-    x is a transpose (its source, as the backward reads it once simplify has folded x^T^T)."""
+def _grad_rules(scale_op: Op | None, mask_kind: str | None) -> list[tuple[str, Rule]]:
+    """(which, rule rooted at the gradient matmul) for one forward match."""
+    dsin = P(srcs=(_scale_bwd(scale_op, _MASK_BWD[mask_kind]),), name="dsin", through=_RESHAPES, batch_only=True)
+    return [("v", Rule("dv = p^T @ dout", _mm(_t(_bound("p")), _bound("dout")))),
+            ("q", Rule("dq = ds @ k", _mm(dsin, _tr("kt")))),
+            ("k", Rule("dk^T = q^T @ ds", _mm(_tr("q"), dsin)))]
+
+
+_NEVER = Node(Op.INPUT, (), (), torch.float32, "cpu")  # bound to a name that must match nothing
+
+
+def _seed(fbinds: Binds, p: Node, mask_kind: str | None) -> Binds:
+    """The backward rules' bound names: p, q, kt, v below their batch reshapes, x^T where x is a
+    transpose (its source, as the backward reads it once simplify has folded x^T^T), the mask."""
     seed: Binds = {"p": _strip(p)}
     for name in ("q", "kt", "v"):
         x = seed[name] = _strip(fbinds[name])
-        if x.op is Op.PERMUTE and x.value is None and _swaps_last2(x):
-            seed[name + "^T"] = _strip(x.srcs[0])
-    if "mask" in fbinds:
-        seed["mask"] = fbinds["mask"]
+        is_t = x.op is Op.PERMUTE and x.value is None and _swaps_last2(x)
+        seed[name + "^T"] = _strip(x.srcs[0]) if is_t else _NEVER
+    if mask_kind in ("keep", "drop"):
+        seed[mask_kind] = _unexpanded(fbinds[mask_kind])
     return seed
 
 
 def _strip(n: Node) -> Node:
     """`n` below its batch reshapes (what a _bound pattern compares)."""
-    while n.op is Op.RESHAPE and n.value is None and _keeps_last2(n):
+    while n.op is Op.RESHAPE and n.value is None and keeps_last2(n):
         n = n.srcs[0]
     return n
 
@@ -410,35 +398,36 @@ def _descendants(p: Node, users: dict[int, list[Node]]) -> list[Node]:
 
 def find_joint(root: Node, users: dict[int, list[Node]]) -> JointMatch | None:
     """Explicit attention whose probabilities the backward reads, with that backward."""
-    for fbinds, finner, scale_op, keep in _forward_matches(root):
-        m = _joint(root, fbinds, finner, scale_op, keep, users)
-        if m is not None:
-            return m
+    for fbinds, finner, m in _forward_matches(root):
+        jm = _joint(root, fbinds, finner, m, users)
+        if jm is not None:
+            return jm
     return None
 
 
-def _joint(root, fbinds, finner, scale_op, keep, users) -> JointMatch | None:
+def _joint(root: Node, fbinds: Binds, finner: list[Node], fwd: Match, users) -> JointMatch | None:
     q, kt, v = fbinds["q"], fbinds["kt"], fbinds["v"]
     if not (q.shape[:-2] == kt.shape[:-2] == v.shape[:-2] == root.shape[:-2] == root.srcs[0].shape[:-2]):
         return None  # no batch broadcasting anywhere: each gradient is one attention_bwd output
     p = fbinds.get("p", fbinds["probs"])
-    seed = _seed(fbinds, p)
+    seed = _seed(fbinds, p, fwd.mask_kind)
     binds: Binds = dict(seed)
     grads: dict[str, Node] = {}
     inner: list[Node] = list(finner)
-    pats = _grad_patterns(scale_op, keep)
+    rules = _grad_rules(fwd.scale_op, fwd.mask_kind)
     for n in _descendants(p, users):
         if n.op is not Op.MATMUL:
             continue
-        for which, pat in pats:
-            b, found = dict(seed), []
-            if not match(pat, n, b, found):
+        for which, rule in rules:
+            found = next(matches(rule.pattern, n, seed), None)
+            if found is None:
                 continue
+            b, nodes = found
             if which in grads or any(k in binds and binds[k] is not b[k] for k in b):
                 return None  # two matmuls claim one gradient, or two parts disagree: leave it alone
             binds.update(b)
             grads[which] = n
-            inner += found
+            inner += nodes
             break
     if not grads:
         return None
@@ -448,9 +437,8 @@ def _joint(root, fbinds, finner, scale_op, keep, users) -> JointMatch | None:
     dout = binds["dout"]
     if numel(dout.shape) != numel(root.shape) or dout.shape[-2:] != root.shape[-2:] or dout.dtype != root.dtype:
         return None
-    fwd = _as_match(root, fbinds, scale_op, keep)
     cb = binds.get("cb")
-    if scale_op is not None and set(grads) != {"v"} and not _same_scale(fwd.scale, cb):
+    if fwd.scale_op is not None and set(grads) != {"v"} and not _same_scale(fwd.scale, cb):
         return None
     if not _accounted(inner, root, grads, seed, users):
         return None
@@ -523,18 +511,19 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
 
     def forward(jm: JointMatch) -> tuple[Node, ...]:
         if jm.fwd.root.id not in built:
-            q, k, v, attrs = _attention_inputs(jm.fwd, new)
-            r = jm.fwd.root
-            out = Node(Op.ATTENTION, (q, k, v), r.shape, r.dtype, r.device, attrs, r.source)
-            lse = Node(Op.ATTENTION_LSE, (q, k, v), q.shape[:-1], torch.float32, r.device, attrs, r.source)
-            built[r.id] = (q, k, v, out, lse)
+            srcs, attrs = _attention_inputs(jm.fwd, new)
+            r, q = jm.fwd.root, srcs[0]
+            out = Node(Op.ATTENTION, srcs, q.shape[:-1] + srcs[2].shape[-1:], r.dtype, r.device, attrs, r.source)
+            stats = (2,) if attrs.get("masked") else ()  # a masked op's lse is (max, sum) per row
+            lse = Node(Op.ATTENTION_LSE, srcs, q.shape[:-1] + stats, torch.float32, r.device, attrs, r.source)
+            built[r.id] = (srcs, out, lse)
         return built[jm.fwd.root.id]
 
     def backward(jm: JointMatch) -> tuple[Node, ...]:
         """The forward's nodes and dout (often computed from the forward's result: built apart)."""
         key = -jm.fwd.root.id - 1
         if key not in built:
-            out = forward(jm)[3]
+            out = forward(jm)[1]
             dout = new(jm.dout)
             if dout.shape != out.shape:  # one node for all three gradients: they share one launch
                 dout = Node(Op.RESHAPE, (dout,), out.shape, dout.dtype, dout.device, {}, dout.source)
@@ -548,7 +537,7 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
         if m is not None:
             out = _attention_node(m, new)
         elif n.id in joints:
-            out = forward(joints[n.id])[3]
+            out = _reshaped(forward(joints[n.id])[1], n.shape)
         elif n.id in grad_of:
             jm, which = grad_of[n.id]
             out = _grad_node(jm, which, backward(jm), new)
@@ -557,16 +546,16 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
         if log is not None and (m is not None or n.id in joints):
             m = m or joints[n.id].fwd
             grads = " backward=d" + ",d".join(sorted(joints[n.id].grads)) if n.id in joints else ""
-            log.append(f"attention causal={m.causal} scale={m.scale_op and m.scale_op.value}{grads} "
-                       f"({n.source or ''})")
+            log.append(f"{FORWARD.name}: causal={m.causal} scale={m.scale_op and m.scale_op.value} "
+                       f"mask={m.mask_kind}{grads} ({n.source or ''})")
         new_of[n.id] = out
         return out
 
     return rebuild(graph, rewrite)
 
 
-def _attention_inputs(m: Match, new: Callable[[Node], Node]) -> tuple[Node, Node, Node, dict]:
-    """(q, k, v, attrs) of the attention op replacing match `m`."""
+def _attention_inputs(m: Match, new: Callable[[Node], Node]) -> tuple[tuple[Node, ...], dict]:
+    """((q, k, v[, mask]), attrs) of the attention op replacing match `m`."""
     q, kt = new(m.q), new(m.kt)
     nd = kt.ndim
     swap = tuple(range(nd - 2)) + (nd - 1, nd - 2)
@@ -581,12 +570,42 @@ def _attention_inputs(m: Match, new: Callable[[Node], Node]) -> tuple[Node, Node
     elif m.scale is not None:  # a runtime scalar: its value may change between runs, so q carries it
         c = _broadcast_scalar(new(m.scale), q)
         q = Node(m.scale_op, (q, c), q.shape, q.dtype, q.device, {}, q.source)
-    return q, k, new(m.v), {"scale": scale, "causal": m.causal, "dropout_p": 0.0}
+    attrs = {"scale": scale, "causal": m.causal, "dropout_p": 0.0}
+    if m.mask is None:
+        return (q, k, new(m.v)), attrs
+    # eager's softmax gives NaN in a row whose every key is -inf: so does the kernel, told so
+    attrs.update(masked=True, empty_nan=True)
+    if m.mask_kind != "bias":
+        attrs["mask_replaces"] = True
+    # q, k, v in the scores' batch layout (the matmuls may run on [B*H, T, D]), which the mask is in
+    q, k, v = (_reshaped(x, m.batch + x.shape[-2:]) for x in (q, k, new(m.v)))
+    return (q, k, v, _additive_mask(m, new)), attrs
+
+
+def _reshaped(x: Node, shape: tuple[int, ...]) -> Node:
+    return x if x.shape == shape else Node(Op.RESHAPE, (x,), shape, x.dtype, x.device, {}, x.source)
+
+
+def _additive_mask(m: Match, new: Callable[[Node], Node]) -> Node:
+    """The mask as the kernel reads it: an additive bias as written; a boolean mask as 0 where kept
+    and the fill where masked, which the kernel writes over the score (mask_replaces)."""
+    mask = new(m.mask)
+    if m.mask_kind == "bias":
+        return mask
+    dtype = m.root.dtype
+    zero = Node(Op.FULL, (), mask.shape, dtype, mask.device, {"value": 0.0}, mask.source)
+    if isinstance(m.fill, Node):
+        fill = _broadcast_scalar(new(m.fill), zero)
+    else:
+        fill = Node(Op.FULL, (), mask.shape, dtype, mask.device, {"value": m.fill}, mask.source)
+    kept, dropped = (zero, fill) if m.mask_kind == "keep" else (fill, zero)
+    return Node(Op.WHERE, (mask, kept, dropped), mask.shape, dtype, mask.device, {}, mask.source)
 
 
 def _attention_node(m: Match, new: Callable[[Node], Node]) -> Node:
-    q, k, v, attrs = _attention_inputs(m, new)
-    return Node(Op.ATTENTION, (q, k, v), m.root.shape, m.root.dtype, m.root.device, attrs, m.root.source)
+    srcs, attrs = _attention_inputs(m, new)
+    shape = srcs[0].shape[:-1] + srcs[2].shape[-1:]
+    return _reshaped(Node(Op.ATTENTION, srcs, shape, m.root.dtype, m.root.device, attrs, m.root.source), m.root.shape)
 
 
 def _swap_last2(x: Node) -> Node:
@@ -602,11 +621,13 @@ def _grad_node(jm: JointMatch, which: str, fwd: tuple[Node, ...], new: Callable[
     gives the gradients with respect to that q; the backward's own scalar cb then gives
     dq = dq' * cb (dq' / cb) and dk = dk' * (cb / c) (dk' * (c / cb)), which is dk' itself when
     cb and c hold one value (x / x is exactly 1)."""
-    q, k, v, out, lse, dout = fwd
+    srcs, out, lse, dout = fwd
+    q, k, v = srcs[:3]
     g = jm.grads[which]
     attrs = {**out.attrs, "which": which}
     like = {"q": q, "k": k, "v": v}[which]
-    d = Node(Op.ATTENTION_BWD, (dout, q, k, v, out, lse), like.shape, like.dtype, like.device, attrs, g.source)
+    d = Node(Op.ATTENTION_BWD, (dout, q, k, v, out, lse) + srcs[3:], like.shape, like.dtype, like.device, attrs,
+             g.source)
     m = jm.fwd
     if m.scale is not None and m.scale.op is not Op.FULL and which != "v":
         c, cb = new(m.scale), new(jm.scale_bwd)
@@ -618,6 +639,7 @@ def _grad_node(jm: JointMatch, which: str, fwd: tuple[Node, ...], new: Callable[
                        {}, g.source)
             r = Node(Op.EXPAND, (one,), d.shape, d.dtype, d.device, {}, g.source)
             d = Node(Op.MUL, (d, r), d.shape, d.dtype, d.device, {}, g.source)
+    d = _reshaped(d, g.shape[:-2] + (g.shape[-1], g.shape[-2]) if which == "k" else g.shape)
     if which == "k":
         d = _swap_last2(d)  # the graph differentiates k^T
     assert d.shape == g.shape and d.dtype == g.dtype, (d, g)
@@ -636,4 +658,4 @@ def _broadcast_scalar(s: Node, like: Node) -> Node:
     return Node(Op.EXPAND, (_scalar_one(s, like.ndim),), like.shape, s.dtype, s.device, {}, s.source)
 
 
-__all__ = ["attention_pass", "PATTERNS", "Pat", "match", "find", "find_joint", "JointMatch", "constant_value"]
+__all__ = ["attention_pass", "FORWARD", "find", "find_joint", "JointMatch", "constant_value"]
