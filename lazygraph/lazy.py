@@ -30,8 +30,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops, views
 from .counters import COUNTERS, GRAPH_BREAKS
-from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
-from .lowering import RULES
+from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides
+from .lowering import META_CHECKED, RULES, scalar_type_name
 
 aten = torch.ops.aten
 
@@ -240,16 +240,38 @@ def dispatch(func, args, kwargs):
     if handler is None:
         handler = _HANDLERS[func] = _classify(func)
     ops.current_source = user_source()
-    return handler(func, args, kwargs)
+    try:
+        return handler(func, args, kwargs)
+    except Exception as e:  # eager's exception, raised while recording: say which user line recorded it
+        _note_source(e, func)
+        raise
+
+
+def _note_source(e: Exception, func) -> None:
+    if ops.current_source and not getattr(e, "_lazygraph_noted", False):
+        e._lazygraph_noted = True
+        e.add_note(f"lazygraph: raised while recording {func} at {ops.current_source}")
 
 
 def _lowered(func, args, kwargs):
     rule = RULES[func]
+    if func in META_CHECKED:
+        _meta_check(func, args, kwargs)
     try:
         out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
     except NotImplementedError:
         return _fallback(func, args, kwargs)
     return _wrap_outputs(out)
+
+
+def _meta_check(func, args, kwargs) -> None:
+    """Run the op on meta tensors for eager's argument checks (shapes, ranks, dtypes); an op
+    without a meta kernel is left to its rule."""
+    try:
+        with _disable_current_modes():
+            func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
+    except NotImplementedError:
+        pass
 
 
 def _view(func, args, kwargs):
@@ -344,12 +366,26 @@ def _inplace(func, args, kwargs):
         if rn.shape != tuple(w.shape) and is_out:
             raise RuntimeError(f"lazygraph: out= tensor of shape {tuple(w.shape)} cannot be resized to "
                                f"{rn.shape}; pass an out tensor of the result's shape")
+        if not is_out:
+            _check_inplace_result(w, rn)
         assign(w, rn)
     if not func._schema.returns:
         return None
     if len(written) == 1:
         return written[0]
     return tuple(written)
+
+
+def _check_inplace_result(self: LazyTensor, result: Node) -> None:
+    """An in-place op writes its result into `self` as it is: eager refuses a result that would
+    need a wider dtype or a bigger shape (it never truncates or broadcasts `self`)."""
+    if result.dtype is not self.dtype and not torch.can_cast(result.dtype, self.dtype):
+        raise RuntimeError(f"result type {scalar_type_name(result.dtype)} can't be cast to the desired output "
+                           f"type {scalar_type_name(self.dtype)}")
+    shape = tuple(self.shape)
+    if result.shape != shape and broadcast_shapes(result.shape, shape) != shape:
+        raise RuntimeError(f"output with shape {list(shape)} doesn't match the broadcast shape "
+                           f"{list(broadcast_shapes(result.shape, shape))}")
 
 
 def _foreach(func, args, kwargs):
@@ -417,7 +453,8 @@ DATA_DEPENDENT = {
     "repeat_interleave", "bincount", "masked_scatter", "nonzero_static",
 }
 # ops that need a value now; not a graph break, just a sync
-VALUE_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "is_same_size"}
+VALUE_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "is_same_size",
+             "_assert_async"}  # one_hot's bounds check: eager raises now, so do we
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:
