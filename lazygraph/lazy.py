@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops, views
 from .counters import COUNTERS, GRAPH_BREAKS
-from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides
+from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides, fingerprint
 from .lowering import META_CHECKED, RULES, scalar_type_name
 
 aten = torch.ops.aten
@@ -87,11 +87,23 @@ class LazyTensor(torch.Tensor):
         return to_eager(self).tolist()
 
     def numpy(self, *, force: bool = False):
-        return to_eager(self).numpy(force=force)
+        """The value's memory as an ndarray (no copy once realized, as eager's numpy())."""
+        n = node_of(self)
+        realize([n])
+        with _disable_current_modes():  # numpy() dispatches detach(); inside lazy_mode() it would record
+            a = n.value.numpy(force=force)
+        if n.op is not Op.INPUT and n.fingerprint is None:
+            n.fingerprint = fingerprint(n.value)  # the caller may now write it behind torch's back
+        return a
 
-    def __array__(self, dtype=None):
-        a = to_eager(self).numpy()
-        return a if dtype is None else a.astype(dtype)
+    def __array__(self, dtype=None, copy=None):
+        """NumPy's protocol (NumPy 2 passes `copy`): copy=False must not copy, copy=True must."""
+        a = self.numpy()
+        if dtype is not None and a.dtype != dtype:
+            if copy is False:
+                raise ValueError("Unable to avoid copy while creating an array as requested.")
+            return a.astype(dtype)
+        return a.copy() if copy else a
 
     def __format__(self, spec):
         return to_eager(self).__format__(spec)
@@ -129,6 +141,8 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
         return t
     with _disable_current_modes():
         out = LazyTensor(ops.input_node(t.detach(), name))
+    out._node.fingerprint = fingerprint(t)
+    out._node.source = user_source()  # errors about this input name the line that made it lazy
     if t.requires_grad:
         out.requires_grad_(True)
     return out
@@ -175,27 +189,48 @@ _const_inputs = WeakIdKeyDictionary()
 def _const(t: torch.Tensor) -> Node:
     """An INPUT node for a plain tensor used by a lazy op (one per tensor and version)."""
     hit = _const_inputs.get(t)
-    if hit is not None and hit.captured_version == t._version:
+    if hit is not None and hit.captured_version == t._version and (
+            hit.fingerprint is None or hit.fingerprint == fingerprint(t)):
         return hit
+    fp = None
     if t.numel() <= 1:
         # scalars (optimizer step counts, ...) are snapshotted: eager reads them at op time, and
         # they are often bumped in place before the pending graph runs
         t_val = t.detach().clone()
     else:
         t_val = t.detach() if t.requires_grad else t
+        fp = fingerprint(t)
     n = ops.input_node(t_val)
+    n.fingerprint = fp
     _const_inputs[t] = n
     return n
 
 
 def _to_nodes(x):
     if isinstance(x, LazyTensor):
-        return node_of(x)
+        n = node_of(x)
+        if n.fingerprint is not None and n.op is not Op.INPUT:
+            return _recapture(x, n)
+        return n
     if isinstance(x, torch.Tensor):
         return _const(x)
     if isinstance(x, (list, tuple)):
         return type(x)([_to_nodes(e) for e in x])
     return x
+
+
+def _recapture(t: LazyTensor, n: Node) -> Node:
+    """A realized value handed out through numpy() and used again: if it was written since
+    (behind torch's back), later ops read the new value from a new leaf, while ops recorded
+    before still hold the old leaf, whose fingerprint fails when their graph runs."""
+    fp = fingerprint(n.value)
+    if fp == n.fingerprint or t._chain:
+        return n
+    # a realized node like n (not an INPUT, so it stays watched) over the same memory
+    new = Node(n.op, (), n.shape, n.dtype, n.device, dict(n.attrs), n.source, n.value, n.value._version)
+    new.fingerprint = fp
+    t._storage.node = t._node = new
+    return new
 
 
 def _wrap_outputs(out):
