@@ -253,7 +253,7 @@ def _has_zero(b) -> bool:
     return v is not None and bool((v == 0).any())
 
 
-for _f in (aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar):
+for _f in (aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar, aten.pow.Scalar):  # pow_.Scalar lands on pow.Scalar
     RULES[_f] = _checked_pow(RULES[_f])
 for _f in (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.remainder.Tensor, aten.remainder.Scalar):
     RULES[_f] = _checked_int_div(RULES[_f], remainder=_f in (aten.remainder.Tensor, aten.remainder.Scalar))
