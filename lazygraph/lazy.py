@@ -489,7 +489,7 @@ DATA_DEPENDENT = {
 }
 # ops that need a value now; not a graph break, just a sync
 VALUE_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "is_same_size",
-             "_assert_async"}  # one_hot's bounds check: eager raises now, so do we
+             "_assert_async"}  # torch._assert_async(cond, msg): eager CPU raises at the call, so do we
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:

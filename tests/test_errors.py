@@ -220,3 +220,11 @@ def test_checked_kernels_build_for_sm90():
     assert len(kernels) >= 2 and all("err_ptr" in k.source for k in kernels)
     ptx = codegen_triton.build_for_target(kernels)
     assert all(".entry" in ptx[k.name] for k in kernels)
+
+
+def test_assert_async_raises_at_the_call():
+    """torch._assert_async on a lazy condition: eager CPU raises at the call, not never."""
+    x = lg.lazy(torch.tensor([1, 2, 3]))
+    torch._assert_async(x.sum() > 0, "fine")
+    with pytest.raises(RuntimeError, match="negative values"):
+        torch._assert_async(x.min() < 0, "negative values")
