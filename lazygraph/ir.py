@@ -320,7 +320,7 @@ def fingerprint(t: torch.Tensor) -> int | None:
 
         with _disable_current_modes():
             return fingerprint(t)
-    return zlib.crc32(t.detach().reshape(-1).view(torch.uint8).numpy())
+    return zlib.crc32(t.detach().resolve_conj().resolve_neg().contiguous().view(-1).view(torch.uint8).numpy())
 
 
 _ITEMSIZE: dict[torch.dtype, int] = {}
