@@ -320,7 +320,12 @@ def fingerprint(t: torch.Tensor) -> int | None:
 
         with _disable_current_modes():
             return fingerprint(t)
-    return zlib.crc32(t.detach().resolve_conj().resolve_neg().contiguous().view(-1).view(torch.uint8).numpy())
+    if t.numel() == 0:
+        return 0
+    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
+    if flat.stride(0) != 1:  # strided or broadcast views; a size-1 tensor may have any stride
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
 _ITEMSIZE: dict[torch.dtype, int] = {}
