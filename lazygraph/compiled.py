@@ -24,7 +24,7 @@ from .ir import Graph, Node, Op, effective_op, itemsize, numel
 from .passes import InputValues, PipelineResult, run_pipeline
 from .passes.fuse import FusionGroup, Step
 from .passes.loops import FREE_OPS
-from .reference import eval_node
+from .reference import IndexOutOfRange, eval_node, gather_error_message
 
 _MAX_LENT_NUMEL = 1 << 22  # inputs small enough for a pass to inspect (masks, not activations)
 
@@ -233,24 +233,16 @@ def _check_kernel(group: FusionGroup, env, outs, kernel) -> None:
                                  f"(source {kernel.path}):\n{e}") from None
 
 
-class IndexOutOfRange(IndexError, RuntimeError):
-    """An index a kernel found out of range: eager raises IndexError or RuntimeError, depending on
-    the op (embedding, x[i] vs gather, scatter), so this is both."""
-
-
 def _raise_failed_checks(kernel) -> None:
     """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line."""
     failed = kernel.failed_checks()
     if not failed:
         return
     n, kind = kernel.group.program.checks[failed[0]]
-    where = f"recorded at {n.source}" if n.source else "source line unknown"
     if kind == "zero_div":
+        where = f"recorded at {n.source}" if n.source else "source line unknown"
         raise RuntimeError(f"ZeroDivisionError: integer {n.op.value} by zero in kernel {kernel.name} ({where})")
-    x = n.srcs[0]
-    axis = n.attrs["axis"]
-    raise IndexOutOfRange(f"index out of range in {n.op.value} ({where}): an index along dimension {axis} is "
-                          f"outside [0, {x.shape[axis]}) (kernel {kernel.name})")
+    raise IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name})")
 
 
 class ScalarValue:

@@ -228,3 +228,18 @@ def test_assert_async_raises_at_the_call():
     torch._assert_async(x.sum() > 0, "fine")
     with pytest.raises(RuntimeError, match="negative values"):
         torch._assert_async(x.min() < 0, "negative values")
+
+
+@pytest.mark.parametrize("name", ["embedding", "getitem", "gather"])
+def test_reference_backend_index_out_of_range_raises_eagers_type(name):
+    fn, make = INDEX_CASES[name]
+    *data, index = make()
+    expected = _eager_error(fn, (*data, index))
+    previous = lg.get_backend()
+    lg.set_backend("reference")
+    try:
+        out = fn(*[lg.lazy(t) for t in data], _computed(index))
+        with pytest.raises(expected, match=r"index out of range in gather \(recorded at test_errors.py:\d+"):
+            lg.to_eager(out)
+    finally:
+        lg.set_backend(previous)
