@@ -525,14 +525,19 @@ class Kernel:
             self._err = torch.zeros(len(self.group.program.checks), dtype=torch.int32, device=device)
         return self._err
 
+    @property
+    def flags(self) -> torch.Tensor | None:
+        """The int32 flags of the runtime checks (program.checks), set by the launches so far
+        (None before the first launch: an empty iteration space launches nothing)."""
+        return getattr(self, "_err", None)
+
     def failed_checks(self) -> list[int]:
-        """Indices into program.checks whose flag a launch set (cleared for the next launch). On a
-        GPU this waits for the kernel: the runtime asks once per program run, not per launch."""
-        err = getattr(self, "_err", None)
-        if err is None or not bool(err.any()):
+        """Indices into program.checks whose flag a launch set, clearing them for the next launch."""
+        if self.flags is None:
             return []
-        failed = [j for j, f in enumerate(err.tolist()) if f]
-        err.zero_()
+        failed = [j for j, f in enumerate(self._err.tolist()) if f]
+        if failed:
+            self._err.zero_()
         return failed
 
     def signature(self) -> dict[str, str]:

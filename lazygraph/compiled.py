@@ -102,8 +102,8 @@ class CompiledProgram:
                 env[n.id] = value
             for dead in plan.free_after.get(i, ()):
                 env.pop(dead, None)
-        for kernel in checked:
-            _raise_failed_checks(kernel)
+        if checked:
+            _raise_failed_checks(checked)
         return [env[o.id] for o in self.result.graph.outputs]
 
     def _alloc(self, n: Node, raw: dict[int, torch.Tensor], reuse: dict[int, int]) -> torch.Tensor:
@@ -233,16 +233,21 @@ def _check_kernel(group: FusionGroup, env, outs, kernel) -> None:
                                  f"(source {kernel.path}):\n{e}") from None
 
 
-def _raise_failed_checks(kernel) -> None:
-    """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line."""
-    failed = kernel.failed_checks()
-    if not failed:
+def _raise_failed_checks(kernels: list) -> None:
+    """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line.
+    One look at all flags per run: on a GPU that is the run's only wait for its kernels."""
+    flags = [k.flags for k in kernels if k.flags is not None]
+    if not flags or not bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
         return
-    n, kind = kernel.group.program.checks[failed[0]]
-    if kind == "zero_div":
-        where = f"recorded at {n.source}" if n.source else "source line unknown"
-        raise RuntimeError(f"ZeroDivisionError: integer {n.op.value} by zero in kernel {kernel.name} ({where})")
-    raise IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name})")
+    for kernel in kernels:
+        failed = kernel.failed_checks()
+        if not failed:
+            continue
+        n, kind = kernel.group.program.checks[failed[0]]
+        if kind == "zero_div":
+            where = f"recorded at {n.source}" if n.source else "source line unknown"
+            raise RuntimeError(f"ZeroDivisionError: integer {n.op.value} by zero in kernel {kernel.name} ({where})")
+        raise IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name})")
 
 
 class ScalarValue:
