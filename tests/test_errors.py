@@ -243,3 +243,10 @@ def test_reference_backend_index_out_of_range_raises_eagers_type(name):
             lg.to_eager(out)
     finally:
         lg.set_backend(previous)
+
+
+def test_checked_kernel_with_nothing_to_do(fused_backend):
+    """An empty index tensor launches nothing; the runtime has no flags to look at."""
+    w = torch.randn(4, 3)
+    out = F.embedding((lg.lazy(torch.zeros(0, dtype=torch.long)) + 1) - 1, lg.lazy(w))
+    assert_close(lg.to_eager(out), F.embedding(torch.zeros(0, dtype=torch.long), w))
