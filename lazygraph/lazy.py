@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ops, views
 from .counters import COUNTERS, GRAPH_BREAKS
 from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides, fingerprint
-from .lowering import META_CHECKED, RULES, scalar_type_name
+from .lowering import META_CHECKED, RULES, NotImplementedForDtype, scalar_type_name
 
 aten = torch.ops.aten
 
@@ -294,6 +294,8 @@ def _lowered(func, args, kwargs):
         _meta_check(func, args, kwargs)
     try:
         out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
+    except NotImplementedForDtype:
+        raise
     except NotImplementedError:
         return _fallback(func, args, kwargs)
     return _wrap_outputs(out)

@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .counters import COUNTERS
-from .ir import Node, Op, numel, result_type
+from .ir import Node, Op, broadcast_shapes, numel, result_type
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -86,6 +86,14 @@ _SCALAR_TYPE_NAMES = {
 }
 
 
+class NotImplementedForDtype(NotImplementedError):
+    """Eager has no kernel for this dtype and raises NotImplementedError: the user gets it (a plain
+    NotImplementedError from a rule asks lazy.py for a fallback instead)."""
+
+    def __init__(self, kernel: str, dtype: torch.dtype):
+        super().__init__(f'"{kernel}" not implemented for \'{scalar_type_name(dtype)}\'')
+
+
 def scalar_type_name(dtype: torch.dtype) -> str:
     """c10's name for a dtype ("Float", "Long"), as eager's error messages spell it."""
     return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
@@ -112,8 +120,8 @@ def check_index_values(index, size: int, error: Callable[[int], Exception], nega
     [-size, size) where negative indices count from the end). Computed indices are checked
     in the kernel instead (passes/loops.py)."""
     v = _known_value(index)
-    if v is None or v.numel() == 0 or v.dtype == torch.bool:
-        return
+    if v is None or v.numel() == 0 or v.dtype == torch.bool or v.dtype.is_floating_point:
+        return  # not an index tensor: the op's own dtype check speaks
     low = -size if negative_ok else 0
     bad = (v < low) | (v >= size)
     if ignore is not None:
@@ -253,6 +261,46 @@ def _has_zero(b) -> bool:
     return v is not None and bool((v == 0).any())
 
 
+def _is_bool(x) -> bool:
+    return x.dtype is torch.bool if _is_node(x) else type(x) is bool
+
+
+def _checked_sub(lower):
+    def sub(a, b, **kw):
+        if _is_bool(a) or _is_bool(b):
+            if _is_bool(a) and _is_bool(b):
+                raise RuntimeError("Subtraction, the `-` operator, with two bool tensors is not supported. "
+                                   "Use the `^` or `logical_xor()` operator instead.")
+            raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. If you are "
+                               "trying to invert a mask, use the `~` or `logical_not()` operator instead.")
+        return lower(a, b, **kw)
+
+    return sub
+
+
+def _checked_bitwise(lower, name: str):
+    def bitwise(a, b):
+        dtype = _dtypes(a, b)
+        if dtype.is_floating_point or dtype.is_complex:
+            raise NotImplementedForDtype(f"{name}_cpu", dtype)
+        return lower(a, b)
+
+    return bitwise
+
+
+def _neg(x):
+    if x.dtype is torch.bool:
+        raise RuntimeError("Negation, the `-` operator, on a bool tensor is not supported. If you are trying to "
+                           "invert a mask, use the `~` or `logical_not()` operator instead.")
+    return ops.unary(Op.NEG, x)
+
+
+RULES[aten.neg.default] = _neg
+for _f in (aten.sub.Tensor, aten.sub.Scalar):
+    RULES[_f] = _checked_sub(RULES[_f])
+for _packet in (aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor):
+    for _f in (_packet.Tensor, _packet.Scalar):
+        RULES[_f] = _checked_bitwise(RULES[_f], _packet.__name__.split(".")[-1])
 for _f in (aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar, aten.pow.Scalar):  # pow_.Scalar lands on pow.Scalar
     RULES[_f] = _checked_pow(RULES[_f])
 for _f in (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.remainder.Tensor, aten.remainder.Scalar):
@@ -460,6 +508,9 @@ def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_block
 
 @rule(aten.copy.default)
 def _copy(dst, src, non_blocking=False):
+    if src.shape != dst.shape and broadcast_shapes(dst.shape, src.shape) != dst.shape:
+        raise RuntimeError(f"output with shape {list(dst.shape)} doesn't match the broadcast shape "
+                           f"{list(broadcast_shapes(dst.shape, src.shape))}")
     src = ops.transfer(ops.cast(src, dst.dtype), dst.device)
     return ops.expand(src, dst.shape)
 
@@ -822,6 +873,8 @@ def _all(x, dim=None, keepdim=False):
 @rule(aten._softmax.default)
 def _softmax(x, dim, half_to_float=False):
     dim = wrap_dim(dim, x.ndim)
+    if not x.dtype.is_floating_point:
+        raise NotImplementedForDtype("softmax_kernel_impl", x.dtype)
     dt = torch.float32 if half_to_float else x.dtype
     xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
     m = ops.reduce(Op.AMAX, xf, (dim,))
@@ -833,6 +886,8 @@ def _softmax(x, dim, half_to_float=False):
 @rule(aten._log_softmax.default)
 def _log_softmax(x, dim, half_to_float=False):
     dim = wrap_dim(dim, x.ndim)
+    if not x.dtype.is_floating_point:
+        raise NotImplementedForDtype("log_softmax_lastdim_kernel_impl", x.dtype)
     dt = torch.float32 if half_to_float else x.dtype
     xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
     m = ops.reduce(Op.AMAX, xf, (dim,))
@@ -859,6 +914,8 @@ def _log_softmax_backward(grad, y, dim, input_dtype):
 def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
     if weight is not None:
         raise NotImplementedError("nll_loss with class weights")
+    if target.ndim > 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     check_index_values(target, logp.shape[-1], lambda t: IndexError(f"Target {t} is out of bounds."),
                        ignore=ignore_index)
     flat_logp = logp if logp.ndim == 2 else ops.reshape(logp, (1, logp.shape[0]))
@@ -900,6 +957,8 @@ def _nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, tota
 @rule(aten.native_layer_norm.default)
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):
     _check_layer_norm(x, normalized_shape, weight, bias)
+    if not x.dtype.is_floating_point:
+        raise NotImplementedForDtype("LayerNormKernelImpl", x.dtype)
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xf = ops.cast(x, compute)
@@ -1073,6 +1132,8 @@ def _index_select(x, dim, index):
 
 @rule(aten.embedding.default)
 def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    if weight.ndim != 2:
+        raise RuntimeError("'weight' must be 2-D")
     if indices.dtype not in (torch.int64, torch.int32):
         raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the following scalar types: "
                            f"Long, Int; but got {scalar_type_name(indices.dtype)} instead (while checking "

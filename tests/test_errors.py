@@ -64,6 +64,20 @@ RECORDING_ERRORS = {
                                   lambda: (torch.randn(4, 3), torch.zeros(1, 1).long())),
     "tril_vector": (torch.tril, lambda: (torch.randn(4),)),
     "masked_fill_float_mask": (lambda x, m: x.masked_fill(m, 1.0), lambda: (torch.randn(4), torch.randn(4))),
+    "bool_sub": (lambda m: m - m, lambda: (torch.rand(5) > 0.5,)),
+    "bool_rsub_scalar": (lambda m: 1 - m, lambda: (torch.rand(5) > 0.5,)),
+    "bool_neg": (lambda m: -m, lambda: (torch.rand(5) > 0.5,)),
+    "float_bitwise_and": (lambda x: x & 1, lambda: (torch.randn(4),)),
+    "int_bitwise_or_float": (lambda x: x | 1.5, lambda: (torch.arange(4),)),
+    "int_softmax": (lambda x: torch.softmax(x, 0), lambda: (torch.arange(4),)),
+    "int_log_softmax": (lambda x: torch.log_softmax(x, 0), lambda: (torch.arange(4),)),
+    "int_layer_norm": (lambda x: F.layer_norm(x, (4,)), lambda: (torch.arange(12).view(3, 4),)),
+    "copy_shape": (lambda x, y: x.copy_(y), lambda: (torch.randn(3, 4), torch.randn(5))),
+    "copy_broadcasts_self": (lambda x, y: x.copy_(y), lambda: (torch.randn(4), torch.randn(3, 4))),
+    "embedding_vector_weight": (lambda w, i: F.embedding(i, w), lambda: (torch.randn(4), torch.tensor([0]))),
+    "embedding_float_indices": (lambda w, i: F.embedding(i, w), lambda: (torch.randn(4, 3), torch.tensor([0.0]))),
+    "cross_entropy_multi_target": (lambda x, t: F.nll_loss(x, t), lambda: (torch.randn(3, 5),
+                                                                         torch.zeros(3, 5).long())),
 }
 
 
