@@ -392,10 +392,14 @@ def _inplace(func, args, kwargs):
         not func._schema.name.endswith("_")
     fargs, fkwargs = list(args), dict(kwargs)
     if is_out:
+        _meta_check(func, args, kwargs)  # out= dtype rules differ by op (sum may truncate, mean may not)
         for i, n in mutated:
             fkwargs.pop(n, None)
             if i < len(fargs):
                 fargs = fargs[:i]
+        if len(flat_written) == 1 and "dtype" not in fkwargs and any(
+                a.name == "dtype" and a.kwarg_only for a in functional._schema.arguments):
+            fkwargs["dtype"] = flat_written[0].dtype  # eager computes in out's dtype (sum: per element)
     result = dispatch(functional, tuple(fargs), fkwargs)
     results = _flat_tensors(result, []) if isinstance(result, (tuple, list)) else [result]
     for w, r in zip(flat_written, results):

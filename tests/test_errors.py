@@ -76,6 +76,9 @@ RECORDING_ERRORS = {
     "copy_broadcasts_self": (lambda x, y: x.copy_(y), lambda: (torch.randn(4), torch.randn(3, 4))),
     "embedding_vector_weight": (lambda w, i: F.embedding(i, w), lambda: (torch.randn(4), torch.tensor([0]))),
     "embedding_float_indices": (lambda w, i: F.embedding(i, w), lambda: (torch.randn(4, 3), torch.tensor([0.0]))),
+    "add_out_long": (lambda x, o: torch.add(x, x, out=o), lambda: (torch.randn(3, 4), torch.empty(3, 4).long())),
+    "mean_out_long": (lambda x, o: torch.mean(x, 0, out=o), lambda: (torch.randn(3, 4), torch.empty(4).long())),
+    "mm_out_double": (lambda x, o: torch.mm(x, x.t(), out=o), lambda: (torch.randn(3, 4), torch.empty(3, 3).double())),
     "cross_entropy_multi_target": (lambda x, t: F.nll_loss(x, t), lambda: (torch.randn(3, 5),
                                                                          torch.zeros(3, 5).long())),
 }
@@ -101,6 +104,9 @@ VALID_INPLACE = {
     "float_lt_": (lambda x, y: x.lt_(y), lambda: (torch.randn(4), torch.randn(4))),
     "float_iadd_broadcast_operand": (lambda x, y: x.add_(y), lambda: (torch.randn(3, 4), torch.randn(4))),
     "half_iadd_float": (lambda x, y: x.add_(y), lambda: (torch.randn(5).half(), torch.randn(5))),
+    "sum_out_long_truncates": (lambda x, o: torch.sum(x, 0, out=o), lambda: (torch.randn(3, 4) * 5,
+                                                                          torch.empty(4).long())),
+    "add_out_double": (lambda x, o: torch.add(x, 1, out=o), lambda: (torch.randn(3, 4), torch.empty(3, 4).double())),
     "int_pow_tensor_exponent": (lambda x, y: x ** y, lambda: (torch.arange(1, 4), torch.tensor([-1, 2, 1]))),
 }
 
