@@ -237,15 +237,15 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
         return out
     if op is Op.CAT:
         return torch.cat(args, dim=a["axis"])
-    if op is Op.GATHER:
+    if op in (Op.GATHER, Op.SCATTER_ADD):
         try:
-            return torch.gather(args[0], a["axis"], args[1])
+            if op is Op.GATHER:
+                return torch.gather(args[0], a["axis"], args[1])
+            return args[0].scatter_add(a["axis"], args[1], args[2])
         except RuntimeError as e:  # eager's type depends on the op the gather lowers (x[i]: IndexError)
             if "out of bounds" in str(e):
                 raise IndexOutOfRange(gather_error_message(n)) from e
             raise
-    if op is Op.SCATTER_ADD:
-        return args[0].scatter_add(a["axis"], args[1], args[2])
     if op is Op.FULL:
         return torch.full(n.shape, a["value"], dtype=n.dtype, device=n.device)
     if op is Op.IOTA:

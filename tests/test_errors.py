@@ -250,6 +250,14 @@ def test_assert_async_raises_at_the_call():
         torch._assert_async(x.min() < 0, "negative values")
 
 
+def test_computed_scatter_index_out_of_range_raises():
+    """scatter_add runs in torch: its bounds error also names the recorded line."""
+    base, index, src = torch.zeros(3), torch.tensor([5]), torch.ones(1)
+    out = lg.lazy(base).scatter_add(0, _computed(index), lg.lazy(src))
+    with pytest.raises(RuntimeError, match=r"index out of range in scatter_add \(recorded at test_errors.py:\d+"):
+        lg.to_eager(out)
+
+
 @pytest.mark.parametrize("name", ["embedding", "getitem", "gather"])
 def test_reference_backend_index_out_of_range_raises_eagers_type(name):
     fn, make = INDEX_CASES[name]
