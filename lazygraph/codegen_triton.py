@@ -392,6 +392,10 @@ def _header(group: FusionGroup, prog: LoopProgram, strides, names) -> list[str]:
                        f"strides {list(strides[i])}")
     for i, o in enumerate(prog.outputs):
         out.append(f"#   out_ptr{i} = {names.get(o.id, '%?')} {dtype_name(o.dtype)}{list(o.shape)}")
+    for j, (n, kind) in enumerate(prog.checks):
+        what = "an index out of range" if kind == "index" else "an integer division by zero"
+        out.append(f"#   err_ptr[{j}] = 1 on {what} in {names.get(n.id, '%?')}"
+                   + (f"  # {n.source}" if n.source else ""))
     if srcs:
         out.append("# source lines: " + "; ".join(srcs))
     out.append("")
