@@ -873,7 +873,7 @@ def _all(x, dim=None, keepdim=False):
 @rule(aten._softmax.default)
 def _softmax(x, dim, half_to_float=False):
     dim = wrap_dim(dim, x.ndim)
-    if not x.dtype.is_floating_point:
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
         raise NotImplementedForDtype("softmax_kernel_impl", x.dtype)
     dt = torch.float32 if half_to_float else x.dtype
     xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
@@ -886,7 +886,7 @@ def _softmax(x, dim, half_to_float=False):
 @rule(aten._log_softmax.default)
 def _log_softmax(x, dim, half_to_float=False):
     dim = wrap_dim(dim, x.ndim)
-    if not x.dtype.is_floating_point:
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
         raise NotImplementedForDtype("log_softmax_lastdim_kernel_impl", x.dtype)
     dt = torch.float32 if half_to_float else x.dtype
     xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
@@ -957,7 +957,7 @@ def _nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, tota
 @rule(aten.native_layer_norm.default)
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):
     _check_layer_norm(x, normalized_shape, weight, bias)
-    if not x.dtype.is_floating_point:
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
         raise NotImplementedForDtype("LayerNormKernelImpl", x.dtype)
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
