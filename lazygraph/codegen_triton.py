@@ -240,6 +240,9 @@ class _Printer:
                 f"    acc{j} = {comb.format(f'acc{j}', 'part')}",
                 f"{s.var} = tl.zeros([1, 1], tl.float32) + {_reduce(op, f'acc{j}', 0, s.dtype)}",
             ])
+        if k == "check":  # flag j is set where a live lane fails the check
+            cond, j = a
+            return f"tl.store(err_ptr + {j} + ({cond}).to(tl.int32) * 0, 1, mask={cond})"
         if k == "acc_final":
             op, acc = a
             return f"{s.var} = {_reduce(op, acc, 1, s.dtype)}[:, None]"
@@ -325,6 +328,8 @@ def kernel_source(group: FusionGroup, strides: Sequence[Sequence[int]], target: 
     params = [param_name(prog, i) for i in range(len(prog.buffers))] + [f"out_ptr{i}" for i in range(len(prog.outputs))]
     if prog.grid_reductions:
         params += ["ws_ptr", "cnt_ptr"]  # per-program partials, and a counter of finished programs
+    if prog.checks:
+        params.append("err_ptr")  # one int32 flag per runtime check (CompiledProgram raises on them)
     lines = _header(group, prog, strides, names)
     lines.append("@triton.jit")
     lines.append(f"def {group.name}({', '.join(params)}):")
@@ -390,6 +395,10 @@ def _header(group: FusionGroup, prog: LoopProgram, strides, names) -> list[str]:
                        f"strides {list(strides[i])}")
     for i, o in enumerate(prog.outputs):
         out.append(f"#   out_ptr{i} = {names.get(o.id, '%?')} {dtype_name(o.dtype)}{list(o.shape)}")
+    for j, (n, kind) in enumerate(prog.checks):
+        what = "an index out of range" if kind == "index" else "an integer division by zero"
+        out.append(f"#   err_ptr[{j}] = 1 on {what} in {names.get(n.id, '%?')}"
+                   + (f"  # {n.source}" if n.source else ""))
     if srcs:
         out.append("# source lines: " + "; ".join(srcs))
     out.append("")
@@ -588,6 +597,8 @@ class Kernel:
                 self._ws = torch.empty(self.grid[0] * len(prog.grid_reductions), dtype=torch.float32, device=device)
                 self._cnt = torch.zeros(1, dtype=torch.int32, device=device)
             outputs = [*outputs, self._ws, self._cnt]
+        if prog.checks:
+            outputs = [*outputs, self._flags(outputs[0].device)]
         num_warps = 8 if self.xblock * self.rblock >= 4096 and self.target is GPU else 4
         if self.target is GPU:
             self._fn[self.grid](*inputs, *outputs, num_warps=num_warps)
@@ -599,6 +610,26 @@ class Kernel:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 self._fn[self.grid](*inputs, *outputs)
 
+    def _flags(self, device: torch.device) -> torch.Tensor:
+        if getattr(self, "_err", None) is None or self._err.device != device:
+            self._err = torch.zeros(len(self.group.program.checks), dtype=torch.int32, device=device)
+        return self._err
+
+    @property
+    def flags(self) -> torch.Tensor | None:
+        """The int32 flags of the runtime checks (program.checks), set by the launches so far
+        (None before the first launch: an empty iteration space launches nothing)."""
+        return getattr(self, "_err", None)
+
+    def failed_checks(self) -> list[int]:
+        """Indices into program.checks whose flag a launch set, clearing them for the next launch."""
+        if self.flags is None:
+            return []
+        failed = [j for j, f in enumerate(self._err.tolist()) if f]
+        if failed:
+            self._err.zero_()
+        return failed
+
     def signature(self) -> dict[str, str]:
         prog = self.group.program
         sig = {param_name(prog, i): ("fp64" if b.dtype == torch.float64 else "fp32") if b.attrs.get("scalar")
@@ -606,6 +637,8 @@ class Kernel:
         sig.update({f"out_ptr{i}": _PTR_TYPES[o.dtype] for i, o in enumerate(prog.outputs)})
         if prog.grid_reductions:
             sig.update({"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
+        if prog.checks:
+            sig["err_ptr"] = "*i32"
         return sig
 
 

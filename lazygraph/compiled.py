@@ -24,7 +24,7 @@ from .ir import Graph, Node, Op, effective_op, itemsize, numel
 from .passes import InputValues, PipelineResult, run_pipeline
 from .passes.fuse import FusionGroup, Step
 from .passes.loops import FREE_OPS
-from .reference import eval_node
+from .reference import IndexOutOfRange, eval_node, gather_error_message
 
 _MAX_LENT_NUMEL = 1 << 22  # inputs small enough for a pass to inspect (masks, not activations)
 
@@ -81,9 +81,12 @@ class CompiledProgram:
         plan = self.result.memory
         memo: dict = {}
         calls: set = set()
+        checked: list = []  # launched kernels with runtime checks (bounds, division by zero)
         for i, step in enumerate(self.schedule.steps):
             if step.kind == "kernel":
-                self._run_kernel(step.group, env, raw, plan.reuse)
+                kernel = self._run_kernel(step.group, env, raw, plan.reuse)
+                if kernel is not None and step.group.program.checks:
+                    checked.append(kernel)
             else:
                 n = step.node
                 args = [_tensor(env[s.id]) for s in n.srcs]
@@ -99,6 +102,8 @@ class CompiledProgram:
                 env[n.id] = value
             for dead in plan.free_after.get(i, ()):
                 env.pop(dead, None)
+        if checked:
+            _raise_failed_checks(checked)
         return [env[o.id] for o in self.result.graph.outputs]
 
     def _alloc(self, n: Node, raw: dict[int, torch.Tensor], reuse: dict[int, int]) -> torch.Tensor:
@@ -110,7 +115,8 @@ class CompiledProgram:
         raw[n.id] = mem
         return mem.view(n.dtype).view(n.shape) if size else torch.empty(n.shape, dtype=n.dtype, device=n.device)
 
-    def _run_kernel(self, group: FusionGroup, env, raw, reuse) -> None:
+    def _run_kernel(self, group: FusionGroup, env, raw, reuse):
+        """Run one fusion group; returns the Kernel launched (None if torch ran it instead)."""
         prog = group.program
         ins = [env[b.id].value if isinstance(env[b.id], ScalarValue) else env[b.id] for b in prog.buffers]
         outs = [self._alloc(o, raw, reuse) for o in prog.outputs]
@@ -126,6 +132,7 @@ class CompiledProgram:
                 _check_kernel(group, env, outs, kernel)
         for o, t in zip(prog.outputs, outs):
             env[o.id] = t
+        return kernel
 
     def _kernel(self, group: FusionGroup, ins: Sequence[torch.Tensor]):
         from .codegen_triton import Kernel
@@ -224,6 +231,23 @@ def _check_kernel(group: FusionGroup, env, outs, kernel) -> None:
         except AssertionError as e:
             raise AssertionError(f"kernel {group.name} output {o!r} differs from the reference "
                                  f"(source {kernel.path}):\n{e}") from None
+
+
+def _raise_failed_checks(kernels: list) -> None:
+    """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line.
+    One look at all flags per run: on a GPU that is the run's only wait for its kernels."""
+    flags = [k.flags for k in kernels if k.flags is not None]
+    if not flags or not bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
+        return
+    for kernel in kernels:
+        failed = kernel.failed_checks()
+        if not failed:
+            continue
+        n, kind = kernel.group.program.checks[failed[0]]
+        if kind == "zero_div":
+            where = f"recorded at {n.source}" if n.source else "source line unknown"
+            raise RuntimeError(f"ZeroDivisionError: integer {n.op.value} by zero in kernel {kernel.name} ({where})")
+        raise IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name})")
 
 
 class ScalarValue:

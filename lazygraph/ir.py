@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,6 +278,9 @@ class Node:
     value: torch.Tensor | None = None  # the realized tensor (INPUT nodes and realized nodes)
     captured_version: int | None = None  # value._version when captured: an in-place change after is an error
     id: int = field(default_factory=lambda: next(_ids))
+    # fingerprint(value) when captured, for small CPU values: numpy and .data write memory without
+    # bumping the version counter, and a graph must not read a value changed behind torch's back
+    fingerprint: int | None = None
 
     @property
     def realized(self) -> bool:
@@ -302,6 +306,26 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node(%{self.id} {self.op.value} {dtype_name(self.dtype)}{list(self.shape)})"
+
+
+FINGERPRINT_MAX_BYTES = 1 << 16
+
+
+def fingerprint(t: torch.Tensor) -> int | None:
+    """CRC-32 of a small CPU tensor's bytes (a few microseconds); None for anything else."""
+    if t.device.type != "cpu" or t.layout != torch.strided or t.numel() * t.element_size() > FINGERPRINT_MAX_BYTES:
+        return None
+    if torch._C._len_torch_dispatch_stack():  # inside lazy_mode(): these ops must run on real memory
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return fingerprint(t)
+    if t.numel() == 0:
+        return 0
+    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
+    if flat.stride(0) != 1:  # strided or broadcast views; a size-1 tensor may have any stride
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
 _ITEMSIZE: dict[torch.dtype, int] = {}

@@ -31,8 +31,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops, views
 from .counters import COUNTERS, GRAPH_BREAKS
-from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
-from .lowering import RULES
+from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides, fingerprint
+from .lowering import META_CHECKED, RULES, NotImplementedForDtype, scalar_type_name
 
 aten = torch.ops.aten
 
@@ -95,11 +95,23 @@ class LazyTensor(torch.Tensor):
         return to_eager(self).tolist()
 
     def numpy(self, *, force: bool = False):
-        return to_eager(self).numpy(force=force)
+        """The value's memory as an ndarray (no copy once realized, as eager's numpy())."""
+        n = node_of(self)
+        realize([n])
+        with _disable_current_modes():  # numpy() dispatches detach(); inside lazy_mode() it would record
+            a = n.value.numpy(force=force)
+        if n.op is not Op.INPUT and n.fingerprint is None:
+            n.fingerprint = fingerprint(n.value)  # the caller may now write it behind torch's back
+        return a
 
-    def __array__(self, dtype=None):
-        a = to_eager(self).numpy()
-        return a if dtype is None else a.astype(dtype)
+    def __array__(self, dtype=None, copy=None):
+        """NumPy's protocol (NumPy 2 passes `copy`): copy=False must not copy, copy=True must."""
+        a = self.numpy()
+        if dtype is not None and a.dtype != dtype:
+            if copy is False:
+                raise ValueError("Unable to avoid copy while creating an array as requested.")
+            return a.astype(dtype)
+        return a.copy() if copy else a
 
     def __format__(self, spec):
         return to_eager(self).__format__(spec)
@@ -137,6 +149,8 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
         return t
     with _disable_current_modes():
         out = LazyTensor(ops.input_node(t.detach(), name))
+    out._node.fingerprint = fingerprint(t)
+    out._node.source = user_source()  # errors about this input name the line that made it lazy
     if t.requires_grad:
         out.requires_grad_(True)
     return out
@@ -202,27 +216,48 @@ _const_inputs = WeakIdKeyDictionary()
 def _const(t: torch.Tensor) -> Node:
     """An INPUT node for a plain tensor used by a lazy op (one per tensor and version)."""
     hit = _const_inputs.get(t)
-    if hit is not None and hit.captured_version == t._version:
+    if hit is not None and hit.captured_version == t._version and (
+            hit.fingerprint is None or hit.fingerprint == fingerprint(t)):
         return hit
+    fp = None
     if t.numel() <= 1:
         # scalars (optimizer step counts, ...) are snapshotted: eager reads them at op time, and
         # they are often bumped in place before the pending graph runs
         t_val = t.detach().clone()
     else:
         t_val = t.detach() if t.requires_grad else t
+        fp = fingerprint(t)
     n = ops.input_node(t_val)
+    n.fingerprint = fp
     _const_inputs[t] = n
     return n
 
 
 def _to_nodes(x):
     if isinstance(x, LazyTensor):
-        return node_of(x)
+        n = node_of(x)
+        if n.fingerprint is not None and n.op is not Op.INPUT:
+            return _recapture(x, n)
+        return n
     if isinstance(x, torch.Tensor):
         return _const(x)
     if isinstance(x, (list, tuple)):
         return type(x)([_to_nodes(e) for e in x])
     return x
+
+
+def _recapture(t: LazyTensor, n: Node) -> Node:
+    """A realized value handed out through numpy() and used again: if it was written since
+    (behind torch's back), later ops read the new value from a new leaf, while ops recorded
+    before still hold the old leaf, whose fingerprint fails when their graph runs."""
+    fp = fingerprint(n.value)
+    if fp == n.fingerprint or t._chain:
+        return n
+    # a realized node like n (not an INPUT, so it stays watched) over the same memory
+    new = Node(n.op, (), n.shape, n.dtype, n.device, dict(n.attrs), n.source, n.value, n.value._version)
+    new.fingerprint = fp
+    t._storage.node = t._node = new
+    return new
 
 
 def _wrap_outputs(out):
@@ -267,16 +302,40 @@ def dispatch(func, args, kwargs):
     if handler is None:
         handler = _HANDLERS[func] = _classify(func)
     ops.RECORDING.source = user_source()
-    return handler(func, args, kwargs)
+    try:
+        return handler(func, args, kwargs)
+    except Exception as e:  # eager's exception, raised while recording: say which user line recorded it
+        _note_source(e, func)
+        raise
+
+
+def _note_source(e: Exception, func) -> None:
+    if ops.current_source and not getattr(e, "_lazygraph_noted", False):
+        e._lazygraph_noted = True
+        e.add_note(f"lazygraph: raised while recording {func} at {ops.current_source}")
 
 
 def _lowered(func, args, kwargs):
     rule = RULES[func]
+    if func in META_CHECKED:
+        _meta_check(func, args, kwargs)
     try:
         out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
+    except NotImplementedForDtype:
+        raise
     except NotImplementedError:
         return _fallback(func, args, kwargs)
     return _wrap_outputs(out)
+
+
+def _meta_check(func, args, kwargs) -> None:
+    """Run the op on meta tensors for eager's argument checks (shapes, ranks, dtypes); an op
+    without a meta kernel is left to its rule."""
+    try:
+        with _disable_current_modes():
+            func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
+    except NotImplementedError:
+        pass
 
 
 def _view(func, args, kwargs):
@@ -360,10 +419,14 @@ def _inplace(func, args, kwargs):
         not func._schema.name.endswith("_")
     fargs, fkwargs = list(args), dict(kwargs)
     if is_out:
+        _meta_check(func, args, kwargs)  # out= dtype rules differ by op (sum may truncate, mean may not)
         for i, n in mutated:
             fkwargs.pop(n, None)
             if i < len(fargs):
                 fargs = fargs[:i]
+        if len(flat_written) == 1 and "dtype" not in fkwargs and any(
+                a.name == "dtype" and a.kwarg_only for a in functional._schema.arguments):
+            fkwargs["dtype"] = flat_written[0].dtype  # eager computes in out's dtype (sum: per element)
     result = dispatch(functional, tuple(fargs), fkwargs)
     results = _flat_tensors(result, []) if isinstance(result, (tuple, list)) else [result]
     for w, r in zip(flat_written, results):
@@ -371,12 +434,26 @@ def _inplace(func, args, kwargs):
         if rn.shape != tuple(w.shape) and is_out:
             raise RuntimeError(f"lazygraph: out= tensor of shape {tuple(w.shape)} cannot be resized to "
                                f"{rn.shape}; pass an out tensor of the result's shape")
+        if not is_out:
+            _check_inplace_result(w, rn)
         assign(w, rn)
     if not func._schema.returns:
         return None
     if len(written) == 1:
         return written[0]
     return tuple(written)
+
+
+def _check_inplace_result(self: LazyTensor, result: Node) -> None:
+    """An in-place op writes its result into `self` as it is: eager refuses a result that would
+    need a wider dtype or a bigger shape (it never truncates or broadcasts `self`)."""
+    if result.dtype is not self.dtype and not torch.can_cast(result.dtype, self.dtype):
+        raise RuntimeError(f"result type {scalar_type_name(result.dtype)} can't be cast to the desired output "
+                           f"type {scalar_type_name(self.dtype)}")
+    shape = tuple(self.shape)
+    if result.shape != shape and broadcast_shapes(result.shape, shape) != shape:
+        raise RuntimeError(f"output with shape {list(shape)} doesn't match the broadcast shape "
+                           f"{list(broadcast_shapes(result.shape, shape))}")
 
 
 def _foreach(func, args, kwargs):
@@ -444,7 +521,8 @@ DATA_DEPENDENT = {
     "repeat_interleave", "bincount", "masked_scatter", "nonzero_static",
 }
 # ops that need a value now; not a graph break, just a sync
-VALUE_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "is_same_size"}
+VALUE_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "is_same_size",
+             "_assert_async"}  # torch._assert_async(cond, msg): eager CPU raises at the call, so do we
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:

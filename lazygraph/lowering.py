@@ -18,7 +18,7 @@ import torch
 
 from . import ops
 from .counters import COUNTERS
-from .ir import Node, Op, numel, result_type
+from .ir import Node, Op, broadcast_shapes, numel, result_type
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -74,6 +74,61 @@ def _operands(a, b, dtype):
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype.is_floating_point or dtype.is_complex else torch.get_default_dtype()
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: eager's exception type and message, raised while recording
+# ---------------------------------------------------------------------------------------------
+
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+class NotImplementedForDtype(NotImplementedError):
+    """Eager has no kernel for this dtype and raises NotImplementedError: the user gets it (a plain
+    NotImplementedError from a rule asks lazy.py for a fallback instead)."""
+
+    def __init__(self, kernel: str, dtype: torch.dtype):
+        super().__init__(f'"{kernel}" not implemented for \'{scalar_type_name(dtype)}\'')
+
+
+def scalar_type_name(dtype: torch.dtype) -> str:
+    """c10's name for a dtype ("Float", "Long"), as eager's error messages spell it."""
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def wrap_dim(d: int, ndim: int) -> int:
+    """`d` in [0, ndim) the way eager wraps it (a 0-d tensor has one dim); IndexError otherwise."""
+    n = max(ndim, 1)
+    if not -n <= d < n:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {d})")
+    return d % n
+
+
+def _known_value(n) -> torch.Tensor | None:
+    """The value of a graph input already on the host (its bounds can be checked before any launch)."""
+    if _is_node(n) and n.op is Op.INPUT and n.value is not None and n.value.device.type == "cpu":
+        return n.value
+    return None
+
+
+def check_index_values(index, size: int, error: Callable[[int], Exception], negative_ok: bool = False,
+                       ignore: int | None = None) -> None:
+    """Raise error(bad_index) if a host-known index tensor has an entry outside [0, size) (or
+    [-size, size) where negative indices count from the end). Computed indices are checked
+    in the kernel instead (passes/loops.py)."""
+    v = _known_value(index)
+    if v is None or v.numel() == 0 or v.dtype == torch.bool or v.dtype.is_floating_point:
+        return  # not an index tensor: the op's own dtype check speaks
+    low = -size if negative_ok else 0
+    bad = (v < low) | (v >= size)
+    if ignore is not None:
+        bad &= v != ignore
+    if bool(bad.any()):
+        raise error(int(v[bad].flatten()[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +230,84 @@ for _packet, (_op, _kind) in _BINARY_TABLE.items():
 _sub = RULES[aten.sub.Tensor]
 
 
+def _checked_pow(lower):
+    def pow_(a, b):
+        if type(b) is int and b < 0 and _is_node(a) and not _dtypes(a, b).is_floating_point \
+                and not a.dtype.is_complex:
+            raise RuntimeError("Integers to negative integer powers are not allowed.")
+        return lower(a, b)
+
+    return pow_
+
+
+def _checked_int_div(lower, remainder: bool):
+    """Integer division or remainder by a divisor known to hold a zero: eager CPU's error (the
+    kernel checks divisors it computes, see passes/loops.py)."""
+
+    def div(a, b, **kw):
+        integral = remainder or kw.get("rounding_mode") is not None
+        if integral and not _dtypes(a, b).is_floating_point and _has_zero(b):
+            raise RuntimeError("ZeroDivisionError")
+        return lower(a, b, **kw)
+
+    return div
+
+
+def _has_zero(b) -> bool:
+    if not _is_node(b):
+        return b == 0
+    if b.op is Op.FULL:
+        return b.attrs["value"] == 0
+    v = _known_value(b)
+    return v is not None and bool((v == 0).any())
+
+
+def _is_bool(x) -> bool:
+    return x.dtype is torch.bool if _is_node(x) else type(x) is bool
+
+
+def _checked_sub(lower):
+    def sub(a, b, **kw):
+        if _is_bool(a) or _is_bool(b):
+            if _is_bool(a) and _is_bool(b):
+                raise RuntimeError("Subtraction, the `-` operator, with two bool tensors is not supported. "
+                                   "Use the `^` or `logical_xor()` operator instead.")
+            raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. If you are "
+                               "trying to invert a mask, use the `~` or `logical_not()` operator instead.")
+        return lower(a, b, **kw)
+
+    return sub
+
+
+def _checked_bitwise(lower, name: str):
+    def bitwise(a, b):
+        dtype = _dtypes(a, b)
+        if dtype.is_floating_point or dtype.is_complex:
+            raise NotImplementedForDtype(f"{name}_cpu", dtype)
+        return lower(a, b)
+
+    return bitwise
+
+
+def _neg(x):
+    if x.dtype is torch.bool:
+        raise RuntimeError("Negation, the `-` operator, on a bool tensor is not supported. If you are trying to "
+                           "invert a mask, use the `~` or `logical_not()` operator instead.")
+    return ops.unary(Op.NEG, x)
+
+
+RULES[aten.neg.default] = _neg
+for _f in (aten.sub.Tensor, aten.sub.Scalar):
+    RULES[_f] = _checked_sub(RULES[_f])
+for _packet in (aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor):
+    for _f in (_packet.Tensor, _packet.Scalar):
+        RULES[_f] = _checked_bitwise(RULES[_f], _packet.__name__.split(".")[-1])
+for _f in (aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar, aten.pow.Scalar):  # pow_.Scalar lands on pow.Scalar
+    RULES[_f] = _checked_pow(RULES[_f])
+for _f in (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.remainder.Tensor, aten.remainder.Scalar):
+    RULES[_f] = _checked_int_div(RULES[_f], remainder=_f in (aten.remainder.Tensor, aten.remainder.Scalar))
+
+
 @rule(aten.rsub.Tensor, aten.rsub.Scalar)
 def _rsub(a, b, alpha=1):
     return RULES[aten.sub.Tensor](b, a, alpha=alpha) if alpha == 1 else _sub(
@@ -183,6 +316,9 @@ def _rsub(a, b, alpha=1):
 
 @rule(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
 def _where(c, a, b):
+    if c.dtype not in (torch.bool, torch.uint8):  # uint8: deprecated in eager, still accepted
+        raise RuntimeError(f"where expected condition to be a boolean tensor, but got a tensor with dtype "
+                           f"{scalar_type_name(c.dtype)}")
     dtype = _dtypes(a, b)
     ref = a if _is_node(a) else b if _is_node(b) else c
     a, b = _like(a, ref, dtype), _like(b, ref, dtype)
@@ -191,6 +327,9 @@ def _where(c, a, b):
 
 @rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 def _masked_fill(x, mask, value):
+    if mask.dtype != torch.bool:
+        raise RuntimeError(f"masked_fill_ only supports boolean masks, but got mask with dtype "
+                           f"{str(mask.dtype).replace('torch.', '')}")
     if _is_node(value):
         value = ops.cast(value, x.dtype)
     return ops.where(mask, _like(value, x, x.dtype), x, x.dtype)
@@ -370,6 +509,9 @@ def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_block
 
 @rule(aten.copy.default)
 def _copy(dst, src, non_blocking=False):
+    if src.shape != dst.shape and broadcast_shapes(dst.shape, src.shape) != dst.shape:
+        raise RuntimeError(f"output with shape {list(dst.shape)} doesn't match the broadcast shape "
+                           f"{list(broadcast_shapes(dst.shape, src.shape))}")
     src = ops.transfer(ops.cast(src, dst.dtype), dst.device)
     return ops.expand(src, dst.shape)
 
@@ -590,13 +732,7 @@ def _axes(x: Node, dim) -> tuple[int, ...]:
         return tuple(range(x.ndim))
     if isinstance(dim, int):
         dim = (dim,)
-    out = []
-    for d in dim:
-        if not -max(x.ndim, 1) <= d < max(x.ndim, 1):
-            raise IndexError(f"Dimension out of range (expected to be in range of "
-                             f"[{-max(x.ndim, 1)}, {max(x.ndim, 1) - 1}], but got {d})")
-        out.append(d % max(x.ndim, 1))
-    return tuple(out)
+    return tuple(wrap_dim(d, x.ndim) for d in dim)
 
 
 def _finish(x: Node, red: Node, axes, keepdim: bool) -> Node:
@@ -737,6 +873,9 @@ def _all(x, dim=None, keepdim=False):
 
 @rule(aten._softmax.default)
 def _softmax(x, dim, half_to_float=False):
+    dim = wrap_dim(dim, x.ndim)
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise NotImplementedForDtype("softmax_kernel_impl", x.dtype)
     dt = torch.float32 if half_to_float else x.dtype
     xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
     m = ops.reduce(Op.AMAX, xf, (dim,))
@@ -747,6 +886,9 @@ def _softmax(x, dim, half_to_float=False):
 
 @rule(aten._log_softmax.default)
 def _log_softmax(x, dim, half_to_float=False):
+    dim = wrap_dim(dim, x.ndim)
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise NotImplementedForDtype("log_softmax_lastdim_kernel_impl", x.dtype)
     dt = torch.float32 if half_to_float else x.dtype
     xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
     m = ops.reduce(Op.AMAX, xf, (dim,))
@@ -773,6 +915,10 @@ def _log_softmax_backward(grad, y, dim, input_dtype):
 def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
     if weight is not None:
         raise NotImplementedError("nll_loss with class weights")
+    if target.ndim > 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    check_index_values(target, logp.shape[-1], lambda t: IndexError(f"Target {t} is out of bounds."),
+                       ignore=ignore_index)
     flat_logp = logp if logp.ndim == 2 else ops.reshape(logp, (1, logp.shape[0]))
     flat_t = target if target.ndim == 1 else ops.reshape(target, (1,))
     n = flat_t.shape[0]
@@ -811,6 +957,9 @@ def _nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, tota
 
 @rule(aten.native_layer_norm.default)
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):
+    _check_layer_norm(x, normalized_shape, weight, bias)
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise NotImplementedForDtype("LayerNormKernelImpl", x.dtype)
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xf = ops.cast(x, compute)
@@ -826,6 +975,20 @@ def _native_layer_norm(x, normalized_shape, weight, bias, eps):
     if bias is not None:
         y = ops.binary(Op.ADD, y, ops.cast(bias, compute))
     return ops.cast(y, x.dtype), mean, rstd
+
+
+def _check_layer_norm(x: Node, normalized_shape, weight, bias) -> None:
+    ns = tuple(normalized_shape)
+    if not ns:
+        raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at least "
+                           "one element, but got normalized_shape = []")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != ns:
+            raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                               f"{list(t.shape)} and normalized_shape = {list(ns)}")
+    if x.ndim < len(ns) or x.shape[x.ndim - len(ns):] != ns:
+        raise RuntimeError(f"Given normalized_shape={list(ns)}, expected input with shape "
+                           f"[*, {', '.join(map(str, ns))}], but got input of size{list(x.shape)}")
 
 
 def _kept(x: Node, axes) -> tuple[int, ...]:
@@ -903,7 +1066,7 @@ def _cat(tensors, dim=0):
     if not tensors:
         raise RuntimeError("torch.cat(): expected a non-empty list of Tensors")
     dtype = _dtypes(*tensors)
-    dim = dim % tensors[0].ndim
+    dim = wrap_dim(dim, tensors[0].ndim)
     for t in tensors[1:]:
         if t.ndim != tensors[0].ndim or any(a != b for i, (a, b) in enumerate(zip(t.shape, tensors[0].shape))
                                             if i != dim):
@@ -914,7 +1077,7 @@ def _cat(tensors, dim=0):
 
 @rule(aten.stack.default)
 def _stack(tensors, dim=0):
-    dim = dim % (tensors[0].ndim + 1)
+    dim = wrap_dim(dim, tensors[0].ndim + 1)
     expanded = [ops.reshape(t, t.shape[:dim] + (1,) + t.shape[dim:]) for t in tensors]
     return _cat(expanded, dim)
 
@@ -937,17 +1100,30 @@ def _constant_pad_nd(x, pad, value=0):
 
 @rule(aten.gather.default)
 def _gather(x, dim, index, sparse_grad=False):
-    return ops.gather(x, dim % max(x.ndim, 1), index)
+    dim = wrap_dim(dim, x.ndim)
+    check_index_values(index, _dim_size(x, dim), lambda i: RuntimeError(
+        f"index {i} is out of bounds for dimension {dim} with size {_dim_size(x, dim)}"))
+    return ops.gather(x, dim, index)
+
+
+def _dim_size(x: Node, dim: int) -> int:
+    return x.shape[dim] if x.ndim else 1
 
 
 @rule(aten.scatter_add.default)
 def _scatter_add(base, dim, index, src):
-    return ops.scatter_add(base, dim % max(base.ndim, 1), index, src)
+    dim = wrap_dim(dim, base.ndim)
+    check_index_values(index, _dim_size(base, dim), lambda i: RuntimeError(
+        f"index {i} is out of bounds for dimension {dim} with size {_dim_size(base, dim)}"))
+    return ops.scatter_add(base, dim, index, src)
 
 
 @rule(aten.index_select.default)
 def _index_select(x, dim, index):
-    dim = dim % max(x.ndim, 1)
+    dim = wrap_dim(dim, x.ndim)
+    if index.ndim > 1:
+        raise IndexError("index_select(): Index is supposed to be a vector")
+    check_index_values(index, _dim_size(x, dim), lambda i: IndexError("index out of range in self"))
     idx = index if index.ndim == 1 else ops.reshape(index, (numel(index.shape),))
     shape = x.shape[:dim] + (idx.shape[0],) + x.shape[dim + 1:]
     view = [1] * x.ndim
@@ -957,6 +1133,13 @@ def _index_select(x, dim, index):
 
 @rule(aten.embedding.default)
 def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    if weight.ndim != 2:
+        raise RuntimeError("'weight' must be 2-D")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the following scalar types: "
+                           f"Long, Int; but got {scalar_type_name(indices.dtype)} instead (while checking "
+                           "arguments for embedding)")
+    check_index_values(indices, weight.shape[0], lambda i: IndexError("index out of range in self"))
     n, d = numel(indices.shape), weight.shape[1]
     flat = ops.reshape(indices, (n, 1))
     rows = ops.gather(weight, 0, ops.expand(flat, (n, d)))
@@ -1001,6 +1184,8 @@ def _rows(x: Node, indices) -> _Rows:
     bshape = broadcast_shapes(*[indices[a].shape for a in axes])
     row = inside = None
     for a in axes:
+        check_index_values(indices[a], x.shape[a], lambda i, a=a: IndexError(
+            f"index {i} is out of bounds for dimension {a} with size {x.shape[a]}"), negative_ok=True)
         idx = ops.expand(ops.cast(indices[a], torch.int64), bshape)
         size = ops.scalar_like(x.shape[a], idx)
         idx = ops.where(ops.binary(Op.LT, idx, ops.scalar_like(0, idx)), ops.binary(Op.ADD, idx, size), idx)
@@ -1158,6 +1343,17 @@ def _sdpa_flash_backward(dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dr
 @rule(prims.convert_element_type.default)
 def _convert(x, dtype):
     return ops.cast(x, dtype)
+
+
+# Rules for ops that models call rarely (not per layer, not per parameter) and whose argument
+# checks (ranks, index dtypes, shapes of secondary operands) are not spelled out above: lazy.py
+# first runs the op on meta tensors, so eager's own checks raise eager's error. A meta call costs
+# 0.1-4 ms, so per-layer ops (matmuls, layer norm, embedding, losses, optimizer math) and every
+# pointwise op check their arguments by hand instead.
+META_CHECKED = frozenset({
+    aten.gather.default, aten.scatter_add.default, aten.index_select.default, aten.constant_pad_nd.default,
+    aten.tril.default, aten.triu.default, aten.mv.default, aten.dot.default, aten.stack.default,
+})
 
 
 def count_rules() -> int:

@@ -249,6 +249,18 @@ def run_extern(node: Node, args: Sequence[torch.Tensor]):
 # ---------------------------------------------------------------------------------------------
 
 
+class IndexOutOfRange(IndexError, RuntimeError):
+    """An index found out of range while a graph runs: eager raises IndexError or RuntimeError,
+    depending on the op that lowered to the gather (embedding, x[i] vs torch.gather), so this is both."""
+
+
+def gather_error_message(n: Node) -> str:
+    where = f"recorded at {n.source}" if n.source else "source line unknown"
+    axis = n.attrs["axis"]
+    return (f"index out of range in {n.op.value} ({where}): an index along dimension {axis} is outside "
+            f"[0, {n.srcs[0].shape[axis] if n.srcs[0].shape else 1})")
+
+
 def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
     """The value of one node given its operands' values."""
     op = n.op
@@ -295,10 +307,15 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
         return out
     if op is Op.CAT:
         return torch.cat(args, dim=a["axis"])
-    if op is Op.GATHER:
-        return torch.gather(args[0], a["axis"], args[1])
-    if op is Op.SCATTER_ADD:
-        return args[0].scatter_add(a["axis"], args[1], args[2])
+    if op in (Op.GATHER, Op.SCATTER_ADD):
+        try:
+            if op is Op.GATHER:
+                return torch.gather(args[0], a["axis"], args[1])
+            return args[0].scatter_add(a["axis"], args[1], args[2])
+        except RuntimeError as e:  # eager's type depends on the op the gather lowers (x[i]: IndexError)
+            if "out of bounds" in str(e):
+                raise IndexOutOfRange(gather_error_message(n)) from e
+            raise
     if op is Op.FULL:
         return torch.full(n.shape, a["value"], dtype=n.dtype, device=n.device)
     if op is Op.IOTA:

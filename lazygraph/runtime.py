@@ -16,7 +16,7 @@ import torch
 
 from . import dump
 from .counters import COUNTERS, graph_ran
-from .ir import Graph, is_runtime_scalar, runtime_scalars
+from .ir import Graph, fingerprint, is_runtime_scalar, runtime_scalars
 from .reference import run_graph
 
 BACKENDS = ("reference", "triton", "auto")
@@ -100,6 +100,12 @@ def _check_inputs(graph: Graph) -> None:
                 f"lazygraph: a tensor captured by a lazy op ({n.source or 'unknown line'}) was modified in "
                 "place before the pending graph ran; its old value is gone. clone() it before using it "
                 "in lazy ops, or make it lazy with lazygraph.lazy() first.")
+        if n.fingerprint is not None and fingerprint(n.value) != n.fingerprint:
+            raise RuntimeError(
+                f"lazygraph: a CPU tensor captured by a lazy op ({n.source or 'unknown line'}) was written "
+                "behind torch's back (through numpy or .data) before the pending graph ran; the ops "
+                "recorded before the write would read the new value. clone() it before writing, or call "
+                "lazygraph.sync() first.")
 
 
 def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:

@@ -114,6 +114,8 @@ class LoopProgram:
     inlined: list[Node] = field(default_factory=list)  # cheap ops over buffers recomputed here
     grid_reductions: list[Node] = field(default_factory=list)  # reduced over every row of the grid
     grid: list[Stmt] = field(default_factory=list)  # run by the last program instance to finish
+    # runtime checks: check j sets err_ptr[j] where eager would raise; (node, "index" | "zero_div")
+    checks: list[tuple[Node, str]] = field(default_factory=list)
 
     def text(self) -> str:
         lines = [f"space {self.space}; rows={self.space.rows} red={self.space.red}"
@@ -178,6 +180,8 @@ class Lowering:
         self._reduced: dict[int, str] = {}  # reduction node id -> its finalized row variable
         self.phases: list[Phase] = []
         self.cur: Phase | None = None
+        self.checks: list[tuple[Node, str]] = []
+        self._check_index: dict[tuple[int, str], int] = {}
         rx = unravel("x", tuple(space.row_dims))
         # split: row x holds elements x * chunk + r of the flattened reduced axes (codegen masks the tail)
         rr = unravel(f"(x * {space.chunk} + r)" if space.chunk else "r", tuple(space.red_dims))
@@ -216,6 +220,18 @@ class Lowering:
 
     def mask(self, ctx: str) -> str:
         return "xmask" if ctx == ROW else "xmask & rmask"
+
+    def _check(self, n: Node, kind: str, failed: str, extra_mask: str | None) -> None:
+        """Flag lanes where eager would raise (an index out of range, an integer division by
+        zero): the kernel sets a flag the runtime turns into the error after the launch."""
+        j = self._check_index.get((n.id, kind))
+        if j is None:
+            j = self._check_index[(n.id, kind)] = len(self.checks)
+            self.checks.append((n, kind))
+        ctx = self.ctx_of(failed, extra_mask)
+        live = [m for m in ((None if ctx == GRID else self.mask(ctx)), extra_mask) if m]
+        cond = " & ".join([f"({m})" for m in live] + [f"({failed})"])
+        self._emit(ctx, "check", (cond, j), torch.bool, n, var=False)
 
     def buffer(self, n: Node) -> int:
         if n.id not in self._buffer_index:
@@ -295,6 +311,8 @@ class Lowering:
             return self._emit(ctx, "rand", (seed, f"({lin}) + {a.get('offset', 0)}"), n.dtype, n)
         if op in POINTWISE:
             args = tuple(self.value(s, coords, extra_mask) for s in n.srcs)
+            if op in (Op.DIV, Op.MOD) and not n.dtype.is_floating_point and not _nonzero_constant(n.srcs[1]):
+                self._check(n, "zero_div", f"{args[1]} == 0", extra_mask)
             return self._emit(self.ctx_of(*args), "op", (op, *args), n.dtype, n)
         raise NotFusable(f"{op.value} cannot be computed inside a kernel")
 
@@ -361,6 +379,7 @@ class Lowering:
         inner = list(coords)
         inner[axis] = i
         valid = f"({i} >= 0) & ({i} < {x.shape[axis]})"
+        self._check(n, "index", f"({i} < 0) | ({i} >= {x.shape[axis]})", extra_mask)
         mask = " & ".join(m for m in (extra_mask, valid) if m)
         return self.value(x, tuple(inner), mask)
 
@@ -462,7 +481,13 @@ class Lowering:
             self._emit(GRID, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
         self._in_grid = False
         return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent,
-                           list(self._inlined.values()), grid_reductions, self._grid)
+                           list(self._inlined.values()), grid_reductions, self._grid, self.checks)
+
+
+def _nonzero_constant(n: Node) -> bool:
+    while n.op in (Op.RESHAPE, Op.EXPAND):
+        n = n.srcs[0]
+    return n.op is Op.FULL and n.attrs["value"] != 0
 
 
 def _affine(c: str, start: int, step: int) -> str:
