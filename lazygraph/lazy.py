@@ -28,22 +28,25 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops, views
+from . import ops, strides, views
 from .counters import COUNTERS, GRAPH_BREAKS
-from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
+from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides, numel
 from .lowering import RULES
 
 aten = torch.ops.aten
 
 
 class Storage:
-    """What aliasing tensors share: the base's current node and a version bumped on every write."""
+    """What aliasing tensors share: the base's current node and a version bumped on every write.
+    `strides`: the base's layout, None for contiguous (else dense: its memory order matters to
+    as_strided, which addresses the storage)."""
 
-    __slots__ = ("node", "version", "__weakref__")
+    __slots__ = ("node", "version", "strides", "__weakref__")
 
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, strides: tuple | None = None):
         self.node = node
         self.version = 0
+        self.strides = strides
 
 
 # every Storage that a live LazyTensor holds; realize() writes out those a run computes anyway
@@ -59,13 +62,20 @@ class LazyTensor(torch.Tensor):
     _version_seen: int
 
     @staticmethod
-    def __new__(cls, node: Node, storage: Storage | None = None, chain: tuple = ()):
-        # no strides given: the wrapper gets contiguous ones (cheaper than passing them)
-        t = torch.Tensor._make_wrapper_subclass(cls, node.shape, dtype=node.dtype,
-                                                device=_device(node.device))
+    def __new__(cls, node: Node, storage: Storage | None = None, chain: tuple = (),
+                stride: tuple | None = None, offset: int = 0):
+        """`stride`/`offset`: eager's layout (strides.py); None is contiguous. Without a storage
+        the tensor is a fresh base laid out with `stride` (dense)."""
+        if stride is None:
+            # the wrapper gets contiguous strides (cheaper than passing them)
+            t = torch.Tensor._make_wrapper_subclass(cls, node.shape, dtype=node.dtype,
+                                                    device=_device(node.device))
+        else:
+            t = torch.Tensor._make_wrapper_subclass(cls, node.shape, stride, offset, dtype=node.dtype,
+                                                    device=_device(node.device))
         t._node = node
         if storage is None:
-            storage = Storage(node)
+            storage = Storage(node, stride)
             _LIVE_STORAGES.add(storage)
         t._storage = storage
         t._chain = chain
@@ -128,7 +138,8 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
     if isinstance(t, LazyTensor):
         return t
     with _disable_current_modes():
-        out = LazyTensor(ops.input_node(t.detach(), name))
+        # like t.to(another device): a dense layout is kept, a strided one made dense in its order
+        out = LazyTensor(ops.input_node(t.detach(), name), stride=_preserved(t))
     if t.requires_grad:
         out.requires_grad_(True)
     return out
@@ -252,13 +263,94 @@ def _lowered(func, args, kwargs):
     return _wrap_outputs(out)
 
 
+# -- layouts of fresh results (strides.py has the rules) --------------------------------------
+
+_LIKE = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default, aten.empty_like.default,
+         aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.rand_like.default,
+         aten.randn_like.default}
+
+
+def _preserved(t: torch.Tensor) -> tuple | None:
+    """Strides of a copy of `t` made with preserve_format (None: contiguous)."""
+    return strides.for_memory_format(tuple(t.shape), t.stride(), None)
+
+
+def _fresh_layout(func, out: Node, args, kwargs) -> tuple | None:
+    """The strides eager gives this op's new result; None for contiguous."""
+    if func in _LIKE:
+        x = args[0]
+        return strides.for_memory_format(tuple(x.shape), x.stride(), kwargs.get("memory_format"))
+    if func is aten.empty.memory_format:
+        mf = kwargs.get("memory_format")
+        return strides.for_memory_format(out.shape, (), mf) if mf not in (None, torch.preserve_format) else None
+    # pointwise: TensorIterator follows its operands' layout; all contiguous is the common case
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if all(t.is_contiguous() for t in tensors):
+        return None
+    return strides.pointwise(out.shape, [(tuple(t.shape), t.stride()) for t in tensors])
+
+
+def _lowered_with_layout(func, args, kwargs):
+    """A lowered op whose result eager may lay out non-contiguously (pointwise, copies, *_like)."""
+    out = _lowered(func, args, kwargs)
+    if not isinstance(out, LazyTensor) or out._storage.node is not out._node or out._chain:
+        return out  # not a single fresh result (several outputs, or a fallback's view)
+    stride = _fresh_layout(func, out._node, args, kwargs)
+    return out if stride is None else LazyTensor(out._node, stride=stride)
+
+
+def _empty_strided(func, args, kwargs):
+    """empty_strided: the given layout. Gaps or repeats make the storage a flat buffer the tensor views."""
+    size, stride = (args[0], args[1]) if func is aten.empty_strided.default else (args[1], args[2])
+    out = _lowered(func, args, kwargs)
+    node, size, stride = node_of(out), tuple(size), tuple(stride)
+    if stride == contiguous_strides(size):
+        return out
+    if strides.is_dense(size, stride):
+        return LazyTensor(node, stride=stride)
+    base = ops.full(0, (strides.storage_span(size, stride, 0),), node.dtype, node.device)
+    storage = Storage(base)
+    _LIVE_STORAGES.add(storage)
+    chain = (("strided", size, stride, 0),)
+    return LazyTensor(views.apply_steps(base, chain), storage, chain, stride, 0)
+
+
 def _view(func, args, kwargs):
     x = args[0]
     if not isinstance(x, LazyTensor):
         return _eager(func, args, kwargs)
-    steps = views.VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs)
+    if func is aten.as_strided.default:
+        return _as_strided(x, *args[1:], **kwargs)
+    shape = tuple(x.shape)
+    steps = views.VIEW_RULES[func](shape, *args[1:], **kwargs)
+    try:
+        stride, offset = strides.VIEW_LAYOUTS[func](shape, x.stride(), x.storage_offset(), *args[1:], **kwargs)
+    except RuntimeError:
+        if func is not aten.reshape.default:
+            raise
+        # reshape copies where a view cannot express the result, as eager does
+        return _view(aten.view.default, (dispatch(aten.clone.default, (x,), {"memory_format": torch.contiguous_format}),
+                                         *args[1:]), kwargs)
     node = views.apply_steps(node_of(x), steps)
-    return LazyTensor(node, x._storage, x._chain + tuple(steps))
+    return LazyTensor(node, x._storage, x._chain + tuple(steps), stride, offset)
+
+
+def _as_strided(x: LazyTensor, size, stride, storage_offset=None):
+    """as_strided addresses the storage, not the view: a chain from the base in memory order."""
+    offset = x.storage_offset() if storage_offset is None else storage_offset
+    size, stride = tuple(size), tuple(stride)
+    st = x._storage
+    have = numel(st.node.shape)
+    need = strides.storage_span(size, stride, offset)
+    if need > have:
+        item = x.element_size()
+        raise RuntimeError(f"setStorage: sizes {list(size)}, strides {list(stride)}, storage offset {offset}, and "
+                           f"itemsize {item} requiring a storage size of {need * item} are out of bounds for "
+                           f"storage of size {have * item}")
+    order = strides.memory_order(st.node.shape, st.strides) if st.strides is not None else ()
+    chain = ((("permute", order),) if order != tuple(range(len(order))) else ()) + \
+        (("strided", size, stride, offset),)
+    return LazyTensor(views.apply_steps(st.node, chain), st, chain, stride, offset)
 
 
 def _multi_view(func, args, kwargs):
@@ -267,8 +359,9 @@ def _multi_view(func, args, kwargs):
         return _eager(func, args, kwargs)
     base = node_of(x)
     outs = []
-    for steps in views.MULTI_VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs):
-        outs.append(LazyTensor(views.apply_steps(base, steps), x._storage, x._chain + tuple(steps)))
+    layouts = strides.split_layouts(func, tuple(x.shape), x.stride(), x.storage_offset(), *args[1:], **kwargs)
+    for steps, (stride, offset) in zip(views.MULTI_VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs), layouts):
+        outs.append(LazyTensor(views.apply_steps(base, steps), x._storage, x._chain + tuple(steps), stride, offset))
     return tuple(outs) if func is aten.unbind.int else outs
 
 
@@ -393,7 +486,7 @@ def _inplace_view(func, args, kwargs):
         meta = torch._C._meta_in_tls_dispatch_include()
         torch._C._set_meta_in_tls_dispatch_include(True)
         try:
-            aten.as_strided_.default(x, shape, contiguous_strides(shape))
+            aten.as_strided_.default(x, shape, view.stride(), view.storage_offset())
         finally:
             torch._C._set_meta_in_tls_dispatch_include(meta)
     x._node, x._chain, x._version_seen = view._node, view._chain, view._version_seen
@@ -457,10 +550,21 @@ def _extern(func, args, kwargs):
     srcs = [node_of(t) if isinstance(t, LazyTensor) else _const(t) for t in tensors]
     device = srcs[0].device if srcs else ops.device_name(kwargs.get("device") or "cpu")
     outs = _flat_tensors(meta_out, [])
+    # the strides eager would hand the kernel: the runtime lays its inputs out so (it may trust them)
+    layouts = tuple(tuple(t.stride()) for t in tensors)
     nodes = [ops.node(Op.EXTERN, srcs, tuple(m.shape), m.dtype, device, target=str(func), args=spec_args,
-                      kwargs=spec_kwargs, index=i) for i, m in enumerate(outs)]
+                      kwargs=spec_kwargs, index=i, strides=layouts) for i, m in enumerate(outs)]
     it = iter(nodes)
-    return _map_tensors(meta_out, lambda _m: LazyTensor(next(it)))
+    return _map_tensors(meta_out, lambda m: LazyTensor(next(it), stride=_extern_layout(m)))
+
+
+def _extern_layout(m: torch.Tensor) -> tuple | None:
+    """A dense non-contiguous layout of the meta result is kept; anything else reads as contiguous
+    (an extern result is a fresh tensor here, never a view of its inputs)."""
+    st = tuple(m.stride())
+    if st == contiguous_strides(tuple(m.shape)) or not strides.is_dense(tuple(m.shape), st):
+        return None
+    return st
 
 
 def _eager(func, args, kwargs):
@@ -508,6 +612,10 @@ def _metadata(func, args, kwargs):
 def _classify(func) -> Callable:
     name = func._schema.name.split("::")[1]
     if func in RULES:
+        if func in (aten.empty_strided.default, aten.new_empty_strided.default):
+            return _empty_strided
+        if func in _LIKE or func is aten.empty.memory_format or torch.Tag.pointwise in func.tags:
+            return _lowered_with_layout
         return _lowered
     if func in views.VIEW_RULES:
         return _view

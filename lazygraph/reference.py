@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .ir import Graph, Node, Op, effective_op, numel
+from .strides import with_strides
 
 _UNARY: dict[Op, Callable] = {
     Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,
@@ -169,6 +170,9 @@ def fill_placeholders(spec, tensors: Sequence[torch.Tensor]):
 
 def run_extern(node: Node, args: Sequence[torch.Tensor]):
     fn = resolve_aten(node.attrs["target"])
+    layouts = node.attrs.get("strides")
+    if layouts is not None:  # the strides eager would have handed the kernel
+        args = [with_strides(a, st) for a, st in zip(args, layouts)]
     call_args = fill_placeholders(node.attrs["args"], args)
     call_kwargs = fill_placeholders(dict(node.attrs.get("kwargs", ())), args)
     return fn(*call_args, **call_kwargs)
