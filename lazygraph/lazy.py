@@ -229,6 +229,16 @@ def _flat_tensors(x, out: list) -> list:
     return out
 
 
+def _leaves(x, out: list) -> list:
+    """The elements of nested lists/tuples in order, None included."""
+    if isinstance(x, (list, tuple)):
+        for e in x:
+            _leaves(e, out)
+    else:
+        out.append(x)
+    return out
+
+
 def _map_tensors(x, fn):
     if isinstance(x, torch.Tensor):
         return fn(x)
@@ -549,11 +559,16 @@ def _extern(func, args, kwargs):
     spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
     srcs = [node_of(t) if isinstance(t, LazyTensor) else _const(t) for t in tensors]
     device = srcs[0].device if srcs else ops.device_name(kwargs.get("device") or "cpu")
-    outs = _flat_tensors(meta_out, [])
+    # index: the output's place among the result's leaves, None included (a real run may return
+    # an undefined tensor where meta returns an empty one; counting tensors only would shift)
+    outs = [(i, m) for i, m in enumerate(_leaves(meta_out, [])) if isinstance(m, torch.Tensor)]
     # the strides eager would hand the kernel: the runtime lays its inputs out so (it may trust them)
     layouts = tuple(tuple(t.stride()) for t in tensors)
+    # grad mode as eager ran the kernel: some kernels keep state for backward only when it is on
+    # (mkldnn_rnn_layer's workspace)
+    grad = {"grad": True} if torch.is_grad_enabled() else {}
     nodes = [ops.node(Op.EXTERN, srcs, tuple(m.shape), m.dtype, device, target=str(func), args=spec_args,
-                      kwargs=spec_kwargs, index=i, strides=layouts) for i, m in enumerate(outs)]
+                      kwargs=spec_kwargs, index=i, strides=layouts, **grad) for i, m in outs]
     it = iter(nodes)
     return _map_tensors(meta_out, lambda m: LazyTensor(next(it), stride=_extern_layout(m)))
 

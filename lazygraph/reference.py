@@ -175,7 +175,8 @@ def run_extern(node: Node, args: Sequence[torch.Tensor]):
         args = [with_strides(a, st) for a, st in zip(args, layouts)]
     call_args = fill_placeholders(node.attrs["args"], args)
     call_kwargs = fill_placeholders(dict(node.attrs.get("kwargs", ())), args)
-    return fn(*call_args, **call_kwargs)
+    with torch.set_grad_enabled(node.attrs.get("grad", False)):  # the grad mode it was recorded in
+        return fn(*call_args, **call_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,9 +269,18 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             memo[key] = run_extern(n, args)
         res = memo[key]
         if isinstance(res, (tuple, list)):
-            res = _flat_tensors(res)[a.get("index", 0)]  # index counts tensors, as capture does
+            res = _leaves(res)[a.get("index", 0)]  # index counts leaves, None included, as capture does
+            if res is None:  # an undefined tensor (an unused workspace): the empty/zero value meta promised
+                res = torch.zeros(n.shape, dtype=n.dtype, device=n.device)
         return res
     raise NotImplementedError(f"reference executor: no rule for {op.value}")
+
+
+def _leaves(x) -> list:
+    """The elements of nested tuples/lists in order; None (an undefined tensor) keeps its place."""
+    if isinstance(x, (tuple, list)):
+        return [t for e in x for t in _leaves(e)]
+    return [x]
 
 
 def _flat_tensors(x) -> list[torch.Tensor]:
