@@ -74,6 +74,7 @@ class LazyTensor(torch.Tensor):
             t = torch.Tensor._make_wrapper_subclass(cls, node.shape, stride, offset, dtype=node.dtype,
                                                     device=_device(node.device))
         t._node = node
+        t._std = stride is None  # surely standard contiguous strides (the pointwise layout fast path)
         if storage is None:
             storage = Storage(node, stride)
             _LIVE_STORAGES.add(storage)
@@ -294,10 +295,24 @@ def _fresh_layout(func, out: Node, args, kwargs) -> tuple | None:
         mf = kwargs.get("memory_format")
         return strides.for_memory_format(out.shape, (), mf) if mf not in (None, torch.preserve_format) else None
     # pointwise: TensorIterator follows its operands' layout; all contiguous is the common case
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if all(t.is_contiguous() for t in tensors):
+    if all(type(a) is LazyTensor and a._std for a in args if isinstance(a, torch.Tensor)) and 0 not in out.shape:
         return None
-    return strides.pointwise(out.shape, [(tuple(t.shape), t.stride()) for t in tensors])
+    operands = [(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else ((), ())
+                for a in _iterator_operands(func, args)]
+    return strides.pointwise(out.shape, operands)
+
+
+_OPERAND_POSITIONS: dict = {}
+
+
+def _iterator_operands(func, args) -> list:
+    """The arguments TensorIterator iterates over: tensors, and numbers given for Tensor parameters
+    (wrapped as 0-dim tensors). Scalar parameters (alpha, clamp's bounds) are not operands."""
+    pos = _OPERAND_POSITIONS.get(func)
+    if pos is None:
+        pos = _OPERAND_POSITIONS[func] = [i for i, a in enumerate(func._schema.arguments)
+                                          if isinstance(a.type, torch.TensorType)]
+    return [args[i] for i in pos if i < len(args) and isinstance(args[i], (torch.Tensor, int, float, bool))]
 
 
 def _lowered_with_layout(func, args, kwargs):

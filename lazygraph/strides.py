@@ -42,10 +42,10 @@ VIEW_ERROR = ("view size is not compatible with input tensor's size and stride (
 
 def is_contiguous(shape: Shape, strides: Strides) -> bool:
     """c10's is_contiguous: size-1 dims may have any stride; an empty tensor is contiguous."""
+    if 0 in shape:
+        return True
     expected = 1
     for d, s in zip(reversed(shape), reversed(strides)):
-        if d == 0:
-            return True
         if d != 1:
             if s != expected:
                 return False
@@ -54,7 +54,9 @@ def is_contiguous(shape: Shape, strides: Strides) -> bool:
 
 
 def is_dense(shape: Shape, strides: Strides) -> bool:
-    """c10's is_non_overlapping_and_dense: a permutation of a contiguous layout."""
+    """c10's is_non_overlapping_and_dense: a permutation of a contiguous layout (or contiguous)."""
+    if is_contiguous(shape, strides):
+        return True
     if len(shape) == 1:
         return shape[0] < 2 or strides[0] == 1
     order = sorted((d for d in range(len(shape)) if shape[d] >= 2), key=lambda d: strides[d])
@@ -106,11 +108,15 @@ def dense_like(shape: Shape, strides: Strides) -> Strides:
 
 
 def pointwise(out_shape: Shape, operands: Sequence[tuple[Shape, Strides]]) -> Strides | None:
-    """The strides TensorIterator gives a pointwise op's output; None for contiguous."""
-    if all(is_contiguous(s, st) for s, st in operands):
+    """The strides TensorIterator gives a pointwise op's output; None for contiguous.
+    `operands`: (shape, strides) of every input, a Python number as a 0-dim one."""
+    # standard contiguous operands give a contiguous result, except around size-0 dims
+    if numel(out_shape) and all(st == contiguous_strides(s) for s, st in operands):
         return None
     ndim = len(out_shape)
     if all(s == out_shape for s, _ in operands):  # TensorIterator's fast set-up
+        if all(is_contiguous(s, st) for s, st in operands):
+            return None
         if ndim == 4 and all(is_channels_last(s, st) for s, st in operands):
             return channels_last(out_shape)
         if all(is_dense(s, st) for s, st in operands) and all(st == operands[0][1] for _, st in operands):
