@@ -276,7 +276,8 @@ def _lowered(func, args, kwargs):
 
 # -- layouts of fresh results (strides.py has the rules) --------------------------------------
 
-_LIKE = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default, aten.empty_like.default,
+_EMPTY = aten.empty.memory_format
+_LIKE = {_EMPTY, aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default, aten.empty_like.default,
          aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.rand_like.default,
          aten.randn_like.default}
 
@@ -286,17 +287,23 @@ def _preserved(t: torch.Tensor) -> tuple | None:
     return strides.for_memory_format(tuple(t.shape), t.stride(), None)
 
 
-def _fresh_layout(func, out: Node, args, kwargs) -> tuple | None:
-    """The strides eager gives this op's new result; None for contiguous."""
-    if func in _LIKE:
-        x = args[0]
-        return strides.for_memory_format(tuple(x.shape), x.stride(), kwargs.get("memory_format"))
-    if func is aten.empty.memory_format:
-        mf = kwargs.get("memory_format")
+def _copy_layout(func, out: Node, args, kwargs) -> tuple | None:
+    """Strides of clone, _to_copy, *_like and empty(memory_format=): as their memory_format says."""
+    mf = kwargs.get("memory_format")
+    if func is _EMPTY:
         return strides.for_memory_format(out.shape, (), mf) if mf not in (None, torch.preserve_format) else None
-    # pointwise: TensorIterator follows its operands' layout; all contiguous is the common case
-    if all(type(a) is LazyTensor and a._std for a in args if isinstance(a, torch.Tensor)) and 0 not in out.shape:
-        return None
+    x = args[0]
+    return strides.for_memory_format(tuple(x.shape), x.stride(), mf)
+
+
+def _pointwise_layout(func, out: Node, args, kwargs) -> tuple | None:
+    """TensorIterator follows its operands' layout; all plainly contiguous is the common case."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and not (type(a) is LazyTensor and a._std):
+            break
+    else:
+        if 0 not in out.shape:
+            return None
     operands = [(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else ((), ())
                 for a in _iterator_operands(func, args)]
     return strides.pointwise(out.shape, operands)
@@ -315,13 +322,16 @@ def _iterator_operands(func, args) -> list:
     return [args[i] for i in pos if i < len(args) and isinstance(args[i], (torch.Tensor, int, float, bool))]
 
 
-def _lowered_with_layout(func, args, kwargs):
-    """A lowered op whose result eager may lay out non-contiguously (pointwise, copies, *_like)."""
-    out = _lowered(func, args, kwargs)
-    if not isinstance(out, LazyTensor) or out._storage.node is not out._node or out._chain:
-        return out  # not a single fresh result (several outputs, or a fallback's view)
-    stride = _fresh_layout(func, out._node, args, kwargs)
-    return out if stride is None else LazyTensor(out._node, stride=stride)
+def _with_layout(layout: Callable) -> Callable:
+    """A handler for lowered ops whose result eager may lay out non-contiguously."""
+    def handler(func, args, kwargs):
+        out = _lowered(func, args, kwargs)
+        if type(out) is not LazyTensor or out._storage.node is not out._node or out._chain:
+            return out  # not a single fresh result (several outputs, or a fallback's view)
+        stride = layout(func, out._node, args, kwargs)
+        return out if stride is None else LazyTensor(out._node, stride=stride)
+
+    return handler
 
 
 def _empty_strided(func, args, kwargs):
@@ -644,8 +654,10 @@ def _classify(func) -> Callable:
     if func in RULES:
         if func in (aten.empty_strided.default, aten.new_empty_strided.default):
             return _empty_strided
-        if func in _LIKE or func is aten.empty.memory_format or torch.Tag.pointwise in func.tags:
-            return _lowered_with_layout
+        if func in _LIKE:
+            return _with_layout(_copy_layout)
+        if torch.Tag.pointwise in func.tags:
+            return _with_layout(_pointwise_layout)
         return _lowered
     if func in views.VIEW_RULES:
         return _view
