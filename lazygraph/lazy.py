@@ -524,7 +524,7 @@ def _inplace_view(func, args, kwargs):
             aten.as_strided_.default(x, shape, view.stride(), view.storage_offset())
         finally:
             torch._C._set_meta_in_tls_dispatch_include(meta)
-    x._node, x._chain, x._version_seen = view._node, view._chain, view._version_seen
+    x._node, x._chain, x._version_seen, x._std = view._node, view._chain, view._version_seen, view._std
     return x
 
 

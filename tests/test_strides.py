@@ -205,6 +205,25 @@ def test_empty_strided_layouts():
         assert lg.to_eager(x).shape == size
 
 
+def test_inplace_views_change_the_layout():
+    e = torch.randn(3, 4, 5, dtype=torch.float64)
+    x = lg.lazy(e.clone())
+    for f in (lambda t: t.transpose_(0, 2), lambda t: t.unsqueeze_(1), lambda t: t.squeeze_(1),
+              lambda t: t.as_strided_((4, 5), (1, 4), 2)):
+        f(e)
+        f(x)
+        assert_layout(x, e)
+        assert_layout(x + 1, e + 1)
+        assert_close(lg.to_eager(x), e)
+
+
+def test_every_view_rule_has_a_layout_rule():
+    from lazygraph import strides, views
+
+    missing = set(views.VIEW_RULES) - set(strides.VIEW_LAYOUTS) - {torch.ops.aten.as_strided.default}
+    assert not missing
+
+
 # -- copies happen where eager copies ----------------------------------------------------------
 
 
