@@ -613,8 +613,12 @@ def _eager(func, args, kwargs):
     realize([node_of(t) for t in lazies])
     written = {id(t) for i, n in _mutated_args(func)
                for t in _flat_tensors(args[i] if i < len(args) else kwargs.get(n), [])}
+    # torch gets each value laid out as eager would have it (its kernel may trust the strides);
     # a written tensor gets a private copy, bound back through assign() to keep alias semantics
-    real = {id(t): (node_of(t).value.clone() if id(t) in written else node_of(t).value) for t in lazies}
+    real = {}
+    for t in lazies:
+        v = strides.with_strides(node_of(t).value, t.stride())
+        real[id(t)] = v.clone() if id(t) in written else v
     conv = lambda t: real.get(id(t), t)
     with _disable_current_modes():
         out = func(*_map_tensors(args, conv), **_map_tensors(kwargs, conv))
