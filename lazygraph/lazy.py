@@ -350,24 +350,39 @@ def _empty_strided(func, args, kwargs):
     return LazyTensor(views.apply_steps(base, chain), storage, chain, stride, 0)
 
 
-def _view(func, args, kwargs):
-    x = args[0]
-    if not isinstance(x, LazyTensor):
-        return _eager(func, args, kwargs)
+def _view_handler(func) -> Callable:
+    """The handler of one view op, its shape and layout rules looked up once."""
     if func is aten.as_strided.default:
-        return _as_strided(x, *args[1:], **kwargs)
-    shape = tuple(x.shape)
-    steps = views.VIEW_RULES[func](shape, *args[1:], **kwargs)
-    try:
-        stride, offset = strides.VIEW_LAYOUTS[func](shape, x.stride(), x.storage_offset(), *args[1:], **kwargs)
-    except RuntimeError:
-        if func is not aten.reshape.default:
-            raise
-        # reshape copies where a view cannot express the result, as eager does
-        return _view(aten.view.default, (dispatch(aten.clone.default, (x,), {"memory_format": torch.contiguous_format}),
-                                         *args[1:]), kwargs)
-    node = views.apply_steps(node_of(x), steps)
-    return LazyTensor(node, x._storage, x._chain + tuple(steps), stride, offset)
+        return lambda func, args, kwargs: (_as_strided(*args, **kwargs) if isinstance(args[0], LazyTensor)
+                                           else _eager(func, args, kwargs))
+    rule, layout, keeps_standard = views.VIEW_RULES[func], strides.VIEW_LAYOUTS[func], func in _KEEPS_STANDARD
+
+    def handler(func, args, kwargs):
+        x = args[0]
+        if not isinstance(x, LazyTensor):
+            return _eager(func, args, kwargs)
+        shape = tuple(x.shape)
+        steps = rule(shape, *args[1:], **kwargs)
+        node = views.apply_steps(node_of(x), steps)
+        if keeps_standard and x._std and 0 not in shape:
+            # the common case: a reshape of a plainly contiguous tensor is plainly contiguous
+            return LazyTensor(node, x._storage, x._chain + tuple(steps))
+        try:
+            stride, offset = layout(shape, x.stride(), x.storage_offset(), *args[1:], **kwargs)
+        except RuntimeError:
+            if func is not aten.reshape.default:
+                raise
+            # reshape copies where a view cannot express the result, as eager does
+            copy = dispatch(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+            return dispatch(aten.view.default, (copy, *args[1:]), kwargs)
+        return LazyTensor(node, x._storage, x._chain + tuple(steps), stride, offset)
+
+    return handler
+
+
+# views that give a tensor with standard contiguous strides (and offset 0) the same
+_KEEPS_STANDARD = {aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+                   aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.alias.default, aten.detach.default}
 
 
 def _as_strided(x: LazyTensor, size, stride, storage_offset=None):
@@ -514,7 +529,7 @@ def _inplace_view(func, args, kwargs):
     view_func = getattr(packet, overload)
     if view_func not in views.VIEW_RULES:
         return _eager(func, args, kwargs)
-    view = _view(view_func, args, kwargs)
+    view = _view_handler(view_func)(view_func, args, kwargs)
     shape = tuple(view.shape)
     # change the wrapper's own sizes without dispatching (as torch's return_and_correct_aliasing does)
     with torch.utils._mode_utils.no_dispatch():
@@ -664,7 +679,7 @@ def _classify(func) -> Callable:
             return _with_layout(_pointwise_layout)
         return _lowered
     if func in views.VIEW_RULES:
-        return _view
+        return _view_handler(func)
     if func in views.MULTI_VIEW_RULES:
         return _multi_view
     if name in VALUE_OPS:
