@@ -293,6 +293,8 @@ def _copy_layout(func, out: Node, args, kwargs) -> tuple | None:
     if func is _EMPTY:
         return strides.for_memory_format(out.shape, (), mf) if mf not in (None, torch.preserve_format) else None
     x = args[0]
+    if type(x) is LazyTensor and x._std and mf in (None, torch.preserve_format, torch.contiguous_format):
+        return None  # the common case: a copy of a plainly contiguous tensor
     return strides.for_memory_format(tuple(x.shape), x.stride(), mf)
 
 
