@@ -2,7 +2,8 @@
 
 The whole idea on one screen:
 
-    LazyTensor      a torch.Tensor wrapper subclass holding a Node (its pending value).
+    LazyTensor      a torch.Tensor wrapper subclass holding a Node (its pending value), with
+                    the strides and storage offset eager would give it (strides.py)
     dispatch()      every aten call on a LazyTensor (or any call inside lazy_mode()) lands here:
                       view op      -> movement nodes; the result shares its base's Storage
                       in-place/out= -> the functional op, then the result is bound to the
@@ -307,21 +308,8 @@ def _pointwise_layout(func, out: Node, args, kwargs) -> tuple | None:
         if 0 not in out.shape:
             return None
     operands = [(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else ((), ())
-                for a in _iterator_operands(func, args)]
+                for a in strides.iterator_operands(func, args)]
     return strides.pointwise(out.shape, operands)
-
-
-_OPERAND_POSITIONS: dict = {}
-
-
-def _iterator_operands(func, args) -> list:
-    """The arguments TensorIterator iterates over: tensors, and numbers given for Tensor parameters
-    (wrapped as 0-dim tensors). Scalar parameters (alpha, clamp's bounds) are not operands."""
-    pos = _OPERAND_POSITIONS.get(func)
-    if pos is None:
-        pos = _OPERAND_POSITIONS[func] = [i for i, a in enumerate(func._schema.arguments)
-                                          if isinstance(a.type, torch.TensorType)]
-    return [args[i] for i in pos if i < len(args) and isinstance(args[i], (torch.Tensor, int, float, bool))]
 
 
 def _with_layout(layout: Callable) -> Callable:

@@ -6,20 +6,26 @@ raises where eager raises, and torch kernels run as EXTERN nodes read the layout
 
     views          strides and offset derived from the input's, as ATen's view kernels do
                    (VIEW_LAYOUTS, beside the shape rules in views.py)
-    pointwise ops  TensorIterator's rule: contiguous when every operand is; else the output
-                   follows the operands' memory order (a permuted or channels_last input gives a
-                   permuted or channels_last result)
+    pointwise ops  (Tag.pointwise) TensorIterator's rule: contiguous when every operand is; else
+                   the output follows the operands' memory order (a permuted or channels_last
+                   input gives a permuted or channels_last result). A Python number given for a
+                   Tensor parameter is a 0-dim operand, as eager wraps it. Not modelled: eager's
+                   CPU casts of mixed-dtype non-dense operands before the ordering
     clone, _to_copy, *_like
                    memory_format: preserve keeps a dense input's strides and gives a non-dense
                    one dense strides in its order (infer_dense_strides); contiguous_format,
                    channels_last and channels_last_3d as asked
     empty_strided  as given
-    extern results as torch's meta kernel says
+    extern results as torch's meta kernel says when dense, else contiguous (an extern result
+                   is a fresh tensor here, never a view of its inputs)
     the rest       contiguous (reductions, matmul, softmax, cat, ...: where eager's CPU kernel
                    would choose another layout, the values are the same; only stride() differs)
 
 A fresh tensor's storage holds its elements in its own memory order, so as_strided (relative to
-the storage, as in eager) first permutes the base into memory order (`memory_order_steps`).
+the storage, as in eager) first permutes the base into memory order (`memory_order`). lazy(t) is
+like t.to(another device): a fresh storage, t's layout kept when dense, else made dense in order.
+EXTERN nodes record their inputs' strides; the runtime hands torch values laid out so
+(`with_strides`), since C++ kernels may trust strides a caller checked on the wrapper.
 """
 
 from __future__ import annotations
@@ -149,6 +155,19 @@ def pointwise(out_shape: Shape, operands: Sequence[tuple[Shape, Strides]]) -> St
         out[d] = acc
         acc *= out_shape[d]
     return tuple(out)
+
+
+_OPERAND_POSITIONS: dict = {}
+
+
+def iterator_operands(func, args: Sequence) -> list:
+    """The arguments TensorIterator iterates over: tensors, and numbers given for Tensor parameters
+    (wrapped as 0-dim tensors). Scalar parameters (alpha, clamp's bounds) are not operands."""
+    pos = _OPERAND_POSITIONS.get(func)
+    if pos is None:
+        pos = _OPERAND_POSITIONS[func] = [i for i, a in enumerate(func._schema.arguments)
+                                          if isinstance(a.type, torch.TensorType)]
+    return [args[i] for i in pos if i < len(args) and isinstance(args[i], (torch.Tensor, int, float, bool))]
 
 
 def channels_last(shape: Shape) -> Strides:
