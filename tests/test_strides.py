@@ -338,6 +338,24 @@ def test_extern_receives_eager_strides(make, backend):
     assert_close(lg.to_eager(got), layout_probe(make(e)))
 
 
+@torch.library.custom_op("lgtest_strides::layout_probe_eager", mutates_args=())
+def layout_probe_eager(x: torch.Tensor) -> torch.Tensor:
+    return layout_probe(x)
+
+
+@layout_probe_eager.register_fake
+def _(x):
+    raise NotImplementedError("no meta kernel: a graph break runs it on real values")
+
+
+@pytest.mark.parametrize("make", [lambda t: t.T, lambda t: (t + 1).T.contiguous(), lambda t: t[:1].expand(3, 4)])
+def test_graph_break_receives_eager_strides(make):
+    e = torch.arange(12.0).reshape(3, 4)
+    got = layout_probe_eager(make(lg.lazy(e.clone()) * 1))
+    assert lg.stats()["graph_breaks"] == {"layout_probe_eager": 1}
+    assert_close(lg.to_eager(got), layout_probe_eager(make(e * 1)))
+
+
 # -- nn.LSTM / nn.GRU with batch_first ---------------------------------------------------------
 
 
