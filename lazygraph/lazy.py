@@ -399,8 +399,9 @@ def _multi_view(func, args, kwargs):
         return _eager(func, args, kwargs)
     base = node_of(x)
     outs = []
+    pieces = views.MULTI_VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs)  # raises eager's errors
     layouts = strides.split_layouts(func, tuple(x.shape), x.stride(), x.storage_offset(), *args[1:], **kwargs)
-    for steps, (stride, offset) in zip(views.MULTI_VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs), layouts):
+    for steps, (stride, offset) in zip(pieces, layouts):
         outs.append(LazyTensor(views.apply_steps(base, steps), x._storage, x._chain + tuple(steps), stride, offset))
     return tuple(outs) if func is aten.unbind.int else outs
 
