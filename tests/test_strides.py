@@ -151,6 +151,18 @@ def test_random_view_chain_layouts(seed):
     assert_close(lg.to_eager(x), e)
 
 
+@pytest.mark.parametrize("pieces", [
+    lambda t: t.T.split(2, 1), lambda t: t.T.unbind(1), lambda t: t[:, 1:].split([1, 2], 1),
+    lambda t: t.chunk(4, 0), lambda t: t[::2].unbind(0),
+])
+def test_multi_view_layouts(pieces):
+    e = torch.randn(6, 4)
+    x = lg.lazy(e.clone())
+    for i, (a, b) in enumerate(zip(pieces(x), pieces(e), strict=True)):
+        assert_layout(a, b, f"piece {i}")
+        assert_close(lg.to_eager(a), b)
+
+
 def test_pointwise_layouts_follow_eager():
     """Pointwise results keep permuted and channels_last layouts, as TensorIterator does."""
     base = torch.randn(2, 3, 4, 5, dtype=torch.float64)
