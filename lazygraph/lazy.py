@@ -2,7 +2,8 @@
 
 The whole idea on one screen:
 
-    LazyTensor      a torch.Tensor wrapper subclass holding a Node (its pending value).
+    LazyTensor      a torch.Tensor wrapper subclass holding a Node (its pending value), with
+                    the strides and storage offset eager would give it (strides.py)
     dispatch()      every aten call on a LazyTensor (or any call inside lazy_mode()) lands here:
                       view op      -> movement nodes; the result shares its base's Storage
                       in-place/out= -> the functional op, then the result is bound to the
@@ -29,22 +30,25 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops, views
+from . import ops, strides, views
 from .counters import COUNTERS, GRAPH_BREAKS
-from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides, fingerprint
+from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides, fingerprint, numel
 from .lowering import META_CHECKED, RULES, NotImplementedForDtype, scalar_type_name
 
 aten = torch.ops.aten
 
 
 class Storage:
-    """What aliasing tensors share: the base's current node and a version bumped on every write."""
+    """What aliasing tensors share: the base's current node and a version bumped on every write.
+    `strides`: the base's layout, None for contiguous (else dense: its memory order matters to
+    as_strided, which addresses the storage)."""
 
-    __slots__ = ("node", "version", "__weakref__")
+    __slots__ = ("node", "version", "strides", "__weakref__")
 
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, strides: tuple | None = None):
         self.node = node
         self.version = 0
+        self.strides = strides
 
 
 class _Live(threading.local):
@@ -67,13 +71,21 @@ class LazyTensor(torch.Tensor):
     _version_seen: int
 
     @staticmethod
-    def __new__(cls, node: Node, storage: Storage | None = None, chain: tuple = ()):
-        # no strides given: the wrapper gets contiguous ones (cheaper than passing them)
-        t = torch.Tensor._make_wrapper_subclass(cls, node.shape, dtype=node.dtype,
-                                                device=_device(node.device))
+    def __new__(cls, node: Node, storage: Storage | None = None, chain: tuple = (),
+                stride: tuple | None = None, offset: int = 0):
+        """`stride`/`offset`: eager's layout (strides.py); None is contiguous. Without a storage
+        the tensor is a fresh base laid out with `stride` (dense)."""
+        if stride is None:
+            # the wrapper gets contiguous strides (cheaper than passing them)
+            t = torch.Tensor._make_wrapper_subclass(cls, node.shape, dtype=node.dtype,
+                                                    device=_device(node.device))
+        else:
+            t = torch.Tensor._make_wrapper_subclass(cls, node.shape, stride, offset, dtype=node.dtype,
+                                                    device=_device(node.device))
         t._node = node
+        t._std = stride is None  # surely standard contiguous strides (the pointwise layout fast path)
         if storage is None:
-            storage = Storage(node)
+            storage = Storage(node, stride)
             _LIVE.storages.add(storage)
         t._storage = storage
         t._chain = chain
@@ -148,7 +160,8 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
     if isinstance(t, LazyTensor):
         return t
     with _disable_current_modes():
-        out = LazyTensor(ops.input_node(t.detach(), name))
+        # like t.to(another device): a dense layout is kept, a strided one made dense in its order
+        out = LazyTensor(ops.input_node(t.detach(), name), stride=_preserved(t))
     out._node.fingerprint = fingerprint(t)
     out._node.source = user_source()  # errors about this input name the line that made it lazy
     if t.requires_grad:
@@ -280,6 +293,16 @@ def _flat_tensors(x, out: list) -> list:
     return out
 
 
+def _leaves(x, out: list) -> list:
+    """The elements of nested lists/tuples in order, None included."""
+    if isinstance(x, (list, tuple)):
+        for e in x:
+            _leaves(e, out)
+    else:
+        out.append(x)
+    return out
+
+
 def _map_tensors(x, fn):
     if isinstance(x, torch.Tensor):
         return fn(x)
@@ -338,13 +361,123 @@ def _meta_check(func, args, kwargs) -> None:
         pass
 
 
-def _view(func, args, kwargs):
+
+# -- layouts of fresh results (strides.py has the rules) --------------------------------------
+
+_EMPTY = aten.empty.memory_format
+_LIKE = {_EMPTY, aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default, aten.empty_like.default,
+         aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.rand_like.default,
+         aten.randn_like.default}
+
+
+def _preserved(t: torch.Tensor) -> tuple | None:
+    """Strides of a copy of `t` made with preserve_format (None: contiguous)."""
+    return strides.for_memory_format(tuple(t.shape), t.stride(), None)
+
+
+def _copy_layout(func, out: Node, args, kwargs) -> tuple | None:
+    """Strides of clone, _to_copy, *_like and empty(memory_format=): as their memory_format says."""
+    mf = kwargs.get("memory_format")
+    if func is _EMPTY:
+        return strides.for_memory_format(out.shape, (), mf) if mf not in (None, torch.preserve_format) else None
     x = args[0]
-    if not isinstance(x, LazyTensor):
-        return _eager(func, args, kwargs)
-    steps = views.VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs)
-    node = views.apply_steps(node_of(x), steps)
-    return LazyTensor(node, x._storage, x._chain + tuple(steps))
+    if type(x) is LazyTensor and x._std and mf in (None, torch.preserve_format, torch.contiguous_format):
+        return None  # the common case: a copy of a plainly contiguous tensor
+    return strides.for_memory_format(tuple(x.shape), x.stride(), mf)
+
+
+def _pointwise_layout(func, out: Node, args, kwargs) -> tuple | None:
+    """TensorIterator follows its operands' layout; all plainly contiguous is the common case."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and not (type(a) is LazyTensor and a._std):
+            break
+    else:
+        if 0 not in out.shape:
+            return None
+    operands = [(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else ((), ())
+                for a in strides.iterator_operands(func, args)]
+    return strides.pointwise(out.shape, operands)
+
+
+def _with_layout(layout: Callable) -> Callable:
+    """A handler for lowered ops whose result eager may lay out non-contiguously."""
+    def handler(func, args, kwargs):
+        out = _lowered(func, args, kwargs)
+        if type(out) is not LazyTensor or out._storage.node is not out._node or out._chain:
+            return out  # not a single fresh result (several outputs, or a fallback's view)
+        stride = layout(func, out._node, args, kwargs)
+        return out if stride is None else LazyTensor(out._node, stride=stride)
+
+    return handler
+
+
+def _empty_strided(func, args, kwargs):
+    """empty_strided: the given layout. Gaps or repeats make the storage a flat buffer the tensor views."""
+    size, stride = (args[0], args[1]) if func is aten.empty_strided.default else (args[1], args[2])
+    out = _lowered(func, args, kwargs)
+    node, size, stride = node_of(out), tuple(size), tuple(stride)
+    if stride == contiguous_strides(size):
+        return out
+    if strides.is_dense(size, stride):
+        return LazyTensor(node, stride=stride)
+    base = ops.full(0, (strides.storage_span(size, stride, 0),), node.dtype, node.device)
+    storage = Storage(base)
+    _LIVE.storages.add(storage)
+    chain = (("strided", size, stride, 0),)
+    return LazyTensor(views.apply_steps(base, chain), storage, chain, stride, 0)
+
+
+def _view_handler(func) -> Callable:
+    """The handler of one view op, its shape and layout rules looked up once."""
+    if func is aten.as_strided.default:
+        return lambda func, args, kwargs: (_as_strided(*args, **kwargs) if isinstance(args[0], LazyTensor)
+                                           else _eager(func, args, kwargs))
+    rule, layout, keeps_standard = views.VIEW_RULES[func], strides.VIEW_LAYOUTS[func], func in _KEEPS_STANDARD
+
+    def handler(func, args, kwargs):
+        x = args[0]
+        if not isinstance(x, LazyTensor):
+            return _eager(func, args, kwargs)
+        shape = tuple(x.shape)
+        steps = rule(shape, *args[1:], **kwargs)
+        node = views.apply_steps(node_of(x), steps)
+        if keeps_standard and x._std and 0 not in shape:
+            # the common case: a reshape of a plainly contiguous tensor is plainly contiguous
+            return LazyTensor(node, x._storage, x._chain + tuple(steps))
+        try:
+            stride, offset = layout(shape, x.stride(), x.storage_offset(), *args[1:], **kwargs)
+        except RuntimeError:
+            if func is not aten.reshape.default:
+                raise
+            # reshape copies where a view cannot express the result, as eager does
+            copy = dispatch(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+            return dispatch(aten.view.default, (copy, *args[1:]), kwargs)
+        return LazyTensor(node, x._storage, x._chain + tuple(steps), stride, offset)
+
+    return handler
+
+
+# views that give a tensor with standard contiguous strides (and offset 0) the same
+_KEEPS_STANDARD = {aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+                   aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.alias.default, aten.detach.default}
+
+
+def _as_strided(x: LazyTensor, size, stride, storage_offset=None):
+    """as_strided addresses the storage, not the view: a chain from the base in memory order."""
+    offset = x.storage_offset() if storage_offset is None else storage_offset
+    size, stride = tuple(size), tuple(stride)
+    st = x._storage
+    have = numel(st.node.shape)
+    need = strides.storage_span(size, stride, offset)
+    if need > have:
+        item = x.element_size()
+        raise RuntimeError(f"setStorage: sizes {list(size)}, strides {list(stride)}, storage offset {offset}, and "
+                           f"itemsize {item} requiring a storage size of {need * item} are out of bounds for "
+                           f"storage of size {have * item}")
+    order = strides.memory_order(st.node.shape, st.strides) if st.strides is not None else ()
+    chain = ((("permute", order),) if order != tuple(range(len(order))) else ()) + \
+        (("strided", size, stride, offset),)
+    return LazyTensor(views.apply_steps(st.node, chain), st, chain, stride, offset)
 
 
 def _multi_view(func, args, kwargs):
@@ -353,8 +486,10 @@ def _multi_view(func, args, kwargs):
         return _eager(func, args, kwargs)
     base = node_of(x)
     outs = []
-    for steps in views.MULTI_VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs):
-        outs.append(LazyTensor(views.apply_steps(base, steps), x._storage, x._chain + tuple(steps)))
+    pieces = views.MULTI_VIEW_RULES[func](tuple(x.shape), *args[1:], **kwargs)  # raises eager's errors
+    layouts = strides.split_layouts(func, tuple(x.shape), x.stride(), x.storage_offset(), *args[1:], **kwargs)
+    for steps, (stride, offset) in zip(pieces, layouts):
+        outs.append(LazyTensor(views.apply_steps(base, steps), x._storage, x._chain + tuple(steps), stride, offset))
     return tuple(outs) if func is aten.unbind.int else outs
 
 
@@ -490,17 +625,17 @@ def _inplace_view(func, args, kwargs):
     view_func = getattr(packet, overload)
     if view_func not in views.VIEW_RULES:
         return _eager(func, args, kwargs)
-    view = _view(view_func, args, kwargs)
+    view = _view_handler(view_func)(view_func, args, kwargs)
     shape = tuple(view.shape)
     # change the wrapper's own sizes without dispatching (as torch's return_and_correct_aliasing does)
     with torch.utils._mode_utils.no_dispatch():
         meta = torch._C._meta_in_tls_dispatch_include()
         torch._C._set_meta_in_tls_dispatch_include(True)
         try:
-            aten.as_strided_.default(x, shape, contiguous_strides(shape))
+            aten.as_strided_.default(x, shape, view.stride(), view.storage_offset())
         finally:
             torch._C._set_meta_in_tls_dispatch_include(meta)
-    x._node, x._chain, x._version_seen = view._node, view._chain, view._version_seen
+    x._node, x._chain, x._version_seen, x._std = view._node, view._chain, view._version_seen, view._std
     return x
 
 
@@ -561,11 +696,27 @@ def _extern(func, args, kwargs):
     spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
     srcs = [node_of(t) if isinstance(t, LazyTensor) else _const(t) for t in tensors]
     device = srcs[0].device if srcs else ops.device_name(kwargs.get("device") or "cpu")
-    outs = _flat_tensors(meta_out, [])
+    # index: the output's place among the result's leaves, None included (a real run may return
+    # an undefined tensor where meta returns an empty one; counting tensors only would shift)
+    outs = [(i, m) for i, m in enumerate(_leaves(meta_out, [])) if isinstance(m, torch.Tensor)]
+    # the strides eager would hand the kernel: the runtime lays its inputs out so (it may trust them)
+    layouts = tuple(tuple(t.stride()) for t in tensors)
+    # grad mode as eager ran the kernel: some kernels keep state for backward only when it is on
+    # (mkldnn_rnn_layer's workspace)
+    grad = {"grad": True} if torch.is_grad_enabled() else {}
     nodes = [ops.node(Op.EXTERN, srcs, tuple(m.shape), m.dtype, device, target=str(func), args=spec_args,
-                      kwargs=spec_kwargs, index=i) for i, m in enumerate(outs)]
+                      kwargs=spec_kwargs, index=i, strides=layouts, **grad) for i, m in outs]
     it = iter(nodes)
-    return _map_tensors(meta_out, lambda _m: LazyTensor(next(it)))
+    return _map_tensors(meta_out, lambda m: LazyTensor(next(it), stride=_extern_layout(m)))
+
+
+def _extern_layout(m: torch.Tensor) -> tuple | None:
+    """A dense non-contiguous layout of the meta result is kept; anything else reads as contiguous
+    (an extern result is a fresh tensor here, never a view of its inputs)."""
+    st = tuple(m.stride())
+    if st == contiguous_strides(tuple(m.shape)) or not strides.is_dense(tuple(m.shape), st):
+        return None
+    return st
 
 
 def _eager(func, args, kwargs):
@@ -574,8 +725,12 @@ def _eager(func, args, kwargs):
     realize([node_of(t) for t in lazies])
     written = {id(t) for i, n in _mutated_args(func)
                for t in _flat_tensors(args[i] if i < len(args) else kwargs.get(n), [])}
+    # torch gets each value laid out as eager would have it (its kernel may trust the strides);
     # a written tensor gets a private copy, bound back through assign() to keep alias semantics
-    real = {id(t): (node_of(t).value.clone() if id(t) in written else node_of(t).value) for t in lazies}
+    real = {}
+    for t in lazies:
+        v = strides.with_strides(node_of(t).value, t.stride())
+        real[id(t)] = v.clone() if id(t) in written else v
     conv = lambda t: real.get(id(t), t)
     with _disable_current_modes():
         out = func(*_map_tensors(args, conv), **_map_tensors(kwargs, conv))
@@ -619,9 +774,15 @@ def _metadata(func, args, kwargs):
 def _classify(func) -> Callable:
     name = func._schema.name.split("::")[1]
     if func in RULES:
+        if func in (aten.empty_strided.default, aten.new_empty_strided.default):
+            return _empty_strided
+        if func in _LIKE:
+            return _with_layout(_copy_layout)
+        if torch.Tag.pointwise in func.tags:
+            return _with_layout(_pointwise_layout)
         return _lowered
     if func in views.VIEW_RULES:
-        return _view
+        return _view_handler(func)
     if func in views.MULTI_VIEW_RULES:
         return _multi_view
     if name in VALUE_OPS:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .ir import Graph, Node, Op, effective_op, numel
+from .strides import with_strides
 
 _UNARY: dict[Op, Callable] = {
     Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,
@@ -239,9 +240,13 @@ def fill_placeholders(spec, tensors: Sequence[torch.Tensor]):
 
 def run_extern(node: Node, args: Sequence[torch.Tensor]):
     fn = resolve_aten(node.attrs["target"])
+    layouts = node.attrs.get("strides")
+    if layouts is not None:  # the strides eager would have handed the kernel
+        args = [with_strides(a, st) for a, st in zip(args, layouts)]
     call_args = fill_placeholders(node.attrs["args"], args)
     call_kwargs = fill_placeholders(dict(node.attrs.get("kwargs", ())), args)
-    return fn(*call_args, **call_kwargs)
+    with torch.set_grad_enabled(node.attrs.get("grad", False)):  # the grad mode it was recorded in
+        return fn(*call_args, **call_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +361,18 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
             memo[key] = run_extern(n, args)
         res = memo[key]
         if isinstance(res, (tuple, list)):
-            res = _flat_tensors(res)[a.get("index", 0)]  # index counts tensors, as capture does
+            res = _leaves(res)[a.get("index", 0)]  # index counts leaves, None included, as capture does
+            if res is None:  # an undefined tensor (an unused workspace): the empty/zero value meta promised
+                res = torch.zeros(n.shape, dtype=n.dtype, device=n.device)
         return res
     raise NotImplementedError(f"reference executor: no rule for {op.value}")
+
+
+def _leaves(x) -> list:
+    """The elements of nested tuples/lists in order; None (an undefined tensor) keeps its place."""
+    if isinstance(x, (tuple, list)):
+        return [t for e in x for t in _leaves(e)]
+    return [x]
 
 
 def _flat_tensors(x) -> list[torch.Tensor]:

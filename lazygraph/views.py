@@ -110,9 +110,8 @@ def _squeeze(shape: Shape, dim=None):
     return [("reshape", new)] if new != shape else []
 
 
-def _slice_steps(shape: Shape, dim, start, end, step):
-    dim = _dim(dim, len(shape))
-    size = shape[dim]
+def slice_bounds(size: int, start, end) -> tuple[int, int]:
+    """ATen's clamping of slice bounds to [0, size], with end >= start."""
     start = 0 if start is None else start
     end = size if end is None else end
     if start < 0:
@@ -121,6 +120,12 @@ def _slice_steps(shape: Shape, dim, start, end, step):
         end += size
     start = min(max(start, 0), size)
     end = min(max(end, start), size)
+    return start, end
+
+
+def _slice_steps(shape: Shape, dim, start, end, step):
+    dim = _dim(dim, len(shape))
+    start, end = slice_bounds(shape[dim], start, end)
     if step <= 0:
         raise RuntimeError("slice step must be positive")
     count = (end - start + step - 1) // step
