@@ -429,7 +429,7 @@ def test_fully_masked_rows_equal_eager_forward_and_backward(spelling, backend, m
     assert (st["flash_attention"] if backend == "auto" else len(calls)) >= 2, (st, calls)
 
 
-def test_hugging_face_gpt2_left_padding_on_the_reference_backend(backend):
+def test_hugging_face_gpt2_left_padding_equals_eager(backend):
     # HF's eager GPT-2 adds where(mask, 0, finfo.min): the left-padded rows see no key and are uniform
     model = hf_model("gpt2", "eager").train()
     eager = copy.deepcopy(model)
@@ -443,3 +443,19 @@ def test_hugging_face_gpt2_left_padding_on_the_reference_backend(backend):
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
     for (name, p), (_, pe) in zip(model.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(p.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_fp16_additive_mask_is_left_as_written():
+    # fp16 rounds score + finfo.min (-65504, ulp 32): a fully masked row is a softmax over that
+    # rounding, not uniform, which the kernel's fp32 sum cannot give; the ops run as written
+    from lazygraph.ir import Op
+    from lazygraph.passes.attention import attention_pass
+
+    q, k, v = (3 * t.half() for t in qkv(b=2, h=3, tq=7, tk=7, d=8))
+    mask = torch.where(left_padded_causal(2, 7, [2, 0]), torch.finfo(torch.float16).min, 0.0).half()
+    fn = lambda q, k, v, m: torch.softmax(q @ k.transpose(-1, -2) * 0.25 + m, -1) @ v  # noqa: E731
+    g = lg.graph(fn(lg.lazy(q), lg.lazy(k), lg.lazy(v), lg.lazy(mask)))
+    assert not any(n.op is Op.ATTENTION for n in attention_pass(g).nodes)
+    want = fn(q, k, v, mask)
+    assert not torch.allclose(want[0, :, 0].float(), v[0].float().mean(-2), atol=0.1)  # not uniform: the case meant
+    torch.testing.assert_close(lg.compile(fn, backend="reference")(q, k, v, mask), want)
