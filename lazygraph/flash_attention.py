@@ -253,6 +253,8 @@ def flash_attention_bwd(
         else:
             pd = p
         ds = _mask_grad(p * (dp - delta[:, None]), m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
+        # keys past TK have p = 0, but 0 * (dp - delta) is NaN in a NaN row: it must not reach dq
+        ds = tl.where(col_ok[None, :], ds, 0.0)
         dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
         dq = _dot(ds.to(k.dtype), k, F32)

@@ -149,12 +149,15 @@ def _attention_probs(q, k, scale, causal, diagonal=None, mask=None, empty_nan=Fa
         diagonal = tk - tq if diagonal is None else diagonal
         keep = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(diagonal=diagonal)
         s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse)
-    if empty_nan:  # a fully masked row is NaN, as eager's softmax gives
-        lse = torch.where(lse == float("-inf"), float("nan"), lse)
-    else:  # 0, as sdpa gives
-        p = torch.nan_to_num(p, nan=0.0)
+    # exp(s - max) / sum, as eager's softmax: not exp(s - logsumexp), which in a row masked by a
+    # huge finite value (finfo.min: every score rounds to it) loses log(sum) and gives p = 1, not 1 / tk
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
+    total = e.sum(-1, keepdim=True)
+    has = total > 0
+    # a fully masked row is NaN, as eager's softmax gives (empty_nan), or 0, as sdpa gives
+    p = torch.where(has, e / torch.where(has, total, 1.0), float("nan") if empty_nan else 0.0)
+    lse = torch.where(has, m + torch.log(total), float("nan") if empty_nan else float("-inf"))
     return p, lse
 
 

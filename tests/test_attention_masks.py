@@ -360,3 +360,102 @@ print("built")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and "built" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- rows in which every key is masked, on every backend -----------------------------------------
+# eager's softmax over a row whose scores all round to finfo.min (an additive finfo.min mask, or
+# masked_fill / where with finfo.min) is uniform over all keys; over a row of -inf it is NaN. The
+# matched attention op must give the same, forward and backward, on the reference executor and on
+# the flash kernels.
+
+FULLY_MASKED = {
+    "bias_finfo_min": lambda q, k, v, drop: torch.softmax(q @ k.transpose(-1, -2) * 0.25
+                                                          + torch.where(drop, NEG, 0.0), -1) @ v,
+    "bias_minus_inf": lambda q, k, v, drop: torch.softmax(q @ k.transpose(-1, -2) * 0.25
+                                                          + torch.where(drop, float("-inf"), 0.0), -1) @ v,
+    "masked_fill_finfo_min": lambda q, k, v, drop: torch.softmax((q @ k.transpose(-1, -2) * 0.25)
+                                                                 .masked_fill(drop, NEG), -1) @ v,
+    "masked_fill_minus_inf": lambda q, k, v, drop: torch.softmax((q @ k.transpose(-1, -2) * 0.25)
+                                                                 .masked_fill(drop, float("-inf")), -1) @ v,
+    "where_keep_finfo_min": lambda q, k, v, drop: torch.softmax(torch.where(~drop, q @ k.transpose(-1, -2) / 4.0,
+                                                                            torch.tensor(NEG)), -1) @ v,
+}
+
+
+@pytest.fixture(params=["reference", "auto"])
+def backend(request):
+    previous = lg.get_backend()
+    lg.set_backend(request.param)
+    yield request.param
+    lg.set_backend(previous)
+
+
+def left_padded_causal(b, t, pads):
+    """[B, 1, T, T] bool, True where dropped: causal, and batch i's first pads[i] keys are padding,
+    so its first pads[i] query rows have no key left (HF's combined mask)."""
+    drop = torch.ones(t, t, dtype=torch.bool).triu(1).expand(b, 1, t, t).clone()
+    for i, n in enumerate(pads):
+        drop[i, ..., :n] = True
+    return drop
+
+
+@pytest.mark.parametrize("spelling", sorted(FULLY_MASKED))
+def test_fully_masked_rows_equal_eager_forward_and_backward(spelling, backend, monkeypatch):
+    from lazygraph.ir import Op
+    from lazygraph.passes.attention import attention_pass
+
+    fn = FULLY_MASKED[spelling]
+    q, k, v = qkv(b=2, h=3, tq=7, tk=7, d=8)
+    drop = left_padded_causal(2, 7, [2, 0])  # batch 0, rows 0 and 1: every key masked
+    g = lg.graph(fn(lg.lazy(q), lg.lazy(k), lg.lazy(v), lg.lazy(drop)))
+    assert sum(n.op is Op.ATTENTION for n in attention_pass(g).nodes) == 1  # the op's math, not eager's
+    calls = []
+    for name in ("attention_forward", "attention_backward"):  # the reference executor's attention
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _f=original, **kw: calls.append(_f) or _f(*a, **kw))
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = fn(*eager, drop)
+    w = torch.randn_like(want)
+    (want * w).sum().backward()
+    lazy = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = lg.compile(fn, backend=backend)(*lazy, drop)
+    (got * w).sum().backward()
+    torch.testing.assert_close(got, want, **TOL, equal_nan=True)
+    for a, b in zip(lazy, eager):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, equal_nan=True)
+    assert want[0, :, :2].isnan().all() == spelling.endswith("minus_inf")  # the case is the one meant
+    st = lg.stats()
+    assert st["kernel_fallbacks"] == 0, st
+    assert (st["flash_attention"] if backend == "auto" else len(calls)) >= 2, (st, calls)
+
+
+def test_hugging_face_gpt2_left_padding_equals_eager(backend):
+    # HF's eager GPT-2 adds where(mask, 0, finfo.min): the left-padded rows see no key and are uniform
+    model = hf_model("gpt2", "eager").train()
+    eager = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 7))
+    kwargs = dict(input_ids=ids, labels=ids, attention_mask=torch.tensor([[0, 0] + [1] * 5, [1] * 7]))
+    want = eager(**kwargs)
+    want.loss.backward()
+    got = lg.compile(model, backend=backend)(**kwargs)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    for (name, p), (_, pe) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_fp16_additive_mask_is_left_as_written():
+    # fp16 rounds score + finfo.min (-65504, ulp 32): a fully masked row is a softmax over that
+    # rounding, not uniform, which the kernel's fp32 sum cannot give; the ops run as written
+    from lazygraph.ir import Op
+    from lazygraph.passes.attention import attention_pass
+
+    q, k, v = (3 * t.half() for t in qkv(b=2, h=3, tq=7, tk=7, d=8))
+    mask = torch.where(left_padded_causal(2, 7, [2, 0]), torch.finfo(torch.float16).min, 0.0).half()
+    fn = lambda q, k, v, m: torch.softmax(q @ k.transpose(-1, -2) * 0.25 + m, -1) @ v  # noqa: E731
+    g = lg.graph(fn(lg.lazy(q), lg.lazy(k), lg.lazy(v), lg.lazy(mask)))
+    assert not any(n.op is Op.ATTENTION for n in attention_pass(g).nodes)
+    want = fn(q, k, v, mask)
+    assert not torch.allclose(want[0, :, 0].float(), v[0].float().mean(-2), atol=0.1)  # not uniform: the case meant
+    torch.testing.assert_close(lg.compile(fn, backend="reference")(q, k, v, mask), want)

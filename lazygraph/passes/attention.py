@@ -19,7 +19,8 @@ A match is rewritten only when it is exact:
   as written;
 - a boolean mask that is provably causal (only constant leaves: iota, full, or an input whose
   value this graph holds, evaluating to ones(tq, tk).tril(tk - tq), tq <= tk) becomes causal=True;
-  any other mask is read by the kernel: an additive bias as is, a boolean one as where(keep, 0,
+  any other mask is read by the kernel: an additive bias as is (not one added in fp16, whose
+  rounding near finfo.min eager's fully masked rows depend on), a boolean one as where(keep, 0,
   fill) that the kernel writes over the scores where not 0 (any fill but 0: -inf, finfo.min, a
   runtime scalar). Such ops carry empty_nan: a row whose every key is -inf gives NaN, as eager's
   softmax does;
@@ -73,7 +74,7 @@ _QK = P(Op.MATMUL, (var("q"), var("kt")), name="qk", through=_RESHAPES)
 _SCALE = var("c", through=MOVEMENT, when=_is_scale)
 _SCALED = any_of(P(Op.MUL, (_QK, _SCALE), commutative=True, name="mul"), P(Op.DIV, (_QK, _SCALE), name="div"), _QK)
 _MASKED = any_of(
-    P(Op.ADD, (_SCALED, var("bias", through=_EXPANDS)), commutative=True),  # an additive mask (HF)
+    P(Op.ADD, (_SCALED, var("bias", through=_EXPANDS)), commutative=True, name="add"),  # an additive mask (HF)
     P(Op.WHERE, (var("keep"), _SCALED, var("fill"))),  # where(keep, s, -inf)
     P(Op.WHERE, (var("drop"), var("fill"), _SCALED)),  # s.masked_fill(drop, -inf)
     _SCALED,
@@ -233,7 +234,13 @@ def _with_mask(m: Match, binds: Binds, tq: int, tk: int) -> Match | None:
     """`m` with the mask the forward rule bound, or None where it cannot be taken exactly."""
     if "bias" in binds:
         bias = binds["bias"]
-        return replace(m, mask_kind="bias", mask=bias) if bias.dtype.is_floating_point else None
+        # eager rounds score + bias to the sum's dtype. fp32 and bf16 absorb any score into finfo.min
+        # (a fully masked row: every score equal, uniform), as the kernel's fp32 sum does; fp16's
+        # finfo.min (-65504, ulp 32) does not: its row is a softmax over that rounding, or NaN where
+        # the sum overflows to -inf, which the kernel cannot give: left as written
+        if not bias.dtype.is_floating_point or binds["add"].dtype == torch.float16:
+            return None
+        return replace(m, mask_kind="bias", mask=bias)
     kind = "keep" if "keep" in binds else "drop" if "drop" in binds else None
     if kind is None:
         return m
