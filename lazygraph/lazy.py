@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ops, views
 from .counters import COUNTERS, GRAPH_BREAKS
 from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
-from .lowering import RULES
+from .lowering import RULES, undeclared
 
 aten = torch.ops.aten
 
@@ -244,6 +244,10 @@ def dispatch(func, args, kwargs):
 
 
 def _lowered(func, args, kwargs):
+    if undeclared(func, args, kwargs) is not None:
+        # outside what the rule declares it handles exactly: torch runs it
+        COUNTERS["undeclared_calls"] += 1
+        return _extern(func, args, kwargs)
     rule = RULES[func]
     try:
         out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
@@ -406,9 +410,25 @@ def _decomposed(func, args, kwargs):
 
 def _fallback(func, args, kwargs):
     """No rule: decompose if torch knows how, else run in torch as an EXTERN node."""
-    if func in DECOMPOSITIONS:
-        return _decomposed(func, args, kwargs)
+    if func in DECOMPOSITIONS and func not in _EXTERN_ONLY and not _has_complex((args, kwargs)):
+        out = _decomposed(func, args, kwargs)
+        if out is not NotImplemented:  # the decomposition declined these arguments
+            return out
     return _extern(func, args, kwargs)
+
+
+# complex results are built by writing through real()/imag() views, which capture cannot alias
+_EXTERN_ONLY = {aten.complex.default, aten.polar.default}
+
+
+def _has_complex(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.dtype.is_complex
+    if isinstance(x, (list, tuple)):
+        return any(_has_complex(e) for e in x)
+    if isinstance(x, dict):
+        return any(_has_complex(e) for e in x.values())
+    return isinstance(x, complex) or (isinstance(x, torch.dtype) and x.is_complex)
 
 
 # ops whose output shape depends on the data: a graph break, never a wrong value

@@ -25,13 +25,106 @@ prims = torch.ops.prims
 RULES: dict[Any, Callable] = {}
 
 
-def rule(*overloads):
+def rule(*overloads, dtypes: frozenset | None = None, **values):
+    """Register a rule for `overloads`, with what it handles exactly (see Handles)."""
+
     def register(fn):
         for o in overloads:
             RULES[o] = fn
+            if dtypes is not None or values:
+                declare(o, dtypes=dtypes, **values)
         return fn
 
     return register
+
+
+# ---------------------------------------------------------------------------------------------
+# what a rule handles: any other call runs in torch (an EXTERN node), never approximately
+# ---------------------------------------------------------------------------------------------
+
+REAL_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                         torch.int16, torch.int8, torch.uint8, torch.bool})
+INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
+
+
+class Handles:
+    """A rule's declaration. Every rule handles strided tensors of real dtypes (`dtypes`, default
+    all of REAL_DTYPES), real Python scalars, and no generator; `values` maps an argument name to
+    the values the rule lowers exactly (a tuple, or a predicate)."""
+
+    __slots__ = ("dtypes", "values")
+
+    def __init__(self, dtypes: frozenset = REAL_DTYPES, values: dict | None = None):
+        self.dtypes, self.values = dtypes, values or {}
+
+
+DEFAULT_HANDLES = Handles()
+HANDLES: dict[Any, Handles] = {}  # overload -> its declaration (absent: DEFAULT_HANDLES)
+# overload -> (dtypes, [(position, name, default, allowed)]), the declaration bound to its schema
+_CHECKS: dict[Any, tuple] = {}
+
+
+def declare(overload, *, dtypes: frozenset | None = None, **values) -> None:
+    HANDLES[overload] = Handles(dtypes or REAL_DTYPES, values)
+    _CHECKS.pop(overload, None)
+
+
+def _bind(func) -> tuple:
+    h = HANDLES.get(func, DEFAULT_HANDLES)
+    slots = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.name in h.values:
+            default = a.default_value if a.has_default_value() else None
+            slots.append((i if not a.kwarg_only else 1 << 30, a.name, default, h.values[a.name]))
+    missing = set(h.values) - {name for _, name, _, _ in slots}
+    if missing:
+        raise TypeError(f"lowering: {func} declares values for {sorted(missing)}, not in its schema")
+    _CHECKS[func] = bound = (h.dtypes, slots)
+    return bound
+
+
+def _plain_ok(x, dtypes: frozenset) -> bool:
+    """x is a value every rule may see: a strided real tensor of `dtypes`, a real scalar, ..."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype in dtypes and x.layout is torch.strided
+    t = type(x)
+    if t is list or t is tuple:
+        return all(_plain_ok(e, dtypes) for e in x)
+    if t is torch.dtype:
+        return not x.is_complex
+    if t is torch.layout:
+        return x is torch.strided
+    return t is not complex and t is not torch.Generator
+
+
+def _allowed(v, allowed) -> bool:
+    if callable(allowed):
+        return allowed(v)
+    return not isinstance(v, torch.Tensor) and v in allowed
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):  # never repr(): a lazy tensor would run its graph
+        return f"a {x.layout} {x.dtype} tensor"
+    if isinstance(x, (list, tuple)):
+        return ", ".join(_describe(e) for e in x if not _plain_ok(e, REAL_DTYPES)) or "a tensor list"
+    return repr(x)[:80]
+
+
+def undeclared(func, args: tuple, kwargs: dict) -> str | None:
+    """Why a call falls outside what func's rule declares it handles; None when it is inside."""
+    dtypes, slots = _CHECKS.get(func) or _bind(func)
+    for x in args:
+        if not _plain_ok(x, dtypes):
+            return _describe(x)
+    for x in kwargs.values():
+        if not _plain_ok(x, dtypes):
+            return _describe(x)
+    for i, name, default, allowed in slots:
+        v = args[i] if i < len(args) else kwargs.get(name, default)
+        if not _allowed(v, allowed):
+            return f"{name}={v!r:.80}"
+    return None
 
 
 _REAL = (int, float, bool)
