@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ops, views
 from .counters import COUNTERS, GRAPH_BREAKS
 from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
-from .lowering import RULES, undeclared
+from .lowering import RULES, Unhandled, undeclared
 
 aten = torch.ops.aten
 
@@ -251,6 +251,9 @@ def _lowered(func, args, kwargs):
     rule = RULES[func]
     try:
         out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
+    except Unhandled:
+        COUNTERS["undeclared_calls"] += 1
+        return _extern(func, args, kwargs)
     except NotImplementedError:
         return _fallback(func, args, kwargs)
     return _wrap_outputs(out)
@@ -470,7 +473,9 @@ def _extern(func, args, kwargs):
     except (NotImplementedError, RuntimeError) as e:
         if "meta" in str(e).lower() or "dynamic" in str(e).lower() or isinstance(e, NotImplementedError):
             return _graph_break(func, args, kwargs)
-        raise
+        return _eager(func, args, kwargs)  # raises eager's own error, not the meta kernel's
+    except Exception:  # noqa: BLE001 (meta kernels raise AssertionError, ValueError, ... where eager
+        return _eager(func, args, kwargs)  # raises RuntimeError or IndexError: let eager say it)
     tensors: list = []
     spec_args = _arg_spec(tuple(args), tensors)
     spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))

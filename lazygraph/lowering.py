@@ -69,6 +69,11 @@ def declare(overload, *, dtypes: frozenset | None = None, **values) -> None:
     _CHECKS.pop(overload, None)
 
 
+class Unhandled(NotImplementedError):
+    """Raised by a rule for arguments it does not lower exactly when the test needs more than one
+    argument (a dtype and a mode together): torch runs the call, as for an undeclared one."""
+
+
 def _bind(func) -> tuple:
     h = HANDLES.get(func, DEFAULT_HANDLES)
     slots = []
@@ -196,6 +201,8 @@ for _packet, _op in _FLOAT_UNARY.items():
     RULES[_packet.default] = _unary_rule(_op, True)
 for _packet, _op in _SAME_UNARY.items():
     RULES[_packet.default] = _unary_rule(_op, False)
+declare(aten.neg.default, dtypes=REAL_DTYPES - {torch.bool})  # eager raises on bool
+declare(aten.abs.default, dtypes=REAL_DTYPES - {torch.bool})
 
 
 @rule(aten.isnan.default)
@@ -208,7 +215,7 @@ def _logical_not(x):
     return ops.unary(Op.NOT, ops.cast(x, torch.bool))
 
 
-@rule(aten.bitwise_not.default)
+@rule(aten.bitwise_not.default, dtypes=INT_DTYPES)
 def _bitwise_not(x):
     if x.dtype == torch.bool:
         return ops.unary(Op.NOT, x)
@@ -225,14 +232,18 @@ def _binary_rule(op: Op, kind: str = "arith"):
             dtype = _float_dtype(dtype)
         if kind == "logical":
             dtype = torch.bool
+        if rounding_mode is not None and dtype.is_floating_point and (
+                rounding_mode == "floor" or dtype not in (torch.float32, torch.float64)):
+            # eager floors (a - fmod(a, b)) / b, not a / b; half types truncate before rounding
+            raise Unhandled(f"div(rounding_mode={rounding_mode!r}) on {dtype}")
         a, b = _operands(a, b, dtype)
         if alpha is not None and alpha != 1:
             b = ops.binary(Op.MUL, b, ops.scalar_like(alpha, b))
         out = ops.binary(op, a, b, dtype)
-        if kind == "truediv" and rounding_mode == "floor":
-            if not dtype.is_floating_point:
-                return _int_floor_div(a, b, out)
-            out = ops.unary(Op.FLOOR, out)
+        if rounding_mode == "floor":
+            return _int_floor_div(a, b, out)
+        if rounding_mode == "trunc" and dtype.is_floating_point:
+            out = ops.unary(Op.TRUNC, out)  # eager: trunc(a / b)
         return out
 
     return lower
@@ -263,6 +274,11 @@ for _packet, (_op, _kind) in _BINARY_TABLE.items():
                   "Tensor_Scalar", "Scalar_Tensor"):
         if _name in _packet.overloads():
             RULES[getattr(_packet, _name)] = _binary_rule(_op, _kind)
+for _o in (aten.div.Tensor_mode, aten.div.Scalar_mode):
+    declare(_o, rounding_mode=(None, "trunc", "floor"))
+for _packet in (aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor):
+    for _name in ("Tensor", "Scalar"):
+        declare(getattr(_packet, _name), dtypes=INT_DTYPES)  # eager raises on floats
 
 _sub = RULES[aten.sub.Tensor]
 
