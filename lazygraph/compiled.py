@@ -99,7 +99,7 @@ class CompiledProgram:
                 env[n.id] = value
             for dead in plan.free_after.get(i, ()):
                 env.pop(dead, None)
-        return [env[o.id] for o in self.result.graph.outputs]
+        return [_tensor(env[o.id]) for o in self.result.graph.outputs]  # an output may be a runtime scalar
 
     def _alloc(self, n: Node, raw: dict[int, torch.Tensor], reuse: dict[int, int]) -> torch.Tensor:
         size = numel(n.shape) * itemsize(n.dtype)

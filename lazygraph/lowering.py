@@ -685,7 +685,9 @@ def _native_dropout(x, p, train):
 
 @rule(aten.native_dropout_backward.default)
 def _native_dropout_backward(grad, mask, scale):
-    return ops.binary(Op.MUL, ops.binary(Op.MUL, grad, ops.cast(mask, grad.dtype)), ops.scalar_like(scale, grad))
+    dtype = _dtypes(grad, scale)  # an integer grad times a float scale is float, as eager
+    grad = ops.cast(grad, dtype)
+    return ops.binary(Op.MUL, ops.binary(Op.MUL, grad, ops.cast(mask, dtype)), ops.scalar_like(scale, grad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,13 +814,16 @@ def _arg_rule(op: Op):
 
 RULES[aten.argmax.default] = _arg_rule(Op.ARGMAX)
 RULES[aten.argmin.default] = _arg_rule(Op.ARGMIN)
+declare(aten.argmax.default, dtypes=REAL_DTYPES - {torch.bool})  # eager raises on bool
+declare(aten.argmin.default, dtypes=REAL_DTYPES - {torch.bool})
 
 
 def _minmax_dim_rule(value_op: Op, index_op: Op):
     def lower(x, dim, keepdim=False):
         axes = _axes(x, dim)
+        keys = ops.cast(x, torch.uint8) if x.dtype == torch.bool else x  # same order, same first index
         return (_finish(x, ops.reduce(value_op, x, axes), axes, keepdim),
-                _finish(x, ops.reduce(index_op, x, axes), axes, keepdim))
+                _finish(x, ops.reduce(index_op, keys, axes), axes, keepdim))
 
     return lower
 
@@ -877,20 +882,16 @@ def _log_softmax_backward(grad, y, dim, input_dtype):
     return ops.cast(ops.binary(Op.SUB, grad, ops.binary(Op.MUL, p, ops.expand(s, p.shape))), input_dtype)
 
 
-@rule(aten.nll_loss_forward.default)
+@rule(aten.nll_loss_forward.default, reduction=(0, 1, 2))
 def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
-    if weight is not None:
-        raise NotImplementedError("nll_loss with class weights")
     flat_logp = logp if logp.ndim == 2 else ops.reshape(logp, (1, logp.shape[0]))
     flat_t = target if target.ndim == 1 else ops.reshape(target, (1,))
     n = flat_t.shape[0]
-    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
-    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    safe_t, valid, w = _nll_target_weights(flat_t, weight, ignore_index, logp.dtype)
     picked = ops.gather(flat_logp, 1, ops.reshape(safe_t, (n, 1)))
     picked = ops.reshape(picked, (n,))
-    losses = ops.where(valid, ops.unary(Op.NEG, picked), ops.scalar_like(0, picked))
-    count = ops.reduce(Op.SUM, ops.cast(valid, logp.dtype), (0,))
-    count = ops.reshape(count, ())
+    losses = ops.binary(Op.MUL, ops.unary(Op.NEG, picked), w)
+    count = ops.reshape(ops.reduce(Op.SUM, w, (0,)), ())  # eager's total_weight
     if reduction == 0:  # none
         return (losses if target.ndim == 1 else ops.reshape(losses, ())), ops.full(0, (), logp.dtype, logp.device)
     total = ops.reshape(ops.reduce(Op.SUM, losses, (0,)), ())
@@ -899,22 +900,33 @@ def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
     return total, count
 
 
-@rule(aten.nll_loss_backward.default)
+@rule(aten.nll_loss_backward.default, reduction=(0, 1, 2))
 def _nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, total_weight):
     flat_shape = logp.shape if logp.ndim == 2 else (1, logp.shape[0])
     flat_t = target if target.ndim == 1 else ops.reshape(target, (1,))
     n, c = flat_shape
-    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
-    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    safe_t, valid, w = _nll_target_weights(flat_t, weight, ignore_index, logp.dtype)
     cls = ops.iota(flat_shape, 1, torch.int64, logp.device)
     onehot = ops.binary(Op.EQ, cls, ops.expand(ops.reshape(safe_t, (n, 1)), flat_shape))
+    # ignored rows get no gradient at all (not -0 * g, which is nan when every row is ignored)
     onehot = ops.binary(Op.AND, onehot, ops.expand(ops.reshape(valid, (n, 1)), flat_shape))
     g = grad if reduction == 0 else ops.reshape(grad, (1,))
     if reduction == 1:
         g = ops.binary(Op.DIV, g, ops.cast(ops.reshape(total_weight, (1,)), g.dtype))
-    g = ops.expand(ops.reshape(g, (n if reduction == 0 else 1, 1)), flat_shape)
-    out = ops.where(onehot, ops.unary(Op.NEG, g), ops.scalar_like(0, g), logp.dtype)
+    g = ops.binary(Op.MUL, ops.unary(Op.NEG, ops.expand(g, (n,))), w)  # -w[t] * g; 0 where ignored
+    g = ops.expand(ops.reshape(g, (n, 1)), flat_shape)
+    out = ops.where(onehot, g, ops.scalar_like(0, g), logp.dtype)
     return ops.reshape(out, logp.shape)
+
+
+def _nll_target_weights(flat_t: Node, weight, ignore_index: int, dtype: torch.dtype) -> tuple[Node, Node, Node]:
+    """(target with ignored entries made 0, not-ignored mask, each entry's weight: weight[t], 0 where ignored)."""
+    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
+    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    if weight is None:
+        return safe_t, valid, ops.cast(valid, dtype)
+    w = ops.gather(ops.cast(weight, dtype), 0, safe_t)
+    return safe_t, valid, ops.where(valid, w, ops.scalar_like(0, w))
 
 
 @rule(aten.native_layer_norm.default)
@@ -933,7 +945,17 @@ def _native_layer_norm(x, normalized_shape, weight, bias, eps):
         y = ops.binary(Op.MUL, y, ops.cast(weight, compute))
     if bias is not None:
         y = ops.binary(Op.ADD, y, ops.cast(bias, compute))
-    return ops.cast(y, x.dtype), mean, rstd
+    stats = _layer_norm_stats_dtype(x, weight, bias, compute)
+    return ops.cast(y, x.dtype), ops.cast(mean, stats), ops.cast(rstd, stats)
+
+
+def _layer_norm_stats_dtype(x: Node, weight, bias, compute: torch.dtype) -> torch.dtype:
+    """Eager's dtype for mean/rstd: on CPU the input's, or float32 when the parameters are float32
+    ("mixed type"); on CUDA always the compute type."""
+    if x.device.startswith("cuda") or compute == x.dtype:
+        return compute
+    params = [p for p in (weight, bias) if p is not None]
+    return torch.float32 if params and params[0].dtype == torch.float32 else x.dtype
 
 
 def _kept(x: Node, axes) -> tuple[int, ...]:

@@ -37,13 +37,15 @@ def check(fn, *xs, exact_dtype=True):
     return got
 
 
-def check_grad(fn, *xs):
-    """Gradients of sum(fn(*xs) * cotangent) for every float input equal eager's."""
-    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
+def check_grad(fn, *xs, grads=None):
+    """Gradients of sum(fn(*xs) * cotangent) for the inputs `grads` selects (default: the float
+    ones) equal eager's, and so does the value."""
+    grads = grads or [x.is_floating_point() for x in xs]
+    leaves = [x.detach().clone().requires_grad_(g) for x, g in zip(xs, grads)]
     out = fn(*leaves)
     cot = torch.randn_like(out)
     (out * cot).sum().backward()
-    lazies = [lg.lazy(x.detach().clone()).requires_grad_(x.is_floating_point()) for x in xs]
+    lazies = [lg.lazy(x.detach().clone()).requires_grad_(g) for x, g in zip(xs, grads)]
     lout = fn(*lazies)
     (lout * lg.lazy(cot)).sum().backward()
     torch.testing.assert_close(lg.to_eager(lout), out.detach(), equal_nan=True)
@@ -157,3 +159,97 @@ def test_every_declared_value_is_checked(func, name, allowed):
     ok = allowed[0] if not callable(allowed) else None
     if not callable(allowed):
         assert lowering.undeclared(func, tuple(args), {name: ok}) is None
+
+
+# -- B: the bugs of issue 9 ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["trunc", "floor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.int32])
+def test_div_rounding_modes(backend, mode, dtype):
+    a = (torch.randn(7, 5, dtype=torch.float64) * 9).to(dtype)
+    b = (torch.randn(5, dtype=torch.float64) * 3).to(dtype)
+    b[b == 0] = 1
+    check(lambda x, y: torch.div(x, y, rounding_mode=mode), a, b)
+    check(lambda x: torch.div(x, -3, rounding_mode=mode), a)
+    if dtype.is_floating_point:
+        check(lambda x: torch.div(x, 2.5, rounding_mode=mode), a)
+        # floor(1 / 0.1) is 10 but eager's floor division gives 9 (it floors (a - fmod(a, b)) / b)
+        check(lambda x, y: torch.div(x, y, rounding_mode=mode), torch.tensor([1.0, -1.0, 7.0], dtype=dtype),
+              torch.tensor([0.1, 0.1, -0.7], dtype=dtype))
+
+
+def test_fmod_gradient():
+    a, b = torch.randn(6, 4, dtype=torch.float64) * 5, torch.randn(4, dtype=torch.float64) + 3
+    check_grad(torch.fmod, a, b)
+    check_grad(torch.remainder, a, b)
+
+
+def test_max_min_over_a_dim_of_a_0d_tensor_give_index_0(backend):
+    s = torch.tensor(2.5)
+    for fn in (lambda x: torch.max(x, 0), lambda x: torch.min(x, -1, keepdim=True),
+               lambda x: torch.argmax(x, 0), lambda x: torch.argmin(x), lambda x: torch.argmin(x, 0)):
+        check(fn, s)
+
+
+def test_max_min_over_a_dim_of_bool(backend):
+    b = torch.rand(4, 7) > 0.5
+    check(lambda x: torch.max(x, 1), b)
+    check(lambda x: torch.min(x, 0), b)
+    with pytest.raises(RuntimeError, match="bool"):  # as eager
+        lg.to_eager(torch.argmax(lg.lazy(b)))
+
+
+def test_complex_and_polar_run_in_torch(backend):
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    check(torch.complex, a, b)
+    check(torch.polar, a.abs(), b)
+    check(lambda x: (x * 1j).abs(), a)
+    check(lambda x: x.to(torch.complex64) + 1, a)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_layer_norm_stats_dtype(backend, dtype):
+    x = torch.randn(3, 4, 6, dtype=dtype)
+    for w in (None, torch.randn(6, dtype=dtype), torch.randn(6)):
+        check(lambda a, *p: aten.native_layer_norm(a, [6], *p, None, 1e-5), x, *([w] if w is not None else [None]))
+    check_grad(lambda a: F.layer_norm(a.float(), [6]).to(dtype).float(), x.float())
+
+
+def test_native_dropout_backward_of_an_integer_grad(backend):
+    g, mask = torch.randint(-5, 5, (4, 3)), torch.rand(4, 3) > 0.5
+    check(lambda a, m: aten.native_dropout_backward(a, m, 2.0), g, mask)
+    check(lambda a, m: aten.native_dropout_backward(a, m, 1.5), g.to(torch.bfloat16), mask)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_nll_loss_and_cross_entropy_with_weights(backend, reduction):
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = torch.tensor([0, 2, 4, 2, 1, 3])
+    w = torch.rand(5, dtype=torch.float64)
+    for kw in (dict(weight=w), dict(weight=w, ignore_index=2), dict(ignore_index=2), dict(weight=w, label_smoothing=0.2)):
+        kw = dict(kw, reduction=reduction)
+        if "weight" in kw:
+            check_grad(lambda a, ww: F.cross_entropy(a, t, **dict(kw, weight=ww)), x, w, grads=[True, False])
+        else:
+            check_grad(lambda a: F.cross_entropy(a, t, **kw), x)
+        if "label_smoothing" not in kw:
+            check_grad(lambda a: F.nll_loss(F.log_softmax(a, 1), t, **kw), x)
+    # every target ignored: mean is nan, the gradient 0 (eager writes no gradient for ignored rows)
+    check_grad(lambda a: F.nll_loss(a, torch.tensor(2), ignore_index=2, reduction=reduction), x[0])
+
+
+def test_float_fills_other_than_the_usual_constants(backend):
+    x = torch.randn(3, 4)
+    check(lambda a: torch.full_like(a, 2.5), x)
+    check(lambda a: a.clone().fill_(1.5), x)
+    with lg.lazy_mode():
+        t, u = torch.full((3,), 7.0), torch.zeros(2, 3).fill_(1.5)
+    torch.testing.assert_close(lg.to_eager(t), torch.full((3,), 7.0))
+    torch.testing.assert_close(lg.to_eager(u), torch.full((2, 3), 1.5))
+
+
+def test_adaptive_max_pool_with_sizes_that_do_not_divide(backend):
+    check(lambda a: F.adaptive_max_pool2d(a, (3, 2)), torch.randn(1, 2, 5, 7))
+    check(lambda a: F.adaptive_max_pool1d(a, 3), torch.randn(2, 7))
+    check(lambda a: F.adaptive_max_pool2d(a, 2, return_indices=True), torch.randn(2, 5, 5))
