@@ -257,6 +257,8 @@ class _Printer:
     def op(self, op: Op, args: Sequence[str], dtype: torch.dtype, s: Stmt) -> str:
         if op in _UNARY:
             return _UNARY[op].format(*args)
+        if op is Op.ADD and dtype == torch.bool:  # i1 addition wraps (xor); eager's bool add saturates
+            return f"{args[0]} | {args[1]}"
         if op in _BINARY:
             return _BINARY[op].format(*args)
         src_dtypes = [self.dtypes.get(v) for v in args]

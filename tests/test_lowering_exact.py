@@ -253,3 +253,13 @@ def test_adaptive_max_pool_with_sizes_that_do_not_divide(backend):
     check(lambda a: F.adaptive_max_pool2d(a, (3, 2)), torch.randn(1, 2, 5, 7))
     check(lambda a: F.adaptive_max_pool1d(a, 3), torch.randn(2, 7))
     check(lambda a: F.adaptive_max_pool2d(a, 2, return_indices=True), torch.randn(2, 5, 5))
+
+
+def test_bool_add_is_or_in_kernels(fused_backend):
+    a, b = torch.rand(5, 7) > 0.5, torch.rand(5, 7) > 0.5
+    check(lambda x, y: x + y, a, b)
+    check(lambda x, y: (x + y).sum(), a, b)
+    check(lambda x, y: (x + y).sum(1), a, b)
+    check(lambda x, y: y.__radd__(x), a, b)
+    check(lambda x, y: x.clone().add_(y), a, b)
+    check(lambda x: x + True, a)
