@@ -313,7 +313,7 @@ def _functional_variant(func):
             if overload in packet.overloads():
                 return getattr(packet, overload)
     else:
-        packet = getattr(aten, name)
+        packet = getattr(aten, name, None)  # None for prims, ...: they run eagerly
     if packet is None:
         return None
     # the written `self` of an in-place op is the functional op's input; out= arguments are dropped
@@ -530,8 +530,15 @@ def _metadata(func, args, kwargs):
         return func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
 
 
+def _copy_to(func, args, kwargs):
+    # prims.copy_to(a, b), which torch's decompositions (diagonal_scatter, ...) emit, is a.copy_(b)
+    return dispatch(aten.copy_.default, args, kwargs)
+
+
 def _classify(func) -> Callable:
     name = func._schema.name.split("::")[1]
+    if func is torch.ops.prims.copy_to.default:
+        return _copy_to
     if func in RULES:
         return _lowered
     if func in views.VIEW_RULES:
