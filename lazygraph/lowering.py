@@ -787,7 +787,7 @@ def _minmax_rule(op: Op):
                                "argument.")
         axes = _axes(x, dim)
         for a in axes:
-            if x.shape[a] == 0:
+            if x.ndim and x.shape[a] == 0:
                 raise IndexError(f"a{name}(): Expected reduction dim {a} to have non-zero size.")
         return _finish(x, ops.reduce(op, x, axes), axes, keepdim)
 
@@ -1067,6 +1067,9 @@ def _constant_pad_nd(x, pad, value=0):
 
 @rule(aten.gather.default)
 def _gather(x, dim, index, sparse_grad=False):
+    if x.ndim == 0:  # a scalar: the index (0-d or one element) can only pick it
+        return ops.reshape(ops.gather(ops.reshape(x, (1,)), 0, ops.reshape(index, (numel(index.shape),))),
+                           index.shape)
     return ops.gather(x, dim % max(x.ndim, 1), index)
 
 
@@ -1077,6 +1080,8 @@ def _scatter_add(base, dim, index, src):
 
 @rule(aten.index_select.default)
 def _index_select(x, dim, index):
+    if x.ndim == 0:  # eager's result is 0-d too
+        return ops.reshape(_gather(x, 0, index), ())
     dim = dim % max(x.ndim, 1)
     idx = index if index.ndim == 1 else ops.reshape(index, (numel(index.shape),))
     shape = x.shape[:dim] + (idx.shape[0],) + x.shape[dim + 1:]
