@@ -197,7 +197,7 @@ class _Printer:
             return f"{s.var} = {a[0]}"
         if k == "rand":
             seed, lin = a
-            return f"{s.var} = tl.rand({seed}, ({lin}).to(tl.int32))"
+            return f"{s.var} = tl.rand({seed}, tl.cast({lin}, tl.int32))"  # lin is a plain 0 for a scalar
         if k == "op":
             return f"{s.var} = {self.op(a[0], a[1:], s.dtype, s)}"
         if k == "acc_init":

@@ -263,3 +263,49 @@ def test_bool_add_is_or_in_kernels(fused_backend):
     check(lambda x, y: y.__radd__(x), a, b)
     check(lambda x, y: x.clone().add_(y), a, b)
     check(lambda x: x + True, a)
+
+
+def test_diagonal_family_forward_and_backward():
+    check_grad(torch.diagonal_scatter, torch.randn(4, 4), torch.randn(4))
+    check_grad(lambda a, c: torch.diagonal_scatter(a, c, 1, 0, 1), torch.randn(3, 5), torch.randn(3))
+    check_grad(lambda a, c: torch.diagonal_scatter(a, c, -1, 1, 2), torch.randn(2, 4, 3), torch.randn(2, 3))
+    check_grad(lambda a: torch.diag_embed(a, 1, 0, 2), torch.randn(2, 3))
+    check_grad(lambda a: torch.diagonal(a, -1, 1, 2) * 2, torch.randn(2, 4, 5))
+    check_grad(lambda a: torch.diag(a, 1), torch.randn(4, 4))
+
+
+def test_0d_inputs(backend):
+    s, i = torch.tensor(2.5), torch.tensor(0)
+    check_grad(torch.linalg.vector_norm, s)
+    check_grad(lambda a: torch.linalg.vector_norm(a, 3, dim=0), s)
+    check_grad(lambda a: torch.logsumexp(a, 0), s)
+    check_grad(lambda a: a.unfold(0, 1, 1), s)
+    check_grad(lambda a: torch.index_select(a, 0, torch.tensor([0])), s)
+    check_grad(lambda a: torch.index_select(a, 0, i), s)
+    check_grad(lambda a: torch.gather(a, 0, i), s)
+    check_grad(lambda a: torch.gather(a, 0, torch.tensor([0])), s)
+    check_grad(lambda a, b: torch.scatter_add(a, 0, i, b), s, torch.tensor(1.5))
+
+
+@pytest.mark.parametrize("op", [torch.atan2, torch.fmax, torch.fmin, torch.fmod, torch.hypot, torch.copysign,
+                                torch.remainder, torch.xlogy, torch.maximum])
+def test_0d_tensor_that_requires_grad_with_a_larger_one(op):
+    big = torch.rand(3, 4, dtype=torch.float64) + 0.5
+    check_grad(op, torch.tensor(1.5, dtype=torch.float64), big)
+    check_grad(op, big, torch.tensor(1.5, dtype=torch.float64))
+    check_grad(op, big[0], torch.tensor(0.7, dtype=torch.float64))
+
+
+def test_shifts_with_a_0d_tensor(backend):
+    check(lambda a, b: a << b, torch.tensor(3), torch.randint(0, 4, (3,)))
+    check(lambda a, b: a >> b, torch.randint(0, 40, (3, 2)), torch.tensor(2))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_random_ops_on_scalars_in_kernels(fused_backend, shape):
+    x = torch.full(shape, 0.5)
+    for fn in (torch.rand_like, torch.randn_like, torch.bernoulli, lambda a: F.dropout(a, 0.5),
+               lambda a: torch.rand_like(a) + a):
+        draws = torch.stack([lg.to_eager(fn(lg.lazy(x))) for _ in range(64)])
+        assert draws.shape == (64, *shape) and draws.dtype == x.dtype
+        assert draws.unique().numel() > 1  # a fresh draw each time
