@@ -309,3 +309,11 @@ def test_random_ops_on_scalars_in_kernels(fused_backend, shape):
         draws = torch.stack([lg.to_eager(fn(lg.lazy(x))) for _ in range(64)])
         assert draws.shape == (64, *shape) and draws.dtype == x.dtype
         assert draws.unique().numel() > 1  # a fresh draw each time
+
+
+def test_embedding_bag_with_strided_indices(backend):
+    w = torch.randn(10, 3)
+    idx = torch.randint(0, 10, (4, 6))[:, ::2]
+    check(lambda i, ww: F.embedding_bag(i, ww), idx, w)
+    check(lambda i, ww: F.embedding_bag(i, ww, mode="max"), idx.t(), w)
+    check(lambda i, ww: F.embedding_bag(i.reshape(-1), ww, torch.tensor([0, 5, 7])), idx, w)
