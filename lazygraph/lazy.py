@@ -124,9 +124,10 @@ def wrap(node: Node) -> LazyTensor:
 
 
 def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
-    """A LazyTensor whose value is `t` (a leaf of the graph). Keeps requires_grad."""
-    if isinstance(t, LazyTensor):
-        return t
+    """A LazyTensor whose value is `t` (a leaf of the graph). Keeps requires_grad. A sparse `t` is
+    returned as it is."""
+    if isinstance(t, LazyTensor) or t.layout is not torch.strided:
+        return t  # a sparse tensor stays eager: ops on it run in torch (see _extern)
     with _disable_current_modes():
         out = LazyTensor(ops.input_node(t.detach(), name))
     if t.requires_grad:
@@ -425,8 +426,9 @@ _EXTERN_ONLY = {aten.complex.default, aten.polar.default}
 
 
 def _has_complex(x) -> bool:
+    """Complex values, or sparse tensors: torch's decompositions are written for neither."""
     if isinstance(x, torch.Tensor):
-        return x.dtype.is_complex
+        return x.dtype.is_complex or x.layout is not torch.strided
     if isinstance(x, (list, tuple)):
         return any(_has_complex(e) for e in x)
     if isinstance(x, dict):
@@ -467,6 +469,8 @@ def _extern(func, args, kwargs):
     name = func._schema.name.split("::")[1]
     if name in DATA_DEPENDENT:
         return _graph_break(func, args, kwargs)
+    if _has_sparse((args, kwargs)):  # capture models strided tensors only: sparse ones run now
+        return _eager(func, args, kwargs)
     try:
         with _disable_current_modes():
             meta_out = func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
@@ -482,6 +486,8 @@ def _extern(func, args, kwargs):
     srcs = [node_of(t) if isinstance(t, LazyTensor) else _const(t) for t in tensors]
     device = srcs[0].device if srcs else ops.device_name(kwargs.get("device") or "cpu")
     outs = _flat_tensors(meta_out, [])
+    if any(m.layout is not torch.strided for m in outs):  # a sparse result (x.to_sparse_csr())
+        return _eager(func, args, kwargs)
     nodes = [ops.node(Op.EXTERN, srcs, tuple(m.shape), m.dtype, device, target=str(func), args=spec_args,
                       kwargs=spec_kwargs, index=i) for i, m in enumerate(outs)]
     it = iter(nodes)
@@ -503,7 +509,13 @@ def _eager(func, args, kwargs):
         if id(t) in written:
             assign(t, ops.input_node(real[id(t)]))
     back = {id(real[id(t)]): t for t in lazies}
-    return _map_tensors(out, lambda o: back[id(o)] if id(o) in back else lazy(o))
+    # a sparse result stays a plain tensor: a LazyTensor is strided
+    return _map_tensors(out, lambda o: back[id(o)] if id(o) in back else
+                        lazy(o) if o.layout is torch.strided else o)
+
+
+def _has_sparse(x) -> bool:
+    return any(t.layout is not torch.strided for t in _flat_tensors(x, []))
 
 
 def _graph_break(func, args, kwargs):

@@ -171,7 +171,7 @@ def run_extern(node: Node, args: Sequence[torch.Tensor]):
     fn = resolve_aten(node.attrs["target"])
     # contiguous, as the lazy tensors reported themselves: some kernels (embedding_bag's indices)
     # read their input as contiguous whatever its strides
-    args = [a if a.is_contiguous() else a.contiguous() for a in args]
+    args = [a if a.layout is not torch.strided or a.is_contiguous() else a.contiguous() for a in args]
     call_args = fill_placeholders(node.attrs["args"], args)
     call_kwargs = fill_placeholders(dict(node.attrs.get("kwargs", ())), args)
     return fn(*call_args, **call_kwargs)

@@ -317,3 +317,41 @@ def test_embedding_bag_with_strided_indices(backend):
     check(lambda i, ww: F.embedding_bag(i, ww), idx, w)
     check(lambda i, ww: F.embedding_bag(i, ww, mode="max"), idx.t(), w)
     check(lambda i, ww: F.embedding_bag(i.reshape(-1), ww, torch.tensor([0, 5, 7])), idx, w)
+
+
+def _sparse_case():
+    d = torch.randn(3, 4, dtype=torch.float64)
+    d[d.abs() < 0.5] = 0
+    return d, torch.randn(4, 2, dtype=torch.float64)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["csr", "coo"])
+def test_sparse_tensors_run_in_torch(backend, layout):
+    """Sparse values never enter a graph: ops on them run in torch, forward and backward."""
+    d, w = _sparse_case()
+    to_sparse = (lambda t: t.to_sparse_csr()) if layout == "csr" else (lambda t: t.to_sparse())
+    assert lg.lazy(to_sparse(d)).layout is not torch.strided  # stays eager
+    for lazy_sparse in (False, True):
+        sp, w_e = to_sparse(d).requires_grad_(), w.clone().requires_grad_()
+        out = torch.sparse.mm(sp, w_e)
+        (out * 2).sum().backward()
+        sp_l = to_sparse(d).requires_grad_()
+        if lazy_sparse:
+            sp_l = lg.lazy(sp_l)
+        w_l = lg.lazy(w.clone()).requires_grad_()
+        out_l = torch.sparse.mm(sp_l, w_l)
+        (out_l * 2).sum().backward()
+        torch.testing.assert_close(lg.to_eager(out_l), out.detach())
+        torch.testing.assert_close(lg.to_eager(w_l.grad), w_e.grad)
+        torch.testing.assert_close(sp_l.grad.to_dense(), sp.grad.to_dense())
+    # a lazy dense tensor made sparse: a plain sparse tensor with eager's values and gradient
+    x, xe = lg.lazy(d.clone()).requires_grad_(), d.clone().requires_grad_()
+    s, se = to_sparse(x * 1), to_sparse(xe * 1)
+    assert s.layout == se.layout and not lg.is_lazy(s)
+    (s.to_dense() * w[:, 0]).sum().backward()
+    (se.to_dense() * w[:, 0]).sum().backward()
+    torch.testing.assert_close(lg.to_eager(x.grad), xe.grad)
+    with lg.lazy_mode():
+        out = to_sparse(d) @ lg.lazy(w)
+    torch.testing.assert_close(lg.to_eager(out), d @ w)
