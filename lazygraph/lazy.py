@@ -471,6 +471,8 @@ def _extern(func, args, kwargs):
         return _graph_break(func, args, kwargs)
     if _has_sparse((args, kwargs)):  # capture models strided tensors only: sparse ones run now
         return _eager(func, args, kwargs)
+    if any(isinstance(v, torch.Generator) for v in kwargs.values()):
+        return _eager(func, args, kwargs)  # draws from the user's generator now, as eager does
     try:
         with _disable_current_modes():
             meta_out = func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))

@@ -330,7 +330,7 @@ def _relu(x):
     return ops.binary(Op.MAX, x, ops.scalar_like(0, x))
 
 
-@rule(aten.gelu.default)
+@rule(aten.gelu.default, approximate=("none", "tanh"))
 def _gelu(x, approximate="none"):
     half = ops.scalar_like(0.5, x)
     if approximate == "tanh":
@@ -343,7 +343,7 @@ def _gelu(x, approximate="none"):
     return ops.binary(Op.MUL, ops.binary(Op.MUL, half, x), ops.binary(Op.ADD, ops.scalar_like(1, x), t))
 
 
-@rule(aten.gelu_backward.default)
+@rule(aten.gelu_backward.default, approximate=("none", "tanh"))
 def _gelu_backward(grad, x, approximate="none"):
     if approximate == "tanh":
         k0, k1 = math.sqrt(2 / math.pi), 0.044715
@@ -1098,10 +1098,8 @@ def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse
     return ops.reshape(rows, indices.shape + (d,))
 
 
-@rule(aten.embedding_dense_backward.default)
+@rule(aten.embedding_dense_backward.default, scale_grad_by_freq=(False,))
 def _embedding_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
-    if scale_grad_by_freq:
-        raise NotImplementedError("embedding backward with scale_grad_by_freq")
     n, d = numel(indices.shape), grad.shape[-1]
     flat = ops.reshape(indices, (n, 1))
     g = ops.reshape(grad, (n, d))

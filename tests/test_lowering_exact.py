@@ -147,18 +147,45 @@ def _declared_values():
 
 @pytest.mark.parametrize("func,name,allowed", list(_declared_values()))
 def test_every_declared_value_is_checked(func, name, allowed):
-    """An argument value outside a rule's declaration is refused, whether passed by position or name."""
+    """A value outside a rule's declaration is refused, passed by position or by name."""
     schema = func._schema.arguments
     pos = [a.name for a in schema].index(name)
-    x = torch.randn(2, 3)
-    args = [x] * pos
-    assert lowering.undeclared(func, (), {}) is None or True
-    assert lowering.undeclared(func, tuple(args), {name: "not-a-declared-value"}) is not None
+    args = tuple(torch.randn(2, 3) for _ in range(pos))
+    assert lowering.undeclared(func, args, {name: "not-a-declared-value"}) is not None
     if not schema[pos].kwarg_only:
-        assert lowering.undeclared(func, tuple(args) + ("not-a-declared-value",), {}) is not None
-    ok = allowed[0] if not callable(allowed) else None
+        assert lowering.undeclared(func, args + ("not-a-declared-value",), {}) is not None
     if not callable(allowed):
-        assert lowering.undeclared(func, tuple(args), {name: ok}) is None
+        assert lowering.undeclared(func, args, {name: allowed[0]}) is None
+
+
+def _counted_extern(fn, *xs):
+    """fn on lazy inputs equals eager, and its call ran in torch (counted), not lowered."""
+    COUNTERS.clear()
+    check(fn, *xs)
+    assert COUNTERS["undeclared_calls"] >= 1
+
+
+def test_undeclared_argument_values_run_in_torch(backend):
+    x = torch.randn(4, 6, dtype=torch.float64)
+    _counted_extern(lambda a: torch.div(a, 0.3, rounding_mode="floor"), x)
+    _counted_extern(lambda a: torch.div(a, 3, rounding_mode="trunc"), x.to(torch.bfloat16))
+    _counted_extern(lambda a: a.to(torch.complex128).abs(), x)
+    _counted_extern(lambda a: torch.mul(a, 2 + 1j), x)
+    idx = torch.tensor([[0, 2, 2], [1, 2, 0]])
+    _counted_extern(lambda g: aten.embedding_dense_backward(g, idx, 5, -1, True), torch.randn(2, 3, 4))
+    for bad in (lambda: F.gelu(lg.lazy(x), approximate="exact"),
+                lambda: lg.lazy(x) & lg.lazy(x),
+                lambda: -lg.lazy(x > 0)):
+        with pytest.raises(RuntimeError):  # as eager
+            lg.to_eager(bad())
+    g = torch.Generator().manual_seed(3)
+    want = torch.rand(3, 2, generator=torch.Generator().manual_seed(3))
+    with lg.lazy_mode():
+        got = torch.rand(3, 2, generator=g)
+    torch.testing.assert_close(lg.to_eager(got), want)
+    p = torch.rand(5, 3)
+    got = torch.bernoulli(lg.lazy(p), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(lg.to_eager(got), torch.bernoulli(p, generator=torch.Generator().manual_seed(4)))
 
 
 # -- B: the bugs of issue 9 ----------------------------------------------------------------------
