@@ -18,6 +18,7 @@ The whole idea on one screen:
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import weakref
@@ -28,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops, views
+from . import lowering, ops, views
 from .counters import COUNTERS, GRAPH_BREAKS
 from .ir import DTYPE_NAMES, Graph, Node, Op, contiguous_strides
 from .lowering import RULES, Unhandled, undeclared
@@ -99,6 +100,8 @@ class LazyTensor(torch.Tensor):
     def __reduce_ex__(self, proto):
         return to_eager(self).__reduce_ex__(proto)
 
+
+lowering.STRIDED_TYPES[LazyTensor] = operator.attrgetter("_node.dtype")  # a node's dtype never changes
 
 _DEVICES: dict[str, torch.device] = {}
 

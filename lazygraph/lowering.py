@@ -88,17 +88,29 @@ def _bind(func) -> tuple:
     return bound
 
 
+_STRIDED = torch.strided
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+# tensor types that are always strided -> how to read their dtype quickly (lazy.py adds LazyTensor,
+# whose node's dtype is a plain attribute where Tensor.dtype is a slower property)
+STRIDED_TYPES: dict[type, Callable] = {}
+
+
 def _plain_ok(x, dtypes: frozenset) -> bool:
     """x is a value every rule may see: a strided real tensor of `dtypes`, a real scalar, ..."""
-    if isinstance(x, torch.Tensor):
-        return x.dtype in dtypes and x.layout is torch.strided
     t = type(x)
+    if t in _SCALARS:
+        return True
+    dtype_of = STRIDED_TYPES.get(t)
+    if dtype_of is not None:
+        return dtype_of(x) in dtypes
+    if isinstance(x, torch.Tensor):
+        return x.dtype in dtypes and x.layout is _STRIDED
     if t is list or t is tuple:
         return all(_plain_ok(e, dtypes) for e in x)
     if t is torch.dtype:
         return not x.is_complex
     if t is torch.layout:
-        return x is torch.strided
+        return x is _STRIDED
     return t is not complex and t is not torch.Generator
 
 
@@ -119,7 +131,13 @@ def _describe(x) -> str:
 def undeclared(func, args: tuple, kwargs: dict) -> str | None:
     """Why a call falls outside what func's rule declares it handles; None when it is inside."""
     dtypes, slots = _CHECKS.get(func) or _bind(func)
-    for x in args:
+    for x in args:  # the common case inline: lazy tensors and scalars (this runs once per recorded op)
+        t = type(x)
+        if t in _SCALARS:
+            continue
+        dtype_of = STRIDED_TYPES.get(t)
+        if dtype_of is not None and dtype_of(x) in dtypes:
+            continue
         if not _plain_ok(x, dtypes):
             return _describe(x)
     for x in kwargs.values():
