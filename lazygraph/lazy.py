@@ -249,18 +249,21 @@ def dispatch(func, args, kwargs):
 
 def _lowered(func, args, kwargs):
     if undeclared(func, args, kwargs) is not None:
-        # outside what the rule declares it handles exactly: torch runs it
-        COUNTERS["undeclared_calls"] += 1
-        return _extern(func, args, kwargs)
+        return _undeclared(func, args, kwargs)
     rule = RULES[func]
     try:
         out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
     except Unhandled:
-        COUNTERS["undeclared_calls"] += 1
-        return _extern(func, args, kwargs)
+        return _undeclared(func, args, kwargs)
     except NotImplementedError:
         return _fallback(func, args, kwargs)
     return _wrap_outputs(out)
+
+
+def _undeclared(func, args, kwargs):
+    """Arguments outside what the rule lowers exactly: torch runs the call (counted)."""
+    COUNTERS["undeclared_calls"] += 1
+    return _extern(func, args, kwargs)
 
 
 def _view(func, args, kwargs):
@@ -417,7 +420,7 @@ def _decomposed(func, args, kwargs):
 
 def _fallback(func, args, kwargs):
     """No rule: decompose if torch knows how, else run in torch as an EXTERN node."""
-    if func in DECOMPOSITIONS and func not in _EXTERN_ONLY and not _has_complex((args, kwargs)):
+    if func in DECOMPOSITIONS and func not in _EXTERN_ONLY and not _undecomposable((args, kwargs)):
         out = _decomposed(func, args, kwargs)
         if out is not NotImplemented:  # the decomposition declined these arguments
             return out
@@ -428,14 +431,14 @@ def _fallback(func, args, kwargs):
 _EXTERN_ONLY = {aten.complex.default, aten.polar.default}
 
 
-def _has_complex(x) -> bool:
-    """Complex values, or sparse tensors: torch's decompositions are written for neither."""
+def _undecomposable(x) -> bool:
+    """Complex values, or sparse tensors: decomposing them would capture views we cannot alias."""
     if isinstance(x, torch.Tensor):
         return x.dtype.is_complex or x.layout is not torch.strided
     if isinstance(x, (list, tuple)):
-        return any(_has_complex(e) for e in x)
+        return any(_undecomposable(e) for e in x)
     if isinstance(x, dict):
-        return any(_has_complex(e) for e in x.values())
+        return any(_undecomposable(e) for e in x.values())
     return isinstance(x, complex) or (isinstance(x, torch.dtype) and x.is_complex)
 
 
@@ -479,12 +482,12 @@ def _extern(func, args, kwargs):
     try:
         with _disable_current_modes():
             meta_out = func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
-    except (NotImplementedError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001
         if "meta" in str(e).lower() or "dynamic" in str(e).lower() or isinstance(e, NotImplementedError):
             return _graph_break(func, args, kwargs)
-        return _eager(func, args, kwargs)  # raises eager's own error, not the meta kernel's
-    except Exception:  # noqa: BLE001 (meta kernels raise AssertionError, ValueError, ... where eager
-        return _eager(func, args, kwargs)  # raises RuntimeError or IndexError: let eager say it)
+        # meta kernels raise AssertionError, ValueError, ... where eager raises RuntimeError or
+        # IndexError (or works: prims that broadcast): eager runs it, with its own error if any
+        return _eager(func, args, kwargs)
     tensors: list = []
     spec_args = _arg_spec(tuple(args), tensors)
     spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
@@ -514,9 +517,7 @@ def _eager(func, args, kwargs):
         if id(t) in written:
             assign(t, ops.input_node(real[id(t)]))
     back = {id(real[id(t)]): t for t in lazies}
-    # a sparse result stays a plain tensor: a LazyTensor is strided
-    return _map_tensors(out, lambda o: back[id(o)] if id(o) in back else
-                        lazy(o) if o.layout is torch.strided else o)
+    return _map_tensors(out, lambda o: back[id(o)] if id(o) in back else lazy(o))
 
 
 def _has_sparse(x) -> bool:

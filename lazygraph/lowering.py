@@ -3,7 +3,8 @@
 A rule takes the call's arguments with every tensor already replaced by its Node and returns
 a Node (or a tuple of Nodes, or a plain Python value). Rules exist for the ops models actually
 hit; anything else is decomposed by torch's own decomposition table, and what is left runs in
-torch as an EXTERN node (see lazy.py). View ops are not here: they live in views.py, because
+torch as an EXTERN node (see lazy.py). Each rule declares what it handles exactly (@rule(...,
+dtypes=..., argument=values), see Handles); a call outside that runs in torch too, never approximately. View ops are not here: they live in views.py, because
 they must also say how a write through the view lands in its base.
 """
 
@@ -48,9 +49,10 @@ INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch
 
 
 class Handles:
-    """A rule's declaration. Every rule handles strided tensors of real dtypes (`dtypes`, default
-    all of REAL_DTYPES), real Python scalars, and no generator; `values` maps an argument name to
-    the values the rule lowers exactly (a tuple, or a predicate)."""
+    """A rule's declaration, checked by undeclared() before the rule runs. Every tensor argument
+    must be strided with a dtype in `dtypes` (default REAL_DTYPES: no complex), scalars real, dtype
+    arguments real, no generator; `values` maps an argument name to the values the rule lowers
+    exactly (a tuple, or a predicate)."""
 
     __slots__ = ("dtypes", "values")
 
@@ -252,7 +254,8 @@ def _binary_rule(op: Op, kind: str = "arith"):
             dtype = torch.bool
         if rounding_mode is not None and dtype.is_floating_point and (
                 rounding_mode == "floor" or dtype not in (torch.float32, torch.float64)):
-            # eager floors (a - fmod(a, b)) / b, not a / b; half types truncate before rounding
+            # eager floors (a - fmod(a, b)) / b, not a / b; on half types a / b would be rounded
+            # to the half type before the trunc, where eager truncates first
             raise Unhandled(f"div(rounding_mode={rounding_mode!r}) on {dtype}")
         a, b = _operands(a, b, dtype)
         if alpha is not None and alpha != 1:

@@ -254,14 +254,16 @@ def test_nll_loss_and_cross_entropy_with_weights(backend, reduction):
     x = torch.randn(6, 5, dtype=torch.float64)
     t = torch.tensor([0, 2, 4, 2, 1, 3])
     w = torch.rand(5, dtype=torch.float64)
-    for kw in (dict(weight=w), dict(weight=w, ignore_index=2), dict(ignore_index=2), dict(weight=w, label_smoothing=0.2)):
+    cases = (dict(weight=w), dict(weight=w, ignore_index=2), dict(ignore_index=2),
+             dict(weight=w, label_smoothing=0.2))
+    for kw in cases:
         kw = dict(kw, reduction=reduction)
         if "weight" in kw:
-            check_grad(lambda a, ww: F.cross_entropy(a, t, **dict(kw, weight=ww)), x, w, grads=[True, False])
+            check_grad(lambda a, ww, kw=kw: F.cross_entropy(a, t, **dict(kw, weight=ww)), x, w, grads=[True, False])
         else:
-            check_grad(lambda a: F.cross_entropy(a, t, **kw), x)
+            check_grad(lambda a, kw=kw: F.cross_entropy(a, t, **kw), x)
         if "label_smoothing" not in kw:
-            check_grad(lambda a: F.nll_loss(F.log_softmax(a, 1), t, **kw), x)
+            check_grad(lambda a, kw=kw: F.nll_loss(F.log_softmax(a, 1), t, **kw), x)
     # every target ignored: mean is nan, the gradient 0 (eager writes no gradient for ignored rows)
     check_grad(lambda a: F.nll_loss(a, torch.tensor(2), ignore_index=2, reduction=reduction), x[0])
 
