@@ -3,9 +3,10 @@
 A rule takes the call's arguments with every tensor already replaced by its Node and returns
 a Node (or a tuple of Nodes, or a plain Python value). Rules exist for the ops models actually
 hit; anything else is decomposed by torch's own decomposition table, and what is left runs in
-torch as an EXTERN node (see lazy.py). Each rule declares what it handles exactly (@rule(...,
-dtypes=..., argument=values), see Handles); a call outside that runs in torch too, never approximately. View ops are not here: they live in views.py, because
-they must also say how a write through the view lands in its base.
+torch as an EXTERN node (see lazy.py). Each rule declares what it handles exactly
+(@rule(..., dtypes=..., argument=values), see Handles); a call outside that runs in torch too,
+never approximately. View ops are not here: they live in views.py, because they must also say
+how a write through the view lands in its base.
 """
 
 from __future__ import annotations
