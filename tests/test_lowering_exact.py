@@ -233,6 +233,8 @@ def test_complex_and_polar_run_in_torch(backend):
     check(torch.polar, a.abs(), b)
     check(lambda x: (x * 1j).abs(), a)
     check(lambda x: x.to(torch.complex64) + 1, a)
+    check_grad(lambda x, y: (torch.complex(x, y) * torch.tensor(1 + 2j)).abs(), a, b)
+    check_grad(lambda x, y: torch.polar(x.abs() + 0.1, y).abs() + torch.polar(x, y).real, a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
