@@ -67,6 +67,7 @@ def stats() -> dict[str, Any]:
         "flash_attention": c["flash_attention_fwd"] + c["flash_attention_bwd"],  # counted in triton_kernels too
         "kernel_fallbacks": c["kernel_fallbacks"],
         "extern_calls": c["extern_calls"],
+        "undeclared_calls": c["undeclared_calls"],  # calls a rule does not lower exactly: run in torch
         "extern_ops": dict(counters.EXTERN_OPS),
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),

@@ -200,7 +200,7 @@ class _Printer:
             return f"{s.var} = {a[0]}"
         if k == "rand":
             seed, lin = a
-            return f"{s.var} = tl.rand({seed}, ({lin}).to(tl.int32))"
+            return f"{s.var} = tl.rand({seed}, tl.cast({lin}, tl.int32))"  # lin is a plain 0 for a scalar
         if k == "op":
             return f"{s.var} = {self.op(a[0], a[1:], s.dtype, s)}"
         if k == "acc_init":
@@ -263,6 +263,8 @@ class _Printer:
     def op(self, op: Op, args: Sequence[str], dtype: torch.dtype, s: Stmt) -> str:
         if op in _UNARY:
             return _UNARY[op].format(*args)
+        if op is Op.ADD and dtype == torch.bool:  # i1 addition wraps (xor); eager's bool add saturates
+            return f"{args[0]} | {args[1]}"
         if op in _BINARY:
             return _BINARY[op].format(*args)
         src_dtypes = [self.dtypes.get(v) for v in args]

@@ -104,7 +104,7 @@ class CompiledProgram:
                 env.pop(dead, None)
         if checked:
             _raise_failed_checks(checked)
-        return [env[o.id] for o in self.result.graph.outputs]
+        return [_tensor(env[o.id]) for o in self.result.graph.outputs]  # an output may be a runtime scalar
 
     def _alloc(self, n: Node, raw: dict[int, torch.Tensor], reuse: dict[int, int]) -> torch.Tensor:
         size = numel(n.shape) * itemsize(n.dtype)

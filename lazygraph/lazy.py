@@ -19,6 +19,7 @@ The whole idea on one screen:
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import threading
@@ -30,10 +31,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops, strides, views
+from . import lowering, ops, strides, views
 from .counters import COUNTERS, GRAPH_BREAKS
 from .ir import DTYPE_NAMES, Graph, Node, Op, broadcast_shapes, contiguous_strides, fingerprint, numel
-from .lowering import META_CHECKED, RULES, NotImplementedForDtype, scalar_type_name
+from .lowering import META_CHECKED, RULES, NotImplementedForDtype, Unhandled, scalar_type_name, undeclared
 
 aten = torch.ops.aten
 
@@ -132,6 +133,8 @@ class LazyTensor(torch.Tensor):
         return to_eager(self).__reduce_ex__(proto)
 
 
+lowering.STRIDED_TYPES[LazyTensor] = operator.attrgetter("_node.dtype")  # a node's dtype never changes
+
 _DEVICES: dict[str, torch.device] = {}
 
 
@@ -156,9 +159,10 @@ def wrap(node: Node) -> LazyTensor:
 
 
 def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
-    """A LazyTensor whose value is `t` (a leaf of the graph). Keeps requires_grad."""
-    if isinstance(t, LazyTensor):
-        return t
+    """A LazyTensor whose value is `t` (a leaf of the graph). Keeps requires_grad. A sparse `t` is
+    returned as it is."""
+    if isinstance(t, LazyTensor) or t.layout is not torch.strided:
+        return t  # a sparse tensor stays eager: ops on it run in torch (see _extern)
     with _disable_current_modes():
         # like t.to(another device): a dense layout is kept, a strided one made dense in its order
         out = LazyTensor(ops.input_node(t.detach(), name), stride=_preserved(t))
@@ -339,6 +343,8 @@ def _note_source(e: Exception, func) -> None:
 
 
 def _lowered(func, args, kwargs):
+    if undeclared(func, args, kwargs) is not None:
+        return _undeclared(func, args, kwargs)
     rule = RULES[func]
     if func in META_CHECKED:
         _meta_check(func, args, kwargs)
@@ -346,9 +352,17 @@ def _lowered(func, args, kwargs):
         out = rule(*_to_nodes(args), **{k: _to_nodes(v) for k, v in kwargs.items()})
     except NotImplementedForDtype:
         raise
+    except Unhandled:
+        return _undeclared(func, args, kwargs)
     except NotImplementedError:
         return _fallback(func, args, kwargs)
     return _wrap_outputs(out)
+
+
+def _undeclared(func, args, kwargs):
+    """Arguments outside what the rule lowers exactly: torch runs the call (counted)."""
+    COUNTERS["undeclared_calls"] += 1
+    return _extern(func, args, kwargs)
 
 
 def _meta_check(func, args, kwargs) -> None:
@@ -359,7 +373,6 @@ def _meta_check(func, args, kwargs) -> None:
             func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
     except NotImplementedError:
         pass
-
 
 
 # -- layouts of fresh results (strides.py has the rules) --------------------------------------
@@ -527,7 +540,7 @@ def _functional_variant(func):
             if overload in packet.overloads():
                 return getattr(packet, overload)
     else:
-        packet = getattr(aten, name)
+        packet = getattr(aten, name, None)  # None for prims, ...: they run eagerly
     if packet is None:
         return None
     # the written `self` of an in-place op is the functional op's input; out= arguments are dropped
@@ -645,9 +658,26 @@ def _decomposed(func, args, kwargs):
 
 def _fallback(func, args, kwargs):
     """No rule: decompose if torch knows how, else run in torch as an EXTERN node."""
-    if func in DECOMPOSITIONS:
-        return _decomposed(func, args, kwargs)
+    if func in DECOMPOSITIONS and func not in _EXTERN_ONLY and not _undecomposable((args, kwargs)):
+        out = _decomposed(func, args, kwargs)
+        if out is not NotImplemented:  # the decomposition declined these arguments
+            return out
     return _extern(func, args, kwargs)
+
+
+# complex results are built by writing through real()/imag() views, which capture cannot alias
+_EXTERN_ONLY = {aten.complex.default, aten.polar.default}
+
+
+def _undecomposable(x) -> bool:
+    """Complex values, or sparse tensors: decomposing them would capture views we cannot alias."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype.is_complex or x.layout is not torch.strided
+    if isinstance(x, (list, tuple)):
+        return any(_undecomposable(e) for e in x)
+    if isinstance(x, dict):
+        return any(_undecomposable(e) for e in x.values())
+    return isinstance(x, complex) or (isinstance(x, torch.dtype) and x.is_complex)
 
 
 # ops whose output shape depends on the data: a graph break, never a wrong value
@@ -684,13 +714,19 @@ def _extern(func, args, kwargs):
     name = func._schema.name.split("::")[1]
     if name in DATA_DEPENDENT:
         return _graph_break(func, args, kwargs)
+    if _has_sparse((args, kwargs)):  # capture models strided tensors only: sparse ones run now
+        return _eager(func, args, kwargs)
+    if any(isinstance(v, torch.Generator) for v in kwargs.values()):
+        return _eager(func, args, kwargs)  # draws from the user's generator now, as eager does
     try:
         with _disable_current_modes():
             meta_out = func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
-    except (NotImplementedError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001
         if "meta" in str(e).lower() or "dynamic" in str(e).lower() or isinstance(e, NotImplementedError):
             return _graph_break(func, args, kwargs)
-        raise
+        # meta kernels raise AssertionError, ValueError, ... where eager raises RuntimeError or
+        # IndexError (or works: prims that broadcast): eager runs it, with its own error if any
+        return _eager(func, args, kwargs)
     tensors: list = []
     spec_args = _arg_spec(tuple(args), tensors)
     spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
@@ -699,6 +735,8 @@ def _extern(func, args, kwargs):
     # index: the output's place among the result's leaves, None included (a real run may return
     # an undefined tensor where meta returns an empty one; counting tensors only would shift)
     outs = [(i, m) for i, m in enumerate(_leaves(meta_out, [])) if isinstance(m, torch.Tensor)]
+    if any(m.layout is not torch.strided for _, m in outs):  # a sparse result (x.to_sparse_csr())
+        return _eager(func, args, kwargs)
     # the strides eager would hand the kernel: the runtime lays its inputs out so (it may trust them)
     layouts = tuple(tuple(t.stride()) for t in tensors)
     # grad mode as eager ran the kernel: some kernels keep state for backward only when it is on
@@ -741,6 +779,10 @@ def _eager(func, args, kwargs):
     return _map_tensors(out, lambda o: back[id(o)] if id(o) in back else lazy(o))
 
 
+def _has_sparse(x) -> bool:
+    return any(t.layout is not torch.strided for t in _flat_tensors(x, []))
+
+
 def _graph_break(func, args, kwargs):
     name = func._schema.name.split("::")[1]
     COUNTERS["graph_breaks"] += 1
@@ -771,8 +813,15 @@ def _metadata(func, args, kwargs):
         return func(*_map_tensors(args, _to_meta), **_map_tensors(kwargs, _to_meta))
 
 
+def _copy_to(func, args, kwargs):
+    # prims.copy_to(a, b), which torch's decompositions (diagonal_scatter, ...) emit, is a.copy_(b)
+    return dispatch(aten.copy_.default, args, kwargs)
+
+
 def _classify(func) -> Callable:
     name = func._schema.name.split("::")[1]
+    if func is torch.ops.prims.copy_to.default:
+        return _copy_to
     if func in RULES:
         if func in (aten.empty_strided.default, aten.new_empty_strided.default):
             return _empty_strided

@@ -3,8 +3,10 @@
 A rule takes the call's arguments with every tensor already replaced by its Node and returns
 a Node (or a tuple of Nodes, or a plain Python value). Rules exist for the ops models actually
 hit; anything else is decomposed by torch's own decomposition table, and what is left runs in
-torch as an EXTERN node (see lazy.py). View ops are not here: they live in views.py, because
-they must also say how a write through the view lands in its base.
+torch as an EXTERN node (see lazy.py). Each rule declares what it handles exactly
+(@rule(..., dtypes=..., argument=values), see Handles); a call outside that runs in torch too,
+never approximately. View ops are not here: they live in views.py, because they must also say
+how a write through the view lands in its base.
 """
 
 from __future__ import annotations
@@ -26,13 +28,130 @@ prims = torch.ops.prims
 RULES: dict[Any, Callable] = {}
 
 
-def rule(*overloads):
+def rule(*overloads, dtypes: frozenset | None = None, **values):
+    """Register a rule for `overloads`, with what it handles exactly (see Handles)."""
+
     def register(fn):
         for o in overloads:
             RULES[o] = fn
+            if dtypes is not None or values:
+                declare(o, dtypes=dtypes, **values)
         return fn
 
     return register
+
+
+# ---------------------------------------------------------------------------------------------
+# what a rule handles: any other call runs in torch (an EXTERN node), never approximately
+# ---------------------------------------------------------------------------------------------
+
+REAL_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                         torch.int16, torch.int8, torch.uint8, torch.bool})
+INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
+
+
+class Handles:
+    """A rule's declaration, checked by undeclared() before the rule runs. Every tensor argument
+    must be strided with a dtype in `dtypes` (default REAL_DTYPES: no complex), scalars real, dtype
+    arguments real, no generator; `values` maps an argument name to the values the rule lowers
+    exactly (a tuple, or a predicate)."""
+
+    __slots__ = ("dtypes", "values")
+
+    def __init__(self, dtypes: frozenset = REAL_DTYPES, values: dict | None = None):
+        self.dtypes, self.values = dtypes, values or {}
+
+
+DEFAULT_HANDLES = Handles()
+HANDLES: dict[Any, Handles] = {}  # overload -> its declaration (absent: DEFAULT_HANDLES)
+# overload -> (dtypes, [(position, name, default, allowed)]), the declaration bound to its schema
+_CHECKS: dict[Any, tuple] = {}
+
+
+def declare(overload, *, dtypes: frozenset | None = None, **values) -> None:
+    HANDLES[overload] = Handles(dtypes or REAL_DTYPES, values)
+    _CHECKS.pop(overload, None)
+
+
+class Unhandled(NotImplementedError):
+    """Raised by a rule for arguments it does not lower exactly when the test needs more than one
+    argument (a dtype and a mode together): torch runs the call, as for an undeclared one."""
+
+
+def _bind(func) -> tuple:
+    h = HANDLES.get(func, DEFAULT_HANDLES)
+    slots = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.name in h.values:
+            default = a.default_value if a.has_default_value() else None
+            slots.append((i if not a.kwarg_only else 1 << 30, a.name, default, h.values[a.name]))
+    missing = set(h.values) - {name for _, name, _, _ in slots}
+    if missing:
+        raise TypeError(f"lowering: {func} declares values for {sorted(missing)}, not in its schema")
+    _CHECKS[func] = bound = (h.dtypes, slots)
+    return bound
+
+
+_STRIDED = torch.strided
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+# tensor types that are always strided -> how to read their dtype quickly (lazy.py adds LazyTensor,
+# whose node's dtype is a plain attribute where Tensor.dtype is a slower property)
+STRIDED_TYPES: dict[type, Callable] = {}
+
+
+def _plain_ok(x, dtypes: frozenset) -> bool:
+    """x is a value every rule may see: a strided real tensor of `dtypes`, a real scalar, ..."""
+    t = type(x)
+    if t in _SCALARS:
+        return True
+    dtype_of = STRIDED_TYPES.get(t)
+    if dtype_of is not None:
+        return dtype_of(x) in dtypes
+    if isinstance(x, torch.Tensor):
+        return x.dtype in dtypes and x.layout is _STRIDED
+    if t is list or t is tuple:
+        return all(_plain_ok(e, dtypes) for e in x)
+    if t is torch.dtype:
+        return not x.is_complex
+    if t is torch.layout:
+        return x is _STRIDED
+    return t is not complex and t is not torch.Generator
+
+
+def _allowed(v, allowed) -> bool:
+    if callable(allowed):
+        return allowed(v)
+    return not isinstance(v, torch.Tensor) and v in allowed
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):  # never repr(): a lazy tensor would run its graph
+        return f"a {x.layout} {x.dtype} tensor"
+    if isinstance(x, (list, tuple)):
+        return ", ".join(_describe(e) for e in x if not _plain_ok(e, REAL_DTYPES)) or "a tensor list"
+    return repr(x)[:80]
+
+
+def undeclared(func, args: tuple, kwargs: dict) -> str | None:
+    """Why a call falls outside what func's rule declares it handles; None when it is inside."""
+    dtypes, slots = _CHECKS.get(func) or _bind(func)
+    for x in args:  # the common case inline: lazy tensors and scalars (this runs once per recorded op)
+        t = type(x)
+        if t in _SCALARS:
+            continue
+        dtype_of = STRIDED_TYPES.get(t)
+        if dtype_of is not None and dtype_of(x) in dtypes:
+            continue
+        if not _plain_ok(x, dtypes):
+            return _describe(x)
+    for x in kwargs.values():
+        if not _plain_ok(x, dtypes):
+            return _describe(x)
+    for i, name, default, allowed in slots:
+        v = args[i] if i < len(args) else kwargs.get(name, default)
+        if not _allowed(v, allowed):
+            return f"{name}={v!r:.80}"
+    return None
 
 
 _REAL = (int, float, bool)
@@ -159,6 +278,8 @@ for _packet, _op in _FLOAT_UNARY.items():
     RULES[_packet.default] = _unary_rule(_op, True)
 for _packet, _op in _SAME_UNARY.items():
     RULES[_packet.default] = _unary_rule(_op, False)
+declare(aten.neg.default, dtypes=REAL_DTYPES - {torch.bool})  # eager raises on bool
+declare(aten.abs.default, dtypes=REAL_DTYPES - {torch.bool})
 
 
 @rule(aten.isnan.default)
@@ -171,7 +292,7 @@ def _logical_not(x):
     return ops.unary(Op.NOT, ops.cast(x, torch.bool))
 
 
-@rule(aten.bitwise_not.default)
+@rule(aten.bitwise_not.default, dtypes=INT_DTYPES)
 def _bitwise_not(x):
     if x.dtype == torch.bool:
         return ops.unary(Op.NOT, x)
@@ -188,14 +309,19 @@ def _binary_rule(op: Op, kind: str = "arith"):
             dtype = _float_dtype(dtype)
         if kind == "logical":
             dtype = torch.bool
+        if rounding_mode is not None and dtype.is_floating_point and (
+                rounding_mode == "floor" or dtype not in (torch.float32, torch.float64)):
+            # eager floors (a - fmod(a, b)) / b, not a / b; on half types a / b would be rounded
+            # to the half type before the trunc, where eager truncates first
+            raise Unhandled(f"div(rounding_mode={rounding_mode!r}) on {dtype}")
         a, b = _operands(a, b, dtype)
         if alpha is not None and alpha != 1:
             b = ops.binary(Op.MUL, b, ops.scalar_like(alpha, b))
         out = ops.binary(op, a, b, dtype)
-        if kind == "truediv" and rounding_mode == "floor":
-            if not dtype.is_floating_point:
-                return _int_floor_div(a, b, out)
-            out = ops.unary(Op.FLOOR, out)
+        if rounding_mode == "floor":
+            return _int_floor_div(a, b, out)
+        if rounding_mode == "trunc" and dtype.is_floating_point:
+            out = ops.unary(Op.TRUNC, out)  # eager: trunc(a / b)
         return out
 
     return lower
@@ -226,6 +352,11 @@ for _packet, (_op, _kind) in _BINARY_TABLE.items():
                   "Tensor_Scalar", "Scalar_Tensor"):
         if _name in _packet.overloads():
             RULES[getattr(_packet, _name)] = _binary_rule(_op, _kind)
+for _o in (aten.div.Tensor_mode, aten.div.Scalar_mode):
+    declare(_o, rounding_mode=(None, "trunc", "floor"))
+for _packet in (aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor):
+    for _name in ("Tensor", "Scalar"):
+        declare(getattr(_packet, _name), dtypes=INT_DTYPES)  # eager raises on floats
 
 _sub = RULES[aten.sub.Tensor]
 
@@ -361,7 +492,7 @@ def _relu(x):
     return ops.binary(Op.MAX, x, ops.scalar_like(0, x))
 
 
-@rule(aten.gelu.default)
+@rule(aten.gelu.default, approximate=("none", "tanh"))
 def _gelu(x, approximate="none"):
     half = ops.scalar_like(0.5, x)
     if approximate == "tanh":
@@ -374,7 +505,7 @@ def _gelu(x, approximate="none"):
     return ops.binary(Op.MUL, ops.binary(Op.MUL, half, x), ops.binary(Op.ADD, ops.scalar_like(1, x), t))
 
 
-@rule(aten.gelu_backward.default)
+@rule(aten.gelu_backward.default, approximate=("none", "tanh"))
 def _gelu_backward(grad, x, approximate="none"):
     if approximate == "tanh":
         k0, k1 = math.sqrt(2 / math.pi), 0.044715
@@ -719,7 +850,9 @@ def _native_dropout(x, p, train):
 
 @rule(aten.native_dropout_backward.default)
 def _native_dropout_backward(grad, mask, scale):
-    return ops.binary(Op.MUL, ops.binary(Op.MUL, grad, ops.cast(mask, grad.dtype)), ops.scalar_like(scale, grad))
+    dtype = _dtypes(grad, scale)  # an integer grad times a float scale is float, as eager
+    grad = ops.cast(grad, dtype)
+    return ops.binary(Op.MUL, ops.binary(Op.MUL, grad, ops.cast(mask, dtype)), ops.scalar_like(scale, grad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -813,7 +946,7 @@ def _minmax_rule(op: Op):
                                "argument.")
         axes = _axes(x, dim)
         for a in axes:
-            if x.shape[a] == 0:
+            if x.ndim and x.shape[a] == 0:
                 raise IndexError(f"a{name}(): Expected reduction dim {a} to have non-zero size.")
         return _finish(x, ops.reduce(op, x, axes), axes, keepdim)
 
@@ -840,13 +973,16 @@ def _arg_rule(op: Op):
 
 RULES[aten.argmax.default] = _arg_rule(Op.ARGMAX)
 RULES[aten.argmin.default] = _arg_rule(Op.ARGMIN)
+declare(aten.argmax.default, dtypes=REAL_DTYPES - {torch.bool})  # eager raises on bool
+declare(aten.argmin.default, dtypes=REAL_DTYPES - {torch.bool})
 
 
 def _minmax_dim_rule(value_op: Op, index_op: Op):
     def lower(x, dim, keepdim=False):
         axes = _axes(x, dim)
+        keys = ops.cast(x, torch.uint8) if x.dtype == torch.bool else x  # same order, same first index
         return (_finish(x, ops.reduce(value_op, x, axes), axes, keepdim),
-                _finish(x, ops.reduce(index_op, x, axes), axes, keepdim))
+                _finish(x, ops.reduce(index_op, keys, axes), axes, keepdim))
 
     return lower
 
@@ -911,10 +1047,8 @@ def _log_softmax_backward(grad, y, dim, input_dtype):
     return ops.cast(ops.binary(Op.SUB, grad, ops.binary(Op.MUL, p, ops.expand(s, p.shape))), input_dtype)
 
 
-@rule(aten.nll_loss_forward.default)
+@rule(aten.nll_loss_forward.default, reduction=(0, 1, 2))
 def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
-    if weight is not None:
-        raise NotImplementedError("nll_loss with class weights")
     if target.ndim > 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     check_index_values(target, logp.shape[-1], lambda t: IndexError(f"Target {t} is out of bounds."),
@@ -922,13 +1056,11 @@ def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
     flat_logp = logp if logp.ndim == 2 else ops.reshape(logp, (1, logp.shape[0]))
     flat_t = target if target.ndim == 1 else ops.reshape(target, (1,))
     n = flat_t.shape[0]
-    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
-    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    safe_t, valid, w = _nll_target_weights(flat_t, weight, ignore_index, logp.dtype)
     picked = ops.gather(flat_logp, 1, ops.reshape(safe_t, (n, 1)))
     picked = ops.reshape(picked, (n,))
-    losses = ops.where(valid, ops.unary(Op.NEG, picked), ops.scalar_like(0, picked))
-    count = ops.reduce(Op.SUM, ops.cast(valid, logp.dtype), (0,))
-    count = ops.reshape(count, ())
+    losses = ops.binary(Op.MUL, ops.unary(Op.NEG, picked), w)
+    count = ops.reshape(ops.reduce(Op.SUM, w, (0,)), ())  # eager's total_weight
     if reduction == 0:  # none
         return (losses if target.ndim == 1 else ops.reshape(losses, ())), ops.full(0, (), logp.dtype, logp.device)
     total = ops.reshape(ops.reduce(Op.SUM, losses, (0,)), ())
@@ -937,22 +1069,33 @@ def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
     return total, count
 
 
-@rule(aten.nll_loss_backward.default)
+@rule(aten.nll_loss_backward.default, reduction=(0, 1, 2))
 def _nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, total_weight):
     flat_shape = logp.shape if logp.ndim == 2 else (1, logp.shape[0])
     flat_t = target if target.ndim == 1 else ops.reshape(target, (1,))
     n, c = flat_shape
-    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
-    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    safe_t, valid, w = _nll_target_weights(flat_t, weight, ignore_index, logp.dtype)
     cls = ops.iota(flat_shape, 1, torch.int64, logp.device)
     onehot = ops.binary(Op.EQ, cls, ops.expand(ops.reshape(safe_t, (n, 1)), flat_shape))
+    # ignored rows get no gradient at all (not -0 * g, which is nan when every row is ignored)
     onehot = ops.binary(Op.AND, onehot, ops.expand(ops.reshape(valid, (n, 1)), flat_shape))
     g = grad if reduction == 0 else ops.reshape(grad, (1,))
     if reduction == 1:
         g = ops.binary(Op.DIV, g, ops.cast(ops.reshape(total_weight, (1,)), g.dtype))
-    g = ops.expand(ops.reshape(g, (n if reduction == 0 else 1, 1)), flat_shape)
-    out = ops.where(onehot, ops.unary(Op.NEG, g), ops.scalar_like(0, g), logp.dtype)
+    g = ops.binary(Op.MUL, ops.unary(Op.NEG, ops.expand(g, (n,))), w)  # -w[t] * g; 0 where ignored
+    g = ops.expand(ops.reshape(g, (n, 1)), flat_shape)
+    out = ops.where(onehot, g, ops.scalar_like(0, g), logp.dtype)
     return ops.reshape(out, logp.shape)
+
+
+def _nll_target_weights(flat_t: Node, weight, ignore_index: int, dtype: torch.dtype) -> tuple[Node, Node, Node]:
+    """(target with ignored entries made 0, not-ignored mask, each entry's weight: weight[t], 0 where ignored)."""
+    valid = ops.binary(Op.NE, flat_t, ops.scalar_like(ignore_index, flat_t))
+    safe_t = ops.where(valid, flat_t, ops.scalar_like(0, flat_t))
+    if weight is None:
+        return safe_t, valid, ops.cast(valid, dtype)
+    w = ops.gather(ops.cast(weight, dtype), 0, safe_t)
+    return safe_t, valid, ops.where(valid, w, ops.scalar_like(0, w))
 
 
 @rule(aten.native_layer_norm.default)
@@ -974,7 +1117,17 @@ def _native_layer_norm(x, normalized_shape, weight, bias, eps):
         y = ops.binary(Op.MUL, y, ops.cast(weight, compute))
     if bias is not None:
         y = ops.binary(Op.ADD, y, ops.cast(bias, compute))
-    return ops.cast(y, x.dtype), mean, rstd
+    stats = _layer_norm_stats_dtype(x, weight, bias, compute)
+    return ops.cast(y, x.dtype), ops.cast(mean, stats), ops.cast(rstd, stats)
+
+
+def _layer_norm_stats_dtype(x: Node, weight, bias, compute: torch.dtype) -> torch.dtype:
+    """Eager's dtype for mean/rstd: on CPU the input's, or float32 when the parameters are float32
+    ("mixed type"); on CUDA always the compute type."""
+    if x.device.startswith("cuda") or compute == x.dtype:
+        return compute
+    params = [p for p in (weight, bias) if p is not None]
+    return torch.float32 if params and params[0].dtype == torch.float32 else x.dtype
 
 
 def _check_layer_norm(x: Node, normalized_shape, weight, bias) -> None:
@@ -1103,6 +1256,9 @@ def _gather(x, dim, index, sparse_grad=False):
     dim = wrap_dim(dim, x.ndim)
     check_index_values(index, _dim_size(x, dim), lambda i: RuntimeError(
         f"index {i} is out of bounds for dimension {dim} with size {_dim_size(x, dim)}"))
+    if x.ndim == 0:  # a scalar: the index (0-d or one element) can only pick it
+        return ops.reshape(ops.gather(ops.reshape(x, (1,)), 0, ops.reshape(index, (numel(index.shape),))),
+                           index.shape)
     return ops.gather(x, dim, index)
 
 
@@ -1124,6 +1280,8 @@ def _index_select(x, dim, index):
     if index.ndim > 1:
         raise IndexError("index_select(): Index is supposed to be a vector")
     check_index_values(index, _dim_size(x, dim), lambda i: IndexError("index out of range in self"))
+    if x.ndim == 0:  # eager's result is 0-d too
+        return ops.reshape(_gather(x, 0, index), ())
     idx = index if index.ndim == 1 else ops.reshape(index, (numel(index.shape),))
     shape = x.shape[:dim] + (idx.shape[0],) + x.shape[dim + 1:]
     view = [1] * x.ndim
@@ -1146,10 +1304,8 @@ def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse
     return ops.reshape(rows, indices.shape + (d,))
 
 
-@rule(aten.embedding_dense_backward.default)
+@rule(aten.embedding_dense_backward.default, scale_grad_by_freq=(False,))
 def _embedding_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
-    if scale_grad_by_freq:
-        raise NotImplementedError("embedding backward with scale_grad_by_freq")
     n, d = numel(indices.shape), grad.shape[-1]
     flat = ops.reshape(indices, (n, 1))
     g = ops.reshape(grad, (n, d))

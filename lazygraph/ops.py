@@ -185,6 +185,8 @@ def reduce(op: Op, x: Node, axes: Sequence[int], dtype: torch.dtype | None = Non
     dtype = dtype or x.dtype
     shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
     if not axes:
+        if op in (Op.ARGMAX, Op.ARGMIN):  # a 0-d tensor: its only element is at index 0
+            return full(0, shape, dtype, x.device)
         return cast(x, dtype)
     return node(op, (x,), shape, dtype, x.device, axes=axes)
 

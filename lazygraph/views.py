@@ -173,6 +173,8 @@ def _diagonal(shape: Shape, offset=0, dim1=0, dim2=1):
 
 
 def _unfold(shape: Shape, dim, size, step):
+    if not shape:  # a scalar unfolds to its one window of one element
+        return [("strided", (size,), (1,), 0)]
     dim = _dim(dim, len(shape))
     strides = _contig(shape)
     count = (shape[dim] - size) // step + 1
