@@ -354,9 +354,6 @@ for _packet, (_op, _kind) in _BINARY_TABLE.items():
             RULES[getattr(_packet, _name)] = _binary_rule(_op, _kind)
 for _o in (aten.div.Tensor_mode, aten.div.Scalar_mode):
     declare(_o, rounding_mode=(None, "trunc", "floor"))
-for _packet in (aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor):
-    for _name in ("Tensor", "Scalar"):
-        declare(getattr(_packet, _name), dtypes=INT_DTYPES)  # eager raises on floats
 
 _sub = RULES[aten.sub.Tensor]
 
