@@ -293,8 +293,8 @@ class _Printer:
                 return f"{args[0]} != 0"
             v = f"{args[0]}.to(tl.int8)" if src == torch.bool else args[0]  # i1 converts badly to floats
             if dtype in (torch.float16, torch.bfloat16):  # round like eager, keep computing in fp32
-                if src is not None and not src.is_floating_point:
-                    v = f"{v}.to(tl.float32)"  # via fp32: the interpreter's direct int -> bf16 is wrong
+                if src is not None and (not src.is_floating_point or src == torch.float64):
+                    v = f"{v}.to(tl.float32)"  # via fp32: the interpreter's direct int/f64 -> bf16 is wrong
                 if dtype == torch.bfloat16 and self.bf16_by_hand:
                     return _bf16_rne(v)
                 return f"{v}.to({_TL_TYPES[dtype]}).to(tl.float32)"

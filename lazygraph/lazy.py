@@ -44,12 +44,13 @@ class Storage:
     `strides`: the base's layout, None for contiguous (else dense: its memory order matters to
     as_strided, which addresses the storage)."""
 
-    __slots__ = ("node", "version", "strides", "__weakref__")
+    __slots__ = ("node", "version", "strides", "partial", "__weakref__")
 
     def __init__(self, node: Node, strides: tuple | None = None):
         self.node = node
         self.version = 0
         self.strides = strides
+        self.partial = False  # captured from an eager view of part of a larger storage (see _as_strided)
 
 
 class _Live(threading.local):
@@ -168,6 +169,7 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
         out = LazyTensor(ops.input_node(t.detach(), name), stride=_preserved(t))
     out._node.fingerprint = fingerprint(t)
     out._node.source = user_source()  # errors about this input name the line that made it lazy
+    out._storage.partial = t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size()
     if t.requires_grad:
         out.requires_grad_(True)
     return out
@@ -480,6 +482,12 @@ def _as_strided(x: LazyTensor, size, stride, storage_offset=None):
     offset = x.storage_offset() if storage_offset is None else storage_offset
     size, stride = tuple(size), tuple(stride)
     st = x._storage
+    if st.partial:
+        # eager's as_strided would address the larger storage the captured view came from; the lazy
+        # tensor holds the view's values only, so any answer here could be silently wrong
+        raise NotImplementedError("lazygraph: as_strided on a lazy tensor made from a view of part of a larger "
+                                  "storage is not supported: make the view contiguous before lazy(), or call "
+                                  "as_strided on the base tensor")
     have = numel(st.node.shape)
     need = strides.storage_span(size, stride, offset)
     if need > have:
@@ -541,6 +549,11 @@ def _functional_variant(func):
                 return getattr(packet, overload)
     else:
         packet = getattr(aten, name, None)  # None for prims, ...: they run eagerly
+        if not all(a.name.startswith("out") or a.name in ("values", "indices")
+                   for a in func._schema.arguments if a.alias_info and a.alias_info.is_write):
+            # neither in-place nor out=: it writes some inputs as a side effect (batch norm's running
+            # stats), and no overload with the other arguments computes the same: it runs eagerly
+            return None
     if packet is None:
         return None
     # the written `self` of an in-place op is the functional op's input; out= arguments are dropped
@@ -727,6 +740,9 @@ def _extern(func, args, kwargs):
         # meta kernels raise AssertionError, ValueError, ... where eager raises RuntimeError or
         # IndexError (or works: prims that broadcast): eager runs it, with its own error if any
         return _eager(func, args, kwargs)
+    if not all(m.dtype in DTYPE_NAMES for m in _flat_tensors(meta_out, [])) or \
+            not all(d in DTYPE_NAMES for d in _dtype_args((args, kwargs))):
+        return _eager(func, args, kwargs)  # a dtype the IR has no name for (complex32): torch runs it now
     tensors: list = []
     spec_args = _arg_spec(tuple(args), tensors)
     spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
@@ -746,6 +762,16 @@ def _extern(func, args, kwargs):
                       kwargs=spec_kwargs, index=i, strides=layouts, **grad) for i, m in outs]
     it = iter(nodes)
     return _map_tensors(meta_out, lambda m: LazyTensor(next(it), stride=_extern_layout(m)))
+
+
+def _dtype_args(x) -> list:
+    if isinstance(x, torch.dtype):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [d for e in x for d in _dtype_args(e)]
+    if isinstance(x, dict):
+        return _dtype_args(list(x.values()))
+    return []
 
 
 def _extern_layout(m: torch.Tensor) -> tuple | None:
@@ -857,6 +883,8 @@ def _load_decompositions() -> dict:
     # a no-op cast the same tensor and a flatten a view, as in eager
     for op in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.flatten.using_ints):
         table[op] = op.decompose
+    # geometric's decomposition draws its uniforms in self's dtype: all zeros for integer tensors
+    table.pop(aten.geometric.default, None)
     return table
 
 

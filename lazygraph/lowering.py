@@ -736,6 +736,9 @@ def _arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
         dtype = torch.int64 if all(isinstance(v, int) for v in values) else torch.get_default_dtype()
     n = max(0, math.ceil((end - start) / step))
     dev = _factory_device(device)
+    if dtype in (torch.float16, torch.bfloat16):
+        # eager's kernel adds i * step in the half type, in vector-sized chunks: torch runs it
+        raise Unhandled("arange in a half-precision type")
     idx = ops.iota((n,), 0, torch.int64 if not dtype.is_floating_point else torch.float64, dev)
     out = idx
     if step != 1:
@@ -893,7 +896,7 @@ def _mean(x, dim=None, keepdim=False, dtype=None):
     axes = _axes(x, dim)
     dt = dtype or x.dtype
     s = ops.reduce(Op.SUM, x, axes, dt)
-    count = numel(tuple(x.shape[a] for a in axes))
+    count = numel(tuple(x.shape[a] for a in axes if a < x.ndim))  # a 0-d input's dim 0 counts 1
     return _finish(x, ops.binary(Op.DIV, s, ops.scalar_like(count, s)), axes, keepdim)
 
 
