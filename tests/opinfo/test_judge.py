@@ -63,3 +63,6 @@ def test_gaps_are_strict(monkeypatch):
     assert stale == [("b", "", "float32", "forward")]
     assert [r.name for r in listed] == ["a"]
     assert runner.check_gaps(results, check_stale=False)[1] == []
+    # a wrong sample is never covered, not even by a 'wrong' entry
+    unlisted, _, _ = runner.check_gaps([_result("b", "wrong")], check_stale=True)
+    assert [(r.name, r.status) for r in unlisted] == [("b", "wrong")]
