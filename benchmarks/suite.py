@@ -275,6 +275,47 @@ class GPT2TrainStep(Step):
         return [o.detach() for o in outputs]
 
 
+# -- a Hugging Face GPT-2 with its own (eager) attention: the model nobody here wrote ---------------------
+
+
+def _hf_gpt2_inputs(d, dtype, device, gen):
+    ids = torch.randint(0, d["V"], (d["B"], d["T"]), generator=gen, device=device)
+    mask = torch.ones(d["B"], d["T"], dtype=torch.long, device=device)
+    mask[0, : d["T"] // 4] = 0  # left padding on one row: the padding mask reaches the attention
+    return [ids, mask]
+
+
+class HFGPT2TrainStep(Step):
+    """transformers' GPT2LMHeadModel, attn_implementation="eager" (HF's own softmax(QK^T / s + mask) V),
+    left-padded batch: zero_grad, loss, backward, AdamW. Compares the loss and the grads."""
+
+    def __init__(self, backend: str, d: Dims, dtype: torch.dtype, device: torch.device):
+        try:
+            import transformers
+        except ImportError as e:
+            raise Unavailable("transformers is not installed (pip install transformers)") from e
+        cfg = transformers.GPT2Config(vocab_size=d["V"], n_positions=d["T"], n_embd=d["C"], n_layer=d["L"],
+                                      n_head=d["H"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      attn_implementation="eager")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            model = transformers.GPT2LMHeadModel(cfg).to(device=device, dtype=dtype)
+        self.backend = backend
+        self.params = list(model.parameters())
+        self.n_compare = 1 + len(self.params)
+        self.model = {"torch.compile": torch.compile, "lazygraph": lazygraph.compile}.get(backend, lambda m: m)(model)
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.1)
+
+    def run(self, args):
+        ids, mask = args
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        grads = [p.grad for p in self.params]
+        self.opt.step()
+        return [loss] + grads
+
+
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("attn_scores", "softmax(scale * scores, causal mask), forward",
              {"small": dict(B=2, H=3, T=17), "large": dict(B=8, H=12, T=1024)},
@@ -295,4 +336,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              {"small": dict(B=2, T=16, L=2, C=32, H=2, V=64),
               "large": dict(B=8, T=1024, L=12, C=768, H=12, V=50257)},
              _gpt2_inputs, make_step=GPT2TrainStep),
+    Workload("hf_gpt2_step", "transformers GPT-2, eager attention, padding mask: training step",
+             {"small": dict(B=2, T=16, L=2, C=32, H=4, V=64),
+              "large": dict(B=8, T=1024, L=12, C=768, H=12, V=50257)},
+             _hf_gpt2_inputs, make_step=HFGPT2TrainStep),
 ]}

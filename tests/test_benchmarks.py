@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import lazygraph
 from benchmarks import __main__ as bench
 from benchmarks import harness, suite
 
@@ -166,3 +167,16 @@ def test_a_lazygraph_fallback_warning_is_reported(monkeypatch):
     cpu = torch.device("cpu")
     rows = harness.run_case(workload, "small", torch.float32, cpu, opts, ("eager", "lazygraph"))
     assert "running Thing eagerly" in rows[1].reason
+
+
+def test_hf_gpt2_with_eager_attention_matches_and_launches_flash_attention():
+    """The benchmark row of a model nobody here wrote: HF GPT-2, its own eager attention, a padded row."""
+    pytest.importorskip("transformers")
+    opts = harness.Options(repeat=1, warmup=0)
+    before = lazygraph.stats()["flash_attention"]
+    rows = harness.run_case(suite.WORKLOADS["hf_gpt2_step"], "small", torch.float32, torch.device("cpu"), opts,
+                            ("eager", "lazygraph"))
+    eager, lazy = rows
+    assert {r.status for r in rows} == {"ok"}, [(r.status, r.reason) for r in rows]
+    assert lazy.max_error < 1e-4 and lazy.kernels < eager.kernels
+    assert lazygraph.stats()["flash_attention"] > before  # HF's explicit attention became the flash op
