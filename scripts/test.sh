@@ -2,4 +2,5 @@
 # The test command from the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pytest -q "$@"
+# -q comes from pyproject.toml's addopts; a second -q would hide the closing "N passed" line
+python3 -m pytest "$@"
