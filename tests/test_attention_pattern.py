@@ -64,6 +64,17 @@ def test_forward_attention_becomes_one_node(kind, shape_q, shape_kv):
     torch.testing.assert_close(lg.to_eager(y), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_fill_of_any_size_still_matches():
+    """GPT-2 small at B=8, T=1024 spells its -inf fill as a full of B x H x T x T, more elements than
+    any constant a pass may evaluate: the fill's value decides, never its size. Only recorded and
+    passed over here; nothing of that size runs."""
+    q, k, v = (lg.lazy(torch.randn(8, 2, 1100, 8)) for _ in range(3))
+    y = explicit(q, k, v, "buffer")
+    assert max(n.shape and math.prod(n.shape) for n in lg.graph(y).nodes) > 1 << 24
+    after = run_pipeline(lg.graph(y)).graph
+    assert count(after, Op.ATTENTION) == 1 and count(after, Op.MATMUL) == 0, after.text()
+
+
 def test_graph_built_mask_runs_the_flash_kernel():
     want, y = eager_and_lazy((1, 2, 17, 16), (1, 2, 17, 16), "lazy_tril")
     torch.testing.assert_close(lg.to_eager(y), want, rtol=1e-5, atol=1e-5)

@@ -175,6 +175,10 @@ def _fill(fill: Node) -> Node | float | None:
     n = _unexpanded(fill)
     if n.op is Op.INPUT and n.value is None and n.attrs.get("scalar"):
         return n
+    if n.op is Op.FULL and n.value is None and isinstance(n.attrs.get("value"), (int, float)):
+        # a constant's value decides, never its size (a -inf fill the shape of B x H x T x T)
+        v = float(n.attrs["value"])
+        return v if v != 0 and n.dtype.is_floating_point else None
     value = constant_value(fill)
     if value is None or not value.dtype.is_floating_point or value.numel() == 0:
         return None
