@@ -77,16 +77,23 @@ def _queries_start(DIAG, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CA
 
 
 @triton.jit
+def _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr):
+    """The mask's values for this tile in fp32: a vector over keys (MASK 1) or a tile (MASK 2)."""
+    if MASK == 1:
+        b = tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        b = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    return b
+
+
+@triton.jit
 def _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
     """The scores under the mask: none (MASK 0), one value per key shared by every query row (1: a
     padding mask, read as a vector), or one per (row, key) (2: read as a tile). The mask is added,
     or with REPLACE it replaces the score wherever it is not 0 (masked_fill's fill, exactly)."""
     if MASK:
-        if MASK == 1:
-            b = tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        else:
-            b = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        b = _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
         if REPLACE:
             s = tl.where(b == 0.0, s, b)
         else:
@@ -98,11 +105,7 @@ def _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.conste
 def _mask_grad(ds, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
     """A replaced score has no gradient (masked_fill's backward): ds is 0 where the mask is not 0."""
     if REPLACE:
-        if MASK == 1:
-            b = tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        else:
-            b = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        b = _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
         ds = tl.where(b == 0.0, ds, 0.0)
     return ds
 

@@ -21,6 +21,16 @@ def fused_backend():
     lazygraph.set_backend(previous)
 
 
+@pytest.fixture(params=["reference", "auto"])
+def backend(request):
+    """Each test twice: reference (the capture core alone, node by node in torch) and auto (the same
+    graphs through the passes and fused kernels, in Triton's interpreter here)."""
+    previous = lazygraph.get_backend()
+    lazygraph.set_backend(request.param)
+    yield request.param
+    lazygraph.set_backend(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     torch.manual_seed(0)

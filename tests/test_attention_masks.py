@@ -382,13 +382,6 @@ FULLY_MASKED = {
 }
 
 
-@pytest.fixture(params=["reference", "auto"])
-def backend(request):
-    previous = lg.get_backend()
-    lg.set_backend(request.param)
-    yield request.param
-    lg.set_backend(previous)
-
 
 def left_padded_causal(b, t, pads):
     """[B, 1, T, T] bool, True where dropped: causal, and batch i's first pads[i] keys are padding,

@@ -12,15 +12,6 @@ from lazygraph.counters import COUNTERS
 aten = torch.ops.aten
 
 
-@pytest.fixture(params=["auto", "reference"])
-def backend(request):
-    """The default fused backend (kernels in Triton's interpreter) and the reference executor."""
-    previous = lg.get_backend()
-    lg.set_backend(request.param)
-    yield request.param
-    lg.set_backend(previous)
-
-
 def _lazy_args(xs):
     return [lg.lazy(x) if isinstance(x, torch.Tensor) else x for x in xs]
 

@@ -10,15 +10,6 @@ import lazygraph as lg
 from gpt2.model import GPT, GPTConfig
 
 
-@pytest.fixture(params=["reference", "auto"])
-def backend(request):
-    """reference: the capture core alone; auto: the same graphs through the passes and fused kernels."""
-    previous = lg.get_backend()
-    lg.set_backend(request.param)
-    yield request.param
-    lg.set_backend(previous)
-
-
 @pytest.mark.parametrize("attention", ["explicit", "sdpa"])
 def test_lazy_forward_backward_equals_eager(attention, backend):
     torch.manual_seed(0)

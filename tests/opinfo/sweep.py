@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import signal
 import time
 import traceback
 import zlib
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 import lazygraph as lg
+from benchmarks.harness import time_limit  # SIGALRM: a sample stuck in the interpreter
 from tests.opinfo import judge
 
 DTYPES = {
@@ -280,29 +280,6 @@ def same(a: Any, b: Any) -> bool:
         elif type(x) is not type(y) or (x != y and x == x):
             return False
     return True
-
-
-class SampleTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """SIGALRM interrupts a sample stuck in Python (Triton's interpreter is Python)."""
-    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise SampleTimeout(f"sample took more than {seconds:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def error_line(e: BaseException) -> str:
