@@ -707,12 +707,18 @@ def _to_meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
 
 
+class _Unnamed(Exception):
+    """A dtype the IR's text form has no name for."""
+
+
 def _arg_spec(x, tensors: list):
     """Arguments with tensors as ('$t', i) placeholders and dtypes/devices made literal."""
     if isinstance(x, torch.Tensor):
         tensors.append(x)
         return ("$t", len(tensors) - 1)
     if isinstance(x, torch.dtype):
+        if x not in DTYPE_NAMES:
+            raise _Unnamed
         return ("$dtype", DTYPE_NAMES[x])
     if isinstance(x, torch.device):
         return ("$device", str(x))
@@ -740,12 +746,14 @@ def _extern(func, args, kwargs):
         # meta kernels raise AssertionError, ValueError, ... where eager raises RuntimeError or
         # IndexError (or works: prims that broadcast): eager runs it, with its own error if any
         return _eager(func, args, kwargs)
-    if not all(m.dtype in DTYPE_NAMES for m in _flat_tensors(meta_out, [])) or \
-            not all(d in DTYPE_NAMES for d in _dtype_args((args, kwargs))):
-        return _eager(func, args, kwargs)  # a dtype the IR has no name for (complex32): torch runs it now
     tensors: list = []
-    spec_args = _arg_spec(tuple(args), tensors)
-    spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
+    try:
+        if not all(m.dtype in DTYPE_NAMES for m in _flat_tensors(meta_out, [])):
+            raise _Unnamed
+        spec_args = _arg_spec(tuple(args), tensors)
+        spec_kwargs = tuple(sorted((k, _arg_spec(v, tensors)) for k, v in kwargs.items()))
+    except _Unnamed:
+        return _eager(func, args, kwargs)  # a dtype the IR has no name for (complex32): torch runs it now
     srcs = [node_of(t) if isinstance(t, LazyTensor) else _const(t) for t in tensors]
     device = srcs[0].device if srcs else ops.device_name(kwargs.get("device") or "cpu")
     # index: the output's place among the result's leaves, None included (a real run may return
@@ -762,16 +770,6 @@ def _extern(func, args, kwargs):
                       kwargs=spec_kwargs, index=i, strides=layouts, **grad) for i, m in outs]
     it = iter(nodes)
     return _map_tensors(meta_out, lambda m: LazyTensor(next(it), stride=_extern_layout(m)))
-
-
-def _dtype_args(x) -> list:
-    if isinstance(x, torch.dtype):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [d for e in x for d in _dtype_args(e)]
-    if isinstance(x, dict):
-        return _dtype_args(list(x.values()))
-    return []
 
 
 def _extern_layout(m: torch.Tensor) -> tuple | None:
