@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from . import counters
+from .capture import LazyTensor, lazy, lazy_mode, lazy_module, node_of, pending_graph, to_eager
 from .ir import REDUCE, Graph, Node, Op, effective_op
-from .lazy import LazyTensor, lazy, lazy_mode, node_of, pending_graph, to_eager
+from .passes import simplify
 
 OPSET = 18
 _MAX_PROTO_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, with headroom for the graph itself
@@ -106,15 +107,7 @@ def _flatten(x: Any) -> list[torch.Tensor]:
 
 
 def _simplified(graph: Graph) -> tuple[Graph, dict[int, Node]]:
-    """The simplification passes when lazygraph.passes offers them (the raw graph otherwise), and
-    for each input of the result the original input it stands for."""
-    try:
-        from .passes import simplify
-    except ImportError:
-        return graph, {}
-    simplify = getattr(simplify, "simplify", simplify)  # the module passes.simplify, or its function
-    if not callable(simplify):
-        return graph, {}
+    """The simplified graph, and for each input of the result the original input it stands for."""
     out = simplify(graph)
     # a pass that clones makes new input nodes without values; the input order is kept
     old, new = graph.inputs, out.inputs
@@ -129,8 +122,6 @@ def _lazy_copy(model: Any) -> tuple[Any, dict[int, str]]:
     over one initializer per weight), and {input node id: qualified name}. Functions pass through."""
     if not isinstance(model, torch.nn.Module):
         return model, {}
-    from . import lazy_module
-
     named = list(model.named_parameters()) + list(model.named_buffers())
     if not any(isinstance(t, LazyTensor) for _, t in named):  # a lazy module is traced as it is
         model = lazy_module(copy.deepcopy(model))

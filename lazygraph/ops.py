@@ -7,47 +7,37 @@ pointwise node in a graph has operands of its own shape.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from . import state
 from .counters import COUNTERS
 from .ir import BOOL_RESULT, LEAF, Node, Op, Shape, broadcast_shapes, numel
-
-
-class Recording(threading.local):
-    """What the thread recording now is doing; per thread, as each thread records its own ops."""
-
-    source: str | None = None  # file:line of the user code; the dispatcher sets it once per aten call
-    pin: str | None = None  # lazygraph.pinned(device): nodes recorded meanwhile run there (passes/place.py)
-
-
-RECORDING = Recording()
-
-
-def __getattr__(name: str) -> Any:
-    # ops.current_source / ops.current_pin read this thread's values
-    if name in ("current_source", "current_pin"):
-        return getattr(RECORDING, name[len("current_"):])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def node(op: Op, srcs: Sequence[Node], shape: Shape, dtype: torch.dtype, device: str, **attrs: Any) -> Node:
     if op not in LEAF:
         COUNTERS["nodes_recorded"] += 1  # constants are not recorded work
-    rec = RECORDING
-    if rec.pin is not None:
-        attrs["pin"] = rec.pin
-    return Node(op, tuple(srcs), tuple(shape), dtype, device, attrs, rec.source)
+    pin = state.PIN.get()
+    if pin is not None:
+        attrs["pin"] = pin
+    return Node(op, tuple(srcs), tuple(shape), dtype, device, attrs, state.SOURCE.get())
+
+
+def copy(n: Node, srcs: Sequence[Node] | None = None, **attrs: Any) -> Node:
+    """`n` rebuilt over `srcs` (default: its own operands), keeping its attributes (a pin among them)
+    and its source line; `attrs` replace some attributes. Passes rebuild nodes with this."""
+    return Node(n.op, tuple(n.srcs if srcs is None else srcs), n.shape, n.dtype, n.device, {**n.attrs, **attrs},
+                n.source)
 
 
 # -- leaves ------------------------------------------------------------------------------------
 
 
 def input_node(value: torch.Tensor, name: str | None = None) -> Node:
-    n = Node(Op.INPUT, (), tuple(value.shape), value.dtype, _dev(value.device), {}, RECORDING.source, value,
+    n = Node(Op.INPUT, (), tuple(value.shape), value.dtype, _dev(value.device), {}, state.SOURCE.get(), value,
              value._version)
     if name:
         n.attrs["name"] = name

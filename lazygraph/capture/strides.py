@@ -34,7 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .ir import Shape, contiguous_strides, numel
+from ..ir import Shape, contiguous_strides, numel
+from .views import infer_size, slice_bounds
 
 aten = torch.ops.aten
 Strides = tuple[int, ...]
@@ -240,9 +241,7 @@ def view_strides(shape: Shape, strides: Strides, new: Shape) -> Strides | None:
 
 
 def _view(shape, strides, offset, size, *_):
-    from .views import _infer_size
-
-    out = view_strides(shape, strides, _infer_size(size, numel(shape)))
+    out = view_strides(shape, strides, infer_size(size, numel(shape)))
     if out is None:
         raise RuntimeError(VIEW_ERROR)
     return out, offset
@@ -297,8 +296,6 @@ def _squeeze(shape, strides, offset, dim=None):
 
 
 def _slice(shape, strides, offset, dim=0, start=None, end=None, step=1):
-    from .views import slice_bounds
-
     dim %= len(shape)
     start, _ = slice_bounds(shape[dim], start, end)
     out = list(strides)

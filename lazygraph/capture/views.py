@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from . import ops
-from .ir import Node, Op, Shape, numel
+from .. import ops
+from ..ir import Node, Op, Shape, contiguous_strides, numel
 
 aten = torch.ops.aten
 Step = tuple
 
 
-def _infer_size(size: Sequence[int], n: int) -> tuple[int, ...]:
+def infer_size(size: Sequence[int], n: int) -> tuple[int, ...]:
     size = list(size)
     if -1 in size:
         i = size.index(-1)
@@ -45,7 +45,7 @@ def _dim(d: int, ndim: int) -> int:
 
 
 def _view(shape: Shape, size, *_):
-    return [("reshape", _infer_size(size, numel(shape)))]
+    return [("reshape", infer_size(size, numel(shape)))]
 
 
 def _permute(shape: Shape, dims):
@@ -186,7 +186,6 @@ def _unfold(shape: Shape, dim, size, step):
 
 
 def _contig(shape: Shape) -> tuple[int, ...]:
-    from .ir import contiguous_strides
 
     return contiguous_strides(shape)
 
