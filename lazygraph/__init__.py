@@ -21,15 +21,15 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from . import counters
-from . import dump as _dump
-from .compile import DISABLED as _DISABLED
+from . import counters, dumps, state
+from .capture import LazyTensor, lazy_mode, pending_graph, sync, to_eager
+from .capture import lazy as _lazy
+from .capture import lazy_module as _lazy_module
 from .compile import compile, explain
 from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
-from .lazy import LazyTensor, lazy_mode, pending_graph, sync, to_eager
-from .lazy import lazy as _lazy
-from .runtime import BACKENDS, get_backend, set_backend
+from .ops import device_name
+from .runtime import BACKENDS, build_program, get_backend, set_backend
 
 if get_backend() not in BACKENDS:
     raise ValueError(f"LAZYGRAPH_BACKEND must be one of {BACKENDS}, got {get_backend()!r}")
@@ -42,7 +42,7 @@ __all__ = ["lazy", "lazy_mode", "is_lazy", "graph", "sync", "to_eager", "stats",
 def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """A LazyTensor whose value is `t` (a leaf of the graph); keeps requires_grad.
     With LAZYGRAPH_DISABLE=1 it returns `t` itself: everything then runs eagerly."""
-    return t if _DISABLED else _lazy(t, name)
+    return t if state.SETTINGS.disabled else _lazy(t, name)
 
 
 def is_lazy(t: Any) -> bool:
@@ -82,50 +82,26 @@ def dump(tensors: Sequence[torch.Tensor] | torch.Tensor | None = None, dir: str 
     """Turn dumps on for every later run (dir given, no tensors), or write the dump of the graph
     that produces `tensors` now, returning the folder written."""
     if tensors is None:
-        _dump.set_dir(dir)
+        dumps.set_dir(dir)
         return dir
     ts = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     g = pending_graph(*ts)
-    from .runtime import build_program
-
-    previous = _dump._dir
-    _dump.set_dir(dir or previous or "lazygraph_dump")
-    try:
-        path = _dump.write_run(g, build_program(g, get_backend()))
-    finally:
-        _dump.set_dir(previous)
-    return path
+    path = dumps.run_dir(dir or dumps.current_dir() or "lazygraph_dump")
+    return dumps.write_run(g, build_program(g, get_backend()), path)
 
 
 @contextlib.contextmanager
 def pinned(device: str | torch.device):
     """Run the work recorded inside on `device` (e.g. keep bookkeeping on the CPU); values
     crossing the boundary get transfer nodes, and results come back where they were recorded."""
-    from . import ops
-
-    rec = ops.RECORDING  # this thread's: other threads record unpinned meanwhile
-    previous = rec.pin
-    rec.pin = ops.device_name(device)
+    token = state.PIN.set(device_name(device))  # this context's: other threads record unpinned meanwhile
     try:
         yield
     finally:
-        rec.pin = previous
+        state.PIN.reset(token)
 
 
 def lazy_module(module: torch.nn.Module) -> torch.nn.Module:
     """Make every parameter and buffer of `module` lazy, in place (tied weights stay tied).
     With LAZYGRAPH_DISABLE=1 the module is returned unchanged."""
-    if _DISABLED:
-        return module
-    seen: dict[int, torch.Tensor] = {}
-    for mod in module.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            if id(p) not in seen:
-                seen[id(p)] = torch.nn.Parameter(lazy(p.detach()), requires_grad=p.requires_grad)
-            mod._parameters[name] = seen[id(p)]
-        for name, b in list(mod._buffers.items()):
-            if b is not None and not is_lazy(b):
-                mod._buffers[name] = lazy(b)
-    return module
+    return module if state.SETTINGS.disabled else _lazy_module(module)

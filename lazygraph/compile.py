@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import os
 import sys
 import threading
@@ -49,28 +48,25 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import lazy as _lazy
-from . import ops, runtime
+from . import dumps, state
+from .capture import LazyTensor, is_internal, lazy, lazy_mode, node_of
+from .capture.arguments import const_inputs
 from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
 from .ir import Graph, Node, Op, is_runtime_scalar, runtime_scalars
-from .lazy import LazyTensor, lazy, lazy_mode, node_of, set_tracer
 from .passes.attention import InputValues, attention_pass, lend_input_values
 from .passes.partition import partition
 from .passes.rewrite import copy_with
 from .passes.simplify import simplify
 from .runtime import BACKENDS, Program, get_backend, get_program, using_backend
 
-# the package's dump() function shadows the dump module as an attribute of lazygraph
-_dump = importlib.import_module(".dump", __package__)
 RECOMPILE_LIMIT = 8
 _TENSOR_FIELDS = ("shape", "dtype", "stride", "device", "requires_grad")
-_dump_index = 0
 # A trace swaps a module's parameters and buffers for lazy ones (functional_call): no other thread
 # may trace or read them meanwhile. Reentrant: a compiled submodule traces inside its parent's trace.
 _TRACING = threading.RLock()
 _MAX_LENT_NUMEL = 1 << 22  # joint inputs small enough for a pass to inspect (masks, not activations)
 # LAZYGRAPH_DISABLE=1: compile() and lazy() hand back what they were given; everything runs eagerly
-DISABLED = os.environ.get("LAZYGRAPH_DISABLE", "0") not in ("0", "")
+DISABLED = state.SETTINGS.disabled
 
 
 def compile(model: torch.nn.Module | Callable, *, dump_dir: str | None = None, backend: str = "auto",
@@ -308,7 +304,7 @@ class _Tracer:
 
         template = pytree.tree_map(slot, (args, kwargs))
         result = _apply(func, template, _evaluate(nodes, self.backend))
-        self.reads.append(_Read(func, template, len(nodes), result, ops.current_source))
+        self.reads.append(_Read(func, template, len(nodes), result, state.SOURCE.get()))
         self.read_nodes.extend(nodes)
         return result
 
@@ -316,7 +312,7 @@ class _Tracer:
         self.breaks.append((op, line))
 
     def realized(self, nodes) -> None:
-        self.ran.append(ops.current_source)
+        self.ran.append(state.SOURCE.get())
 
     def unreplayable(self) -> str | None:
         """Why this trace cannot be replayed, naming the user's line; None if it can."""
@@ -461,17 +457,17 @@ class _Eager:
 
 
 def _failing_op(exc: BaseException) -> str:
-    """The aten op being captured when `exc` was raised (from lazy.dispatch's frame), if any."""
+    """The aten op being captured when `exc` was raised (from capture.dispatch's frame), if any."""
     op = None
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         if frame.f_code.co_name == "dispatch" and "func" in frame.f_locals and \
-                frame.f_code.co_filename.endswith(os.path.join("lazygraph", "lazy.py")):
+                frame.f_code.co_filename.endswith(os.path.join("lazygraph", "capture", "dispatch.py")):
             op = frame.f_locals["func"]
     return str(op) if op is not None else type(exc).__name__
 
 
 def _new_seed() -> torch.Tensor:
-    # the same draw as lowering.new_seed, so torch.manual_seed reproduces compiled runs too
+    # the same draw as capture.rules.factories.new_seed, so torch.manual_seed reproduces compiled runs too
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
@@ -750,7 +746,7 @@ class CompiledModule(torch.nn.Module):
     def _trace(self, flat_args: list, unflatten: Callable) -> _Trace | _Eager:
         """Record the call; a call that cannot be captured runs eagerly (a user error raises)."""
         tracer = _Tracer(self._backend())
-        previous_tracer = set_tracer(tracer)
+        tracer_token = state.TRACER.set(tracer)
         failure = None
         try:
             # values read while tracing run on the chosen backend too (in this thread only)
@@ -759,7 +755,7 @@ class CompiledModule(torch.nn.Module):
         except Exception as e:  # noqa: BLE001 - decided below: the user's error, or not capturable
             failure = e
         finally:
-            set_tracer(previous_tracer)
+            state.TRACER.reset(tracer_token)
         if failure is not None:
             return self._run_eagerly(failure, flat_args, unflatten)
         self._lg_count += 1
@@ -896,17 +892,15 @@ class CompiledModule(torch.nn.Module):
         return progs
 
     def _write_dump(self, joint: Graph, fwd: Graph, bwd: Graph | None, progs: _Programs) -> None:
-        root = self._lg_dump_dir or _dump._dir
+        root = self._lg_dump_dir or dumps.current_dir()
         if root is None:
             return
-        global _dump_index
-        _dump_index += 1
-        path = os.path.join(root, f"compile-{_dump_index:04d}")
+        path = os.path.join(root, f"compile-{state.next_dump_number('compile'):04d}")
         for name, graph, prog in (("forward", fwd, progs.forward), ("backward", bwd, progs.backward)):
             if graph is not None:
                 os.makedirs(os.path.join(path, name), exist_ok=True)
-                _dump.write_run(graph, prog, os.path.join(path, name))
-        _dump.write_graph(path, "joint", joint)
+                dumps.write_run(graph, prog, os.path.join(path, name))
+        dumps.write_graph(path, "joint", joint)
         with open(os.path.join(path, "partition.txt"), "w") as f:
             f.write(progs.report or "forward only: no backward graph\n")
 
@@ -921,7 +915,7 @@ class _Sources:
         self.tangent_pos = {node_of(t).id: j for j, t in enumerate(tangents)}
         self.module_index = {id(t): k for k, t in enumerate(module_tensors)}
         # the plain tensors lazy ops captured, by their input node
-        self.captured = {n.id: t for t, n in list(_lazy._const_inputs.items())}
+        self.captured = {n.id: t for t, n in list(const_inputs.items())}
 
     def __call__(self, n: Node) -> tuple[str, Any]:
         if n.id in self.prim_pos:
@@ -947,14 +941,14 @@ class _Sources:
 
 
 def _debug(msg: str) -> None:
-    if runtime.DEBUG:
+    if state.SETTINGS.debug:
         print(f"lazygraph.compile: {msg}", file=sys.stderr)
 
 
 def _warn(msg: str) -> None:
     """A warning attributed to the user's line that called the module, not to torch's."""
     f = sys._getframe(1)
-    while f is not None and _lazy._is_internal(f.f_code.co_filename):
+    while f is not None and is_internal(f.f_code.co_filename):
         f = f.f_back
     if f is None:
         warnings.warn(msg, UserWarning, stacklevel=2)

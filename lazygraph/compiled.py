@@ -11,13 +11,13 @@ executor, with a warning that names it; the run stays correct.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from . import state
 from .counters import COUNTERS, EXTERN_OPS
 from .flash_attention import run_attention_node
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
@@ -128,7 +128,7 @@ class CompiledProgram:
         else:
             kernel(ins, outs)
             COUNTERS["triton_kernels"] += 1
-            if _VERIFY:
+            if state.SETTINGS.verify:
                 _check_kernel(group, env, outs, kernel)
         for o, t in zip(prog.outputs, outs):
             env[o.id] = t
@@ -217,9 +217,6 @@ class CompiledProgram:
                 files[f"kernels/{g.name}.py"] = ("# not run yet: generated for contiguous buffers\n"
                                                  + kernel_source(g, strides, names=self.names))
         return files
-
-
-_VERIFY = os.environ.get("LAZYGRAPH_VERIFY", "0") not in ("0", "")
 
 
 def _check_kernel(group: FusionGroup, env, outs, kernel) -> None:

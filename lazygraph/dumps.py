@@ -12,25 +12,25 @@ import os
 from collections import Counter
 from typing import Any
 
+from . import state
 from .ir import Graph, effective_op
-
-_dir: str | None = os.environ.get("LAZYGRAPH_DUMP") or None
-_run_index = 0
 
 
 def enabled() -> bool:
-    return _dir is not None
+    return state.SETTINGS.dump_dir is not None
 
 
 def set_dir(path: str | None) -> None:
-    global _dir
-    _dir = path
+    state.SETTINGS.dump_dir = path
 
 
-def run_dir() -> str:
-    global _run_index
-    _run_index += 1
-    path = os.path.join(_dir, f"run-{_run_index:04d}")
+def current_dir() -> str | None:
+    return state.SETTINGS.dump_dir
+
+
+def run_dir(root: str | None = None) -> str:
+    """A new numbered folder under `root` (default: the dump directory)."""
+    path = os.path.join(root or state.SETTINGS.dump_dir, f"run-{state.next_dump_number('run'):04d}")
     os.makedirs(path, exist_ok=True)
     return path
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from .capture.strides import with_strides
 from .ir import Graph, Node, Op, effective_op, numel
-from .strides import with_strides
 
 _UNARY: dict[Op, Callable] = {
     Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,

@@ -8,40 +8,30 @@ value-free copy of their graph, so the cache never keeps a run's tensors alive.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Sequence
 
 import torch
 
-from . import dump
+from . import dumps, state
 from .counters import COUNTERS, graph_ran
 from .ir import Graph, fingerprint, is_runtime_scalar, runtime_scalars
 from .reference import run_graph
 
 BACKENDS = ("reference", "triton", "auto")
-_default_backend = os.environ.get("LAZYGRAPH_BACKEND", "auto")
 _PROGRAMS: dict[str, Program] = {}
 _SCALARS_LOCK = threading.Lock()
 
 
-class _Thread(threading.local):
-    backend: str | None = None  # using_backend(): this thread's choice, over the default
-
-
-_THREAD = _Thread()
-
-
 def set_backend(name: str) -> None:
-    global _default_backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _default_backend = name
+    state.SETTINGS.backend = name
 
 
 def get_backend() -> str:
-    override = _THREAD.backend
-    return override if override is not None else _default_backend
+    override = state.BACKEND.get()
+    return override if override is not None else state.SETTINGS.backend
 
 
 @contextlib.contextmanager
@@ -52,12 +42,11 @@ def using_backend(name: str | None):
         return
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous = _THREAD.backend
-    _THREAD.backend = name
+    token = state.BACKEND.set(name)
     try:
         yield
     finally:
-        _THREAD.backend = previous
+        state.BACKEND.reset(token)
 
 
 class Program:
@@ -127,15 +116,11 @@ def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
     program = get_program(graph, backend)
     graph_ran()
     outputs = program.run([n.value for n in graph.inputs], runtime_scalars(graph))
-    if dump.enabled():
-        dump.write_run(graph, program)
-    if DEBUG:
+    if dumps.enabled():
+        dumps.write_run(graph, program)
+    if state.SETTINGS.debug:
         _debug_print(graph, program, cached=COUNTERS["cache_hits"] > hits)
     return outputs
-
-
-# LAZYGRAPH_DEBUG=1: a line per graph run; 2: plus the fusion report; 3: plus the graph and kernels
-DEBUG = int(os.environ.get("LAZYGRAPH_DEBUG", "0") or 0)
 
 
 def _debug_print(graph: Graph, program: Program, cached: bool) -> None:
@@ -145,9 +130,9 @@ def _debug_print(graph: Graph, program: Program, cached: bool) -> None:
     print(f"lazygraph: ran graph {graph.structural_hash()} ({len(graph.nodes)} nodes, "
           f"{'cached' if cached else 'new'}): {program.describe()}", file=out)
     schedule = getattr(program, "schedule", None)
-    if DEBUG >= 2 and schedule is not None:
+    if state.SETTINGS.debug >= 2 and schedule is not None:
         print(schedule.report_text(), file=out)
-    if DEBUG >= 3:
+    if state.SETTINGS.debug >= 3:
         print(graph.text(), file=out)
         for k in getattr(program, "kernels", list)():
             print(k.source, file=out)

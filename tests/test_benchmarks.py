@@ -128,10 +128,9 @@ def test_sizes_max_error_and_op_counter():
 
 def test_lazygraph_bytes_and_kernels_come_from_the_dump_summaries():
     import os
-    import sys
 
     def fake_run():  # what a compiled lazy run and a compile() trace would leave in the dump folder
-        root = sys.modules["lazygraph.dump"]._dir
+        root = lazygraph.dumps.current_dir()
         for sub, fused in (("run-0007", 100), (os.path.join("compile-0001", "forward"), 20)):
             os.makedirs(os.path.join(root, sub))
             with open(os.path.join(root, sub, "summary.json"), "w") as f:
@@ -142,7 +141,7 @@ def test_lazygraph_bytes_and_kernels_come_from_the_dump_summaries():
     harness._count_lazygraph(lambda: None, fake_run, res)
     assert res.bytes == 120 and res.bytes_source == "dump fused_bytes"
     assert res.kernels == 6 and res.extra["eager_bytes"] == 600 and not res.reason
-    assert sys.modules["lazygraph.dump"]._dir == (os.environ.get("LAZYGRAPH_DUMP") or None)
+    assert lazygraph.dumps.current_dir() == (os.environ.get("LAZYGRAPH_DUMP") or None)
 
 
 def test_time_limit_interrupts_a_slow_call():

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 
 import lazygraph as lg
-import lazygraph.compiled as compiled
 from lazygraph.passes import run_pipeline
 from tests.strategies import Soup, assert_same, random_soup, soups
 
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("fused_backend")
 @pytest.fixture
 def verify_kernels(monkeypatch):
     """Every kernel compared with the reference executor right after it runs."""
-    monkeypatch.setattr(compiled, "_VERIFY", True)
+    monkeypatch.setattr(lg.state.SETTINGS, "verify", True)
 
 
 def check(fn: Callable, *tensors: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5) -> dict:

@@ -12,9 +12,9 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 import lazygraph as lg
+from lazygraph.capture import lazy, node_of
 from lazygraph.compile import compile
 from lazygraph.ir import REDUCE, Graph, Op
-from lazygraph.lazy import lazy, node_of
 from lazygraph.passes.partition import partition
 from lazygraph.reference import run_graph
 from tests.models.tiny_gpt import TinyGPT
@@ -410,7 +410,7 @@ def test_untraceable_forward_falls_back_to_eager_with_a_warning():
 
 
 def test_capture_failure_falls_back_to_eager_naming_the_op(monkeypatch):
-    from lazygraph.lowering import RULES
+    from lazygraph.capture.rules import RULES
 
     def broken(*args, **kwargs):
         raise RuntimeError("no lowering today")

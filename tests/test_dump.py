@@ -1,6 +1,5 @@
 """Dumps: LAZYGRAPH_DUMP and lazygraph.dump() write a numbered folder per run that parses back."""
 
-import importlib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import lazygraph as lg
 from lazygraph.ir import graphs_equal, parse
 from tests.strategies import reference_backend  # noqa: F401 (the fixture pytestmark uses)
 
-dump_module = importlib.import_module("lazygraph.dump")  # the module (lazygraph.dump is the function)
+dump_module = lg.dumps
 # dumps of the reference program; the compiled program's extra files have their own tests
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -23,7 +22,7 @@ FILES = ("graph.txt", "graph.dot", "summary.json", "summary.txt")
 
 @pytest.fixture(autouse=True)
 def _restore_dump_dir():
-    previous = dump_module._dir
+    previous = dump_module.current_dir()
     yield
     dump_module.set_dir(previous)  # never leave dumps on for later tests
 

@@ -7,7 +7,6 @@ case also checks values against eager PyTorch.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 import lazygraph as lg
 
-dump_module = importlib.import_module("lazygraph.dump")  # the module (lazygraph.dump is the function)
+dump_module = lg.dumps
 THIS_FILE = os.path.basename(__file__)
 
 
@@ -29,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("fused_backend")
 @pytest.fixture
 def dump_dir(tmp_path):
     """Dumps on into tmp_path for this test only; yields a function returning the newest run folder."""
-    previous = dump_module._dir
+    previous = dump_module.current_dir()
     lg.dump(dir=str(tmp_path))
 
     def newest() -> str:

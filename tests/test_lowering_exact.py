@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import lazygraph as lg
-from lazygraph import lowering
+from lazygraph.capture import rules as lowering
 from lazygraph.counters import COUNTERS
 
 aten = torch.ops.aten

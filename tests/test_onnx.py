@@ -8,9 +8,10 @@ import torch.nn.functional as F
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from lazygraph import is_lazy, lowering  # noqa: E402
+from lazygraph import is_lazy  # noqa: E402
+from lazygraph.capture import node_of, wrap  # noqa: E402
+from lazygraph.capture.rules import attention as attention_rules  # noqa: E402
 from lazygraph.export_onnx import OnnxExportError, export_onnx  # noqa: E402
-from lazygraph.lazy import node_of, wrap  # noqa: E402
 from tests.models.tiny_gpt import TinyGPT  # noqa: E402
 
 
@@ -137,7 +138,7 @@ def test_attention_op(causal, tmp_path):
     def attention(q, k, v):
         if not is_lazy(q):  # the eager side of the comparison
             return torch.zeros(())
-        out, lse, _seed = lowering.attention(node_of(q), node_of(k), node_of(v), None, causal)
+        out, lse, _seed = attention_rules.attention(node_of(q), node_of(k), node_of(v), None, causal)
         return wrap(out), wrap(lse)
 
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lazygraph as lg
-from lazygraph.lazy import node_of
+from lazygraph.capture import node_of
 from lazygraph.runtime import using_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -232,7 +232,7 @@ def test_inplace_views_change_the_layout():
 
 
 def test_every_view_rule_has_a_layout_rule():
-    from lazygraph import strides, views
+    from lazygraph.capture import strides, views
 
     missing = set(views.VIEW_RULES) - set(strides.VIEW_LAYOUTS) - {torch.ops.aten.as_strided.default}
     assert not missing

@@ -7,15 +7,16 @@
     aliasing.py         view ops: movement nodes over the base's Storage, eager's strides (strides.py)
     functionalize.py    in-place and out= ops: the functional op, then the result bound to the tensor
     fallback.py         decompositions, EXTERN nodes torch runs, eager runs, graph breaks
-    realize.py        realize(): the pending graph goes to runtime.execute(); results become leaves
+    materialize.py    realize(): the pending graph goes to runtime.execute(); results become leaves
     views.py, strides.py   shapes and strides of view ops, as ATen computes them
     arguments.py, source.py   tensors <-> nodes in call arguments; the user's source line
 """
 
+# tensor first: it imports dispatch and materialize at its end, once LazyTensor exists
+from .tensor import LazyTensor, lazy, lazy_module, node_of, wrap  # isort: skip
 from .dispatch import LazyMode, lazy_mode
-from .realize import pending_graph, realize, sync, to_eager
+from .materialize import pending_graph, realize, sync, to_eager
 from .source import is_internal
-from .tensor import LazyTensor, lazy, lazy_module, node_of, wrap
 
 __all__ = ["LazyTensor", "LazyMode", "lazy", "lazy_mode", "lazy_module", "node_of", "wrap", "pending_graph", "realize",
            "sync", "to_eager", "is_internal"]

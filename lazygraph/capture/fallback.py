@@ -13,7 +13,7 @@ from ..counters import COUNTERS, GRAPH_BREAKS
 from ..ir import DTYPE_NAMES, Op, contiguous_strides
 from . import strides
 from .arguments import const_node, flat_tensors, leaves, map_tensors, mutated_args, to_meta
-from .realize import realize
+from .materialize import realize
 from .tensor import LazyTensor, assign, lazy, node_of
 
 aten = torch.ops.aten

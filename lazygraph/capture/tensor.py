@@ -79,20 +79,20 @@ class LazyTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return dispatch(func, args, kwargs or {})
+        return _dispatch.dispatch(func, args, kwargs or {})
 
     # -- values on demand ------------------------------------------------------------------------
 
     def __repr__(self, *, tensor_contents=None) -> str:
-        return repr(to_eager(self))
+        return repr(_materialize.to_eager(self))
 
     def tolist(self):
-        return to_eager(self).tolist()
+        return _materialize.to_eager(self).tolist()
 
     def numpy(self, *, force: bool = False):
         """The value's memory as an ndarray (no copy once realized, as eager's numpy())."""
         n = node_of(self)
-        realize([n])
+        _materialize.realize([n])
         with _disable_current_modes():  # numpy() dispatches detach(); inside lazy_mode() it would record
             a = n.value.numpy(force=force)
         if n.op is not Op.INPUT and n.fingerprint is None:
@@ -109,10 +109,10 @@ class LazyTensor(torch.Tensor):
         return a.copy() if copy else a
 
     def __format__(self, spec):
-        return to_eager(self).__format__(spec)
+        return _materialize.to_eager(self).__format__(spec)
 
     def __reduce_ex__(self, proto):
-        return to_eager(self).__reduce_ex__(proto)
+        return _materialize.to_eager(self).__reduce_ex__(proto)
 
 
 STRIDED_TYPES[LazyTensor] = operator.attrgetter("_node.dtype")  # a node's dtype never changes
@@ -190,7 +190,7 @@ def lazy_module(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-# the hooks of LazyTensor: dispatch() records every aten call, realize() runs pending work; both
-# need LazyTensor themselves, so they are imported once it exists
-from .dispatch import dispatch  # noqa: E402
-from .realize import realize, to_eager  # noqa: E402
+# LazyTensor's hooks: dispatch records every aten call, materialize runs pending work. Both modules
+# need LazyTensor itself, so they are imported once it exists.
+from . import dispatch as _dispatch  # noqa: E402
+from . import materialize as _materialize  # noqa: E402

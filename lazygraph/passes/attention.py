@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .. import state
 from ..ir import MOVEMENT, POINTWISE, Graph, Node, Op, effective_op, numel
 from .pattern import Binds, P, Rule, any_of, keeps_last2, matches, opt, var
 from .rewrite import copy_with, rebuild
@@ -110,17 +111,13 @@ class InputValues:
         self.relied: set[int] = set()
 
 
-_lent: InputValues | None = None
-
-
 @contextlib.contextmanager
 def lend_input_values(values: InputValues | None):
-    global _lent
-    previous, _lent = _lent, values
+    token = state.LENT_INPUTS.set(values)
     try:
         yield values
     finally:
-        _lent = previous
+        state.LENT_INPUTS.reset(token)
 
 
 def constant_value(n: Node) -> torch.Tensor | None:
@@ -128,7 +125,7 @@ def constant_value(n: Node) -> torch.Tensor | None:
     inputs whose values are lent while a program is built; those are recorded as relied on)."""
     value, borrowed = _constant(n)
     if borrowed:
-        _lent.relied.update(borrowed)
+        state.LENT_INPUTS.get().relied.update(borrowed)
     return value
 
 
@@ -145,7 +142,8 @@ def _constant(n: Node) -> tuple[torch.Tensor | None, set[int]]:
     for m in g.nodes:
         op = effective_op(m)
         if op is Op.INPUT and m.value is None:
-            lent = _lent.values.get(m.id) if _lent is not None else None
+            lent_inputs = state.LENT_INPUTS.get()
+            lent = lent_inputs.values.get(m.id) if lent_inputs is not None else None
             if lent is None or lent.numel() > _MAX_MASK_NUMEL:
                 return None, set()
             borrowed[m.id] = lent
@@ -164,7 +162,7 @@ def _is_causal(mask: Node, keep: bool, tq: int, tk: int) -> bool:
     if not torch.equal(value if keep else ~value, want.expand(value.shape)):
         return False
     if borrowed:
-        _lent.relied.update(borrowed)
+        state.LENT_INPUTS.get().relied.update(borrowed)
     return True
 
 
