@@ -1,8 +1,8 @@
 """The reference executor: runs any Graph node by node with plain torch ops.
 
 It is the oracle every pass is checked against and the fallback where no kernel exists.
-Like torch.fx's Interpreter: one method per op kind, a loop over nodes, values freed after
-their last use.
+Like torch.fx's Interpreter: a loop over the nodes in order, each value kept in an environment
+(node id -> tensor, never in the node) and freed after its last use; eval_node holds the rule per op.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .capture.strides import with_strides
-from .ir import Graph, Node, Op, effective_op, numel
+from .ir import Graph, Node, Op, effective_op, is_runtime_scalar, numel
 
 _UNARY: dict[Op, Callable] = {
     Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,
@@ -401,12 +401,17 @@ def last_uses(graph: Graph) -> dict[int, list[int]]:
     return frees
 
 
-def run_graph(graph: Graph, inputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Evaluate `graph`; `inputs` (in graph.inputs order) override the values the inputs hold."""
+def run_graph(graph: Graph, inputs: Sequence[torch.Tensor] | None = None,
+              scalars: Sequence[float] | None = None) -> list[torch.Tensor]:
+    """Evaluate `graph`; `inputs` (in graph.inputs order) override the values the inputs hold, and
+    `scalars` (in ir.runtime_scalars order) the values of the runtime scalars."""
     env: dict[int, torch.Tensor] = {}
     if inputs is not None:
         for n, v in zip(graph.inputs, inputs):
             env[n.id] = v
+    if scalars is not None:
+        for n, v in zip([m for m in graph.nodes if is_runtime_scalar(m)], scalars):
+            env[n.id] = torch.full(n.shape, v, dtype=n.dtype, device=n.device)
     frees = last_uses(graph)
     memo: dict = {}
     for i, n in enumerate(graph.nodes):

@@ -8,19 +8,17 @@ value-free copy of their graph, so the cache never keeps a run's tensors alive.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Sequence
 
 import torch
 
 from . import dumps, state
 from .counters import COUNTERS, graph_ran
-from .ir import Graph, fingerprint, is_runtime_scalar, runtime_scalars
+from .ir import Graph, fingerprint, runtime_scalars
 from .reference import run_graph
 
 BACKENDS = ("reference", "triton", "auto")
 _PROGRAMS: dict[str, Program] = {}
-_SCALARS_LOCK = threading.Lock()
 
 
 def set_backend(name: str) -> None:
@@ -56,16 +54,10 @@ class Program:
 
     def __init__(self, graph: Graph):
         self.graph = graph.clone()
-        self._scalar_nodes = [n for n in self.graph.nodes if is_runtime_scalar(n)]
 
     def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float] | None = None) -> list[torch.Tensor]:
         """`scalars`: this run's runtime-scalar values (ir.runtime_scalars); None keeps the built ones."""
-        if scalars is None or not self._scalar_nodes:
-            return run_graph(self.graph, inputs)
-        with _SCALARS_LOCK:  # the values are written into the graph that every thread runs
-            for n, v in zip(self._scalar_nodes, scalars):
-                n.attrs["value"] = v
-            return run_graph(self.graph, inputs)
+        return run_graph(self.graph, inputs, scalars)
 
     def describe(self) -> str:
         return f"reference program: {len(self.graph)} nodes run one by one"

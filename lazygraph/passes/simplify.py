@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..ir import MOVEMENT, POINTWISE, Graph, Node, Op
 from .rewrite import copy_with, rebuild
 
@@ -37,7 +38,7 @@ class Rule:
 def _compose_permute(n: Node, s: Srcs) -> Node:
     inner = s[0].attrs["dims"]
     dims = tuple(inner[d] for d in n.attrs["dims"])
-    return Node(Op.PERMUTE, s[0].srcs, n.shape, n.dtype, n.device, {"dims": dims}, n.source)
+    return ops.copy(n, s[0].srcs, dims=dims)  # keeps n's other attributes (a pin)
 
 
 def _with_src(op: Op, n: Node, src: Node) -> Node:
