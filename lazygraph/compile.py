@@ -48,7 +48,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import dumps, state
+from . import dumps, ops, state
 from .capture import LazyTensor, is_internal, lazy, lazy_mode, node_of
 from .capture.arguments import const_inputs
 from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
@@ -595,7 +595,7 @@ def _unlift(graph: Graph, full_of: dict[int, tuple[int, Node]]) -> tuple[Graph, 
     for n in graph.nodes:
         if n.id in full_of:
             j, f = full_of[n.id]
-            new[n.id] = Node(Op.FULL, (), f.shape, f.dtype, f.device, dict(f.attrs), f.source)
+            new[n.id] = ops.copy(f)
             origin[new[n.id].id] = j
         elif n.op is Op.INPUT or n.value is not None:
             new[n.id] = n  # programs feed inputs by node id

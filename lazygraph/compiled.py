@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import state
+from . import ops, state
 from .counters import COUNTERS, EXTERN_OPS
 from .flash_attention import run_attention_node
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
@@ -271,7 +271,7 @@ def lift_scalars(graph: Graph) -> tuple[Graph, list[Node]]:
 
     def lift(n: Node, srcs: tuple[Node, ...]) -> Node:
         if is_runtime_scalar(n):
-            s = Node(Op.INPUT, (), n.shape, n.dtype, n.device, {"scalar": True, "value": n.attrs["value"]}, n.source)
+            s = ops.placeholder(n, scalar=True, value=n.attrs["value"])
             lifted.append(s)
             return s
         from .passes.rewrite import copy_with

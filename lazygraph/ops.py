@@ -26,11 +26,25 @@ def node(op: Op, srcs: Sequence[Node], shape: Shape, dtype: torch.dtype, device:
     return Node(op, tuple(srcs), tuple(shape), dtype, device, attrs, state.SOURCE.get())
 
 
-def copy(n: Node, srcs: Sequence[Node] | None = None, **attrs: Any) -> Node:
-    """`n` rebuilt over `srcs` (default: its own operands), keeping its attributes (a pin among them)
-    and its source line; `attrs` replace some attributes. Passes rebuild nodes with this."""
-    return Node(n.op, tuple(n.srcs if srcs is None else srcs), n.shape, n.dtype, n.device, {**n.attrs, **attrs},
-                n.source)
+# -- for passes: nodes made from existing ones (the node's own source line; not counted as recorded)
+
+
+def copy(n: Node, srcs: Sequence[Node] | None = None, *, device: str | None = None, **attrs: Any) -> Node:
+    """`n` rebuilt over `srcs` (default: its own operands) and on `device` (default: its own), keeping
+    its attributes (a pin among them) and source line; `attrs` replace some attributes."""
+    return Node(n.op, tuple(n.srcs if srcs is None else srcs), n.shape, n.dtype, device or n.device,
+                {**n.attrs, **attrs}, n.source)
+
+
+def derived(op: Op, srcs: Sequence[Node], like: Node, *, device: str | None = None, **attrs: Any) -> Node:
+    """A new `op` node with `like`'s shape, dtype, device (unless given) and source line, and only
+    the attributes given (pass `pin=` when it stands in for a pinned node)."""
+    return Node(op, tuple(srcs), like.shape, like.dtype, device or like.device, attrs, like.source)
+
+
+def placeholder(like: Node, **attrs: Any) -> Node:
+    """A value-free INPUT standing for `like` (a saved activation, a lifted scalar)."""
+    return derived(Op.INPUT, (), like, **attrs)
 
 
 # -- leaves ------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .capture.strides import with_strides
-from .ir import Graph, Node, Op, effective_op, is_runtime_scalar, numel
+from .ir import DTYPES_BY_NAME, Graph, Node, Op, effective_op, is_runtime_scalar, numel
+from .layout import with_strides
 
 _UNARY: dict[Op, Callable] = {
     Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,
@@ -230,7 +230,6 @@ def fill_placeholders(spec, tensors: Sequence[torch.Tensor]):
     if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "$t":
         return tensors[spec[1]]
     if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "$dtype":
-        from .ir import DTYPES_BY_NAME
         return DTYPES_BY_NAME[spec[1]]
     if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "$device":
         return torch.device(spec[1])

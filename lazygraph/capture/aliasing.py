@@ -8,6 +8,7 @@ import torch
 
 from .. import ops
 from ..ir import contiguous_strides, numel
+from ..layout import storage_span
 from . import dispatch as _dispatch
 from . import strides, views
 from .fallback import eager
@@ -25,7 +26,7 @@ def empty_strided(func, args, kwargs):
         return out
     if strides.is_dense(size, stride):
         return LazyTensor(node, stride=stride)
-    base = ops.full(0, (strides.storage_span(size, stride, 0),), node.dtype, node.device)
+    base = ops.full(0, (storage_span(size, stride, 0),), node.dtype, node.device)
     storage = Storage(base)
     LIVE.storages.add(storage)
     chain = (("strided", size, stride, 0),)
@@ -79,7 +80,7 @@ def _as_strided(x: LazyTensor, size, stride, storage_offset=None):
                                   "storage is not supported: make the view contiguous before lazy(), or call "
                                   "as_strided on the base tensor")
     have = numel(st.node.shape)
-    need = strides.storage_span(size, stride, offset)
+    need = storage_span(size, stride, offset)
     if need > have:
         item = x.element_size()
         raise RuntimeError(f"setStorage: sizes {list(size)}, strides {list(stride)}, storage offset {offset}, and "

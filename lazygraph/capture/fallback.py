@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from .. import ops, state
 from ..counters import COUNTERS, GRAPH_BREAKS
 from ..ir import DTYPE_NAMES, Op, contiguous_strides
+from ..layout import with_strides
 from . import strides
 from .arguments import const_node, flat_tensors, leaves, map_tensors, mutated_args, to_meta
 from .materialize import realize
@@ -143,7 +144,7 @@ def eager(func, args, kwargs):
     # a written tensor gets a private copy, bound back through assign() to keep alias semantics
     real = {}
     for t in lazies:
-        v = strides.with_strides(node_of(t).value, t.stride())
+        v = with_strides(node_of(t).value, t.stride())
         real[id(t)] = v.clone() if id(t) in written else v
     conv = lambda t: real.get(id(t), t)
     with _disable_current_modes():

@@ -25,7 +25,7 @@ A fresh tensor's storage holds its elements in its own memory order, so as_strid
 the storage, as in eager) first permutes the base into memory order (`memory_order`). lazy(t) is
 like t.to(another device): a fresh storage, t's layout kept when dense, else made dense in order.
 EXTERN nodes record their inputs' strides; the runtime hands torch values laid out so
-(`with_strides`), since C++ kernels may trust strides a caller checked on the wrapper.
+(layout.with_strides), since C++ kernels may trust strides a caller checked on the wrapper.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..ir import Shape, contiguous_strides, numel
+from ..layout import same_layout
 from .views import infer_size, slice_bounds
 
 aten = torch.ops.aten
@@ -182,11 +183,7 @@ def channels_last(shape: Shape) -> Strides:
 
 
 def is_channels_last(shape: Shape, strides: Strides) -> bool:
-    return len(shape) == 4 and _same_layout(shape, strides, channels_last(shape))
-
-
-def _same_layout(shape: Shape, a: Strides, b: Strides) -> bool:
-    return all(x == y for x, y, d in zip(a, b, shape) if d != 1) or numel(shape) == 0
+    return len(shape) == 4 and same_layout(shape, strides, channels_last(shape))
 
 
 def for_memory_format(shape: Shape, strides: Strides, memory_format) -> Strides | None:
@@ -357,34 +354,3 @@ def split_layouts(func, shape, strides, offset, *args, **kwargs) -> list[tuple[S
         out.append(_slice(shape, strides, offset, dim, start, start + s))
         start += s
     return out
-
-
-def storage_span(size: Shape, stride: Strides, offset: int) -> int:
-    """Elements of storage a layout reaches (ATen's computeStorageNbytes, in elements)."""
-    if numel(size) == 0:
-        return 0
-    return offset + 1 + sum((d - 1) * s for d, s in zip(size, stride))
-
-
-# -- extern inputs: a value with eager's strides ------------------------------------------------
-
-
-def with_strides(v: torch.Tensor, strides: Strides) -> torch.Tensor:
-    """`v`'s values laid out with `strides` (a view if it already is, else a copy), so a torch kernel
-    that trusts strides reads what eager would have handed it."""
-    shape = tuple(v.shape)
-    have = v.stride()
-    if have == strides:
-        return v
-    if numel(shape) == 0:
-        return torch.empty_strided(shape, strides, dtype=v.dtype, device=v.device)
-    if _same_layout(shape, have, strides):  # differ only on size-1 dims: same memory, re-label
-        return v.as_strided(shape, strides, v.storage_offset())
-    # dims with stride 0 repeat one element in eager's storage: write that element once
-    src = v
-    for d, (n, s) in enumerate(zip(shape, strides)):
-        if s == 0 and n > 1:
-            src = src.narrow(d, 0, 1)
-    buf = torch.empty(storage_span(shape, strides, 0), dtype=v.dtype, device=v.device)
-    buf.as_strided(tuple(src.shape), strides).copy_(src)
-    return buf.as_strided(shape, strides)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from .. import ops
 from ..ir import LEAF, MOVEMENT, POINTWISE, Graph, Node, Op, dtype_name, effective_op
 
 # ops cheap enough to recompute in the backward instead of saving their result
@@ -82,8 +83,7 @@ def _copy(outputs: Sequence[Node], subst: dict[int, Node]) -> list[Node]:
         if n.value is not None or n.op in LEAF:
             memo[n.id] = n
         else:
-            memo[n.id] = Node(n.op, tuple(memo[s.id] for s in n.srcs), n.shape, n.dtype, n.device,
-                              dict(n.attrs), n.source)
+            memo[n.id] = ops.copy(n, [memo[s.id] for s in n.srcs])
     return [memo[o.id] for o in outputs]
 
 
@@ -160,8 +160,7 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
 
     saved = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is not Op.INPUT]
     saved_leaves = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is Op.INPUT]
-    placeholders = [Node(Op.INPUT, (), n.shape, n.dtype, n.device, {"name": f"saved{k}"}, n.source)
-                    for k, n in enumerate(saved)]
+    placeholders = [ops.placeholder(n, name=f"saved{k}") for k, n in enumerate(saved)]
 
     fwd_all, at = _unique(fwd_outs + saved)
     forward = Graph.from_outputs(_copy(fwd_all, {}))

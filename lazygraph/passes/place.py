@@ -10,6 +10,7 @@ moved is transferred back, so the user sees each tensor on the device it reporte
 
 from __future__ import annotations
 
+from .. import ops
 from ..ir import Graph, Node, Op, effective_op
 from .rewrite import rebuild
 
@@ -27,7 +28,7 @@ def place(graph: Graph, pins: dict[int, str] | None = None, log: list[str] | Non
             return src
         key = (src.id, device)
         if key not in transfers:
-            transfers[key] = Node(Op.TRANSFER, (src,), src.shape, src.dtype, device, {}, src.source)
+            transfers[key] = ops.derived(Op.TRANSFER, (src,), src, device=device)
             if log is not None:
                 log.append(f"transfer {src.op.value}{list(src.shape)} {src.device} -> {device}")
         return transfers[key]
@@ -44,7 +45,7 @@ def place(graph: Graph, pins: dict[int, str] | None = None, log: list[str] | Non
         moved = tuple(on(s, device) for s in srcs) if n.op is not Op.TRANSFER else srcs
         if device == n.device and all(a is b for a, b in zip(moved, n.srcs)):
             return n
-        return Node(n.op, moved, n.shape, n.dtype, device, dict(n.attrs), n.source)
+        return ops.copy(n, moved, device=device)
 
     placed = rebuild(graph, assign)
     wanted = [o.device for o in graph.outputs]

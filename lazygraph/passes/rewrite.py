@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .. import ops
 from ..ir import Graph, Node, Op, effective_op
 
 # (original node, its rewritten operands) -> the node that replaces it
@@ -20,7 +21,7 @@ def copy_with(n: Node, srcs: tuple[Node, ...]) -> Node:
     """`n` itself when its operands did not change, else a copy over the new operands."""
     if all(a is b for a, b in zip(n.srcs, srcs)):
         return n
-    return Node(n.op, srcs, n.shape, n.dtype, n.device, dict(n.attrs), n.source)
+    return ops.copy(n, srcs)
 
 
 def rebuild(graph: Graph, fn: RewriteFn) -> Graph:
