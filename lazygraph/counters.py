@@ -1,4 +1,4 @@
-"""The counters behind lazygraph.stats(): the only global state besides the named caches."""
+"""The counters behind lazygraph.stats(). Switches live in state.py; these only count."""
 
 from __future__ import annotations
 

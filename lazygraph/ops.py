@@ -1,8 +1,10 @@
-"""Node constructors: the only way nodes are made, so shape and dtype rules live in one place.
+"""Node constructors: the only way nodes are made, so shape, dtype and attribute rules live in one place.
 
-Lowering (aten -> IR) and passes (IR -> IR) both build with these. Pointwise constructors
-insert the explicit RESHAPE/EXPAND (broadcasting) and CAST (promotion) nodes, so every
-pointwise node in a graph has operands of its own shape.
+Capture's rules (aten -> IR) record with node() and the typed constructors below, which stamp the
+user's source line and pin (state.SOURCE, state.PIN) and insert the explicit RESHAPE/EXPAND
+(broadcasting) and CAST (promotion) nodes, so every pointwise node has operands of its own shape.
+Passes (IR -> IR) rebuild nodes with copy(), derived() and placeholder(), which keep the source
+line and, for copy(), every attribute (a pin among them).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def placeholder(like: Node, **attrs: Any) -> Node:
 
 
 def input_node(value: torch.Tensor, name: str | None = None) -> Node:
-    n = Node(Op.INPUT, (), tuple(value.shape), value.dtype, _dev(value.device), {}, state.SOURCE.get(), value,
+    n = Node(Op.INPUT, (), tuple(value.shape), value.dtype, device_name(value.device), {}, state.SOURCE.get(), value,
              value._version)
     if name:
         n.attrs["name"] = name
@@ -76,14 +78,13 @@ def rand(seed: Node, shape: Shape, dtype: torch.dtype, device: str, offset: int 
     return node(Op.RAND, (seed,), shape, dtype, device, offset=offset)
 
 
-def _dev(d: torch.device | str) -> str:
+def device_name(d: torch.device | str) -> str:
+    """The IR's name for a device: cuda means cuda:0, as torch places it."""
     d = torch.device(d)
     if d.type == "cuda" and d.index is None:
         return "cuda:0"
     return str(d)
 
-
-device_name = _dev
 
 # -- movement ----------------------------------------------------------------------------------
 

@@ -14,11 +14,6 @@ from .registry import rule
 aten = torch.ops.aten
 
 
-# ---------------------------------------------------------------------------------------------
-# attention: one op per direction, never decomposed on one side only
-# ---------------------------------------------------------------------------------------------
-
-
 def attention(q, k, v, scale, causal, dropout_p=0.0, mask=None, diagonal=None):
     """`mask`: an additive float bias broadcastable to the scores (see sdpa_mask); `diagonal`: row i
     sees keys j <= i + diagonal when causal (None: bottom-right, tk - tq)."""

@@ -14,11 +14,6 @@ from .registry import RULES, Unhandled, rule
 aten = torch.ops.aten
 
 
-# ---------------------------------------------------------------------------------------------
-# copies, casts, factories
-# ---------------------------------------------------------------------------------------------
-
-
 @rule(aten.clone.default, aten.lift_fresh_copy.default, aten.lift_fresh.default, aten.contiguous.default,
       aten.positive.default)
 def _clone(x, memory_format=None):

@@ -15,11 +15,6 @@ from .registry import rule, scalar_type_name
 aten = torch.ops.aten
 
 
-# ---------------------------------------------------------------------------------------------
-# concatenation, padding, indexing
-# ---------------------------------------------------------------------------------------------
-
-
 @rule(aten.cat.default)
 def _cat(tensors, dim=0):
     tensors = [t for t in tensors if not (t.ndim == 1 and t.shape[0] == 0)]  # legacy: empty 1-d skipped

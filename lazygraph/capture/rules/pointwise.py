@@ -15,10 +15,6 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 
-# ---------------------------------------------------------------------------------------------
-# pointwise
-# ---------------------------------------------------------------------------------------------
-
 _FLOAT_UNARY = {
     aten.exp: Op.EXP, aten.log: Op.LOG, aten.sqrt: Op.SQRT, aten.rsqrt: Op.RSQRT, aten.sin: Op.SIN,
     aten.cos: Op.COS, aten.tanh: Op.TANH, aten.erf: Op.ERF, aten.reciprocal: Op.RECIP,

@@ -12,11 +12,6 @@ from .registry import REAL_DTYPES, RULES, declare, rule
 aten = torch.ops.aten
 
 
-# ---------------------------------------------------------------------------------------------
-# reductions
-# ---------------------------------------------------------------------------------------------
-
-
 def _axes(x: Node, dim) -> tuple[int, ...]:
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         return tuple(range(x.ndim))

@@ -10,7 +10,6 @@ import torch
 from ...counters import COUNTERS
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 RULES: dict[Any, Callable] = {}
 
