@@ -31,7 +31,7 @@ class Storage:
         self.node = node
         self.version = 0
         self.strides = strides
-        self.partial = False  # captured from an eager view of part of a larger storage (see _as_strided)
+        self.partial = False  # captured from an eager view of part of a larger storage (see aliasing._as_strided)
 
 
 class _Live(threading.local):
@@ -148,7 +148,7 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
         return t  # a sparse tensor stays eager: ops on it run in torch (see extern)
     with _disable_current_modes():
         # like t.to(another device): a dense layout is kept, a strided one made dense in its order
-        out = LazyTensor(ops.input_node(t.detach(), name), stride=preserved_layout(t))
+        out = LazyTensor(ops.input_node(t.detach(), name), stride=_preserved_layout(t))
     out._node.fingerprint = fingerprint(t)
     out._node.source = user_source()  # errors about this input name the line that made it lazy
     out._storage.partial = t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size()
@@ -157,7 +157,7 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
     return out
 
 
-def preserved_layout(t: torch.Tensor) -> tuple | None:
+def _preserved_layout(t: torch.Tensor) -> tuple | None:
     """Strides of a copy of `t` made with preserve_format (None: contiguous)."""
     return strides.for_memory_format(tuple(t.shape), t.stride(), None)
 
