@@ -14,7 +14,6 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 import lazygraph as lg
-from lazygraph import runtime
 from lazygraph.compile import compile
 
 compile_module = sys.modules["lazygraph.compile"]  # the package's compile() shadows the module
@@ -407,7 +406,7 @@ def test_a_function_using_a_module_it_does_not_own_runs_eagerly_rather_than_lose
 
 
 def test_debug_lines_name_trace_replay_recompile_reason_and_break_line(monkeypatch, capsys):
-    monkeypatch.setattr(runtime, "DEBUG", 1)
+    monkeypatch.setattr(lg.state.SETTINGS, "debug", 1)
     torch.manual_seed(0)
     model = _compiled(PaddingAware())
     x, full = torch.randn(2, 3, 6), torch.ones(2, 3)
