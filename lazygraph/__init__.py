@@ -25,6 +25,7 @@ from . import counters, dumps, state
 from .capture import LazyTensor, lazy_mode, pending_graph, sync, to_eager
 from .capture import lazy as _lazy
 from .capture import lazy_module as _lazy_module
+from .capture.subclass_checks import install as _install_subclass_checks
 from .compile import compile, explain
 from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
@@ -105,3 +106,5 @@ def lazy_module(module: torch.nn.Module) -> torch.nn.Module:
     """Make every parameter and buffer of `module` lazy, in place (tied weights stay tied).
     With LAZYGRAPH_DISABLE=1 the module is returned unchanged."""
     return module if state.SETTINGS.disabled else _lazy_module(module)
+
+_install_subclass_checks()  # F.one_hot checks its classes on lazy tensors too

@@ -278,7 +278,7 @@ class Node:
     value: torch.Tensor | None = None  # the realized tensor (INPUT nodes and realized nodes)
     captured_version: int | None = None  # value._version when captured: an in-place change after is an error
     id: int = field(default_factory=lambda: next(_ids))
-    # fingerprint(value) when captured, for small CPU values: numpy and .data write memory without
+    # fingerprint(value) when captured, for CPU values: numpy and .data write memory without
     # bumping the version counter, and a graph must not read a value changed behind torch's back
     fingerprint: int | None = None
 
@@ -308,12 +308,12 @@ class Node:
         return f"Node(%{self.id} {self.op.value} {dtype_name(self.dtype)}{list(self.shape)})"
 
 
-FINGERPRINT_MAX_BYTES = 1 << 16
-
-
 def fingerprint(t: torch.Tensor) -> int | None:
-    """CRC-32 of a small CPU tensor's bytes (a few microseconds); None for anything else."""
-    if t.device.type != "cpu" or t.layout != torch.strided or t.numel() * t.element_size() > FINGERPRINT_MAX_BYTES:
+    """CRC-32 of a CPU tensor's bytes (about 3.5 GB/s here: a few microseconds for small values,
+    a pass over memory for big ones, which a CPU graph reads anyway). None off the CPU: numpy
+    cannot write device memory, and a device-side checksum would cost a pass and a host wait per
+    run, so a write through `.data` on a GPU between capture and run is not detected."""
+    if t.device.type != "cpu" or t.layout != torch.strided:
         return None
     if torch._C._len_torch_dispatch_stack():  # inside lazy_mode(): these ops must run on real memory
         from torch.utils._python_dispatch import _disable_current_modes
@@ -322,8 +322,12 @@ def fingerprint(t: torch.Tensor) -> int | None:
             return fingerprint(t)
     if t.numel() == 0:
         return 0
-    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
-    if flat.stride(0) != 1:  # strided or broadcast views; a size-1 tensor may have any stride
+    t = t.detach().resolve_conj().resolve_neg()
+    for d in reversed(range(t.ndim)):  # a broadcast axis repeats the same memory: read it once
+        if t.stride(d) == 0 and t.shape[d] > 1:
+            t = t.select(d, 0)
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # other strided views; a size-1 tensor may have any stride
         flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
     return zlib.crc32(flat.view(torch.uint8).numpy())
 

@@ -96,3 +96,28 @@ def test_recapture_after_write_sees_new_value():
     assert_close(lg.to_eager(lx + x), torch.ones(4))
     x.numpy()[0] = 5.0
     assert_close(lg.to_eager(lx + x), torch.ones(4) + x)
+
+
+@pytest.mark.parametrize("shape", [(300, 257), (3, 129, 130)])
+def test_write_to_a_large_buffer_is_detected(shape):
+    """Above the old 64 KiB limit too: a big captured buffer written through numpy or .data."""
+    for write in (lambda x: x.numpy().reshape(-1).__setitem__(-1, 3.0), lambda x: x.data.view(-1)[7].fill_(2.0)):
+        x = torch.zeros(shape)
+        u = lg.lazy(torch.ones(shape)) + x
+        write(x)
+        with pytest.raises(RuntimeError, match=_BEHIND):
+            lg.to_eager(u)
+
+
+def test_large_strided_and_broadcast_captures_are_watched_and_right():
+    base = torch.zeros(400, 300)
+    col = base.t()[5:]  # a non-contiguous view (copied once to hash)
+    wide = torch.zeros(300, 1).expand(300, 100_000)  # 120 MB as a view, 1.2 KB of memory
+    u = lg.lazy(torch.ones(295, 400)) + col
+    v = lg.lazy(torch.ones(300, 1)) * wide[:, :3]
+    assert_close(lg.to_eager(u), torch.ones(295, 400))
+    assert_close(lg.to_eager(v), torch.zeros(300, 3))
+    u = lg.lazy(torch.ones(295, 400)) + col
+    base.numpy()[399, 299] = 1.0  # inside the view
+    with pytest.raises(RuntimeError, match=_BEHIND):
+        lg.to_eager(u)

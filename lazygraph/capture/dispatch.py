@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import state
 from ..counters import COUNTERS
 from ..ir import Node
-from . import strides, views
+from . import arg_checks, strides, views
 from .aliasing import empty_strided, inplace_view, multi_view, view_handler
 from .arguments import flat_tensors, meta_check, to_nodes, wrap_outputs
 from .fallback import DATA_DEPENDENT, VALUE_OPS, extern, fallback, graph_break, read_value
@@ -40,6 +40,8 @@ def dispatch(func, args, kwargs):
         handler = _HANDLERS[func] = _classify(func)
     state.SOURCE.set(user_source())
     try:
+        if func in arg_checks.CHECKS:
+            arg_checks.check(func, args, kwargs)
         return handler(func, args, kwargs)
     except Exception as e:  # eager's exception, raised while recording: say which user line recorded it
         _note_source(e, func)

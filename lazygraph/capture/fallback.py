@@ -13,7 +13,7 @@ from ..counters import COUNTERS, GRAPH_BREAKS
 from ..ir import DTYPE_NAMES, Op, contiguous_strides
 from ..layout import with_strides
 from . import strides
-from .arguments import const_node, flat_tensors, leaves, map_tensors, mutated_args, to_meta
+from .arguments import const_node, flat_tensors, leaves, map_tensors, meta_check, mutated_args, to_meta
 from .materialize import realize
 from .tensor import LazyTensor, assign, lazy, node_of
 
@@ -27,6 +27,7 @@ def _decomposed(func, args, kwargs):
 def fallback(func, args, kwargs):
     """No rule: decompose if torch knows how, else run in torch as an EXTERN node."""
     if func in DECOMPOSITIONS and func not in _EXTERN_ONLY and not _undecomposable((args, kwargs)):
+        meta_check(func, args, kwargs)  # torch's decompositions skip most argument checks
         out = _decomposed(func, args, kwargs)
         if out is not NotImplemented:  # the decomposition declined these arguments
             return out

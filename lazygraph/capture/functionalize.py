@@ -7,6 +7,7 @@ import torch
 
 from ..ir import Node, broadcast_shapes
 from . import dispatch as _dispatch
+from . import overlap
 from .arguments import const_node, flat_tensors, meta_check, mutated_args
 from .fallback import eager, fallback
 from .rules import scalar_type_name
@@ -56,6 +57,11 @@ def inplace(func, args, kwargs):
     functional = _functional_variant(func)
     if functional is None:
         return eager(func, args, kwargs)
+    written_at = {i for i, _ in mutated} | {n for _, n in mutated}
+    read = [t for t in flat_tensors([a for i, a in enumerate(args) if i not in written_at]
+                                    + [v for k, v in kwargs.items() if k not in written_at], [])
+            if isinstance(t, LazyTensor)]
+    overlap.check_write_overlap(func, flat_written, read)
     is_out = any(n.startswith("out") or n in ("values", "indices") for _, n in mutated) and \
         not func._schema.name.endswith("_")
     fargs, fkwargs = list(args), dict(kwargs)

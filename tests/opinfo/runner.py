@@ -155,7 +155,7 @@ def table(results: list[Result]) -> str:
         if r.status != "skip":
             counts[(r.direction, r.dtype)][r.status] += 1
     lines = ["| direction | dtype | pass | wrong | raises | samples |", "|---|---|---|---|---|---|"]
-    for direction in ("forward", "backward"):
+    for direction in ("forward", "backward", "errors"):
         total = Counter()
         rows = [(d, counts[(direction, d)]) for d in DTYPES if (direction, d) in counts]
         for dtype, c in rows:
@@ -168,7 +168,7 @@ def table(results: list[Result]) -> str:
 
 
 def _short(r: Result) -> str:
-    return f"{r.dtype}{'' if r.direction == 'forward' else ' bwd'} #{r.sample}"
+    return f"{r.dtype}{ {'forward': '', 'backward': ' bwd', 'errors': ' error input'}[r.direction]} #{r.sample}"
 
 
 def failures(results: list[Result]) -> str:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ops", default="", help="regex on name[.variant]: run only those")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
-    ap.add_argument("--directions", default="forward,backward")
+    ap.add_argument("--directions", default="forward,backward,errors")
     ap.add_argument("--samples", type=int, default=SAMPLES_PER_DTYPE, help="samples per op and dtype")
     ap.add_argument("--timeout", type=float, default=SAMPLE_TIMEOUT_S, help="seconds per sample")
     ap.add_argument("--json", default="opinfo-results.json", help="where to write every result")

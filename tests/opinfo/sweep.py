@@ -1,7 +1,8 @@
 """Run one OpInfo sample eagerly, through lazygraph and in float64, and judge it.
 
-A case is one op_db entry, one dtype and one direction ('forward', or 'backward': gradients of
-sum(out * cotangent) for every input that requires grad). Its samples are the first few of
+A case is one op_db entry, one dtype and one direction ('forward'; 'backward': gradients of
+sum(out * cotangent) for every input that requires grad; 'errors': the op's error inputs, bad
+arguments eager rejects, which lazygraph must reject too, with eager's exception type). Its samples are the first few of
 `op.sample_inputs('cpu', dtype)`, drawn under a seed of the case's own, so every process that
 draws them gets the same ones.
 """
@@ -43,7 +44,7 @@ class Case:
     name: str
     variant: str
     dtype: str
-    direction: str  # 'forward' | 'backward'
+    direction: str  # 'forward' | 'backward' | 'errors'
 
     def key(self) -> tuple[str, str, str, str]:
         return (self.name, self.variant, self.dtype, self.direction)
@@ -82,8 +83,9 @@ def op_db() -> list:
 
 
 def cases(op_filter: Callable[[Any], bool] = lambda op: True, dtypes=tuple(DTYPES),
-          directions=("forward", "backward")) -> list[Case]:
-    """Every (op, dtype, direction) the op supports on the CPU; backward is float32 only."""
+          directions=("forward", "backward", "errors")) -> list[Case]:
+    """Every (op, dtype, direction) the op supports on the CPU; backward is float32 only; the
+    error inputs (which choose their own dtypes) are one case per op, labelled float32."""
     out = []
     for i, op in enumerate(op_db()):
         if not op_filter(op):
@@ -95,12 +97,16 @@ def cases(op_filter: Callable[[Any], bool] = lambda op: True, dtypes=tuple(DTYPE
         if ("backward" in directions and "float32" in dtypes and op.supports_autograd
                 and torch.float32 in op.supported_backward_dtypes("cpu")):
             out.append(Case(i, op.name, op.variant_test_name, "float32", "backward"))
+        if "errors" in directions and op.error_inputs_func is not None:
+            out.append(Case(i, op.name, op.variant_test_name, "float32", "errors"))
     return out
 
 
 def samples(case: Case, limit: int) -> list:
     op = op_db()[case.op_index]
     torch.manual_seed(zlib.crc32(case.label().encode()))
+    if case.direction == "errors":
+        return list(op.error_inputs("cpu"))  # a handful per op: all of them
     gen = op.sample_inputs("cpu", DTYPES[case.dtype], requires_grad=case.direction == "backward")
     return list(islice(gen, limit))
 
@@ -231,14 +237,44 @@ def run_eager(fn, sample, direction: str, seed: int = 0) -> Any:
         return (forward if direction == "forward" else backward)(fn, sample, args, kwargs)
 
 
+def lazy_aliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """lg.lazy of every tensor argument, keeping eager's memory sharing: tensors over one storage
+    (an `out=` that overlaps an input, a broadcast `out=`) become views of one lazy base, so the
+    overlap errors eager raises for them can be raised lazily too."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for t in tensors_in((args, kwargs)):
+        if t.layout is torch.strided and not t.requires_grad and t.untyped_storage().data_ptr():
+            groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    views: dict[int, torch.Tensor] = {}
+    for group in groups.values():
+        shared = len({id(t) for t in group}) > 1 or any(0 in t.stride() for t in group)
+        if not shared or len({t.dtype for t in group}) > 1:
+            continue
+        storage = group[0].untyped_storage()
+        flat = torch.empty(0, dtype=group[0].dtype).set_(storage, 0, (storage.nbytes() // group[0].element_size(),))
+        base = lg.lazy(flat)
+        for t in group:
+            views[id(t)] = base.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    def convert(t: torch.Tensor) -> torch.Tensor:  # one lazy tensor per eager one, however often passed
+        if id(t) not in views:
+            views[id(t)] = lg.lazy(t)
+        return views[id(t)]
+
+    return map_tensors(args, convert), map_tensors(kwargs, convert)
+
+
 def run_lazy(fn, sample, direction: str) -> Any:
     args, kwargs = fresh(sample)
-    args, kwargs = map_tensors(args, lg.lazy), map_tensors(kwargs, lg.lazy)
+    if direction == "errors":  # their point may be the memory two arguments share
+        args, kwargs = lazy_aliased(args, kwargs)
+    else:
+        args, kwargs = map_tensors(args, lg.lazy), map_tensors(kwargs, lg.lazy)
     torch.manual_seed(0)
     # a call without tensor arguments (a factory) reaches lazygraph only through its mode
     mode = lg.lazy_mode() if not tensors_in((args, kwargs)) else contextlib.nullcontext()
     with mode:
-        if direction == "forward":
+        if direction != "backward":
             out = forward(fn, sample, args, kwargs)
         else:
             out = backward(fn, sample, args, kwargs, lazy_cotangents=True)
@@ -306,6 +342,9 @@ def run_sample(case: Case, index: int, sample, timeout_s: float = SAMPLE_TIMEOUT
         return Result(case.name, case.variant, case.dtype, case.direction, index, status, error, detail,
                       round(time.perf_counter() - start, 3))
 
+    if case.direction == "errors":
+        return result(*judge_error_input(fn, sample, timeout_s))
+
     try:
         eager = run_eager(fn, sample, case.direction)
         eager_error = None
@@ -332,6 +371,28 @@ def run_sample(case: Case, index: int, sample, timeout_s: float = SAMPLE_TIMEOUT
     ref = run_reference(fn, sample, case.direction, reference_dtype(op, DTYPES[case.dtype]))
     why = judge.compare(lazy, eager, ref)
     return result("wrong" if why else "pass", "", why or "")
+
+
+def judge_error_input(fn, error_input, timeout_s: float) -> tuple[str, str, str]:
+    """(status, error, detail) for one ErrorInput: eager must raise (else the input says nothing
+    here: skip); lazygraph passes when it raises an exception of the type eager raised (or the
+    type the OpInfo entry names), at the call or when the result is read. A value is WRONG."""
+    sample = error_input.sample_input
+    try:
+        run_eager(fn, sample, "forward")
+    except Exception as e:
+        eager_error = e
+    else:
+        return "skip", "", "eager accepts this error input on the CPU"
+    try:
+        with time_limit(timeout_s):
+            run_lazy(fn, sample, "errors")
+    except Exception as e:
+        if isinstance(e, (type(eager_error), error_input.error_type)):
+            return "pass", "", f"both raise {type(e).__name__}"
+        return "raises", type(e).__name__, (f"{error_line(e)} @ {lazygraph_frame(e)}; eager raises "
+                                            f"{type(eager_error).__name__}: {error_line(eager_error)}")
+    return "wrong", "accepted", f"eager raises {type(eager_error).__name__}: {error_line(eager_error)}"
 
 
 def _shapes_only(lazy: Any, eager: Any) -> str | None:

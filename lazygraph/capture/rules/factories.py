@@ -123,12 +123,23 @@ def _full_like(x, value, dtype=None, layout=None, device=None, pin_memory=None, 
     return ops.full(value, x.shape, dtype or x.dtype, ops.device_name(device) if device else x.device)
 
 
+def _check_range(start, end, step) -> None:
+    """arange's argument checks, in eager's order and words."""
+    if not step:
+        raise RuntimeError("step must be nonzero")
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise RuntimeError(f"unsupported range: {start} -> {end}")
+    if not ((step > 0 and end >= start) or (step < 0 and end <= start)):
+        raise RuntimeError("upper bound and lower bound inconsistent with step sign")
+
+
 @rule(aten.arange.start_step, aten.arange.default, aten.arange.start)
 def _arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
     start, end, step = (0, args[0], 1) if len(args) == 1 else (args + (1,))[:3]
     values = (start, end, step)
     if dtype is None:
         dtype = torch.int64 if all(isinstance(v, int) for v in values) else torch.get_default_dtype()
+    _check_range(start, end, step)
     n = max(0, math.ceil((end - start) / step))
     dev = _factory_device(device)
     if dtype in (torch.float16, torch.bfloat16):
@@ -208,6 +219,8 @@ def _randn_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory
 
 @rule(aten.uniform.default)
 def _uniform(x, low=0.0, high=1.0, generator=None):
+    if not low <= high:
+        raise RuntimeError(f"uniform_ expects to return a [from, to) range, but found from={low:g} > to={high:g}")
     u = uniform(x.shape, torch.float32, x.device)
     return ops.cast(ops.binary(Op.ADD, ops.binary(Op.MUL, u, ops.scalar_like(high - low, u)),
                                ops.scalar_like(low, u)), x.dtype)
@@ -215,6 +228,8 @@ def _uniform(x, low=0.0, high=1.0, generator=None):
 
 @rule(aten.normal_functional.default)
 def _normal(x, mean=0.0, std=1.0, generator=None):
+    if not std >= 0.0:
+        raise RuntimeError(f"normal expects std >= 0.0, but found std {std:g}")
     z = normal(x.shape, torch.float32, x.device)
     return ops.cast(ops.binary(Op.ADD, ops.binary(Op.MUL, z, ops.scalar_like(std, z)),
                                ops.scalar_like(mean, z)), x.dtype)
@@ -222,6 +237,8 @@ def _normal(x, mean=0.0, std=1.0, generator=None):
 
 @rule(aten.bernoulli.p)
 def _bernoulli_p(x, p=0.5, generator=None):
+    if not 0 <= p <= 1:
+        raise RuntimeError(f"bernoulli_ expects p to be in [0, 1], but got p={p:g}")
     u = uniform(x.shape, torch.float32, x.device)
     return ops.cast(ops.binary(Op.LT, u, ops.scalar_like(p, u)), x.dtype)
 

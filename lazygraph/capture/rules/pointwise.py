@@ -219,6 +219,9 @@ def _masked_fill(x, mask, value):
     if mask.dtype != torch.bool:
         raise RuntimeError(f"masked_fill_ only supports boolean masks, but got mask with dtype "
                            f"{str(mask.dtype).replace('torch.', '')}")
+    if is_node(value) and value.ndim:
+        raise RuntimeError(f"masked_fill_ only supports a 0-dimensional value tensor, but got tensor with "
+                           f"{value.ndim} dimension(s).")
     if is_node(value):
         value = ops.cast(value, x.dtype)
     return ops.where(mask, as_node(value, x, x.dtype), x, x.dtype)

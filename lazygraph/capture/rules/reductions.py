@@ -17,7 +17,13 @@ def _axes(x: Node, dim) -> tuple[int, ...]:
         return tuple(range(x.ndim))
     if isinstance(dim, int):
         dim = (dim,)
-    return tuple(wrap_dim(d, x.ndim) for d in dim)
+    if x.ndim > 64:  # eager keeps the reduced dims as a 64-bit mask
+        raise RuntimeError("only tensors with up to 64 dims are supported")
+    axes = tuple(wrap_dim(d, x.ndim) for d in dim)
+    for i, a in enumerate(axes):
+        if a in axes[:i]:
+            raise RuntimeError(f"dim {a} appears multiple times in the list of dims")
+    return axes
 
 
 def _finish(x: Node, red: Node, axes, keepdim: bool) -> Node:
