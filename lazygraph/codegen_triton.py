@@ -29,13 +29,11 @@ import torch
 
 from .codegen import aot
 from .codegen.cache import cache_dir, cached_file, kernel_path, load_kernel, triton_version
-from .codegen.printer import compute_type
-from .codegen.target import GPU, INTERPRETER, Target, block_sizes, interpreting, launching, quiet_interpreter, serialised
+from .codegen.target import GPU, INTERPRETER, Target, block_sizes, interpreting, launching, quiet_interpreter
 from .codegen.templates import KernelBody, kernel_body, signature
 from .codegen.uses import body_with_uses
 from .ir import contiguous_strides
 from .passes.fuse import FusionGroup
-from .passes.loops import ROW
 
 
 class Kernel:
@@ -182,4 +180,4 @@ def kernel_files(groups: Sequence[FusionGroup], ran: Sequence[Kernel], names: di
 
 
 __all__ = ["Kernel", "KernelBody", "kernel_body", "build_for_target", "build_bodies", "kernel_files", "Target",
-           "GPU", "INTERPRETER", "compute_type", "ROW", "launching", "serialised", "interpreting", "cache_dir"]
+           "GPU", "INTERPRETER"]

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .counters import COUNTERS, EXTERN_OPS
 from .codegen.flash_attention import run_attention_node
+from .counters import COUNTERS, EXTERN_OPS
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
 from .passes import InputValues, PipelineResult, run_pipeline
 from .passes.fuse import FusionGroup, Step

@@ -42,8 +42,8 @@ def _fresh_state():
 def _build_every_kernel_for_sm90():
     """Every kernel the tests generate is also built for sm_90 (an H100), in the form it takes on a
     GPU, at the end of the session: each distinct body (and signature) once, one builder process per
-    core, cached on disk. A kernel that does not build fails the session. LAZYGRAPH_BUILD_ALL_SM90=0 skips it (a quick local run);
-    tests/test_sm90.py builds one kernel of each kind either way."""
+    core, cached on disk. A kernel that does not build fails the session. LAZYGRAPH_BUILD_ALL_SM90=0
+    skips it (a quick local run); tests/test_sm90.py builds one kernel of each kind either way."""
     from lazygraph import codegen_triton
 
     codegen_triton.RECORD_GPU_SOURCES = True

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lazygraph as lg
-from lazygraph.codegen import flash_attention as fa
 from lazygraph import reference
+from lazygraph.codegen import flash_attention as fa
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 NEG = torch.finfo(torch.float32).min
