@@ -4,7 +4,8 @@
 
 Records the model's forward and backward lazily, builds the compiled program, generates every
 fusion group's kernel for the GPU target (contiguous buffers) and compiles them all for sm_90
-into an empty cache (a cold build), then the two flash-attention kernels. Prints the kernel
+into empty caches (lazygraph's and Triton's: a cold build), then the two flash-attention kernels
+in the specialisations the step launches. Prints the kernel
 count, how many distinct kernel bodies they print to, and the build times.
 """
 
@@ -36,6 +37,23 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _attention_variants(program) -> list[dict]:
+    """The flash-attention specialisations (constexprs) the step launches, one per distinct one."""
+    from lazygraph.ir import Op
+    from lazygraph.reference import attention_args
+
+    found = {}
+    for n in program.result.graph.nodes:
+        if n.op is Op.ATTENTION:
+            a = n.attrs
+            mask = attention_args(a, n.srcs, False)[1]
+            v = {"CAUSAL": bool(a["causal"]), "MASK": 0 if mask is None else 2,
+                 "REPLACE": bool(a.get("mask_replaces", False)), "EMPTY_NAN": bool(a.get("empty_nan", False)),
+                 "DROPOUT": a.get("dropout_p", 0.0) > 0}
+            found[tuple(v.items())] = v
+    return list(found.values())
+
+
 def sm90_build(config: str, batch_size: int, block_size: int, jobs: int) -> dict:
     from gpt2.model import GPT, GPTConfig
     from lazygraph import codegen_triton
@@ -60,7 +78,11 @@ def sm90_build(config: str, batch_size: int, block_size: int, jobs: int) -> dict
     except ImportError:  # before the codegen room
         from lazygraph import flash_attention as fa
     start, cpu = time.perf_counter(), _children_cpu()
-    fa.build_sm90("fp32", cfg.n_embd // cfg.n_head)
+    for variant in _attention_variants(program) or [None]:
+        try:
+            fa.build_sm90("fp32", cfg.n_embd // cfg.n_head, variant=variant)
+        except TypeError:  # before build_sm90 took a variant: its one variant, every feature on
+            fa.build_sm90("fp32", cfg.n_embd // cfg.n_head)
     flash, flash_cpu = time.perf_counter() - start, _children_cpu() - cpu
     return {"kernels": len(kernels), "distinct_sources": len({k.source for k in kernels}),
             "distinct_bodies": len(bodies), "generate_s": round(generated, 2), "build_s": round(built, 2),
@@ -76,7 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--jobs", type=int, default=2, help="builder processes (one per core)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as cache:
-        os.environ["LAZYGRAPH_CACHE_DIR"] = cache  # cold: nothing built before
+        # cold: nothing built before, neither in lazygraph's cache nor in Triton's (which the builders use)
+        os.environ["LAZYGRAPH_CACHE_DIR"] = os.path.join(cache, "lazygraph")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         s = sm90_build(args.config, args.batch_size, args.block_size, args.jobs)
     print(f"GPT-2 {args.config} B={args.batch_size} T={args.block_size}: {s['kernels']} kernels, "
           f"{s['distinct_sources']} distinct sources, {s['distinct_bodies']} distinct bodies; "

@@ -518,14 +518,18 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
             ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
 
 
-def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, dict]:
+def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: dict | None = None
+               ) -> dict[str, dict]:
     """Both kernels built for sm_`arch` by the one AOT builder (codegen/aot.py), cached on disk by
     this file's text, the specialisation and the target: name -> {"ptx": text, "shared": bytes
-    of shared memory a launch needs}."""
+    of shared memory a launch needs}. By default every feature is on (causal, a mask tile,
+    dropout); `variant` overrides constexprs (e.g. {"MASK": 0, "DROPOUT": False}) to build the
+    specialisation a model launches."""
     with open(__file__) as f:
         text = f.read()
     jobs = []
     for name, sig, consts in _build_specs(dtype, head_dim):
+        consts = {**consts, **(variant or {})}
         key = hashlib.sha256(f"{text}\0{json.dumps(sig)}\0{json.dumps(consts)}\0cuda{arch}\0{triton_version()}"
                              .encode()).hexdigest()[:20]
         jobs.append({"module": __name__, "name": name, "signature": sig, "constexprs": consts,

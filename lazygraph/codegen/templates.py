@@ -68,7 +68,7 @@ def _label(prog: LoopProgram) -> str:
             continue
         if op not in ops:
             ops.append(op)
-    return "_".join(ops[:6]) + ("_etc" if len(ops) > 6 else "") if ops else "copy"
+    return "_".join(ops[:8]) + ("_etc" if len(ops) > 8 else "") if ops else "copy"
 
 
 def _rmask(sp) -> str:
