@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from . import ops, state
+from .codegen.flash_attention import run_attention_node
 from .counters import COUNTERS, EXTERN_OPS
-from .flash_attention import run_attention_node
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
 from .passes import InputValues, PipelineResult, run_pipeline
 from .passes.fuse import FusionGroup, Step
@@ -169,6 +169,7 @@ class CompiledProgram:
             prog = g.program
             kernel_list.append({
                 "name": g.name, "kind": g.kind, "nodes": [self.names[n.id] for n in g.nodes],
+                "bodies": [k.body.name for k in self.kernels() if k.group is g],  # kernels/BODY.py of each launch
                 "sources": sorted({n.source for n in g.nodes if n.source}),
                 "bytes_read": sum(b.nbytes for b in prog.buffers),
                 "bytes_written": sum(o.nbytes for o in prog.outputs),
@@ -202,20 +203,17 @@ class CompiledProgram:
         for name, g in self.result.stages:
             files[f"passes/{name}.txt"] = g.text()
             files[f"passes/{name}.dot"] = g.to_dot(groups if name.endswith("fuse") else None)
-        files["fusion.json"] = json.dumps(self.schedule.report(), indent=2)
-        files["fusion.txt"] = self.schedule.report_text()
-        files["memory.txt"] = "\n".join(f"{k}: {v}" for k, v in self.result.memory.summary().items()) + "\n"
-        from .codegen_triton import kernel_source
-        from .ir import contiguous_strides
+        from .codegen_triton import kernel_files
 
-        for k in self.kernels():
-            files[f"kernels/{k.name}.py"] = k.source
-        for g in self.schedule.kernels:
-            files[f"kernels/{g.name}.loops.txt"] = g.program.text()
-            if f"kernels/{g.name}.py" not in files:  # not run yet: the source for dense buffers
-                strides = [contiguous_strides(b.shape) for b in g.program.buffers]
-                files[f"kernels/{g.name}.py"] = ("# not run yet: generated for contiguous buffers\n"
-                                                 + kernel_source(g, strides, names=self.names))
+        kernels, bodies = kernel_files(self.schedule.kernels, self.kernels(), self.names)
+        report = self.schedule.report()
+        for g in report["groups"]:
+            g["bodies"] = bodies[g["name"]]  # kernels/BODY.py: the source each launch runs
+        files["fusion.json"] = json.dumps(report, indent=2)
+        files["fusion.txt"] = self.schedule.report_text() + "\nkernel bodies (launches -> body):\n" + "".join(
+            f"  {name} -> {', '.join(b)}\n" for name, b in bodies.items())
+        files["memory.txt"] = "\n".join(f"{k}: {v}" for k, v in self.result.memory.summary().items()) + "\n"
+        files.update(kernels)
         return files
 
 

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lazygraph as lg
-from lazygraph import flash_attention as fa
 from lazygraph import reference
+from lazygraph.codegen import flash_attention as fa
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 NEG = torch.finfo(torch.float32).min
@@ -342,7 +342,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lazygraph import flash_attention as fa
+from lazygraph.codegen import flash_attention as fa
 fns = {"flash_attention_fwd": fa.flash_attention_fwd, "flash_attention_bwd": fa.flash_attention_bwd}
 for variant in ({"MASK": 1, "REPLACE": True, "EMPTY_NAN": True, "CAUSAL": False},
                 {"MASK": 2, "REPLACE": False, "EMPTY_NAN": True, "DROPOUT": False}):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lazygraph as lg
 from lazygraph import counters, reference
-from lazygraph import flash_attention as fa
+from lazygraph.codegen import flash_attention as fa
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=1e-2, atol=5e-3),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}

@@ -56,7 +56,7 @@ def test_layernorm_gelu_cross_entropy(dtype, n, c):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,d", [(1, 64), (130, 64), (1024, 64), (257, 128)])
 def test_flash_attention_forward_backward(dtype, t, d):
-    from lazygraph.flash_attention import attention_backward, attention_forward
+    from lazygraph.codegen.flash_attention import attention_backward, attention_forward
     from lazygraph.reference import attention_backward as ref_bwd
     from lazygraph.reference import attention_forward as ref_fwd
 

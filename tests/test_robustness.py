@@ -206,11 +206,11 @@ def _kernel_files(root):
 
 
 def _as_if_a_new_process():
-    from lazygraph import codegen_triton, runtime
+    from lazygraph import runtime
+    from lazygraph.codegen import cache
 
     runtime.clear_cache()
-    codegen_triton._MODULES.clear()
-    codegen_triton._warned_damaged = False
+    cache.forget_loaded()
 
 
 @pytest.mark.parametrize("damage", ["changed", "truncated", "unparseable"])

@@ -115,7 +115,10 @@ def _kernels(run: Run) -> list[dict[str, Any]]:
                     "lines": [graph[n].line if n in graph else n for n in nodes],
                     "sources": kernel_sources(k, graph),
                     "bytes_read": k.get("bytes_read"), "bytes_written": k.get("bytes_written"),
-                    "code": run.kernels.get(name, ""), "loops": run.loops.get(name, "")})
+                    # kernels/BODY.py holds the source a launch runs (shared by identical launches)
+                    "code": next((run.kernels[b] for b in k.get("bodies", []) if b in run.kernels),
+                                 run.kernels.get(name, "")),
+                    "loops": run.loops.get(name, "")})
     return out
 
 

@@ -29,23 +29,26 @@ sum order of those atomics is not fixed, so dq on a GPU is not bitwise determini
 All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), half inputs
 feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
 of two (>= 16) and masked. Without CUDA the same kernels run in Triton's interpreter (lazygraph
-sets TRITON_INTERPRET=1), one launch at a time (codegen_triton.serialised).
+sets TRITON_INTERPRET=1), one launch at a time (codegen.target.serialised).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import sys
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .codegen_triton import serialised
-from .counters import COUNTERS
-from .ir import Node, Op
-from .reference import attention_args, causal_diagonal, kv_group
+from ..counters import COUNTERS
+from ..ir import Node, Op
+from ..reference import attention_args, causal_diagonal, kv_group
+from . import aot
+from .cache import cache_dir, triton_version
+from .target import serialised
 
 
 @triton.jit
@@ -515,39 +518,24 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
             ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
 
 
-def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, dict]:
-    """Compile both kernels for sm_`arch` in a subprocess with the interpreter off:
-    name -> {"ptx": text, "shared": bytes of shared memory a launch needs}."""
-    import json
-    import subprocess
-
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    cmd = [sys.executable, "-m", "lazygraph.flash_attention", str(arch), dtype, str(head_dim)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building flash attention for sm_{arch} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _build_main(arch: int, dtype: str, head_dim: int) -> dict[str, dict]:
-    """Subprocess side of build_sm90."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fns = {"flash_attention_fwd": flash_attention_fwd, "flash_attention_bwd": flash_attention_bwd}
-    ptx = {}
+def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: dict | None = None
+               ) -> dict[str, dict]:
+    """Both kernels built for sm_`arch` by the one AOT builder (codegen/aot.py), cached on disk by
+    this file's text, the specialisation and the target: name -> {"ptx": text, "shared": bytes
+    of shared memory a launch needs}. By default every feature is on (causal, a mask tile,
+    dropout); `variant` overrides constexprs (e.g. {"MASK": 0, "DROPOUT": False}) to build the
+    specialisation a model launches."""
+    with open(__file__) as f:
+        text = f.read()
+    jobs = []
     for name, sig, consts in _build_specs(dtype, head_dim):
-        sig = {**sig, **{k: "constexpr" for k in consts}}
-        compiled = triton.compile(ASTSource(fn=fns[name], signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", arch, 32))
-        ptx[name] = {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}
-    return ptx
+        consts = {**consts, **(variant or {})}
+        key = hashlib.sha256(f"{text}\0{json.dumps(sig)}\0{json.dumps(consts)}\0cuda{arch}\0{triton_version()}"
+                             .encode()).hexdigest()[:20]
+        jobs.append({"module": __name__, "name": name, "signature": sig, "constexprs": consts,
+                     "out": os.path.join(cache_dir(), "sm_builds", f"{name}-{key}.json")})
+    return {job["name"]: built for job, built in zip(jobs, aot.build(jobs, arch))}
 
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(_build_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))))
 
 __all__ = ["attention_forward", "attention_backward", "run_attention_node", "build_sm90",
            "flash_attention_fwd", "flash_attention_bwd"]
