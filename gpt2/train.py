@@ -31,7 +31,6 @@ from .data import TINY_TEXT, Tokenizer, get_batch, get_tokenizer, load_text, tok
 from .model import GPT, PRESETS, GPTConfig, make_optimizer
 
 MODES = ("eager", "lazy", "compiled")
-THROUGHPUT_EMA = 0.9  # weight of the past in the smoothed step time shown as tokens/s
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -39,6 +38,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Throughput:
+    """Tokens/s from a moving average of the step time, so the progress bar does not swing with every
+    step. The first step is left out: it traces and compiles."""
+
+    def __init__(self, tokens_per_step: int, ema: float = 0.9):
+        self.tokens_per_step, self.ema = tokens_per_step, ema  # ema: the weight of the past
+        self.seconds: float | None = None  # smoothed seconds per step
+        self.first = True
+
+    def update(self, seconds: float) -> float | None:
+        """Add one step's time; returns the smoothed tokens/s (None until a step after the first)."""
+        if self.first:
+            self.first = False
+        elif self.seconds is None:
+            self.seconds = seconds
+        else:
+            self.seconds = self.ema * self.seconds + (1 - self.ema) * seconds
+        return None if self.seconds is None else self.tokens_per_step / max(self.seconds, 1e-9)
 
 
 @dataclass
@@ -186,8 +205,7 @@ def train(
         start = resume.step
     result = TrainResult(mode=used, step=start)
     bar = _Progress(steps, start, used) if progress else None
-    tokens_per_step = batch_size * block_size
-    step_time = None  # smoothed seconds per step; the first step (tracing, compiling) is left out
+    speed = Throughput(batch_size * block_size)
 
     def validate(done: int) -> None:
         loss = evaluate(fwd, model, val_data, batches=eval_batches, batch_size=batch_size,
@@ -208,18 +226,16 @@ def train(
             lg.sync()  # forward, backward and the AdamW update run as one graph
         value = loss.item()
         result.losses.append(value)
-        dt = time.perf_counter() - t0
-        if step > start:
-            step_time = dt if step_time is None else THROUGHPUT_EMA * step_time + (1 - THROUGHPUT_EMA) * dt
+        tokens_per_second = speed.update(time.perf_counter() - t0)
         if bar is not None:
-            bar.update(step, value, tokens_per_step / step_time if step_time else None)
+            bar.update(step, value, tokens_per_second)
         done = step + 1
         if val_data is not None and eval_every and done % eval_every == 0 and done < steps:
             validate(done)
         if save is not None and save_every and done % save_every == 0 and done < steps:
             save(RunState(done, _plain(opt.state_dict()), gen.get_state(), rng_states()))
     result.seconds = time.perf_counter() - begin
-    result.tokens = (steps - start) * tokens_per_step
+    result.tokens = (steps - start) * batch_size * block_size
     result.step = steps
     if val_data is not None:
         validate(steps)
