@@ -207,9 +207,14 @@ def train(
     bar = _Progress(steps, start, used) if progress else None
     speed = Throughput(batch_size * block_size)
 
+    eval_seconds = 0.0  # kept out of the training time
+
     def validate(done: int) -> None:
+        nonlocal eval_seconds
+        t = time.perf_counter()
         loss = evaluate(fwd, model, val_data, batches=eval_batches, batch_size=batch_size,
                         block_size=block_size, seed=seed, device=device)
+        eval_seconds += time.perf_counter() - t
         result.val_losses.append((done, loss))
         if bar is not None:
             bar.note(f"step {done}: validation loss {loss:.4f}")
@@ -234,7 +239,7 @@ def train(
             validate(done)
         if save is not None and save_every and done % save_every == 0 and done < steps:
             save(RunState(done, _plain(opt.state_dict()), gen.get_state(), rng_states()))
-    result.seconds = time.perf_counter() - begin
+    result.seconds = time.perf_counter() - begin - eval_seconds
     result.tokens = (steps - start) * batch_size * block_size
     result.step = steps
     if val_data is not None:
@@ -288,7 +293,7 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, state: R
     Written to a temporary file first, so an interrupted save leaves the previous checkpoint intact.
     """
     ckpt = {"config": asdict(model.config), "model": eager_state_dict(model),
-            "tokenizer": tokenizer_to_str(tokenizer)}
+            "tokenizer": tokenizer_to_str(tokenizer), "hf_config": getattr(model, "hf_config", None)}
     if state is not None:
         ckpt.update(step=state.step, optimizer=state.optimizer, batches=state.batches, rng=state.rng)
     tmp = f"{path}.tmp"
@@ -382,13 +387,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _start(args: argparse.Namespace) -> tuple[GPTConfig, Tokenizer, dict | None, RunState | None]:
-    """The model config, tokenizer, weights to start from and run state, without building the model."""
+    """The model config, tokenizer, checkpoint to start from and run state, without building the model."""
     if args.resume:
         ckpt, state = load_checkpoint(args.resume)
         cfg = GPTConfig(**ckpt["config"])
         if state.step >= args.steps:
             raise ValueError(f"{args.resume} is already at step {state.step}; give --steps above it")
-        return cfg, tokenizer_from_str(ckpt["tokenizer"]), ckpt["model"], state
+        return cfg, tokenizer_from_str(ckpt["tokenizer"]), ckpt, state
     tok = get_tokenizer(args.tokenizer or args.init_from or "bytes")
     if args.init_from:
         from .hf import config_from_hf, read_config
@@ -411,7 +416,7 @@ def _split(data: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, 
 def main(argv: list[str] | None = None) -> TrainResult:
     args = parse_args(argv)
     try:
-        cfg, tok, weights, state = _start(args)
+        cfg, tok, ckpt, state = _start(args)
         train_data, val_data = _split(load_text(args.data, tok), args)
         if args.block_size > cfg.block_size:
             raise ValueError(f"--block-size {args.block_size} is longer than the model's context "
@@ -424,8 +429,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
         model = GPT.from_pretrained(args.init_from, attention=args.attention).to(args.device)
     else:
         model = build_model(cfg, args.seed, args.device)
-        if weights is not None:
-            model.load_state_dict(weights)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            model.hf_config = ckpt.get("hf_config")  # the config.json of an --init-from folder, for --save-hf
     source = f"resumed at step {state.step}" if state else (f"from {args.init_from}" if args.init_from else "new")
     print(f"GPT-2 ({cfg.n_layer} layers, width {cfg.n_embd}, {source}): {model.num_params() / 1e6:.2f}M params, "
           f"{train_data.numel():,} training tokens from {args.data}, mode {args.mode}, device {args.device}")

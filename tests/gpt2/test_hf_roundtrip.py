@@ -124,13 +124,18 @@ def test_load_sample_train_save_and_transformers_reloads(hf_dirs, tmp_path, mode
     assert get_tokenizer(out).encode("kernels") == tok.encode("kernels")  # tokenizer.json written back
 
 
-def test_train_cli_init_from_a_folder_and_save_hf(hf_dirs, tmp_path):
-    out = tmp_path / "tuned"
+def test_train_cli_init_from_a_folder_resume_and_save_hf(hf_dirs, tmp_path):
+    out, ckpt = tmp_path / "tuned", tmp_path / "ck.pt"
     argv = ["--init-from", str(hf_dirs["lm"]), "--steps", "1", "--batch-size", "2", "--block-size", "8",
-            "--eval-batches", "1", "--save-hf", str(out)]
+            "--eval-batches", "1", "--save", str(ckpt)]
     result = train.main(argv)
     assert len(result.losses) == 1 and len(result.val_losses) == 1
+    # one more step from the checkpoint, then a Hugging Face folder: the source's config.json entries survive
+    train.main(["--resume", str(ckpt), "--steps", "2", "--batch-size", "2", "--block-size", "8",
+                "--eval-batches", "1", "--save-hf", str(out)])
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    source = json.loads((hf_dirs["lm"] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == source["eos_token_id"]
     ours = GPT.from_pretrained(out)
     idx = torch.randint(0, ours.config.vocab_size, (1, 8))
     assert_close(our_logits(ours, idx), hf_logits(out, idx))
