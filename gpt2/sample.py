@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
+from .cli import HelpFormatter
 from .data import Tokenizer, get_tokenizer, tokenizer_from_str
 from .model import GPT, PRESETS, GPTConfig
-from .train import HelpFormatter
 
 
 def load_model(

@@ -27,17 +27,12 @@ import torch.nn as nn
 
 import lazygraph as lg
 
+from .cli import HelpFormatter
 from .data import TINY_TEXT, Tokenizer, get_batch, get_tokenizer, load_text, tokenizer_from_str, tokenizer_to_str
+from .hf import config_from_hf, read_config
 from .model import GPT, PRESETS, GPTConfig, make_optimizer
 
 MODES = ("eager", "lazy", "compiled")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in --help, except None ones (the help text says what happens then)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class Throughput:
@@ -396,8 +391,6 @@ def _start(args: argparse.Namespace) -> tuple[GPTConfig, Tokenizer, dict | None,
         return cfg, tokenizer_from_str(ckpt["tokenizer"]), ckpt, state
     tok = get_tokenizer(args.tokenizer or args.init_from or "bytes")
     if args.init_from:
-        from .hf import config_from_hf, read_config
-
         return config_from_hf(read_config(args.init_from), attention=args.attention), tok, None, None
     return make_config(args.config or "tiny", tok.vocab_size, args.block_size, args.attention), tok, None, None
 
