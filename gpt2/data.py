@@ -50,6 +50,9 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def to_json(self) -> str:
         return self._tok.to_str()
 

@@ -55,9 +55,17 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> GPTConfig:
     return GPTConfig(**{**cfg, **overrides})
 
 
-def config_to_hf(config: GPTConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """config.json for GPT2LMHeadModel; entries of `base` (the config read at load time) are kept."""
+def config_to_hf(config: GPTConfig, base: dict[str, Any] | None = None, eot: int | None = None) -> dict[str, Any]:
+    """config.json for GPT2LMHeadModel; entries of `base` (the config read at load time) are kept.
+
+    Without a base, the begin/end-of-text id is `eot` (the tokenizer's <|endoftext|>), else GPT-2's
+    50256 where the vocab has it; transformers' default 50256 would be out of range in a small vocab.
+    """
     out = dict(base or {})
+    if eot is None and config.vocab_size > 50256:
+        eot = 50256
+    out.setdefault("bos_token_id", eot)
+    out.setdefault("eos_token_id", eot)
     out.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=config.vocab_size,
                n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
                n_head=config.n_head, n_inner=None, activation_function="gelu_new",
@@ -88,7 +96,8 @@ def save_pretrained(model: GPT, path: str | Path, tokenizer=None) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     # A compiled wrapper delegates .config; its own state_dict is the wrapped model's.
-    hf = config_to_hf(model.config, getattr(model, "hf_config", None))
+    eot = tokenizer.token_id("<|endoftext|>") if hasattr(tokenizer, "token_id") else None
+    hf = config_to_hf(model.config, getattr(model, "hf_config", None), eot)
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     save_safetensors(to_hf_state_dict(model), out / "model.safetensors")
     if tokenizer is not None and hasattr(tokenizer, "save"):

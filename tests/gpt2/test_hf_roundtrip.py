@@ -188,3 +188,17 @@ def test_sample_without_a_model_refuses_unless_random(capsys):
     assert "--random samples an untrained model" in capsys.readouterr().err
     texts = sample.main(["--random", "--max-new-tokens", "3", "--prompt", "hi"])
     assert texts[0].startswith("hi")
+
+
+def test_a_model_trained_here_saves_a_folder_transformers_loads(tmp_path):
+    tok = HFTokenizer(make_tokenizer())
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=18, block_size=20, vocab_size=tok.vocab_size))
+    out = model.save_pretrained(tmp_path / "fresh", tok)
+    cfg = json.loads((out / "config.json").read_text())
+    eot = tok.token_id("<|endoftext|>")
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == eot < tok.vocab_size  # not transformers' 50256
+    idx = torch.randint(0, tok.vocab_size, (2, 20))
+    assert_close(hf_logits(out, idx), our_logits(model, idx))
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert auto("lazy kernels")["input_ids"] == tok.encode("lazy kernels")
