@@ -47,3 +47,14 @@ def test_gpt2_bpe_is_a_clear_error_when_unavailable(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(RuntimeError, match="'tokenizers' package"):
         get_tokenizer(tmp_path)
+
+
+def test_gpt2_bpe_comes_from_the_local_hub_cache(monkeypatch, tmp_path):
+    hub = pytest.importorskip("huggingface_hub")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / name))
+    gpt2 = get_tokenizer("gpt2")
+    assert gpt2.vocab_size == 3 and gpt2.encode("b a c") == [1, 0, 2]
