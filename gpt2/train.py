@@ -406,6 +406,21 @@ def _split(data: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, 
     return parts[0][1], (parts[1][1] if n_val else None)
 
 
+def _check_fits(cfg: GPTConfig) -> None:
+    """Refuse a model that cannot fit in this machine's memory before building it (the model is built on
+    the CPU first): fp32 weights plus one block_size x block_size causal mask per layer."""
+    weights = 4 * (12 * cfg.n_layer * cfg.n_embd**2 + (cfg.vocab_size + cfg.block_size) * cfg.n_embd)
+    masks = cfg.n_layer * cfg.block_size**2
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
+        return
+    if weights + masks > memory:
+        raise ValueError(f"this model needs about {(weights + masks) / 2**30:,.0f} GiB to build ({cfg.n_layer} "
+                         f"causal masks of {cfg.block_size}^2 among it), more than this machine's "
+                         f"{memory / 2**30:,.0f} GiB: lower --block-size")
+
+
 def main(argv: list[str] | None = None) -> TrainResult:
     args = parse_args(argv)
     try:
@@ -416,6 +431,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
                              f"({cfg.block_size} positions)")
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer's vocab ({tok.vocab_size}) is larger than the model's ({cfg.vocab_size})")
+        _check_fits(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"python -m gpt2.train: error: {e}") from None
     if args.init_from:

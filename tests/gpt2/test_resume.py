@@ -112,6 +112,7 @@ def test_help_shows_defaults(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--block-size", "100000"], "training text has"),
     (["--block-size", "1700", "--val-fraction", "0.05"], "validation text has"),
+    (["--block-size", "3000000", "--val-fraction", "0", "--data", "BIG"], "more than this machine's"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--save-every", "5"], "--save-every needs --save"),
     (["--eval-every", "5", "--val-fraction", "0"], "--eval-every needs validation data"),
@@ -119,7 +120,11 @@ def test_help_shows_defaults(capsys):
     (["--resume", "missing.pt"], "no such file"),
     (["--config", "small", "--init-from", "."], "--config is for a new model"),
 ])
-def test_bad_arguments_fail_before_a_model_is_built(argv, message, monkeypatch, capsys):
+def test_bad_arguments_fail_before_a_model_is_built(argv, message, monkeypatch, capsys, tmp_path):
+    if "BIG" in argv:
+        big = tmp_path / "big.txt"
+        big.write_bytes(b"ab" * 2_000_000)
+        argv = [str(big) if a == "BIG" else a for a in argv]
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the arguments were checked")
 
