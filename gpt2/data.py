@@ -1,21 +1,19 @@
 """Tokenizers and random training windows.
 
-The default tokenizer is byte-level (vocab 256), so nothing needs downloading.
-GPT-2 BPE is used only if `tiktoken` is installed and its encoding files are
-already cached locally; otherwise asking for it is a clear error (no downloads).
+The default tokenizer is byte-level (vocab 256), so nothing needs downloading. Any other tokenizer is a
+Hugging Face `tokenizer.json` (a file, or a model folder holding one) read by the `tokenizers` library;
+"gpt2" is GPT-2's BPE from the local Hugging Face cache. Nothing here downloads.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 TINY_TEXT = Path(__file__).parent / "data" / "tiny.txt"
+_GPT2_REPOS = ("openai-community/gpt2", "gpt2")  # where the hub cache may hold GPT-2's tokenizer.json
 
 
 class Tokenizer(Protocol):
@@ -39,56 +37,81 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-class BPETokenizer:
-    """GPT-2 BPE through tiktoken (vocab 50257)."""
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` (what a Hugging Face tokenizer.json holds, e.g. GPT-2's BPE)."""
 
-    vocab_size = 50257
-
-    def __init__(self, enc) -> None:
-        self._enc = enc
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode(text, allowed_special={"<|endoftext|>"})
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._enc.decode([int(i) for i in ids])
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
 
 
-# tiktoken caches its GPT-2 files under the sha1 of their download address.
-_BPE_URLS = (
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-)
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise RuntimeError("this tokenizer needs the 'tokenizers' package (pip install 'lazygraph[hf]'); "
+                           "or use --tokenizer bytes") from e
+    return tokenizers
 
 
-def _tiktoken_cache_dir() -> Path:
-    # The same lookup order tiktoken uses.
-    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if os.environ.get(var):
-            return Path(os.environ[var])
-    return Path(tempfile.gettempdir()) / "data-gym-cache"
+def _cached_gpt2() -> Path:
+    """GPT-2's tokenizer.json from the Hugging Face cache, looked up without network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        try_to_load_from_cache = None
+    for repo in _GPT2_REPOS if try_to_load_from_cache else ():
+        found = try_to_load_from_cache(repo, "tokenizer.json")
+        if isinstance(found, str):
+            return Path(found)
+    raise RuntimeError(
+        "GPT-2's tokenizer.json is not in the local Hugging Face cache (nothing is downloaded here): pass "
+        "a folder or file with a tokenizer.json instead of 'gpt2', or use --tokenizer bytes")
 
 
-def get_tokenizer(kind: str = "bytes") -> Tokenizer:
-    """"bytes" (default, vocab 256) or "gpt2" (BPE; needs tiktoken and its files cached locally)."""
+def get_tokenizer(kind: str | Path = "bytes") -> Tokenizer:
+    """"bytes" (default, vocab 256), "gpt2" (BPE from the local HF cache), or a tokenizer.json path
+    (a file, or a folder that holds one, such as a Hugging Face model folder)."""
     if kind == "bytes":
         return ByteTokenizer()
-    if kind != "gpt2":
-        raise ValueError(f"unknown tokenizer {kind!r}; use 'bytes' or 'gpt2'")
-    try:
-        import tiktoken
-    except ImportError as e:
-        raise RuntimeError("the gpt2 tokenizer needs tiktoken (pip install tiktoken); "
-                           "or use --tokenizer bytes") from e
-    # tiktoken downloads on a cache miss; we never reach out, so check the cache first.
-    cache = _tiktoken_cache_dir()
-    missing = [u for u in _BPE_URLS if not (cache / hashlib.sha1(u.encode()).hexdigest()).is_file()]
-    if missing:
-        raise RuntimeError(
-            f"GPT-2 BPE files are not cached in {cache} (set TIKTOKEN_CACHE_DIR to a folder that has "
-            f"them, or run tiktoken.get_encoding('gpt2') once with network); or use --tokenizer bytes"
-        )
-    return BPETokenizer(tiktoken.get_encoding("gpt2"))
+    if kind == "gpt2":
+        path = _cached_gpt2()
+    else:
+        path = Path(kind)
+        if path.is_dir():
+            if not (path / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{path} has no tokenizer.json; pass --tokenizer bytes or a tokenizer.json")
+            path = path / "tokenizer.json"
+        elif not path.is_file():
+            raise ValueError(f"unknown tokenizer {str(kind)!r}: use 'bytes', 'gpt2' or a path to a tokenizer.json")
+    return HFTokenizer(_tokenizers().Tokenizer.from_file(str(path)))
+
+
+def tokenizer_to_str(tok: Tokenizer) -> str:
+    """What a training checkpoint stores: "bytes", or the whole tokenizer.json (it travels with the weights)."""
+    return "bytes" if isinstance(tok, ByteTokenizer) else tok.to_json()
+
+
+def tokenizer_from_str(saved: str) -> Tokenizer:
+    """Inverse of tokenizer_to_str (older checkpoints store a name: "bytes" or "gpt2")."""
+    if saved.lstrip().startswith("{"):
+        return HFTokenizer(_tokenizers().Tokenizer.from_str(saved))
+    return get_tokenizer(saved)
 
 
 def encode(text: str) -> list[int]:

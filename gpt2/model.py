@@ -145,6 +145,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.hf_config: dict | None = None  # the config.json this model was loaded from, if any
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -229,16 +230,23 @@ class GPT(nn.Module):
         return idx
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: GPTConfig | None = None) -> GPT:
-        """Build a GPT from local Hugging Face GPT-2 weights (a file or a folder; no hub access).
+    def from_pretrained(cls, path: str | Path, config: GPTConfig | None = None, **overrides) -> GPT:
+        """Build a GPT from a local Hugging Face GPT-2 folder (no hub access).
 
-        config defaults to GPTConfig.small(); pass the matching preset for larger checkpoints.
+        The folder's config.json gives the sizes (a GPT2LMHeadModel or a GPT2Model folder; the head is
+        tied to wte either way). `config` is needed only for a bare weights file without config.json;
+        `overrides` change config fields, e.g. dropout=0.0 or attention="sdpa".
         """
-        from .weights import load_hf_state_dict
+        from .hf import load_pretrained
 
-        model = cls(config if config is not None else GPTConfig.small())
-        load_hf_state_dict(model, path)
-        return model
+        return load_pretrained(path, config, **overrides)
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
+        """Write a folder transformers loads: config.json, model.safetensors (and tokenizer.json when
+        `tokenizer` is a Hugging Face one)."""
+        from .hf import save_pretrained
+
+        return save_pretrained(self, path, tokenizer)
 
 
 def make_optimizer(

@@ -1,7 +1,8 @@
-"""Generate text from a GPT-2 checkpoint (saved by gpt2.train), local HF weights, or a random init.
+"""Generate text from a GPT-2 checkpoint (saved by gpt2.train) or a local Hugging Face folder.
 
     python -m gpt2.sample --ckpt ckpt.pt --prompt "A compiler" --max-new-tokens 200
-    python -m gpt2.sample --hf path/to/gpt2 --config small --tokenizer gpt2
+    python -m gpt2.sample --hf path/to/gpt2              # the folder's config.json and tokenizer.json
+    python -m gpt2.sample --random --config tiny         # an untrained model: random text, for smoke tests
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import argparse
 
 import torch
 
-from .data import Tokenizer, get_tokenizer
+from .cli import HelpFormatter
+from .data import Tokenizer, get_tokenizer, tokenizer_from_str
 from .model import GPT, PRESETS, GPTConfig
 
 
@@ -18,15 +20,20 @@ def load_model(
     ckpt: str | None = None, hf: str | None = None, config: str | None = None, tokenizer: str | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[GPT, Tokenizer]:
-    """A model and its tokenizer: from a gpt2.train checkpoint, from HF weights, or randomly initialised."""
+    """A model and its tokenizer: from a gpt2.train checkpoint, from a HF folder, or (neither given)
+    randomly initialised from the preset `config`."""
+    if ckpt is not None and hf is not None:
+        raise ValueError("give --ckpt or --hf, not both")
+    if config is not None and (ckpt is not None or hf is not None):
+        raise ValueError("--config is only for a random model; a checkpoint or HF folder has its own config")
     if ckpt is not None:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**saved["config"]))
         model.load_state_dict(saved["model"])
-        tok = get_tokenizer(tokenizer or saved.get("tokenizer", "bytes"))
+        tok = get_tokenizer(tokenizer) if tokenizer else tokenizer_from_str(saved.get("tokenizer", "bytes"))
     elif hf is not None:
-        model = GPT.from_pretrained(hf, GPTConfig.preset(config or "small"))
-        tok = get_tokenizer(tokenizer or "gpt2")
+        model = GPT.from_pretrained(hf)
+        tok = get_tokenizer(tokenizer or hf)
     else:
         model = GPT(GPTConfig.preset(config or "tiny"))
         tok = get_tokenizer(tokenizer or "bytes")
@@ -48,6 +55,8 @@ def sample(
 ) -> list[int]:
     """The prompt's tokens followed by max_new_tokens sampled ones."""
     ids = tok.encode(prompt or "\n")  # an empty context has nothing to condition on
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens with this tokenizer; give another --prompt")
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -56,22 +65,37 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    p = argparse.ArgumentParser(prog="python -m gpt2.sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gpt2.sample", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None, help="checkpoint written by python -m gpt2.train --save")
-    p.add_argument("--hf", default=None, help="local HF GPT-2 weights (file or folder)")
-    p.add_argument("--config", default=None, choices=PRESETS,
-                   help="without --ckpt: which model (default: small with --hf, else tiny)")
-    p.add_argument("--tokenizer", default=None, choices=("bytes", "gpt2"))
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40, help="0 = no top-k cut")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hf", default=None, help="a local Hugging Face GPT-2 folder (config.json, weights)")
+    p.add_argument("--random", action="store_true", help="sample an untrained, randomly initialised model")
+    p.add_argument("--config", default=None, choices=PRESETS, help="with --random: which model (default: tiny)")
+    p.add_argument("--tokenizer", default=None,
+                   help="bytes, gpt2 (local HF cache) or a tokenizer.json path (default: the checkpoint's "
+                        "or the folder's own)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
-
-    model, tok = load_model(args.ckpt, args.hf, args.config, args.tokenizer, args.device)
+    if args.ckpt is None and args.hf is None and not args.random:
+        p.error("nothing to sample from: give --ckpt (from python -m gpt2.train --save) or --hf DIR; "
+                "--random samples an untrained model (random text)")
+    if args.random and (args.ckpt or args.hf):
+        p.error("--random samples an untrained model; it does not go with --ckpt or --hf")
+    if args.max_new_tokens < 0 or args.num_samples < 1 or args.top_k < 0 or args.temperature <= 0:
+        p.error("--max-new-tokens and --top-k must be >= 0, --num-samples >= 1 and --temperature > 0")
+    try:
+        model, tok = load_model(args.ckpt, args.hf, args.config, args.tokenizer, args.device)
+        ids = tok.encode(args.prompt or "\n")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        p.error(str(e))
+    if not ids:
+        p.error(f"the prompt {args.prompt!r} encodes to no tokens with this tokenizer; give another --prompt")
     texts = []
     for i in range(args.num_samples):
         ids = sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,

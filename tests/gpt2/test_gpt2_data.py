@@ -1,7 +1,6 @@
 """gpt2/data.py: tokenizers and batches."""
 
 import sys
-import types
 
 import pytest
 import torch
@@ -31,14 +30,31 @@ def test_load_text_and_get_batch(tmp_path):
 
 
 def test_gpt2_bpe_is_a_clear_error_when_unavailable(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tiktoken", None)  # "not installed"
-    with pytest.raises(RuntimeError, match="tiktoken"):
+    # Not in the local Hugging Face cache: an error that says so, and no download.
+    hub = pytest.importorskip("huggingface_hub")
+    looked = []
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: looked.append(repo))
+    with pytest.raises(RuntimeError, match="not in the local Hugging Face cache"):
         get_tokenizer("gpt2")
-    # Installed, but its files are not cached: no download, an error that says where it looked.
-    fake = types.SimpleNamespace(get_encoding=lambda name: pytest.fail("must not try to download"))
-    monkeypatch.setitem(sys.modules, "tiktoken", fake)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    with pytest.raises(RuntimeError, match=str(tmp_path)):
-        get_tokenizer("gpt2")
-    with pytest.raises(ValueError):
+    assert looked  # the cache was asked
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        get_tokenizer(tmp_path)  # a model folder without a tokenizer
+    with pytest.raises(ValueError, match="unknown tokenizer"):
         get_tokenizer("words")
+    # The tokenizers package missing: an error that names it.
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(RuntimeError, match="'tokenizers' package"):
+        get_tokenizer(tmp_path)
+
+
+def test_gpt2_bpe_comes_from_the_local_hub_cache(monkeypatch, tmp_path):
+    hub = pytest.importorskip("huggingface_hub")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / name))
+    gpt2 = get_tokenizer("gpt2")
+    assert gpt2.vocab_size == 3 and gpt2.encode("b a c") == [1, 0, 2]

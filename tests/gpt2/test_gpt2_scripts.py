@@ -55,7 +55,8 @@ def test_lazy_training_matches_eager_and_saves(tmp_path):
         lg.set_backend(previous)
     assert lazy.mode == "lazy"
     torch.testing.assert_close(torch.tensor(lazy.losses), torch.tensor(eager.losses), rtol=1e-5, atol=1e-5)
-    train.save_checkpoint(str(tmp_path / "lazy.pt"), model, "bytes", 3)  # lazy tensors become plain ones
+    # lazy tensors become plain ones
+    train.save_checkpoint(str(tmp_path / "lazy.pt"), model, train.get_tokenizer("bytes"))
     reloaded, _ = sample.load_model(str(tmp_path / "lazy.pt"))
     for (name, p), q in zip(reloaded.named_parameters(), model.parameters()):
         assert not lg.is_lazy(p)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from gpt2.model import GPT, GPTConfig
-from gpt2.weights import load_hf_state_dict
+from gpt2.weights import CheckpointMismatchError, load_hf_state_dict
 
 CFG = GPTConfig.tiny(n_layer=2, n_head=4, n_embd=24, vocab_size=61, block_size=16)
 
@@ -86,10 +86,10 @@ def test_safetensors_checkpoint_loads(tmp_path):
 def test_mismatched_checkpoints_are_rejected(tmp_path):
     sd = synthetic_hf_state_dict(CFG)
     torch.save(sd, tmp_path / "w.bin")
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch\(es\)"):
         load_hf_state_dict(GPT(GPTConfig.tiny(n_layer=2, n_embd=32, vocab_size=61, block_size=16)),
                            tmp_path / "w.bin")
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(CheckpointMismatchError, match="12 missing key"):
         load_hf_state_dict(GPT(GPTConfig.tiny(n_layer=3, n_embd=24, vocab_size=61, block_size=16)),
                            tmp_path / "w.bin")
     with pytest.raises(FileNotFoundError):
