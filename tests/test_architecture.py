@@ -19,6 +19,7 @@ EXCEPTIONS = {
     # kernel_source takes a passes.fuse.FusionGroup (its loop program and node names); the group
     # type belongs with the loop programs
     ("lazygraph/codegen_triton.py", "passes"),
+    ("lazygraph/codegen/uses.py", "passes"),
 }
 
 
