@@ -186,8 +186,11 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write_report(dump_dir: str, out: str, run: int | None = None) -> str:
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):  # checked first: a long report is not built only to be lost
+        raise FileNotFoundError(f"cannot write {out}: the folder {folder} does not exist")
     dump = load_dump(dump_dir)
-    runs = [dump.run(run)] if run is not None else dump.runs
+    runs = dump.selected(run)
     with open(out, "w", encoding="utf-8") as f:
         f.write(render(report_data(dump, runs)))
     return out
