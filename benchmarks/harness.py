@@ -3,7 +3,8 @@
 Numbers and where they come from:
   time       median and quartiles over repeated runs after warm-up (CUDA events on a GPU, perf_counter on CPU)
   kernels    GPU: CUDA kernels seen by torch.profiler in one run. CPU: eager = aten ops that are not
-             views (a dispatch-mode counter); lazygraph = stats() triton_kernels + extern_calls.
+             views (a dispatch-mode counter); lazygraph = stats() triton_kernels + extern_calls;
+             torch.compile = the kernels inductor generated (its metrics; extern matmuls not included).
   bytes      modeled. eager: inputs + outputs of every counted aten op (what eager PyTorch really
              launches; lazygraph's own eager_bytes models its primitive ops, which overstates fused
              aten kernels such as native_layer_norm, so it is kept in `extra` only). lazygraph: the
@@ -322,11 +323,21 @@ def _count(step: Step, make_step: Callable[[], Step], inputs, backend: str, devi
     elif backend == "lazygraph":
         _count_lazygraph(once, lambda: make_step()(inputs), res)
     elif backend == "torch.compile":
-        with contextlib.suppress(Exception):
-            from torch._inductor import metrics
+        _count_inductor(res)
 
-            if metrics.num_bytes_accessed:
-                res.bytes, res.bytes_source = int(metrics.num_bytes_accessed), "inductor model"
+
+def _count_inductor(res: Result) -> None:
+    """What inductor reports about the graphs it compiled for this workload (its metrics were reset
+    before the cold call): kernels it generated, each launched once per run, and its modeled bytes.
+    Matmuls and other extern calls are not in its count; the kernels_source says so."""
+    try:
+        from torch._inductor import metrics
+    except ImportError:
+        return
+    if res.kernels is None and metrics.generated_kernel_count:
+        res.kernels, res.kernels_source = int(metrics.generated_kernel_count), "inductor generated kernels"
+    if metrics.num_bytes_accessed:
+        res.bytes, res.bytes_source = int(metrics.num_bytes_accessed), "inductor model"
 
 
 # -- the whole suite -------------------------------------------------------------------------------
