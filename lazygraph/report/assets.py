@@ -397,7 +397,8 @@ JS = r"""
     if (b) {
       det.innerHTML = "<h3>" + esc(b.l1) + "</h3><pre>" + esc(b.text) + "</pre>" +
         (b.src ? '<div><b>source line:</b> <span class="mono">' + esc(b.src) + "</span></div>" : "") +
-        '<div class="muted">not part of a fused kernel in this pass</div>';
+        (b.group >= 0 ? '<div>part of kernel <a href="#" data-kernel="' + b.group + '">' + esc(kernelName(b.group)) + "</a></div>" :
+          '<div class="muted">not part of a fused kernel in this pass</div>');
       return;
     }
     det.innerHTML = '<div class="muted">Click a box to see its node, or its kernel\'s Triton source, IR nodes and source lines. ' +
@@ -490,6 +491,10 @@ JS = r"""
       var b = drawingOf(state.pass).boxes[Number(g.getAttribute("data-box"))];
       if (b.kind === "group") setGroup(b.group, true);  // expand, and show the kernel beside it
       if (b.group >= 0) selectKernel(b.group); else selectNode(b.id);
+    };
+    $("lg-detail").onclick = function (e) {
+      var a = e.target.closest("a[data-kernel]");
+      if (a) { e.preventDefault(); selectKernel(Number(a.getAttribute("data-kernel"))); }
     };
     $("lg-expand-all").onclick = function () { setAllGroups(true); };
     $("lg-collapse-all").onclick = function () { setAllGroups(false); };

@@ -155,7 +155,8 @@ def report_data(dump: Dump, runs: list[Run]) -> dict[str, Any]:
         out_runs.append({"name": run.name, "summary": summary, "compiled": run.compiled, "passes": passes,
                          "kernels": kernels, "decisions": _decisions(run),
                          "default_pass": max(len(passes) - 1, 0)})
-    return {"path": os.path.abspath(dump.path), "runs": out_runs, "events": dump.events,
+    # the dump as the user named it: a report written elsewhere or shared does not show a temporary path
+    return {"path": os.path.normpath(dump.path), "runs": out_runs, "events": dump.events,
             "drawings": drawings.by_key}
 
 
