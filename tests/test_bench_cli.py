@@ -20,7 +20,7 @@ from benchmarks import harness, suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_HEAD = "| workload | size | dtype | backend | median |"
-_CACHES = shutil.ignore_patterns("__pycache__", "results", "node_modules")
+_CACHES = shutil.ignore_patterns("__pycache__", "results", "*.map")
 QUICK = ["--quick", "--no-torch-compile", "--workloads", "bias_gelu", "--repeat", "1"]  # the smallest workload
 
 
@@ -102,6 +102,9 @@ def test_installed_package_runs_from_another_directory(tmp_path):
     assert site.startswith(str(env_dir)), site  # the installed copy, not this checkout
     site_packages = os.path.dirname(os.path.dirname(site))
     assert not os.path.exists(os.path.join(site_packages, "benchmarks")), "a generic top-level package"
+    if os.path.exists(os.path.join(ROOT, "lazygraph", "report", "vendor", "node_modules")):  # setup.sh ran
+        vendor = os.path.join(os.path.dirname(site), "report", "vendor", "node_modules", "@dagrejs", "dagre")
+        assert os.path.isfile(os.path.join(vendor, "dist", "dagre.min.js")), "the wheel lacks the report's dagre"
 
     work = tmp_path / "elsewhere"
     work.mkdir()
