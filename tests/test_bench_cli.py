@@ -64,7 +64,7 @@ def test_default_output_is_under_the_current_directory(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.slow
-def test_torch_compile_kernels_come_from_inductor():
+def test_torch_compile_kernels_are_the_launches_in_inductors_wrappers():
     opts = harness.Options(repeat=1, warmup=0)
     rows = harness.run_case(suite.WORKLOADS["bias_gelu"], "small", torch.float32, torch.device("cpu"), opts,
                             ("eager", "torch.compile"))
@@ -72,8 +72,12 @@ def test_torch_compile_kernels_come_from_inductor():
     if compiled.status == "n/a":
         pytest.skip(f"torch.compile does not work here: {compiled.reason}")
     # x + b and the tanh GELU: one generated kernel (eager runs 4 aten ops)
-    assert compiled.kernels == 1 and compiled.kernels_source == "inductor generated kernels"
+    assert compiled.kernels == 1 and compiled.kernels_source == "inductor wrapper calls"
     assert eager.kernels == 4
+    # forward and backward: one kernel each, as inductor's two wrappers call them
+    (row,) = harness.run_case(suite.WORKLOADS["layernorm"], "small", torch.float32, torch.device("cpu"), opts,
+                              ("torch.compile",))
+    assert row.kernels == 2, row
 
 
 @pytest.mark.slow
@@ -117,3 +121,19 @@ def test_installed_package_runs_from_another_directory(tmp_path):
     (folder,) = (work / bench.RESULTS_DIR).iterdir()
     assert {"results.md", "results.json", "kernels.png"} <= set(os.listdir(folder))
     assert not os.path.exists(os.path.join(os.path.dirname(site), "benchmarks", "results"))
+
+
+def test_launches_counted_in_an_inductor_wrapper():
+    """What a GPU wrapper's call() looks like: Triton kernels, a cuBLAS matmul, an aten fallback; views,
+    allocations and frees are no launches."""
+    call = """
+        buf0 = empty_strided_cuda((8, 64), (64, 1), torch.float32)
+        stream0 = get_raw_stream(0)
+        triton_per_fused_native_layer_norm_0.run(primals_1, buf0, 8, 64, stream=stream0)
+        extern_kernels.mm(reinterpret_tensor(buf0, (8, 64), (64, 1), 0), primals_2, out=buf1)
+        buf2 = torch.ops.aten._scaled_dot_product_flash_attention.default(buf1, buf1, buf1)
+        triton_poi_fused_add_1.run(buf1, primals_3, 512, stream=stream0)
+        del buf0
+        return (buf1, )
+    """
+    assert len(harness._LAUNCH.findall(call)) == 4
