@@ -248,3 +248,37 @@ def test_demo_report_kernels_collapse_expand_on_click_and_are_found_by_search(de
         assert os.path.getsize(png) > 10_000
     finally:
         page.close()
+
+
+def test_a_big_graph_is_drawn_a_section_at_a_time_and_search_finds_the_section(tmp_path):
+    """3000 nodes in 500 kernels: the page lays out 400 boxes at a time (dagre slows down sharply past
+    that) and a search hit in a later section brings that section up."""
+    from tests.test_report import _big_graph_text
+
+    text, kernels = _big_graph_text(3000)
+    run = tmp_path / "big" / "run-0001"
+    (run / "passes").mkdir(parents=True)
+    for name in ("graph.txt", "passes/00-fuse.txt"):
+        (run / name).write_text(text)
+    kl = [{"name": k, "kind": "pointwise", "nodes": v} for k, v in kernels.items()]
+    (run / "summary.json").write_text(json.dumps({"nodes": 3000, "kernels": len(kl), "kernel_list": kl}))
+    report = write_report(str(tmp_path / "big"), str(tmp_path / "big.html"))
+    page = Browser(tmp_path)
+    try:
+        start = time.time()
+        page.open(f"file://{report}")
+        assert time.time() - start < 60
+        section = "document.getElementById('lg-section').textContent"
+        assert page.js(section).startswith("section 1 of 2 ")
+        assert 300 < page.js("document.querySelectorAll('g.box').length") <= 400
+        last = kl[-1]["name"]
+        page.click("#lg-search")
+        page.type(last)
+        page.key("Enter", 13)
+        assert page.js(section).startswith("section 2 of 2 ")
+        assert page.js(f"document.querySelector('g.box[data-id=\"k{len(kl) - 1}\"]').classList.contains('sel')")
+        page.click("#lg-prev")
+        assert page.js(section).startswith("section 1 of 2 ")
+        assert page.js("document.body.getAttribute('data-errors')") is None
+    finally:
+        page.close()

@@ -355,6 +355,7 @@ def _big_graph_text(n: int) -> tuple[str, dict[str, list[str]]]:
 
 
 def test_html_big_graphs_collapse_and_cap_quickly(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_html, "DRAW_CAP", 1500)  # below the graph's 3000 nodes
     text, kernels = _big_graph_text(3000)
     root = tmp_path / "big"
     for i, with_kernels in ((1, True), (2, False)):

@@ -30,6 +30,7 @@ PAGE = r"""<!DOCTYPE html>
 <button id="lg-zoom-out" title="zoom out">&minus;</button><button id="lg-zoom-fit">fit</button>
 <button id="lg-zoom-in" title="zoom in">+</button><button id="lg-text-toggle">text</button></span></div>
 <div id="lg-note"></div>
+<div id="lg-sections" hidden><button id="lg-prev">&larr; previous</button> <span id="lg-section"></span> <button id="lg-next">next &rarr;</button></div>
 <div class="split"><div id="lg-canvas"></div><aside id="lg-detail"></aside></div>
 <pre id="lg-text" hidden></pre>
 </section>
@@ -111,7 +112,8 @@ JS = r"""
 
   var DATA = JSON.parse($("lg-data").textContent);
   var BOX_H = 34;
-  var state = { run: 0, pass: 0, kernel: -1, node: null, zoom: 1, text: false, open: {}, layout: null, hits: [] };
+  var state = { run: 0, pass: 0, kernel: -1, node: null, zoom: 1, text: false, open: {}, layout: null, hits: [],
+    section: 0, sections: 1 };
 
   function esc(s) {
     return String(s === undefined || s === null ? "" : s).replace(/[&<>"]/g, function (c) {
@@ -244,9 +246,40 @@ JS = r"""
     return shown;
   }
 
+  // A big graph is drawn a section at a time: dagre's time grows steeply with boxes and long edges
+  // (GPT-2 small's 1254 collapsed boxes take a minute). A section is SECTION visible boxes in graph
+  // order: a node's own position, a group at its first member, an input just before its first user.
+  var SECTION = 400;
+  function sections(d, shown) {
+    var key = {};
+    shown.forEach(function (v, i) { if (v >= 0 && (key[v] === undefined || i < key[v])) key[v] = i; });
+    d.edges.forEach(function (e) {
+      var a = shown[e[0]], b = shown[e[1]];
+      if (a >= 0 && b >= 0 && d.boxes[a].kind === "input") key[a] = Math.min(key[a], key[b] - 0.5);
+    });
+    var order = Object.keys(key).map(Number).sort(function (x, y) { return key[x] - key[y]; }), parts = [];
+    for (var i = 0; i < order.length; i += SECTION) parts.push(order.slice(i, i + SECTION));
+    return parts.length ? parts : [[]];
+  }
+
+  // show the section holding the first box that `wanted` picks (a search hit, a selected kernel)
+  function reveal(wanted) {
+    var d = drawingOf(state.pass), shown = visibleBoxes(d), parts = sections(d, shown);
+    for (var p = 0; p < parts.length; p++) {
+      if (parts[p].some(function (i) { return wanted(d.boxes[i]); })) {
+        if (p !== state.section) { state.section = p; drawGraph(); }
+        return;
+      }
+    }
+  }
+
   // the adapter: visible boxes and edges in, positions out ({x, y} top-left, edge points, clusters)
   function layoutGraph(d) {
-    var shown = visibleBoxes(d), open = openGroups();
+    var shown = visibleBoxes(d), open = openGroups(), parts = sections(d, shown), here = {};
+    state.section = Math.max(0, Math.min(state.section, parts.length - 1));
+    state.sections = parts.length;
+    parts[state.section].forEach(function (i) { here[i] = true; });
+    shown = shown.map(function (v) { return here[v] ? v : -1; });
     var g = new dagre.graphlib.Graph({ compound: true, multigraph: false });
     g.setGraph({ rankdir: "TB", nodesep: 14, ranksep: 34, edgesep: 8, marginx: 16, marginy: 16 });
     g.setDefaultEdgeLabel(function () { return {}; });
@@ -286,6 +319,9 @@ JS = r"""
     $("lg-text").textContent = d.text || "";
     var L = layoutGraph(d), parts = [];
     state.layout = L;
+    $("lg-sections").hidden = state.sections < 2;
+    $("lg-section").textContent = "section " + (state.section + 1) + " of " + state.sections +
+      " (" + SECTION + " boxes each, in graph order; edges to other sections are not drawn)";
     L.clusters.forEach(function (c) {
       parts.push('<g class="cluster" data-group="' + c.group + '" transform="translate(' + c.x + "," + c.y + ')">' +
         '<rect width="' + c.w + '" height="' + c.h + '" rx="6"/><text x="8" y="15">\u25be ' + esc(kernelName(c.group)) + "</text>" +
@@ -311,6 +347,11 @@ JS = r"""
     state.zoom = L.width ? Math.max(0.6, Math.min(1, (canvas.clientWidth - 4) / L.width)) : 1;
     applyZoom();
     highlight();
+    // start where the graph starts: its topmost box (a wide drawing can leave the top-left corner empty)
+    var top = null;
+    Object.keys(L.pos).forEach(function (i) { if (!top || L.pos[i].y < top.y) top = L.pos[i]; });
+    canvas.scrollTop = 0;
+    canvas.scrollLeft = top ? Math.max(0, top.x * state.zoom - canvas.clientWidth / 3) : 0;
   }
 
   function applyZoom() {
@@ -407,6 +448,7 @@ JS = r"""
 
   function selectKernel(k) {
     state.kernel = k; state.node = null;
+    reveal(function (b) { return b.group === k; });
     highlight(); showDetail(); drawKernels(); scrollToSelection();
   }
 
@@ -420,6 +462,7 @@ JS = r"""
   }
   function selectNode(id) {
     state.kernel = -1; state.node = id;
+    reveal(function (b) { return b.id === id; });
     highlight(); showDetail(); drawKernels();
   }
 
@@ -455,6 +498,7 @@ JS = r"""
   // ---- selection -------------------------------------------------------------------------------
   function selectPass(p) {
     state.pass = Math.max(0, Math.min(p, run().passes.length - 1));
+    state.section = 0;
     drawGraph(); showDetail();
   }
 
@@ -496,6 +540,8 @@ JS = r"""
       var a = e.target.closest("a[data-kernel]");
       if (a) { e.preventDefault(); selectKernel(Number(a.getAttribute("data-kernel"))); }
     };
+    $("lg-prev").onclick = function () { state.section--; drawGraph(); };
+    $("lg-next").onclick = function () { state.section++; drawGraph(); };
     $("lg-expand-all").onclick = function () { setAllGroups(true); };
     $("lg-collapse-all").onclick = function () { setAllGroups(false); };
     var search = $("lg-search");

@@ -4,7 +4,8 @@ Python parses the dump and says what to draw: a box per IR node, a box per fusio
 nodes each group box stands for. The page collapses every fusion group into its box by default
 (a click expands it), lays the visible boxes out with dagre (layout.py) and draws SVG, so a GPT-2
 sized graph reads as its kernels first. A search box finds nodes, kernels and source lines.
-At most DRAW_CAP nodes are drawn per graph (the page says so); identical graphs are sent once.
+A big graph is drawn a section of boxes at a time; at most DRAW_CAP nodes are sent per graph (the page
+says so); identical graphs are sent once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .layout import dagre_js
 from .load import Dump, GraphText, Run, load_dump, parse_graph_text
 from .show import kernel_sources
 
-DRAW_CAP = 1500  # nodes drawn per graph at most
+DRAW_CAP = 6000  # nodes sent per graph at most (GPT-2 small's forward+backward is 2912); the page draws
+# big graphs a section at a time
 TOTAL_BUDGET = 150_000  # boxes in the whole report; later graphs are listed but not drawn
 FOLDABLE = {"reshape", "permute", "expand", "slice", "pad", "full", "iota"}  # never a launch of their own
 CHAR_W = 6.6  # px per character of the 11px monospace labels
