@@ -12,6 +12,7 @@ import re
 import runpy
 import shlex
 import sys
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"lazygraph-bench": "benchmarks"}  # console script -> the module behind it in a checkout
@@ -67,7 +68,8 @@ def _help(key: tuple[str, ...]) -> tuple[int, str]:
     out, argv = io.StringIO(), sys.argv
     sys.argv = [key[0], *key[1:], "--help"]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": imported by other tests
             runpy.run_module(key[0], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
