@@ -1,10 +1,13 @@
-"""python -m benchmarks: eager PyTorch vs torch.compile vs lazygraph on the same workloads, side by side.
+"""lazygraph-bench: eager PyTorch vs torch.compile vs lazygraph on the same workloads, side by side.
 
-    python -m benchmarks --quick                       # tiny sizes, a minute on a CPU
-    python -m benchmarks --workloads layernorm,gpt2_step --sizes large --dtypes fp32,bf16
-    python -m benchmarks --sizes small,T=64 --repeat 20 --out /tmp/bench
+    lazygraph-bench --quick                       # tiny sizes, a minute on a CPU
+    lazygraph-bench --workloads layernorm,gpt2_step --sizes large --dtypes fp32,bf16
+    lazygraph-bench --sizes small,T=64 --repeat 20 --out /tmp/bench
 
-Writes results.md, results.json and PNG plots to benchmarks/results/<date>-<device>/ (or --out).
+From a checkout, `python -m benchmarks` is the same command. Writes results.md, results.json and
+PNG plots (matplotlib, the `bench` extra) to ./benchmark-results/<date>-<device>/ in the current
+directory (or --out), and prints the table before the plots are drawn. Exits 1 when a row is FAIL
+(a wrong answer) or error (it raised), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ from . import harness, report  # harness sets TRITON_INTERPRET before lazygraph 
 from .suite import BACKENDS, WORKLOADS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+RESULTS_DIR = "benchmark-results"  # under the current directory
+PLOTS_EXTRA = "matplotlib is not installed, so no plots were drawn (pip install 'lazygraph[bench]')"
 INTERPRETER_NOTE = ("No GPU: lazygraph's kernels run in Triton's interpreter (TRITON_INTERPRET=1) and every "
                     "backend runs on the CPU, so the times below mean nothing; kernel counts, bytes and "
                     "numerics still hold.")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=_prog(), description=__doc__.split("\n")[0].split(": ", 1)[1],
+                                epilog="Exit status: 1 when a row is FAIL or error, else 0.")
     p.add_argument("--workloads", default="all", help=f"comma list of {', '.join(WORKLOADS)} (default all)")
     p.add_argument("--sizes", default=None,
                    help="small | large, optionally with overrides: 'small,T=64,N=100' (default large on a "
@@ -42,9 +48,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile backend")
     p.add_argument("--compile-timeout", type=float, default=None,
                    help="CPU only: seconds a torch.compile cold call may take before it is marked n/a")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-<device>)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default ./{RESULTS_DIR}/<date>-<device> in the current directory)")
+    p.add_argument("--no-plots", action="store_true", help="write the table and JSON only (no matplotlib needed)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return p.parse_args(argv)
+
+
+def _prog() -> str:
+    # installed, this package is lazygraph.benchmarks behind the lazygraph-bench script
+    return "lazygraph-bench" if __package__ == "lazygraph.benchmarks" else "python -m benchmarks"
 
 
 def device_slug(device: torch.device) -> str:
@@ -105,16 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(WORKLOADS) if args.workloads == "all" else [w.strip() for w in args.workloads.split(",")]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
-        raise SystemExit(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+        raise SystemExit(f"{_prog()}: unknown workloads {unknown}; choose from {list(WORKLOADS)}")
     sizes = args.sizes or ("small" if args.quick or not gpu else "large")
     dtypes = (args.dtypes or ("fp32" if args.quick or not gpu else "fp32,bf16")).split(",")
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
-        raise SystemExit(f"unknown dtypes {bad}; choose from {list(DTYPES)}")
+        raise SystemExit(f"{_prog()}: unknown dtypes {bad}; choose from {list(DTYPES)}")
     opts = _options(args, gpu)
     slug = device_slug(device)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"{datetime.date.today().isoformat()}-{slug}")
+    out = args.out or os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{slug}")
     os.makedirs(out, exist_ok=True)
 
     interpreted = not gpu
@@ -156,16 +168,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(header + table)
     report.write_json(os.path.join(out, "results.json"), meta, results)
-    note = "CPU, Triton interpreter: times mean nothing" if interpreted else ""
-    report.write_plots(out, results, note=note)
 
+    # the table first: a plot that cannot be drawn must not cost the numbers
     print()
     print(table)
     failed = [r for r in results if r.status in ("FAIL", "error")]
-    print(f"{len(results)} measurements, {len(failed)} FAIL/error, {wall:.0f} s. Written to {out}")
+    print(f"{len(results)} measurements, {len(failed)} FAIL/error, {wall:.0f} s. Written to {os.path.abspath(out)}")
     if interpreted:
         print(INTERPRETER_NOTE)
+    if not args.no_plots:
+        _plots(out, results, note="CPU, Triton interpreter: times mean nothing" if interpreted else "")
+    if failed:
+        rows = ", ".join(f"{r.workload}/{r.backend} {r.status}" for r in failed)
+        print(f"{_prog()}: {len(failed)} rows failed ({rows})", file=sys.stderr)
+        return 1
     return 0
+
+
+def _plots(out: str, results: list[harness.Result], note: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"{_prog()}: {PLOTS_EXTRA}; the table and results.json are written (--no-plots hides this)",
+              file=sys.stderr)
+        return
+    report.write_plots(out, results, note=note)
 
 
 def _version(pkg: str) -> str | None:

@@ -3,7 +3,9 @@
 Numbers and where they come from:
   time       median and quartiles over repeated runs after warm-up (CUDA events on a GPU, perf_counter on CPU)
   kernels    GPU: CUDA kernels seen by torch.profiler in one run. CPU: eager = aten ops that are not
-             views (a dispatch-mode counter); lazygraph = stats() triton_kernels + extern_calls.
+             views (a dispatch-mode counter); lazygraph = stats() triton_kernels + extern_calls;
+             torch.compile = the launches in the programs inductor wrote (its kernels, extern matmuls and
+             aten fallbacks, each call once per run).
   bytes      modeled. eager: inputs + outputs of every counted aten op (what eager PyTorch really
              launches; lazygraph's own eager_bytes models its primitive ops, which overstates fused
              aten kernels such as native_layer_norm, so it is kept in `extra` only). lazygraph: the
@@ -264,6 +266,7 @@ def measure(workload: Workload, dims: dict, dtype: torch.dtype, backend: str, de
         return timed(lambda: step.finish(step.run(args)), device)
 
     stats0 = lazygraph.stats()
+    programs0 = len(_inductor_programs())
     limit = opts.compile_timeout_s if backend == "torch.compile" and device.type != "cuda" else None
     with _compile_context(backend), time_limit(limit), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -296,6 +299,8 @@ def measure(workload: Workload, dims: dict, dtype: torch.dtype, backend: str, de
 
     res.reason = "; ".join(filter(None, [res.reason, step.note]))
     _count(step, lambda: workload.step(backend, dims, dtype, device), inputs, backend, device, res)
+    if backend == "torch.compile":
+        _count_inductor(_inductor_programs()[programs0:], res)
     del step
     _cleanup(device)
 
@@ -321,12 +326,41 @@ def _count(step: Step, make_step: Callable[[], Step], inputs, backend: str, devi
         res.bytes, res.bytes_source = counter.bytes, "aten ops in+out"
     elif backend == "lazygraph":
         _count_lazygraph(once, lambda: make_step()(inputs), res)
-    elif backend == "torch.compile":
-        with contextlib.suppress(Exception):
-            from torch._inductor import metrics
 
-            if metrics.num_bytes_accessed:
-                res.bytes, res.bytes_source = int(metrics.num_bytes_accessed), "inductor model"
+
+def _inductor_programs() -> list:
+    """The Python modules inductor has written so far (each compiled graph's wrapper is one)."""
+    try:
+        from torch._inductor.codecache import PyCodeCache
+    except ImportError:
+        return []
+    return list(PyCodeCache.modules)
+
+
+# a launch in an inductor wrapper's call(): a generated kernel (C++ or Triton), an extern kernel such as
+# a matmul, or an aten fallback; views (reinterpret_tensor) and allocations launch nothing
+_LAUNCH = re.compile(r"^\s*(?:[\w, ]+=\s*)?(?:cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|"
+                     r"torch\.ops\.aten\.\w+(?:\.\w+)?)\(", re.M)
+
+
+def _count_inductor(programs: list, res: Result) -> None:
+    """Kernels per run from the wrappers inductor wrote for this workload (forward and backward), and
+    its modeled bytes (its metrics were reset before the cold call). Its own generated_kernel_count is
+    no launch count: on the CPU it counts every code variant it tried (14 for layernorm's two kernels)."""
+    import inspect
+
+    launches = 0
+    for module in programs:
+        call = getattr(module, "call", None)
+        with contextlib.suppress(OSError, TypeError):
+            launches += len(_LAUNCH.findall(inspect.getsource(call))) if call else 0
+    if res.kernels is None and launches:
+        res.kernels, res.kernels_source = launches, "inductor wrapper calls"
+    with contextlib.suppress(ImportError):
+        from torch._inductor import metrics
+
+        if metrics.num_bytes_accessed:
+            res.bytes, res.bytes_source = int(metrics.num_bytes_accessed), "inductor model"
 
 
 # -- the whole suite -------------------------------------------------------------------------------

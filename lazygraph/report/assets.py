@@ -1,10 +1,11 @@
 # ruff: noqa: E501 (the page, its CSS and its script are kept as written, not wrapped)
 """The HTML page, its CSS and its script, as strings: the report must be one file that opens from disk.
 
-The script reads the JSON data block, draws the selected pass's graph as SVG from boxes that
-Python already laid out, and wires up clicks (a box -> its kernel's Triton source, IR nodes and
+The script reads the JSON data block, lays the selected pass's graph out with dagre (embedded
+before it, see layout.py), draws it as SVG with each fusion group collapsed into one box until
+clicked, and wires up the search box, clicks (a box -> its kernel's Triton source, IR nodes and
 source lines), the pass and run selectors, and sortable tables. A URL hash such as
-`#run=run-0001&pass=03-fuse&kernel=NAME` selects on load (handy for links and headless tests).
+`#run=run-0001&pass=03-fuse&kernel=NAME&expand=NAME|all&search=TEXT` selects on load (links, tests).
 Errors are caught and shown in the page (and set data-errors on <body>), so a test can read them.
 """
 
@@ -23,9 +24,13 @@ PAGE = r"""<!DOCTYPE html>
 <div id="lg-headline"></div>
 <section id="lg-graph-sec"><h2>graph after each pass</h2>
 <div class="bar"><span id="lg-passes"></span>
-<span class="tools"><button id="lg-zoom-out" title="zoom out">&minus;</button><button id="lg-zoom-fit">fit</button>
+<span class="tools"><span class="search"><input id="lg-search" type="search" placeholder="search: %12, kernel, model.py:40" autocomplete="off">
+<ul id="lg-search-results" hidden></ul></span>
+<button id="lg-expand-all" title="draw every node of every kernel">expand all</button><button id="lg-collapse-all" title="one box per kernel">collapse all</button>
+<button id="lg-zoom-out" title="zoom out">&minus;</button><button id="lg-zoom-fit">fit</button>
 <button id="lg-zoom-in" title="zoom in">+</button><button id="lg-text-toggle">text</button></span></div>
 <div id="lg-note"></div>
+<div id="lg-sections" hidden><button id="lg-prev">&larr; previous</button> <span id="lg-section"></span> <button id="lg-next">next &rarr;</button></div>
 <div class="split"><div id="lg-canvas"></div><aside id="lg-detail"></aside></div>
 <pre id="lg-text" hidden></pre>
 </section>
@@ -77,6 +82,17 @@ svg .box.group rect { stroke-dasharray: 4 2; stroke-width: 1.5; }
 svg .box.sel rect { stroke: #d50000; stroke-width: 3; }
 svg .box:hover rect { stroke: #1e88e5; stroke-width: 2; }
 svg path.edge { fill: none; stroke: #9aa; stroke-width: 1; }
+svg .cluster rect { fill: #f7f9fc; stroke: #90a4ae; stroke-dasharray: 4 2; }
+svg .cluster text { font-weight: bold; }
+svg .cluster .head { cursor: pointer; pointer-events: all; fill: transparent; stroke: none; }
+.search { position: relative; display: inline-block; }
+#lg-search { width: 240px; padding: 2px 6px; margin: 2px; }
+#lg-search-results { position: absolute; z-index: 5; right: 0; width: 460px; max-height: 360px; overflow: auto; margin: 0;
+  padding: 0; list-style: none; background: #fff; border: 1px solid #bbb; box-shadow: 0 2px 6px rgba(0,0,0,.2); }
+#lg-search-results li { padding: 3px 8px; cursor: pointer; font-family: monospace; font-size: 12px; white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; }
+#lg-search-results li:hover, #lg-search-results li.first { background: #eef6ff; }
+#lg-search-results li .what { color: #888; margin-right: 6px; }
 .muted { color: #888; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 8px; background: #eee; margin-right: 4px; }
 .fuse { color: #1b5e20; } .apart { color: #b71c1c; }
@@ -96,7 +112,8 @@ JS = r"""
 
   var DATA = JSON.parse($("lg-data").textContent);
   var BOX_H = 34;
-  var state = { run: 0, pass: 0, kernel: -1, node: null, zoom: 1, text: false };
+  var state = { run: 0, pass: 0, kernel: -1, node: null, zoom: 1, text: false, open: {}, layout: null, hits: [],
+    section: 0, sections: 1 };
 
   function esc(s) {
     return String(s === undefined || s === null ? "" : s).replace(/[&<>"]/g, function (c) {
@@ -203,46 +220,145 @@ JS = r"""
   }
 
   // ---- graph -----------------------------------------------------------------------------------
+  // Python sends every node box plus one box per fusion group; a node's `fold` is the group box that
+  // stands for it while that group is collapsed. Groups start collapsed; state.open[drawing key] holds
+  // the expanded ones. Each change lays the visible boxes out again with dagre (layoutGraph).
   function renderPasses(r) {
     $("lg-passes").innerHTML = r.passes.map(function (p, i) {
       return '<button data-pass="' + i + '">' + esc(p.name) + "</button>";
     }).join("");
   }
 
+  function openGroups() {
+    var key = run().passes[state.pass].drawing;
+    if (!state.open[key]) state.open[key] = {};
+    return state.open[key];
+  }
+
+  // box index -> the index of the box drawn for it (itself, or its collapsed group's box), -1 if hidden
+  function visibleBoxes(d) {
+    var open = openGroups(), groupBox = {}, shown = [];
+    d.boxes.forEach(function (b, i) { if (b.kind === "group") groupBox[b.group] = i; });
+    d.boxes.forEach(function (b, i) {
+      if (b.kind === "group") shown.push(open[b.group] ? -1 : i);
+      else shown.push(b.fold >= 0 && !open[b.fold] ? groupBox[b.fold] : i);
+    });
+    return shown;
+  }
+
+  // A big graph is drawn a section at a time: dagre's time grows steeply with boxes and long edges
+  // (GPT-2 small's 1254 collapsed boxes take a minute). A section is SECTION visible boxes in graph
+  // order: a node's own position, a group at its first member, an input just before its first user.
+  var SECTION = 400;
+  function sections(d, shown) {
+    var key = {};
+    shown.forEach(function (v, i) { if (v >= 0 && (key[v] === undefined || i < key[v])) key[v] = i; });
+    d.edges.forEach(function (e) {
+      var a = shown[e[0]], b = shown[e[1]];
+      if (a >= 0 && b >= 0 && d.boxes[a].kind === "input") key[a] = Math.min(key[a], key[b] - 0.5);
+    });
+    var order = Object.keys(key).map(Number).sort(function (x, y) { return key[x] - key[y]; }), parts = [];
+    for (var i = 0; i < order.length; i += SECTION) parts.push(order.slice(i, i + SECTION));
+    return parts.length ? parts : [[]];
+  }
+
+  // show the section holding the first box that `wanted` picks (a search hit, a selected kernel)
+  function reveal(wanted) {
+    var d = drawingOf(state.pass), shown = visibleBoxes(d), parts = sections(d, shown);
+    for (var p = 0; p < parts.length; p++) {
+      if (parts[p].some(function (i) { return wanted(d.boxes[i]); })) {
+        if (p !== state.section) { state.section = p; drawGraph(); }
+        return;
+      }
+    }
+  }
+
+  // the adapter: visible boxes and edges in, positions out ({x, y} top-left, edge points, clusters)
+  function layoutGraph(d) {
+    var shown = visibleBoxes(d), open = openGroups(), parts = sections(d, shown), here = {};
+    state.section = Math.max(0, Math.min(state.section, parts.length - 1));
+    state.sections = parts.length;
+    parts[state.section].forEach(function (i) { here[i] = true; });
+    shown = shown.map(function (v) { return here[v] ? v : -1; });
+    var g = new dagre.graphlib.Graph({ compound: true, multigraph: false });
+    g.setGraph({ rankdir: "TB", nodesep: 14, ranksep: 34, edgesep: 8, marginx: 16, marginy: 16 });
+    g.setDefaultEdgeLabel(function () { return {}; });
+    d.boxes.forEach(function (b, i) {
+      if (shown[i] !== i) return;
+      g.setNode("b" + i, { width: b.w, height: BOX_H });
+      if (b.fold >= 0 && open[b.fold]) {  // a node of an expanded group: inside the group's cluster
+        if (!g.hasNode("c" + b.fold)) g.setNode("c" + b.fold, { paddingTop: 22 });
+        g.setParent("b" + i, "c" + b.fold);
+      }
+    });
+    d.edges.forEach(function (e) {
+      var a = shown[e[0]], b = shown[e[1]];
+      if (a >= 0 && b >= 0 && a !== b) g.setEdge("b" + a, "b" + b);
+    });
+    dagre.layout(g);
+    var out = { pos: {}, edges: [], clusters: [], width: g.graph().width || 0, height: g.graph().height || 0 };
+    g.nodes().forEach(function (id) {
+      var n = g.node(id);
+      if (id[0] === "b") out.pos[Number(id.slice(1))] = { x: n.x - n.width / 2, y: n.y - n.height / 2 };
+      else out.clusters.push({ group: Number(id.slice(1)), x: n.x - n.width / 2, y: n.y - n.height / 2, w: n.width, h: n.height });
+    });
+    g.edges().forEach(function (e) { out.edges.push(g.edge(e).points); });
+    return out;
+  }
+
+  function kernelName(k) { var ks = run().kernels; return ks[k] ? ks[k].name : "group " + k; }
+
   function drawGraph() {
     var d = drawingOf(state.pass);
     var buttons = $("lg-passes").querySelectorAll("button");
     for (var i = 0; i < buttons.length; i++) buttons[i].classList.toggle("on", i === state.pass);
-    $("lg-note").textContent = run().passes[state.pass].name + ": " + d.nodes + " nodes" + (d.note ? " \u2014 " + d.note : "");
+    var open = Object.keys(openGroups()).length;
+    $("lg-note").textContent = run().passes[state.pass].name + ": " + d.nodes + " nodes" +
+      (d.groups ? ", " + d.groups + " fused kernels (" + (open ? open + " expanded" : "click one to expand it") + ")" : "") +
+      (d.note ? " \u2014 " + d.note : "");
     $("lg-text").textContent = d.text || "";
-    var parts = [];
-    d.edges.forEach(function (e) {
-      var a = d.boxes[e[0]], b = d.boxes[e[1]];
-      var x1 = a.x + a.w / 2, y1 = a.y + BOX_H, x2 = b.x + b.w / 2, y2 = b.y;
-      // an edge that skips layers bows sideways so it does not run straight through the boxes between
-      var bow = y2 - y1 > 60 ? Math.min(160, 20 + (y2 - y1) / 4) : 0;
-      var c1 = y1 + (y2 - y1) / 3, c2 = y2 - (y2 - y1) / 3;
-      parts.push('<path class="edge" d="M' + x1 + " " + y1 + "C" + (x1 + bow) + " " + c1 + " " + (x2 + bow) + " " + c2 + " " + x2 + " " + y2 + '"/>');
+    var L = layoutGraph(d), parts = [];
+    state.layout = L;
+    $("lg-sections").hidden = state.sections < 2;
+    $("lg-section").textContent = "section " + (state.section + 1) + " of " + state.sections +
+      " (" + SECTION + " boxes each, in graph order; edges to other sections are not drawn)";
+    L.clusters.forEach(function (c) {
+      parts.push('<g class="cluster" data-group="' + c.group + '" transform="translate(' + c.x + "," + c.y + ')">' +
+        '<rect width="' + c.w + '" height="' + c.h + '" rx="6"/><text x="8" y="15">\u25be ' + esc(kernelName(c.group)) + "</text>" +
+        '<rect class="head" width="' + c.w + '" height="20"><title>click to collapse</title></rect></g>');
+    });
+    L.edges.forEach(function (pts) {
+      var path = "M" + pts[0].x + " " + pts[0].y;
+      for (var j = 1; j < pts.length; j++) path += "L" + pts[j].x + " " + pts[j].y;
+      parts.push('<path class="edge" d="' + path + '"/>');
     });
     d.boxes.forEach(function (b, i) {
-      parts.push('<g class="box ' + b.kind + '" data-box="' + i + '" transform="translate(' + b.x + "," + b.y + ')">' +
+      var p = L.pos[i];
+      if (!p) return;
+      var label = b.kind === "group" ? "\u25b8 " + b.l1 : b.l1;
+      parts.push('<g class="box ' + b.kind + '" data-box="' + i + '" data-id="' + esc(b.id) + '" transform="translate(' + p.x + "," + p.y + ')">' +
         '<rect width="' + b.w + '" height="' + BOX_H + '" rx="4"' + (b.kind === "input" && b.group < 0 ? "" : ' fill="' + color(b.group) + '"') + "/>" +
-        '<text x="7" y="14">' + esc(b.l1) + '</text><text x="7" y="28" fill="#555">' + esc(b.l2) + "</text>" +
-        "<title>" + esc(b.text) + "</title></g>");
+        '<text x="7" y="14">' + esc(label) + '</text><text x="7" y="28" fill="#555">' + esc(b.l2) + "</text>" +
+        "<title>" + esc(b.kind === "group" ? "click to expand\n" + b.text : b.text) + "</title></g>");
     });
     var canvas = $("lg-canvas");
-    canvas.innerHTML = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 ' + Math.max(d.width, 1) + " " + Math.max(d.height, 1) + '">' + parts.join("") + "</svg>";
+    canvas.innerHTML = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 ' + Math.max(L.width, 1) + " " + Math.max(L.height, 1) + '">' + parts.join("") + "</svg>";
     // fit the width, but not below 60%: labels stay readable and a big graph scrolls instead
-    state.zoom = d.width ? Math.max(0.6, Math.min(1, (canvas.clientWidth - 4) / d.width)) : 1;
+    state.zoom = L.width ? Math.max(0.6, Math.min(1, (canvas.clientWidth - 4) / L.width)) : 1;
     applyZoom();
     highlight();
+    // start where the graph starts: its topmost box (a wide drawing can leave the top-left corner empty)
+    var top = null;
+    Object.keys(L.pos).forEach(function (i) { if (!top || L.pos[i].y < top.y) top = L.pos[i]; });
+    canvas.scrollTop = 0;
+    canvas.scrollLeft = top ? Math.max(0, top.x * state.zoom - canvas.clientWidth / 3) : 0;
   }
 
   function applyZoom() {
-    var d = drawingOf(state.pass), svg = $("lg-canvas").querySelector("svg");
-    if (!svg) return;
-    svg.setAttribute("width", Math.max(1, Math.round(d.width * state.zoom)));
-    svg.setAttribute("height", Math.max(1, Math.round(d.height * state.zoom)));
+    var L = state.layout, svg = $("lg-canvas").querySelector("svg");
+    if (!svg || !L) return;
+    svg.setAttribute("width", Math.max(1, Math.round(L.width * state.zoom)));
+    svg.setAttribute("height", Math.max(1, Math.round(L.height * state.zoom)));
   }
 
   function highlight() {
@@ -254,6 +370,53 @@ JS = r"""
     }
   }
 
+  function setGroup(k, expanded) {
+    var open = openGroups();
+    if (expanded) open[k] = true; else delete open[k];
+    drawGraph();
+  }
+  function setAllGroups(expanded) {
+    var open = openGroups();
+    drawingOf(state.pass).boxes.forEach(function (b) { if (b.kind === "group") { if (expanded) open[b.group] = true; else delete open[b.group]; } });
+    drawGraph();
+  }
+
+  // ---- search: node names (%12), ops, kernel names, source lines (model.py:40) -------------------
+  function searchHits(q) {
+    q = q.trim().toLowerCase();
+    if (!q) return [];
+    var hits = [], d = drawingOf(state.pass);
+    run().kernels.forEach(function (k, i) {
+      var where = k.name.toLowerCase().indexOf(q) >= 0 ? "" : k.sources.filter(function (s) { return s.toLowerCase().indexOf(q) >= 0; })[0];
+      if (where !== undefined) hits.push({ kind: "kernel", ref: i, label: k.name, what: where ? "kernel at " + where : "kernel", exact: k.name.toLowerCase() === q });
+    });
+    d.boxes.forEach(function (b) {
+      if (b.kind === "group") return;
+      var id = b.id.toLowerCase(), hay = (b.l1 + " " + (b.src || "")).toLowerCase();
+      if (id === q || hay.indexOf(q) >= 0) hits.push({ kind: "node", ref: b.id, label: b.l1, what: b.src || "node", exact: id === q });
+    });
+    hits.sort(function (a, b) { return (b.exact ? 1 : 0) - (a.exact ? 1 : 0); });  // stable: kernels, then graph order
+    return hits.slice(0, 50);
+  }
+
+  function showSearch() {
+    var q = $("lg-search").value, list = $("lg-search-results");
+    state.hits = searchHits(q);
+    list.hidden = !q.trim();
+    list.innerHTML = state.hits.length ? state.hits.map(function (h, i) {
+      return '<li data-hit="' + i + '"' + (i ? "" : ' class="first"') + '><span class="what">' + esc(h.what) + "</span>" + esc(h.label) + "</li>";
+    }).join("") : '<li class="muted">no node, kernel or source line matches</li>';
+  }
+
+  function pickHit(h) {
+    $("lg-search-results").hidden = true;
+    if (!h) return;
+    if (h.kind === "kernel") { selectKernel(h.ref); return; }
+    var d = drawingOf(state.pass), b = d.boxes.filter(function (x) { return x.id === h.ref; })[0];
+    if (b && b.fold >= 0 && !openGroups()[b.fold]) setGroup(b.fold, true);  // show the node itself
+    selectNode(h.ref);
+    scrollToSelection();
+  }
   // ---- details -----------------------------------------------------------------------------------
   function kernelHtml(k) {
     var h = ["<h3>" + esc(k.name) + "</h3>"];
@@ -275,7 +438,8 @@ JS = r"""
     if (b) {
       det.innerHTML = "<h3>" + esc(b.l1) + "</h3><pre>" + esc(b.text) + "</pre>" +
         (b.src ? '<div><b>source line:</b> <span class="mono">' + esc(b.src) + "</span></div>" : "") +
-        '<div class="muted">not part of a fused kernel in this pass</div>';
+        (b.group >= 0 ? '<div>part of kernel <a href="#" data-kernel="' + b.group + '">' + esc(kernelName(b.group)) + "</a></div>" :
+          '<div class="muted">not part of a fused kernel in this pass</div>');
       return;
     }
     det.innerHTML = '<div class="muted">Click a box to see its node, or its kernel\'s Triton source, IR nodes and source lines. ' +
@@ -284,6 +448,7 @@ JS = r"""
 
   function selectKernel(k) {
     state.kernel = k; state.node = null;
+    reveal(function (b) { return b.group === k; });
     highlight(); showDetail(); drawKernels(); scrollToSelection();
   }
 
@@ -291,12 +456,13 @@ JS = r"""
   function scrollToSelection() {
     var d = drawingOf(state.pass), canvas = $("lg-canvas"), g = canvas.querySelector("g.box.sel");
     if (!g) return;
-    var b = d.boxes[Number(g.getAttribute("data-box"))];
-    canvas.scrollLeft = Math.max(0, (b.x + b.w / 2) * state.zoom - canvas.clientWidth / 2);
-    canvas.scrollTop = Math.max(0, b.y * state.zoom - canvas.clientHeight / 3);
+    var i = Number(g.getAttribute("data-box")), p = state.layout.pos[i];
+    canvas.scrollLeft = Math.max(0, (p.x + d.boxes[i].w / 2) * state.zoom - canvas.clientWidth / 2);
+    canvas.scrollTop = Math.max(0, p.y * state.zoom - canvas.clientHeight / 3);
   }
   function selectNode(id) {
     state.kernel = -1; state.node = id;
+    reveal(function (b) { return b.id === id; });
     highlight(); showDetail(); drawKernels();
   }
 
@@ -332,6 +498,7 @@ JS = r"""
   // ---- selection -------------------------------------------------------------------------------
   function selectPass(p) {
     state.pass = Math.max(0, Math.min(p, run().passes.length - 1));
+    state.section = 0;
     drawGraph(); showDetail();
   }
 
@@ -361,16 +528,37 @@ JS = r"""
       if (b) selectPass(Number(b.getAttribute("data-pass")));
     };
     $("lg-canvas").onclick = function (e) {
+      var head = e.target.closest("g.cluster");
+      if (head && e.target.classList.contains("head")) { setGroup(Number(head.getAttribute("data-group")), false); return; }
       var g = e.target.closest("g.box");
       if (!g) return;
       var b = drawingOf(state.pass).boxes[Number(g.getAttribute("data-box"))];
+      if (b.kind === "group") setGroup(b.group, true);  // expand, and show the kernel beside it
       if (b.group >= 0) selectKernel(b.group); else selectNode(b.id);
+    };
+    $("lg-detail").onclick = function (e) {
+      var a = e.target.closest("a[data-kernel]");
+      if (a) { e.preventDefault(); selectKernel(Number(a.getAttribute("data-kernel"))); }
+    };
+    $("lg-prev").onclick = function () { state.section--; drawGraph(); };
+    $("lg-next").onclick = function () { state.section++; drawGraph(); };
+    $("lg-expand-all").onclick = function () { setAllGroups(true); };
+    $("lg-collapse-all").onclick = function () { setAllGroups(false); };
+    var search = $("lg-search");
+    search.oninput = showSearch;
+    search.onkeydown = function (e) {
+      if (e.key === "Enter") pickHit(state.hits[0]);
+      if (e.key === "Escape") $("lg-search-results").hidden = true;
+    };
+    $("lg-search-results").onclick = function (e) {
+      var li = e.target.closest("li[data-hit]");
+      if (li) pickHit(state.hits[Number(li.getAttribute("data-hit"))]);
     };
     $("lg-zoom-in").onclick = function () { state.zoom *= 1.25; applyZoom(); };
     $("lg-zoom-out").onclick = function () { state.zoom /= 1.25; applyZoom(); };
     $("lg-zoom-fit").onclick = function () {
-      var d = drawingOf(state.pass), c = $("lg-canvas");
-      state.zoom = d.width ? Math.min((c.clientWidth - 4) / d.width, (c.clientHeight - 4) / d.height) : 1;
+      var L = state.layout, c = $("lg-canvas");
+      state.zoom = L && L.width ? Math.min((c.clientWidth - 4) / L.width, (c.clientHeight - 4) / L.height) : 1;
       applyZoom();
     };
     $("lg-text-toggle").onclick = function () {
@@ -389,8 +577,13 @@ JS = r"""
     var ri = DATA.runs.length - 1;
     DATA.runs.forEach(function (r, i) { if (r.name === args.run) ri = i; });
     selectRun(ri, args.pass);
+    if (args.expand) drawingOf(state.pass).boxes.forEach(function (b) {
+      if (b.kind === "group" && (args.expand === "all" || kernelName(b.group) === args.expand)) openGroups()[b.group] = true;
+    });
+    if (args.expand) drawGraph();
     if (args.kernel) run().kernels.forEach(function (k, i) { if (k.name === args.kernel) selectKernel(i); });
     if (args.node) selectNode(args.node);
+    if (args.search) { $("lg-search").value = args.search; showSearch(); }
   }
 
   try { init(); } catch (e) { fail("error: " + (e && e.stack ? e.stack : e)); }

@@ -1,9 +1,11 @@
 """`python -m lazygraph html DIR -o report.html`: one self-contained HTML file (inline CSS, JS and data).
 
-Python does the heavy part (parsing, layout, grouping); the page's script only draws SVG from the
-laid-out boxes and wires up clicks, so the page opens instantly from disk with no network.
-Big graphs stay responsive: over COLLAPSE_AT nodes each fusion group is drawn as one box, and at
-most DRAW_CAP boxes are drawn per graph (the page says so). Identical graphs are laid out once.
+Python parses the dump and says what to draw: a box per IR node, a box per fusion group, and which
+nodes each group box stands for. The page collapses every fusion group into its box by default
+(a click expands it), lays the visible boxes out with dagre (layout.py) and draws SVG, so a GPT-2
+sized graph reads as its kernels first. A search box finds nodes, kernels and source lines.
+A big graph is drawn a section of boxes at a time; at most DRAW_CAP nodes are sent per graph (the page
+says so); identical graphs are sent once.
 """
 
 from __future__ import annotations
@@ -16,20 +18,20 @@ import os
 from typing import Any
 
 from .assets import CSS, JS, PAGE
-from .layout import layout
+from .layout import dagre_js
 from .load import Dump, GraphText, Run, load_dump, parse_graph_text
 from .show import kernel_sources
 
-COLLAPSE_AT = 400  # nodes in one graph above which fusion groups are drawn as one box each
-DRAW_CAP = 1500  # boxes drawn per graph at most
-TOTAL_BUDGET = 150_000  # boxes drawn in the whole report; later graphs are listed but not drawn
+DRAW_CAP = 6000  # nodes sent per graph at most (GPT-2 small's forward+backward is 2912); the page draws
+# big graphs a section at a time
+TOTAL_BUDGET = 150_000  # boxes in the whole report; later graphs are listed but not drawn
 FOLDABLE = {"reshape", "permute", "expand", "slice", "pad", "full", "iota"}  # never a launch of their own
 CHAR_W = 6.6  # px per character of the 11px monospace labels
 MAX_LABEL = 34
 
 
 def _box_width(*labels: str) -> float:
-    return 14 + CHAR_W * max(len(x) for x in labels)
+    return round(14 + CHAR_W * max(len(x) for x in labels), 1)
 
 
 def _clip(s: str, n: int = MAX_LABEL) -> str:
@@ -37,53 +39,35 @@ def _clip(s: str, n: int = MAX_LABEL) -> str:
 
 
 def drawing(g: GraphText, groups: dict[str, int], kernel_names: list[str]) -> dict[str, Any]:
-    """Boxes and edges for one graph. Box fields: id, two label lines, x, y, w, group (-1: none),
-    kind (node, input, output, group), the full text line (or the member list of a collapsed group)."""
+    """Boxes and edges of one graph, before layout. Node boxes: id, two label lines, w, group (the kernel
+    it is part of, -1: none), fold (the group box that stands for it while collapsed, -1: none), kind
+    (node, input, output), its text line and source line. Then one box per group (kind "group") with
+    the member lines as text and their source lines. Edges join node boxes (indices into boxes)."""
     outputs = set(g.outputs)
-    collapse = len(g.nodes) > COLLAPSE_AT and bool(groups)
-    group_of = _collapsed_groups(g, groups) if collapse else {}
-    box_of: dict[str, str] = {}
+    nodes = g.nodes[:DRAW_CAP]
+    fold = _collapsed_groups(g, groups) if groups else {}
     boxes: list[dict[str, Any]] = []
-    members: dict[str, list[str]] = {}
-    for n in g.nodes:
-        if n.name in group_of:
-            bid = f"k{group_of[n.name]}"
-            box_of[n.name] = bid
-            if bid not in members:
-                members[bid] = []
-                boxes.append({"id": bid, "group": group_of[n.name], "kind": "group"})
-            members[bid].append(n.line)
-            continue
-        box_of[n.name] = n.name
+    members: dict[int, list[dict[str, Any]]] = {}
+    for n in nodes:
         kind = "output" if n.name in outputs else "input" if n.op == "input" else "node"
-        boxes.append({"id": n.name, "l1": f"{n.name} {n.op}", "l2": _clip(n.type),
-                      "group": groups.get(n.name, -1), "kind": kind, "text": n.line, "src": n.source})
-    for b in boxes:
-        if b["kind"] == "group":
-            name = kernel_names[b["group"]] if b["group"] < len(kernel_names) else f"group {b['group']}"
-            b["l1"], b["l2"] = _clip(name), f"{len(members[b['id']])} nodes"
-            b["text"] = "\n".join(members[b["id"]])
-    total = len(boxes)
-    note = []
-    if collapse:
-        note.append("each fused kernel drawn as one box, with the views and constants only it reads")
-    if total > DRAW_CAP:
-        boxes = boxes[:DRAW_CAP]
-        note.append(f"drawing the first {DRAW_CAP} of {total} boxes (graph order); 'text' shows them all")
+        box = {"id": n.name, "l1": f"{n.name} {n.op}", "l2": _clip(n.type), "group": groups.get(n.name, -1),
+               "fold": fold.get(n.name, -1), "kind": kind, "text": n.line, "src": n.source}
+        box["w"] = _box_width(box["l1"], box["l2"])
+        boxes.append(box)
+        if box["fold"] >= 0:
+            members.setdefault(box["fold"], []).append(box)
+    for k, inside in members.items():
+        name = kernel_names[k] if k < len(kernel_names) else f"group {k}"
+        l1, l2 = _clip(name), f"{len(inside)} nodes"
+        # the page puts "▸ " before a group's name
+        boxes.append({"id": f"k{k}", "l1": l1, "l2": l2, "w": _box_width("▸ " + l1, l2), "group": k, "fold": -1,
+                      "kind": "group", "text": "\n".join(b["text"] for b in inside),
+                      "src": ", ".join(dict.fromkeys(b["src"] for b in inside if b["src"]))})
     index = {b["id"]: i for i, b in enumerate(boxes)}
-    edges = set()
-    for n in g.nodes:
-        for s in n.srcs:
-            a, b = box_of.get(s), box_of.get(n.name)
-            if a in index and b in index and a != b:
-                edges.add((index[a], index[b]))
-    placed, width, height = layout([(b["id"], _box_width(b["l1"], b["l2"])) for b in boxes],
-                                   [(boxes[a]["id"], boxes[b]["id"]) for a, b in edges])
-    for b in boxes:
-        p = placed[b["id"]]
-        b["x"], b["y"], b["w"] = round(p.x, 1), round(p.y, 1), round(p.w, 1)
-    return {"boxes": boxes, "edges": sorted(edges), "width": round(width), "height": round(height),
-            "nodes": len(g.nodes), "note": "; ".join(note)}
+    edges = sorted({(index[s], index[n.name]) for n in nodes for s in n.srcs if s in index and s != n.name})
+    note = f"drawing the first {DRAW_CAP} of {len(g.nodes)} nodes (graph order); 'text' shows them all" \
+        if len(g.nodes) > DRAW_CAP else ""
+    return {"boxes": boxes, "edges": edges, "nodes": len(g.nodes), "groups": len(members), "note": note}
 
 
 def _collapsed_groups(g: GraphText, groups: dict[str, int]) -> dict[str, int]:
@@ -148,7 +132,7 @@ class _Drawings:
         if key not in self.by_key:
             g = parse_graph_text(text)
             if self.drawn >= TOTAL_BUDGET:
-                self.by_key[key] = {"boxes": [], "edges": [], "width": 0, "height": 0, "nodes": len(g.nodes),
+                self.by_key[key] = {"boxes": [], "edges": [], "nodes": len(g.nodes), "groups": 0,
                                     "note": "not drawn: the report's drawing budget is spent (html --run N)"}
             else:
                 self.by_key[key] = drawing(g, groups, kernel_names)
@@ -176,7 +160,8 @@ def report_data(dump: Dump, runs: list[Run]) -> dict[str, Any]:
         out_runs.append({"name": run.name, "summary": summary, "compiled": run.compiled, "passes": passes,
                          "kernels": kernels, "decisions": _decisions(run),
                          "default_pass": max(len(passes) - 1, 0)})
-    return {"path": os.path.abspath(dump.path), "runs": out_runs, "events": dump.events,
+    # the dump as the user named it: a report written elsewhere or shared does not show a temporary path
+    return {"path": os.path.normpath(dump.path), "runs": out_runs, "events": dump.events,
             "drawings": drawings.by_key}
 
 
@@ -184,13 +169,16 @@ def render(data: dict[str, Any]) -> str:
     # "<" escaped inside JSON strings: the data can never close the <script> element that holds it
     blob = json.dumps(data, separators=(",", ":"), default=str).replace("<", "\\u003c")
     title = html.escape(f"lazygraph report: {os.path.basename(data['path'])}")
-    page = PAGE.replace("{{TITLE}}", title).replace("{{CSS}}", CSS).replace("{{JS}}", JS)
+    page = PAGE.replace("{{TITLE}}", title).replace("{{CSS}}", CSS).replace("{{JS}}", dagre_js() + "\n" + JS)
     return page.replace("{{DATA}}", blob)
 
 
 def write_report(dump_dir: str, out: str, run: int | None = None) -> str:
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):  # checked first: a long report is not built only to be lost
+        raise FileNotFoundError(f"cannot write {out}: the folder {folder} does not exist")
     dump = load_dump(dump_dir)
-    runs = [dump.run(run)] if run is not None else dump.runs
+    runs = dump.selected(run)
     with open(out, "w", encoding="utf-8") as f:
         f.write(render(report_data(dump, runs)))
     return out

@@ -159,14 +159,21 @@ class Dump:
 
     def run(self, number: int | None = None) -> Run:
         """Run by number (1 = run-0001); None is the last run."""
-        if not self.runs:
-            raise LookupError(f"no run-NNNN folders in {self.path}")
+        self.selected()
         if number is None:
             return self.runs[-1]
         for r in self.runs:
             if r.number == number:
                 return r
         raise LookupError(f"no run {number} in {self.path} (runs: {', '.join(r.name for r in self.runs)})")
+
+    def selected(self, number: int | None = None) -> list[Run]:
+        """The runs a command reads: the one numbered, or all. A dump without runs is an error, not an
+        empty summary: the folder is most likely the wrong one."""
+        if not self.runs:
+            raise LookupError(f"no graph runs in {self.path}: it has no run-NNNN or compile-NNNN folders "
+                              "(write them with LAZYGRAPH_DUMP=DIR or lazygraph.dump(dir=DIR))")
+        return self.runs if number is None else [self.run(number)]
 
 
 def _read(path: str) -> str:

@@ -144,7 +144,7 @@ def _cause(e: dict[str, Any]) -> str:
 
 
 def show_text(dump: Dump, run: int | None = None, top: int = 5) -> str:
-    runs = [dump.run(run)] if run is not None else dump.runs
+    runs = dump.selected(run)
     lines = [f"{dump.path}: {len(dump.runs)} graph runs"]
     for r in runs:
         lines += run_lines(r, top)
