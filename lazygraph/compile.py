@@ -55,6 +55,7 @@ from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
 from .ir import Graph, Node, Op, is_runtime_scalar, runtime_scalars
 from .lazy import LazyTensor, lazy, lazy_mode, node_of, set_tracer
 from .passes.attention import InputValues, attention_pass, lend_input_values
+from .passes.heads import split_heads
 from .passes.partition import partition
 from .passes.rewrite import copy_with
 from .passes.simplify import simplify
@@ -566,7 +567,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     with lend_input_values(lent):
         # explicit attention and its backward become the flash ops before the split, while the
         # joint graph still sees both directions (and the mask's value, lent)
-        g = attention_pass(simplify(lifted))
+        g = split_heads(attention_pass(simplify(lifted)))
     if len(joint.outputs) > num_fwd:
         free = {inputs[k].id for k in free_pos} | set(full_of)
         part = partition(g, num_fwd, [inputs[k] for k in tangent_pos], free)
