@@ -72,6 +72,7 @@ def stats() -> dict[str, Any]:
         # copies, fills and allocations made outside kernels and extern calls (hidden from launch counts)
         "hidden_copies": c["hidden_copies"],
         "hidden_bytes": c["hidden_bytes"],
+        "grad_clones": c["grad_clones"],  # parameter gradients autograd copies (laid out unlike the parameter)
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),
     }

@@ -506,6 +506,7 @@ class _Joint(torch.autograd.Function):
         ctx.primal_pos = {tr.sources[k][1]: i for i, k in enumerate(needed)}
         ctx.save_for_backward(*saved, *[prims[tr.sources[k][1]] for k in needed])
         ctx.num_saved = len(saved)
+        ctx.prim_strides = [t.stride() for t in prims]
         result = [outs[i] for i in p.outputs_at]
         # integer outputs, outputs no tangent flows into and buffer updates get no gradient
         ctx.mark_non_differentiable(*[r for i, r in enumerate(result)
@@ -537,7 +538,13 @@ class _Joint(torch.autograd.Function):
             else:
                 inputs.append(v)
         grads = _run(program, inputs, _scalars(bwd_scalars, tr))
-        return (None, None, None) + tuple(None if j is None else grads[j] for j in tr.grad_of)
+        out = tuple(None if j is None else grads[j] for j in tr.grad_of)
+        for g, strides in zip(out, ctx.prim_strides):
+            if g is not None and any(n > 1 and a != b for n, a, b in zip(g.shape, g.stride(), strides)):
+                # autograd clones a gradient laid out unlike its parameter before storing it in .grad
+                COUNTERS["grad_clones"] += 1
+                COUNTERS["hidden_bytes"] += 2 * g.numel() * g.element_size()
+        return (None, None, None) + out
 
 
 def _dense(g: torch.Tensor | None) -> torch.Tensor | None:

@@ -30,6 +30,8 @@ from ..ir import LEAF, MOVEMENT, POINTWISE, Graph, Node, Op, dtype_name, effecti
 
 # ops cheap enough to recompute in the backward instead of saving their result
 RECOMPUTABLE = POINTWISE | MOVEMENT | {Op.CAT, Op.FULL, Op.IOTA}
+# ops that run as calls of their own: their operands are in memory, never fused into them
+_UNFUSED = frozenset({Op.MATMUL, Op.EXTERN, Op.ATTENTION, Op.ATTENTION_LSE})
 
 
 @dataclass
@@ -108,6 +110,22 @@ def _tangent_dependent(nodes: Sequence[Node], tangent_ids: set[int]) -> set[int]
     return out
 
 
+def _extern_operands(joint: Graph, fwd_needed: dict[int, Node], after_tangent: set[int]) -> set[int]:
+    """Ids of the pointwise values the forward writes to memory as a matmul's or extern call's
+    operand (through views). The backward reads them as they are: recomputing one would cost a
+    launch of its own (a matmul cannot take it fused), to rewrite bytes the forward had written."""
+    kept: set[int] = set()
+    for n in joint.nodes:
+        if n.id not in fwd_needed or n.value is not None or n.op not in _UNFUSED:
+            continue
+        for s in n.srcs:
+            while s.op in MOVEMENT and s.value is None:
+                s = s.srcs[0]
+            if s.value is None and s.op in POINTWISE and s.id not in after_tangent:
+                kept.add(s.id)
+    return kept
+
+
 def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node],
               free: Collection[int] = ()) -> Partition:
     """Split `joint` (outputs: forward outputs, then gradients) into forward and backward graphs.
@@ -129,6 +147,7 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
     bwd_needed = _ancestors(grads)
     # tangent-dependent nodes can only run in the backward
     after_tangent = _tangent_dependent(joint.nodes, tangent_ids)
+    kept = _extern_operands(joint, fwd_needed, after_tangent)
 
     g = nx.DiGraph()
     g.add_node("source")
@@ -141,11 +160,11 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
             g.add_edge(i, "sink")  # no capacity attribute: infinite
         else:
             leaf = effective_op(n) is Op.INPUT
-            if leaf or (n.id in fwd_needed and effective_op(n) not in RECOMPUTABLE):
+            if leaf or n.id in kept or (n.id in fwd_needed and effective_op(n) not in RECOMPUTABLE):
                 g.add_edge("source", i)
             # ties go to values the forward computes anyway (saving them adds no forward work)
             g.add_edge(i, o, capacity=0 if n.id in free else n.nbytes + (n.id not in fwd_needed))
-        if n.value is None:
+        if n.value is None and n.id not in kept:
             for s in n.srcs:
                 if s.id in bwd_needed:
                     g.add_edge(("out", s.id), i)
