@@ -1115,3 +1115,31 @@ def _describe_guards(guards: list[tuple[str, Any]]) -> list[str]:
     out.append(f"plain attributes (by value) and tensor attributes (identity, version) of {counts['attribute']} "
                "modules")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# building without running (benchmarks.graph_stats)
+# ---------------------------------------------------------------------------------------------
+
+
+def training_programs(model: torch.nn.Module, loss_output: int, *args,
+                      **kwargs) -> tuple[Program, Program | None, list[int | None]]:
+    """The forward and backward programs compile() builds for `model(*args, **kwargs)`, traced
+    and built but not run (no kernel is generated), and per backward input the forward output it
+    is (a saved value), else None. The backward is the one a training step runs: a gradient flows
+    into output `loss_output` only (the others are unused, as logits are)."""
+    cm = compile(model, backend="triton")
+    flat, unflatten, _ = _flatten((args, kwargs))
+    tr = cm._trace(flat, unflatten)
+    if isinstance(tr, _Eager):
+        raise RuntimeError(f"lazygraph.compile could not capture {cm._name()}")
+    p = tr.programs
+    if p.backward is None:
+        return p.forward, None, []
+    leaf = [v for kind, v in tr.out_leaves if kind == "t"]
+    keep = leaf[loss_output]
+    j_of = {i: j for j, i in enumerate(i for i, d in enumerate(tr.differentiable) if d)}
+    absent = frozenset(k for k, (kind, j) in enumerate(tr.sources)
+                       if kind == "tangent" and j != j_of.get(keep))
+    backward, bwd_inputs, _ = p.backward_for(absent)
+    return p.forward, backward, [p.saved_at[i] if kind == "saved" else None for kind, i in bwd_inputs]

@@ -22,7 +22,10 @@ _ATTENTION = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
 
 
 def _heads(x: Node) -> tuple[int, int] | None:
-    """(B, H) if x merges the first two axes of a tensor one axis longer, else None."""
+    """(B, H) if x merges the first two axes of a tensor one axis longer (then perhaps swaps its
+    last two: k taken back from k^T), else None."""
+    if _swapped(x):
+        x = x.srcs[0]
     if x.op is not Op.RESHAPE or x.value is not None:
         return None
     src = x.srcs[0]
@@ -31,10 +34,17 @@ def _heads(x: Node) -> tuple[int, int] | None:
     return src.shape[0], src.shape[1]
 
 
+def _swapped(x: Node) -> bool:
+    return x.op is Op.PERMUTE and x.value is None and tuple(x.attrs["dims"]) == (0, 2, 1)
+
+
 def _split(x: Node, heads: tuple[int, int]) -> Node | None:
     """x ([B*H, ...] or [1, ...]) as [B, H, ...]: its source when x merged those axes, else a
     reshape that splits the first axis (always a view). None if x has another batch."""
     if _heads(x) == heads:
+        if _swapped(x):
+            y = x.srcs[0].srcs[0]
+            return Node(Op.PERMUTE, (y,), heads + x.shape[1:], x.dtype, x.device, {"dims": (0, 1, 3, 2)}, x.source)
         return x.srcs[0]
     if x.ndim < 2:
         return None
