@@ -44,8 +44,8 @@ def operand_bytes(n: Node) -> int:
     return min(r.nbytes, n.nbytes) if r.op is Op.EXPAND else r.nbytes
 
 
-def kernel_read_bytes(group) -> int:
-    """A fusion group's reads: each buffer once; a table only gathered from, the rows gathered."""
+def kernel_reads(group) -> dict[int, int]:
+    """Bytes a fusion group reads per buffer: each once; a table only gathered from, the rows."""
     gathered: dict[int, int] = {}  # buffer id -> elements its gathers read
     other: set[int] = set()
     for n in group.nodes:
@@ -55,15 +55,19 @@ def kernel_read_bytes(group) -> int:
                 gathered[r.id] = gathered.get(r.id, 0) + numel(n.shape)
             else:
                 other.add(r.id)
-    total = 0
+    out: dict[int, int] = {}
     for b in group.program.buffers:
         if is_scalar_input(b):
-            total += itemsize(b.dtype)
+            out[b.id] = itemsize(b.dtype)
         elif b.id in gathered and b.id not in other:
-            total += min(b.nbytes, gathered[b.id] * itemsize(b.dtype))
+            out[b.id] = min(b.nbytes, gathered[b.id] * itemsize(b.dtype))
         else:
-            total += b.nbytes
-    return total
+            out[b.id] = b.nbytes
+    return out
+
+
+def kernel_read_bytes(group) -> int:
+    return sum(kernel_reads(group).values())
 
 
 @dataclass
@@ -154,7 +158,16 @@ def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs
     extern_bytes = sum(sum(n.nbytes for n in nodes) + sum(operand_bytes(x) for x in nodes[0].srcs)
                        for nodes in launches["extern"].values())
     g = program.result.graph
-    io = sum(operand_bytes(n) for n in g.inputs) + sum(o.nbytes for o in g.outputs)
+    # graph inputs and outputs that no matmul, flash or extern call already moves, each once,
+    # as little of each input as a kernel reads of it (an embedding's gathered rows)
+    by_call = {x.id for nodes in (*launches["attention"].values(), *launches["extern"].values())
+               for n in nodes for x in (n, *map(_root, n.srcs))}
+    least: dict[int, int] = {}
+    for k in s.kernels:
+        for i, b in kernel_reads(k).items():
+            least[i] = min(least.get(i, b), b)
+    io = sum(least.get(n.id, operand_bytes(n)) for n in g.inputs if n.id not in by_call)
+    io += sum(o.nbytes for o in {o.id: o for o in g.outputs}.values() if _root(o).id not in by_call)
     hidden = hidden_traffic(s, g, inputs, outputs)
     return {"kernels": len(s.kernels), "flash_launches": len(launches["attention"]),
             "extern_calls": len(launches["extern"]),
