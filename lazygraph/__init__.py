@@ -71,6 +71,7 @@ def stats() -> dict[str, Any]:
         "extern_ops": dict(counters.EXTERN_OPS),
         # copies, fills and allocations made outside kernels and extern calls (hidden from launch counts)
         "hidden_copies": c["hidden_copies"],
+        "hidden_fills": c["hidden_fills"],
         "hidden_bytes": c["hidden_bytes"],
         "grad_clones": c["grad_clones"],  # parameter gradients autograd copies (laid out unlike the parameter)
         "recompiles": c["recompiles"],

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .cost_model import view_step_hidden
+from .cost_model import count_fill, count_view_step
 from .counters import COUNTERS, EXTERN_OPS
 from .flash_attention import run_attention_node
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
@@ -95,8 +95,8 @@ class CompiledProgram:
                 value = run_attention_node(n, args, memo) if step.kind == "extern" else None
                 if value is None:
                     value = eval_node(n, args, memo)
-                    if step.kind == "view":  # a view torch could not make: a copy outside any kernel
-                        _count_hidden(view_step_hidden(n, args, value))
+                    if step.kind == "view":  # a fill, or a view torch could not make: work outside kernels
+                        count_view_step(n, args, value)
                     call = (n.attrs.get("target"), tuple(s.id for s in n.srcs), repr(n.attrs.get("args")))
                     if step.kind == "extern" and call not in calls:  # one call may give several outputs
                         calls.add(call)
@@ -261,13 +261,8 @@ class ScalarValue:
 
     def tensor(self) -> torch.Tensor:
         n = self.node
+        count_fill(n)
         return torch.full(n.shape, self.value, dtype=n.dtype, device=n.device)
-
-
-def _count_hidden(nbytes: int) -> None:
-    if nbytes:
-        COUNTERS["hidden_copies"] += 1
-        COUNTERS["hidden_bytes"] += nbytes
 
 
 def _tensor(v: Any) -> torch.Tensor:

@@ -111,9 +111,9 @@ def hidden_traffic(schedule, graph, inputs: dict[int, torch.Tensor] | None = Non
 
     def arg(s: Node) -> torch.Tensor:
         v = env.get(s.id)
-        if v is None:  # a scalar (or a constant) handed to torch is filled first
+        if v is None:  # a runtime scalar handed to torch is filled first, at each use
             hidden.add_fill(s)
-            v = env[s.id] = _meta(s)
+            v = _meta(s)
         return v
 
     for step in schedule.steps:
@@ -187,14 +187,25 @@ def add_costs(*costs: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def view_step_hidden(n: Node, args: list, value: torch.Tensor) -> int:
-    """Bytes a view step of a run moved because its torch op had to copy (0 for a true view)."""
-    if n.op not in MOVEMENT or not args or not isinstance(value, torch.Tensor) or not numel(n.shape):
-        return 0
-    src = args[0]
-    if value.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
-        return 0
-    return 2 * value.numel() * value.element_size()
+def count_view_step(n: Node, args: list, value: Any) -> None:
+    """Count, in stats(), what a view step of a run did outside any kernel: a fill (a constant made
+    with torch.full / arange) or a copy (a view torch could not make). hidden_traffic predicts it."""
+    from .counters import COUNTERS
+
+    if n.op in (Op.FULL, Op.IOTA):
+        count_fill(n)
+    elif n.op in MOVEMENT and args and isinstance(value, torch.Tensor) and value.numel() and \
+            value.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr():
+        COUNTERS["hidden_copies"] += 1
+        COUNTERS["hidden_bytes"] += 2 * value.numel() * value.element_size()
+
+
+def count_fill(n: Node) -> None:
+    """A constant or runtime scalar filled into memory for torch to read (counted in stats())."""
+    from .counters import COUNTERS
+
+    COUNTERS["hidden_fills"] += 1
+    COUNTERS["hidden_bytes"] += n.nbytes
 
 
 # ---------------------------------------------------------------------------------------------
