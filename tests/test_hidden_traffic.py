@@ -124,3 +124,22 @@ def test_graph_stats_through_compile_reports_flash_launches():
     assert c["hidden_copies"] == 0
     assert 0 < c["lower_bound_bytes"] <= c["fused_bytes"]
     assert s["eager_ops"] > 0 and s["eager_bytes"] > 0
+
+
+def test_a_matmul_operand_is_saved_not_recomputed_in_a_kernel_of_its_own(fused_backend):
+    """Linear -> GELU -> Linear: the GELU output the second matmul read is saved for its weight
+    gradient; recomputing it would launch a kernel just to write it again."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.GELU(approximate="tanh"),  # noqa: E731
+                                       torch.nn.Linear(24, 5))
+    model, ref = make(), make()
+    ref.load_state_dict(model.state_dict())
+    compiled = lg.compile(model)
+    x = torch.randn(7, 9, 8, dtype=torch.float64)
+    model.double(), ref.double()
+    compiled(x).sum().backward()
+    ref(x).sum().backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    p = compiled._lg_last.programs
+    assert len(p.backward.schedule.kernels) == 3  # GELU gradient, two bias gradients; no recompute (was 4)
