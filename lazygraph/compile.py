@@ -9,7 +9,9 @@ torch autograd for the gradients with lazy placeholders as the output gradients 
 the backward is recorded too: one joint graph. passes/partition.py splits it into a forward and a
 backward graph (a min cut picks what to save). Each half becomes a runtime Program, and an
 autograd.Function runs them with the real tensors, so optimizers, gradient accumulation and
-hooks on the real parameters see an ordinary module.
+hooks on the real parameters see an ordinary module. An output no gradient flows into (the logits
+beside a loss) gets no zero-filled gradient: the backward that runs is built with a zero in its
+place, folded away (one more program per such set of unused outputs).
 
 Later calls check cheap guards (input shapes/dtypes/strides/devices, non-tensor values, grad
 mode, training flags, autocast, parameter identity, every module's plain attributes and tensor

@@ -13,7 +13,9 @@ something else that is saved. A minimum cut over bytes picks the cheapest set to
 
 The cut edges are the saved values. Only pointwise and movement chains are ever recomputed:
 matmuls, reductions, gathers, attention, randomness and extern calls are tied to the source
-when the forward computes them, so the cut lands at or after them.
+when the forward computes them, so the cut lands at or after them. A pointwise value the forward
+hands to a matmul or extern call is in memory anyway and is never recomputed either: in the
+backward it would feed a matmul again, so recomputing it would take a kernel launch of its own.
 
 `partition(joint, num_forward_outputs, tangents)` is a pure function: the joint graph is not
 changed, and `Partition.report()` explains the decision.
