@@ -34,6 +34,7 @@ from ..ir import LEAF, MOVEMENT, POINTWISE, Graph, Node, Op, dtype_name, effecti
 RECOMPUTABLE = POINTWISE | MOVEMENT | {Op.CAT, Op.FULL, Op.IOTA}
 # ops that run as calls of their own: their operands are in memory, never fused into them
 _UNFUSED = frozenset({Op.MATMUL, Op.EXTERN, Op.ATTENTION, Op.ATTENTION_LSE})
+_VIEWS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE})
 
 
 @dataclass
@@ -112,6 +113,17 @@ def _tangent_dependent(nodes: Sequence[Node], tangent_ids: set[int]) -> set[int]
     return out
 
 
+def _viewed(n: Node) -> Node:
+    """The value a chain of views of n shows, if the forward computes it: saved instead of the
+    view, it keeps the same memory alive, and the forward's kernels fuse through the view (a view
+    the program returns runs as a step of its own, which they cannot). The backward redoes the
+    views for free."""
+    r = n
+    while r.op in _VIEWS and r.value is None:
+        r = r.srcs[0]
+    return n if effective_op(r) is Op.INPUT or r.op in LEAF else r
+
+
 def _extern_operands(joint: Graph, fwd_needed: dict[int, Node], after_tangent: set[int]) -> set[int]:
     """Ids of the pointwise values the forward writes to memory as a matmul's or extern call's
     operand (through views). The backward reads them as they are: recomputing one would cost a
@@ -179,6 +191,8 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
                     and g.has_edge(u, ("out", u[1])):
                 saved_ids.add(u[1])
 
+    by_id = {n.id: n for n in joint.nodes}
+    saved_ids = {_viewed(by_id[i]).id for i in saved_ids}
     saved = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is not Op.INPUT]
     saved_leaves = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is Op.INPUT]
     placeholders = [Node(Op.INPUT, (), n.shape, n.dtype, n.device, {"name": f"saved{k}"}, n.source)
