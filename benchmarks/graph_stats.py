@@ -13,6 +13,7 @@ intermediates and build time. Eager's side counts the aten ops eager PyTorch rea
 dispatch mode over a meta-device run at the same shape). --dtype bf16 runs under
 torch.autocast(bfloat16) (mixed precision, fp32 parameters); eager's bf16 ops are counted on a
 CPU run at B=1, T=16 (the op count does not depend on the shape; its bytes are not reported).
+--dtype bf16-params runs model.to(bfloat16): no casts at all.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from lazygraph.compiled import CompiledProgram
 from lazygraph.cost_model import add_costs, eager_aten_cost, program_cost
 
 
-def _model(config: str, attention: str, device: str = "cpu"):
+def _model(config: str, attention: str, dtype: str, device: str = "cpu"):
     from gpt2.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     cfg = getattr(GPTConfig, config)(attention=attention)
     with torch.device(device):
-        return GPT(cfg), cfg
+        model = GPT(cfg)
+    return (model.to(torch.bfloat16) if dtype == "bf16-params" else model), cfg
 
 
 def _autocast(dtype: str):
@@ -44,7 +46,7 @@ def _autocast(dtype: str):
 
 
 def lazy_stats(config: str, batch_size: int, block_size: int, attention: str, dtype: str) -> dict:
-    model, cfg = _model(config, attention)
+    model, cfg = _model(config, attention, dtype)
     model = lg.lazy_module(model)
     idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size))
     start = time.perf_counter()
@@ -61,7 +63,7 @@ def lazy_stats(config: str, batch_size: int, block_size: int, attention: str, dt
 
 
 def compile_stats(config: str, batch_size: int, block_size: int, attention: str, dtype: str) -> dict:
-    model, cfg = _model(config, attention)
+    model, cfg = _model(config, attention, dtype)
     idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size))
     start = time.perf_counter()
     with _autocast(dtype):
@@ -76,11 +78,11 @@ def compile_stats(config: str, batch_size: int, block_size: int, attention: str,
 
 
 def eager_stats(config: str, batch_size: int, block_size: int, attention: str, dtype: str) -> dict:
-    if dtype == "bf16":
-        model, cfg = _model(config, attention)
+    if dtype == "bf16":  # autocast does not act on meta tensors
+        model, cfg = _model(config, attention, dtype)
         idx = torch.randint(0, cfg.vocab_size, (1, 16))
     else:
-        model, cfg = _model(config, attention, "meta")
+        model, cfg = _model(config, attention, dtype, "meta")
         idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device="meta")
 
     def step():
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--attention", default="explicit", choices=["explicit", "sdpa"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: torch.autocast(bfloat16) over fp32 parameters")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "bf16-params"],
+                   help="bf16: torch.autocast(bfloat16) over fp32 parameters; bf16-params: model.to(bfloat16)")
     p.add_argument("--way", default="both", choices=["both", "lazy", "compile"])
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
