@@ -1,47 +1,114 @@
-"""What lazygraph makes of a GPT-2 forward+backward, without running it: kernels, launches, bytes.
+"""What lazygraph makes of a GPT-2 training step, without running it: launches, bytes, build time.
 
-    python -m benchmarks.graph_stats --config small --batch-size 1 --block-size 64
+    python -m benchmarks.graph_stats --config small --batch-size 8 --block-size 1024 [--dtype bf16]
 
-Records the model's forward and backward lazily (no values are computed), builds the compiled
-program (passes, fusion, memory plan; kernels are generated only when a program first runs) and
-prints eager's primitive op count against the fused kernels and extern calls, and the modelled
-memory traffic. Counts and bytes hold on any machine; no GPU is needed.
+Two ways in, both built and never run (kernels are generated only when a program first runs):
+- "lazy": the forward and backward recorded lazily as one graph, built as one program;
+- "compile": lazygraph.compile's forward and backward programs (the backward a training step runs:
+  only the loss gets a gradient).
+Per way: kernel launches (flash attention among them), extern calls, modelled bytes (lazygraph's
+cost model: scalars as scalars, gathers as rows, copies and fills outside kernels included as
+"hidden" bytes), the lower bound (matmul/flash/extern I/O plus graph inputs and outputs), peak
+intermediates and build time. Eager's side counts the aten ops eager PyTorch really runs (a
+dispatch mode over a meta-device run at the same shape). --dtype bf16 runs under
+torch.autocast(bfloat16) (mixed precision, fp32 parameters); eager's bf16 ops are counted on a
+CPU run at B=1, T=16 (the op count does not depend on the shape; its bytes are not reported).
+--dtype bf16-params runs model.to(bfloat16): no casts at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
 import torch
 
 import lazygraph as lg
+from lazygraph.compile import training_programs
 from lazygraph.compiled import CompiledProgram
+from lazygraph.cost_model import add_costs, eager_aten_cost, program_cost
 
 
-def graph_stats(config: str = "tiny", batch_size: int = 1, block_size: int = 64, attention: str = "explicit") -> dict:
+def _model(config: str, attention: str, dtype: str, device: str = "cpu"):
     from gpt2.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     cfg = getattr(GPTConfig, config)(attention=attention)
-    model = lg.lazy_module(GPT(cfg))
+    with torch.device(device):
+        model = GPT(cfg)
+    return (model.to(torch.bfloat16) if dtype == "bf16-params" else model), cfg
+
+
+def _autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def lazy_stats(config: str, batch_size: int, block_size: int, attention: str, dtype: str) -> dict:
+    model, cfg = _model(config, attention, dtype)
+    model = lg.lazy_module(model)
     idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size))
     start = time.perf_counter()
-    _, loss = model(idx, idx)
+    with _autocast(dtype):
+        _, loss = model(idx, idx)
     loss.backward()
     recorded = time.perf_counter() - start
     graph = lg.graph(loss, *[p.grad for p in model.parameters()])
     start = time.perf_counter()
     program = CompiledProgram(graph)
     built = time.perf_counter() - start
-    summary = program.summary()
-    return {
-        "config": config, "batch_size": batch_size, "block_size": block_size, "attention": attention,
-        "ir_nodes": len(graph.nodes), "record_s": round(recorded, 3), "build_s": round(built, 3),
-        **{k: summary[k] for k in ("eager_ops", "kernels", "attention_kernels", "extern_calls", "eager_bytes",
-                                   "fused_bytes", "peak_bytes")},
-    }
+    return {"ir_nodes": len(graph.nodes), "record_s": round(recorded, 3), "build_s": round(built, 3),
+            **program_cost(program)}
+
+
+def compile_stats(config: str, batch_size: int, block_size: int, attention: str, dtype: str) -> dict:
+    model, cfg = _model(config, attention, dtype)
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size))
+    start = time.perf_counter()
+    with _autocast(dtype):
+        forward, backward, saved_from = training_programs(model, 1, idx, idx)  # GPT returns (logits, loss)
+    built = time.perf_counter() - start
+    layouts: list = []  # the forward's outputs as laid out at run time: the backward reads them
+    costs = [program_cost(forward, outputs=layouts)]
+    if backward is not None:
+        inputs = {i: layouts[k] for i, k in zip(backward.input_ids, saved_from) if k is not None}
+        costs.append(program_cost(backward, inputs))
+    return {"build_s": round(built, 3), **add_costs(*costs)}
+
+
+def eager_stats(config: str, batch_size: int, block_size: int, attention: str, dtype: str) -> dict:
+    if dtype == "bf16":  # autocast does not act on meta tensors
+        model, cfg = _model(config, attention, dtype)
+        idx = torch.randint(0, cfg.vocab_size, (1, 16))
+    else:
+        model, cfg = _model(config, attention, dtype, "meta")
+        idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device="meta")
+
+    def step():
+        with _autocast(dtype):
+            _, loss = model(idx, idx)
+        loss.backward()
+
+    cost = eager_aten_cost(step)
+    if dtype == "bf16":
+        cost["eager_bytes"] = None
+    return cost
+
+
+def graph_stats(config: str = "tiny", batch_size: int = 1, block_size: int = 64, attention: str = "explicit",
+                dtype: str = "fp32", ways: tuple[str, ...] = ("lazy", "compile")) -> dict:
+    out = {"config": config, "batch_size": batch_size, "block_size": block_size, "attention": attention,
+           "dtype": dtype, **eager_stats(config, batch_size, block_size, attention, dtype)}
+    if "lazy" in ways:
+        out["lazy"] = lazy_stats(config, batch_size, block_size, attention, dtype)
+    if "compile" in ways:
+        out["compile"] = compile_stats(config, batch_size, block_size, attention, dtype)
+    return out
+
+
+def _gib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,15 +117,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--attention", default="explicit", choices=["explicit", "sdpa"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "bf16-params"],
+                   help="bf16: torch.autocast(bfloat16) over fp32 parameters; bf16-params: model.to(bfloat16)")
+    p.add_argument("--way", default="both", choices=["both", "lazy", "compile"])
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
-    s = graph_stats(args.config, args.batch_size, args.block_size, args.attention)
-    print(f"GPT-2 {s['config']} forward+backward, B={s['batch_size']} T={s['block_size']}, {s['attention']} attention: "
-          f"{s['ir_nodes']} IR nodes (recorded in {s['record_s']} s, program built in {s['build_s']} s)")
-    print(f"  eager: {s['eager_ops']} primitive ops, {s['eager_bytes'] / 2**20:.1f} MiB moved (modelled)")
-    print(f"  lazygraph: {s['kernels']} Triton kernels (of them {s['attention_kernels']} flash attention) + "
-          f"{s['extern_calls']} extern calls, {s['fused_bytes'] / 2**20:.1f} MiB moved (modelled); "
-          f"peak {s['peak_bytes'] / 2**20:.1f} MiB of intermediates")
+    ways = ("lazy", "compile") if args.way == "both" else (args.way,)
+    s = graph_stats(args.config, args.batch_size, args.block_size, args.attention, args.dtype, ways)
+    print(f"GPT-2 {s['config']} training step (forward+backward), B={s['batch_size']} T={s['block_size']}, "
+          f"{s['dtype']}, {s['attention']} attention")
+    print(f"  eager: {s['eager_ops']} aten ops, {_gib(s['eager_bytes'])} moved")
+    for way in ways:
+        w = s[way]
+        print(f"  {way}: {w['launches']} launches = {w['kernels']} Triton kernels + {w['flash_launches']} flash "
+              f"attention + {w['extern_calls']} extern calls; built in {w['build_s']} s")
+        print(f"    modelled {_gib(w['fused_bytes'])} moved, of it hidden {_gib(w['hidden_bytes'])} "
+              f"({w['hidden_copies']} copies, {w['hidden_fills']} fills); lower bound {_gib(w['lower_bound_bytes'])}; "
+              f"peak {_gib(w['peak_bytes'])} of intermediates")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(s, f, indent=2)

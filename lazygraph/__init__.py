@@ -70,6 +70,11 @@ def stats() -> dict[str, Any]:
         "extern_calls": c["extern_calls"],
         "undeclared_calls": c["undeclared_calls"],  # calls a rule does not lower exactly: run in torch
         "extern_ops": dict(counters.EXTERN_OPS),
+        # copies, fills and allocations made outside kernels and extern calls (hidden from launch counts)
+        "hidden_copies": c["hidden_copies"],
+        "hidden_fills": c["hidden_fills"],
+        "hidden_bytes": c["hidden_bytes"],
+        "grad_clones": c["grad_clones"],  # parameter gradients autograd copies (laid out unlike the parameter)
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),
     }

@@ -9,7 +9,9 @@ torch autograd for the gradients with lazy placeholders as the output gradients 
 the backward is recorded too: one joint graph. passes/partition.py splits it into a forward and a
 backward graph (a min cut picks what to save). Each half becomes a runtime Program, and an
 autograd.Function runs them with the real tensors, so optimizers, gradient accumulation and
-hooks on the real parameters see an ordinary module.
+hooks on the real parameters see an ordinary module. An output no gradient flows into (the logits
+beside a loss) gets no zero-filled gradient: the backward that runs is built with a zero in its
+place, folded away (one more program per such set of unused outputs).
 
 Later calls check cheap guards (input shapes/dtypes/strides/devices, non-tensor values, grad
 mode, training flags, autocast, parameter identity, every module's plain attributes and tensor
@@ -54,8 +56,9 @@ from .capture.arguments import const_inputs
 from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
 from .ir import Graph, Node, Op, is_runtime_scalar, runtime_scalars
 from .passes.attention import InputValues, attention_pass, lend_input_values
+from .passes.heads import split_heads
 from .passes.partition import partition
-from .passes.rewrite import copy_with
+from .passes.rewrite import copy_with, rebuild
 from .passes.simplify import simplify
 from .runtime import BACKENDS, Program, get_backend, get_program, using_backend
 
@@ -407,6 +410,19 @@ class _Programs:
     graphs: tuple = ()  # (forward graph, backward graph or None), for dumps
     summary: dict = field(default_factory=dict)
     report: str = ""
+    backend: str = "auto"
+    # absent tangents (joint positions) -> the backward built with zeros for them
+    without: dict[frozenset, tuple[Program, list, list]] = field(default_factory=dict)
+
+    def backward_for(self, absent: frozenset) -> tuple[Program, list[tuple[str, int]], list[tuple[str, Any]]]:
+        """(program, its inputs, its scalars) when no gradient flows into the outputs whose tangents
+        sit at the joint positions `absent` (an unused output: autograd then hands None, and a zero
+        in its place folds away instead of being filled and added)."""
+        if not absent:
+            return self.backward, self.bwd_inputs, self.bwd_scalars
+        if absent not in self.without:
+            self.without[absent] = _backward_without(self, absent)
+        return self.without[absent]
 
     def for_inputs(self, tr: _Trace, prims) -> _Programs:
         """These programs if the input values they assume still hold, else ones without them."""
@@ -480,6 +496,7 @@ class _Joint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tr: _Trace, p: _Programs, seeds: list, *prims: torch.Tensor):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, never a zero-filled tensor
         outs = _run_forward(tr, p, seeds, prims)
         ctx.tr, ctx.p, ctx.seeds = tr, p, seeds
         saved = [outs[i] for i in p.saved_at]
@@ -487,6 +504,7 @@ class _Joint(torch.autograd.Function):
         ctx.primal_pos = {tr.sources[k][1]: i for i, k in enumerate(needed)}
         ctx.save_for_backward(*saved, *[prims[tr.sources[k][1]] for k in needed])
         ctx.num_saved = len(saved)
+        ctx.prim_strides = [t.stride() for t in prims]
         result = [outs[i] for i in p.outputs_at]
         # integer outputs, outputs no tangent flows into and buffer updates get no gradient
         ctx.mark_non_differentiable(*[r for i, r in enumerate(result)
@@ -499,10 +517,12 @@ class _Joint(torch.autograd.Function):
         tr, p = ctx.tr, ctx.p
         stored = ctx.saved_tensors
         saved, prim_vals = stored[:ctx.num_saved], stored[ctx.num_saved:]
-        tangents = [g.contiguous() for g, d in zip(grad_outputs, tr.differentiable) if d]
+        tangents = [_dense(g) for g, d in zip(grad_outputs, tr.differentiable) if d]
+        absent = frozenset(k for k, (kind, j) in enumerate(tr.sources) if kind == "tangent" and tangents[j] is None)
+        program, bwd_inputs, bwd_scalars = p.backward_for(absent)
         seed_of = _seed_map(tr, ctx.seeds)
         inputs = []
-        for kind, k in p.bwd_inputs:
+        for kind, k in bwd_inputs:
             if kind == "saved":
                 inputs.append(saved[k])
                 continue
@@ -515,8 +535,23 @@ class _Joint(torch.autograd.Function):
                 inputs.append(seed_of[k])
             else:
                 inputs.append(v)
-        grads = _run(p.backward, inputs, _scalars(p.bwd_scalars, tr))
-        return (None, None, None) + tuple(None if j is None else grads[j] for j in tr.grad_of)
+        grads = _run(program, inputs, _scalars(bwd_scalars, tr))
+        out = tuple(None if j is None else grads[j] for j in tr.grad_of)
+        for g, strides in zip(out, ctx.prim_strides):
+            if g is not None and any(n > 1 and a != b for n, a, b in zip(g.shape, g.stride(), strides)):
+                # autograd clones a gradient laid out unlike its parameter before storing it in .grad
+                COUNTERS["grad_clones"] += 1
+                COUNTERS["hidden_bytes"] += 2 * g.numel() * g.element_size()
+        return (None, None, None) + out
+
+
+def _dense(g: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient as the backward program takes it; a copy only if it is not contiguous (counted)."""
+    if g is None or g.is_contiguous():
+        return g
+    COUNTERS["hidden_copies"] += 1
+    COUNTERS["hidden_bytes"] += 2 * g.numel() * g.element_size()
+    return g.contiguous()
 
 
 def _seed_map(tr: _Trace, seeds: list) -> dict[int, torch.Tensor]:
@@ -562,7 +597,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     with lend_input_values(lent):
         # explicit attention and its backward become the flash ops before the split, while the
         # joint graph still sees both directions (and the mask's value, lent)
-        g = attention_pass(simplify(lifted))
+        g = split_heads(attention_pass(simplify(lifted)))
     if len(joint.outputs) > num_fwd:
         free = {inputs[k].id for k in free_pos} | set(full_of)
         part = partition(g, num_fwd, [inputs[k] for k in tangent_pos], free)
@@ -573,7 +608,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
                       for n in bwd_graph.inputs]
         progs = _Programs(get_program(fwd_graph, backend), get_program(bwd_graph, backend),
                           [pos[n.id] for n in fwd_graph.inputs], bwd_inputs, part.outputs_at, part.saved_at,
-                          fwd_scalars, bwd_scalars, summary=part.summary(), report=part.report())
+                          fwd_scalars, bwd_scalars, summary=part.summary(), report=part.report(), backend=backend)
     else:
         fwd_graph, fwd_scalars = _unlift(g, full_of)
         progs = _Programs(get_program(fwd_graph, backend), None, [pos[n.id] for n in fwd_graph.inputs], [],
@@ -585,6 +620,25 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
         progs.rebuild = lambda: _build(joint, num_fwd, tangent_pos, free_pos, {}, backend)
     progs.graphs = (fwd_graph, bwd_graph if len(joint.outputs) > num_fwd else None)
     return progs
+
+
+def _backward_without(p: _Programs, absent: frozenset) -> tuple[Program, list, list]:
+    """p's backward with a zero for each tangent at a joint position in `absent`, simplified:
+    `x + 0` folds, so nothing is filled or added for an output no gradient flows into. Scalars
+    are lifted meanwhile (as in _build), so no fold depends on their values."""
+    from .compiled import lift_scalars
+
+    graph = p.graphs[1]
+    source = {n.id: src for n, src in zip(graph.inputs, p.bwd_inputs)}
+    zero = {n.id: Node(Op.FULL, (), n.shape, n.dtype, n.device, {"value": 0.0}, n.source)
+            for n in graph.inputs if source[n.id] in {("joint", k) for k in absent}}
+    scalar_fulls = [n for n in graph.nodes if is_runtime_scalar(n)]
+    lifted, scalar_inputs = lift_scalars(graph)
+    full_of = {s.id: (j, f) for j, (s, f) in enumerate(zip(scalar_inputs, scalar_fulls))}
+    g = simplify(rebuild(lifted, lambda n, srcs: copy_with(n, tuple(zero.get(s.id, s) for s in srcs))))
+    g, spec = _unlift(g, full_of)
+    scalars = [p.bwd_scalars[j] if kind == "trace" else (kind, j) for kind, j in spec]
+    return get_program(g, p.backend), [source[n.id] for n in g.inputs], scalars
 
 
 def _unlift(graph: Graph, full_of: dict[int, tuple[int, Node]]) -> tuple[Graph, list[tuple[str, Any]]]:
@@ -1057,3 +1111,31 @@ def _describe_guards(guards: list[tuple[str, Any]]) -> list[str]:
     out.append(f"plain attributes (by value) and tensor attributes (identity, version) of {counts['attribute']} "
                "modules")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# building without running (benchmarks.graph_stats)
+# ---------------------------------------------------------------------------------------------
+
+
+def training_programs(model: torch.nn.Module, loss_output: int, *args,
+                      **kwargs) -> tuple[Program, Program | None, list[int | None]]:
+    """The forward and backward programs compile() builds for `model(*args, **kwargs)`, traced
+    and built but not run (no kernel is generated), and per backward input the forward output it
+    is (a saved value), else None. The backward is the one a training step runs: a gradient flows
+    into output `loss_output` only (the others are unused, as logits are)."""
+    cm = compile(model, backend="triton")
+    flat, unflatten, _ = _flatten((args, kwargs))
+    tr = cm._trace(flat, unflatten)
+    if isinstance(tr, _Eager):
+        raise RuntimeError(f"lazygraph.compile could not capture {cm._name()}")
+    p = tr.programs
+    if p.backward is None:
+        return p.forward, None, []
+    leaf = [v for kind, v in tr.out_leaves if kind == "t"]
+    keep = leaf[loss_output]
+    j_of = {i: j for j, i in enumerate(i for i, d in enumerate(tr.differentiable) if d)}
+    absent = frozenset(k for k, (kind, j) in enumerate(tr.sources)
+                       if kind == "tangent" and j != j_of.get(keep))
+    backward, bwd_inputs, _ = p.backward_for(absent)
+    return p.forward, backward, [p.saved_at[i] if kind == "saved" else None for kind, i in bwd_inputs]

@@ -19,6 +19,7 @@ import torch
 
 from . import ops, state
 from .codegen.flash_attention import run_attention_node
+from .cost_model import count_fill, count_view_step
 from .counters import COUNTERS, EXTERN_OPS
 from .ir import Graph, Node, Op, effective_op, itemsize, numel
 from .passes import InputValues, PipelineResult, run_pipeline
@@ -94,6 +95,8 @@ class CompiledProgram:
                 value = run_attention_node(n, args, memo) if step.kind == "extern" else None
                 if value is None:
                     value = eval_node(n, args, memo)
+                    if step.kind == "view":  # a fill, or a view torch could not make: work outside kernels
+                        count_view_step(n, args, value)
                     call = (n.attrs.get("target"), tuple(s.id for s in n.srcs), repr(n.attrs.get("args")))
                     if step.kind == "extern" and call not in calls:  # one call may give several outputs
                         calls.add(call)
@@ -253,6 +256,7 @@ class ScalarValue:
 
     def tensor(self) -> torch.Tensor:
         n = self.node
+        count_fill(n)
         return torch.full(n.shape, self.value, dtype=n.dtype, device=n.device)
 
 

@@ -17,7 +17,7 @@ from lazygraph.codegen import cache
 from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import contiguous_strides
 
-dump_module = importlib.import_module("lazygraph.dump")  # the module (lazygraph.dump is the function)
+dump_module = importlib.import_module("lazygraph.dumps")  # the module (lazygraph.dump is the function)
 THIS_FILE = os.path.basename(__file__)
 
 pytestmark = pytest.mark.usefixtures("fused_backend")

@@ -354,7 +354,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     q4 = _as_4d(q, batch)
     k4, v4 = (_as_4d(t, kv_batch) for t in (k, v))
     nb, nh = q4.shape[0], q4.shape[1]
-    out = torch.empty(nb, nh, tq, dv_, dtype=q.dtype, device=q.device)
+    # laid out [B, T, H, D]: merging the heads afterwards ([B, T, H * D]) is a view, not a copy
+    out = torch.empty(nb, tq, nh, dv_, dtype=q.dtype, device=q.device).transpose(1, 2)
     stats = (2,) if mask is not None else ()  # a masked op's lse is (max, sum) per row
     lse = torch.empty(nb, nh, tq, *stats, dtype=torch.float32, device=q.device)
     if out.numel() and nb * nh:

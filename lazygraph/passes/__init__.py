@@ -17,13 +17,14 @@ import torch
 from ..ir import Graph, verify
 from .attention import InputValues, attention_pass, lend_input_values
 from .fuse import Decision, FusionGroup, Schedule, Step, fuse
+from .heads import split_heads
 from .memory import MemoryPlan, plan_memory
 from .place import place
 from .simplify import simplify
 
 GraphPass = Callable[[Graph], Graph]
 PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", attention_pass),
-                                         ("place", place)]
+                                         ("heads", split_heads), ("place", place)]
 
 
 @dataclass

@@ -13,7 +13,9 @@ something else that is saved. A minimum cut over bytes picks the cheapest set to
 
 The cut edges are the saved values. Only pointwise and movement chains are ever recomputed:
 matmuls, reductions, gathers, attention, randomness and extern calls are tied to the source
-when the forward computes them, so the cut lands at or after them.
+when the forward computes them, so the cut lands at or after them. A pointwise value the forward
+hands to a matmul or extern call is in memory anyway and is never recomputed either: in the
+backward it would feed a matmul again, so recomputing it would take a kernel launch of its own.
 
 `partition(joint, num_forward_outputs, tangents)` is a pure function: the joint graph is not
 changed, and `Partition.report()` explains the decision.
@@ -31,6 +33,9 @@ from ..ir import LEAF, MOVEMENT, POINTWISE, Graph, Node, Op, dtype_name, effecti
 
 # ops cheap enough to recompute in the backward instead of saving their result
 RECOMPUTABLE = POINTWISE | MOVEMENT | {Op.CAT, Op.FULL, Op.IOTA}
+# ops that run as calls of their own: their operands are in memory, never fused into them
+_UNFUSED = frozenset({Op.MATMUL, Op.EXTERN, Op.ATTENTION, Op.ATTENTION_LSE})
+_VIEWS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE})
 
 
 @dataclass
@@ -108,6 +113,33 @@ def _tangent_dependent(nodes: Sequence[Node], tangent_ids: set[int]) -> set[int]
     return out
 
 
+def _viewed(n: Node) -> Node:
+    """The value a chain of views of n shows, if the forward computes it: saved instead of the
+    view, it keeps the same memory alive, and the forward's kernels fuse through the view (a view
+    the program returns runs as a step of its own, which they cannot). The backward redoes the
+    views for free."""
+    r = n
+    while r.op in _VIEWS and r.value is None:
+        r = r.srcs[0]
+    return n if effective_op(r) is Op.INPUT or r.op in LEAF else r
+
+
+def _extern_operands(joint: Graph, fwd_needed: dict[int, Node], after_tangent: set[int]) -> set[int]:
+    """Ids of the pointwise values the forward writes to memory as a matmul's or extern call's
+    operand (through views). The backward reads them as they are: recomputing one would cost a
+    launch of its own (a matmul cannot take it fused), to rewrite bytes the forward had written."""
+    kept: set[int] = set()
+    for n in joint.nodes:
+        if n.id not in fwd_needed or n.value is not None or n.op not in _UNFUSED:
+            continue
+        for s in n.srcs:
+            while s.op in MOVEMENT and s.value is None:
+                s = s.srcs[0]
+            if s.value is None and s.op in POINTWISE and s.id not in after_tangent:
+                kept.add(s.id)
+    return kept
+
+
 def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node],
               free: Collection[int] = ()) -> Partition:
     """Split `joint` (outputs: forward outputs, then gradients) into forward and backward graphs.
@@ -129,6 +161,7 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
     bwd_needed = _ancestors(grads)
     # tangent-dependent nodes can only run in the backward
     after_tangent = _tangent_dependent(joint.nodes, tangent_ids)
+    kept = _extern_operands(joint, fwd_needed, after_tangent)
 
     g = nx.DiGraph()
     g.add_node("source")
@@ -141,11 +174,11 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
             g.add_edge(i, "sink")  # no capacity attribute: infinite
         else:
             leaf = effective_op(n) is Op.INPUT
-            if leaf or (n.id in fwd_needed and effective_op(n) not in RECOMPUTABLE):
+            if leaf or n.id in kept or (n.id in fwd_needed and effective_op(n) not in RECOMPUTABLE):
                 g.add_edge("source", i)
             # ties go to values the forward computes anyway (saving them adds no forward work)
             g.add_edge(i, o, capacity=0 if n.id in free else n.nbytes + (n.id not in fwd_needed))
-        if n.value is None:
+        if n.value is None and n.id not in kept:
             for s in n.srcs:
                 if s.id in bwd_needed:
                     g.add_edge(("out", s.id), i)
@@ -158,6 +191,8 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
                     and g.has_edge(u, ("out", u[1])):
                 saved_ids.add(u[1])
 
+    by_id = {n.id: n for n in joint.nodes}
+    saved_ids = {_viewed(by_id[i]).id for i in saved_ids}
     saved = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is not Op.INPUT]
     saved_leaves = [n for n in joint.nodes if n.id in saved_ids and effective_op(n) is Op.INPUT]
     placeholders = [ops.placeholder(n, name=f"saved{k}") for k, n in enumerate(saved)]

@@ -1,0 +1,246 @@
+"""What a program moves through memory, counted the way the hardware sees it.
+
+- A lifted runtime scalar is one element (a kernel argument), not a buffer of its broadcast shape.
+- A gather reads the rows its index picks, not the whole table (an embedding lookup).
+- Work outside kernels and extern calls is "hidden": a view step that cannot be a view copies,
+  a constant or scalar an extern call reads is filled in memory first. It is found by replaying
+  the schedule's layouts on meta tensors (no memory, no kernels), and counted in the total.
+- Eager's side is the aten ops eager PyTorch really runs (`eager_aten_cost`, a dispatch mode over
+  a meta-device run), not the primitive IR ops lazygraph lowers them to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .ir import MOVEMENT, Node, Op, itemsize, numel
+
+_ATTENTION = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
+
+
+def is_scalar_input(n: Node) -> bool:
+    return n.op is Op.INPUT and bool(n.attrs.get("scalar"))
+
+
+def _root(n: Node) -> Node:
+    while n.op in MOVEMENT and n.value is None:
+        n = n.srcs[0]
+    return n
+
+
+def operand_bytes(n: Node) -> int:
+    """Bytes a call reads for operand n: through views to the buffer shown; a scalar is one element;
+    a constant fill is nothing (it costs a hidden fill instead, see hidden_traffic)."""
+    r = _root(n)
+    if is_scalar_input(r):
+        return itemsize(r.dtype)
+    if r.op in (Op.FULL, Op.IOTA) and r.value is None:
+        return 0
+    return min(r.nbytes, n.nbytes) if r.op is Op.EXPAND else r.nbytes
+
+
+def kernel_reads(group) -> dict[int, int]:
+    """Bytes a fusion group reads per buffer: each once; a table only gathered from, the rows."""
+    gathered: dict[int, int] = {}  # buffer id -> elements its gathers read
+    other: set[int] = set()
+    for n in group.nodes:
+        for i, s in enumerate(n.srcs):
+            r = _root(s)
+            if n.op is Op.GATHER and i == 0:
+                gathered[r.id] = gathered.get(r.id, 0) + numel(n.shape)
+            else:
+                other.add(r.id)
+    out: dict[int, int] = {}
+    for b in group.program.buffers:
+        if is_scalar_input(b):
+            out[b.id] = itemsize(b.dtype)
+        elif b.id in gathered and b.id not in other:
+            out[b.id] = min(b.nbytes, gathered[b.id] * itemsize(b.dtype))
+        else:
+            out[b.id] = b.nbytes
+    return out
+
+
+def kernel_read_bytes(group) -> int:
+    return sum(kernel_reads(group).values())
+
+
+@dataclass
+class Hidden:
+    copies: int = 0  # view steps that copy (a reshape that cannot be a view)
+    fills: int = 0  # constants and scalars materialised for a call that reads memory
+    bytes: int = 0  # read + written by both
+
+    def add_copy(self, n: Node) -> None:
+        self.copies += 1
+        self.bytes += 2 * n.nbytes
+
+    def add_fill(self, n: Node) -> None:
+        self.fills += 1
+        self.bytes += n.nbytes
+
+
+def _meta(n: Node) -> torch.Tensor:
+    return torch.empty(n.shape, dtype=n.dtype, device="meta")
+
+
+def _attention_layout(n: Node) -> torch.Tensor:
+    """The flash kernels' output layout: [B, H, T, D] written as [B, T, H, D]."""
+    if n.op is Op.ATTENTION and len(n.shape) == 4:
+        b, h, t, d = n.shape
+        return torch.empty(b, t, h, d, dtype=n.dtype, device="meta").transpose(1, 2)
+    return _meta(n)
+
+
+def hidden_traffic(schedule, graph, inputs: dict[int, torch.Tensor] | None = None,
+                   outputs: list | None = None) -> Hidden:
+    """Replay the schedule's buffer layouts on meta tensors: view steps whose torch op copies, and
+    fills of constants or scalars that a call or a view step reads (the runtime makes them in
+    memory outside any kernel)."""
+    from .reference import eval_node
+
+    hidden = Hidden()
+    env: dict[int, Any] = {}
+    for n in graph.inputs:  # `inputs`: layouts known from another program (a saved value)
+        env[n.id] = None if is_scalar_input(n) else (inputs or {}).get(n.id, _meta(n))
+
+    def arg(s: Node) -> torch.Tensor:
+        v = env.get(s.id)
+        if v is None:  # a runtime scalar handed to torch is filled first, at each use
+            hidden.add_fill(s)
+            v = _meta(s)
+        return v
+
+    for step in schedule.steps:
+        if step.kind == "kernel":
+            for o in step.group.program.outputs:
+                env[o.id] = _meta(o)
+            continue
+        n = step.node
+        if step.kind == "view" and n.op in (Op.FULL, Op.IOTA):
+            hidden.add_fill(n)  # the runtime makes it with torch.full / arange
+            env[n.id] = _meta(n)
+            continue
+        args = [arg(s) for s in n.srcs]
+        if step.kind == "view":
+            try:
+                v = eval_node(n, args, {})
+            except Exception:  # noqa: BLE001 - an op meta tensors cannot take: assume a view
+                v = _meta(n)
+            else:
+                if n.op in MOVEMENT and numel(n.shape) and not v._is_view():
+                    hidden.add_copy(n)  # torch could not make it a view
+            env[n.id] = v
+        else:
+            env[n.id] = _attention_layout(n) if n.op in _ATTENTION else _meta(n)
+    if outputs is not None:
+        outputs.extend(env.get(o.id) if env.get(o.id) is not None else _meta(o) for o in graph.outputs)
+    return hidden
+
+
+def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs: list | None = None) -> dict[str, int]:
+    """Launches and bytes of a CompiledProgram: kernels, flash launches, extern calls, the bytes
+    they move, the hidden work outside them, and the floor no schedule goes below (matmul, flash
+    and extern I/O plus the graph's inputs and outputs). `inputs` (input id -> meta tensor) are
+    layouts another program gave its inputs; `outputs` receives this one's output layouts."""
+    from .compiled import extern_launches
+
+    s = program.schedule
+    launches = extern_launches(s.steps)
+    kernel_bytes = sum(kernel_read_bytes(g) + sum(o.nbytes for o in g.program.outputs) for g in s.kernels)
+    flash_bytes = sum(sum(operand_bytes(x) for x in {x.id: x for n in nodes for x in n.srcs}.values())
+                      + sum(n.nbytes for n in nodes) for nodes in launches["attention"].values())
+    extern_bytes = sum(sum(n.nbytes for n in nodes) + sum(operand_bytes(x) for x in nodes[0].srcs)
+                       for nodes in launches["extern"].values())
+    g = program.result.graph
+    # graph inputs and outputs that no matmul, flash or extern call already moves, each once,
+    # as little of each input as a kernel reads of it (an embedding's gathered rows)
+    by_call = {x.id for nodes in (*launches["attention"].values(), *launches["extern"].values())
+               for n in nodes for x in (n, *map(_root, n.srcs))}
+    least: dict[int, int] = {}
+    for k in s.kernels:
+        for i, b in kernel_reads(k).items():
+            least[i] = min(least.get(i, b), b)
+    io = sum(least.get(n.id, operand_bytes(n)) for n in g.inputs if n.id not in by_call)
+    io += sum(o.nbytes for o in {o.id: o for o in g.outputs}.values() if _root(o).id not in by_call)
+    hidden = hidden_traffic(s, g, inputs, outputs)
+    return {"kernels": len(s.kernels), "flash_launches": len(launches["attention"]),
+            "extern_calls": len(launches["extern"]),
+            "launches": len(s.kernels) + len(launches["attention"]) + len(launches["extern"]),
+            "fused_bytes": kernel_bytes + flash_bytes + extern_bytes + hidden.bytes,
+            "hidden_bytes": hidden.bytes, "hidden_copies": hidden.copies, "hidden_fills": hidden.fills,
+            "lower_bound_bytes": flash_bytes + extern_bytes + io,
+            "peak_bytes": program.result.memory.summary().get("peak_bytes", 0)}
+
+
+def add_costs(*costs: dict[str, int]) -> dict[str, int]:
+    """Costs of programs run one after another (peak: the largest)."""
+    out: dict[str, int] = {}
+    for c in costs:
+        for k, v in c.items():
+            out[k] = max(out.get(k, 0), v) if k == "peak_bytes" else out.get(k, 0) + v
+    return out
+
+
+def count_view_step(n: Node, args: list, value: Any) -> None:
+    """Count, in stats(), what a view step of a run did outside any kernel: a fill (a constant made
+    with torch.full / arange) or a copy (a view torch could not make). hidden_traffic predicts it."""
+    from .counters import COUNTERS
+
+    if n.op in (Op.FULL, Op.IOTA):
+        count_fill(n)
+    elif n.op in MOVEMENT and args and isinstance(value, torch.Tensor) and value.numel() and \
+            value.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr():
+        COUNTERS["hidden_copies"] += 1
+        COUNTERS["hidden_bytes"] += 2 * value.numel() * value.element_size()
+
+
+def count_fill(n: Node) -> None:
+    """A constant or runtime scalar filled into memory for torch to read (counted in stats())."""
+    from .counters import COUNTERS
+
+    COUNTERS["hidden_fills"] += 1
+    COUNTERS["hidden_bytes"] += n.nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# eager's side: the aten ops eager PyTorch runs
+# ---------------------------------------------------------------------------------------------
+
+# ops that only make a new view or metadata: no kernel, no bytes
+_FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "t", "transpose", "unsqueeze", "squeeze",
+         "slice", "select", "split", "split_with_sizes", "alias", "detach", "as_strided", "unbind",
+         "_reshape_alias", "empty", "empty_strided", "empty_like", "lift_fresh", "unflatten", "view_as"}
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches for t: its elements, or its storage when broadcast (stride 0)."""
+    return min(t.numel(), t.untyped_storage().nbytes() // max(t.element_size(), 1)) * t.element_size()
+
+
+class _AtenCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ not in _FREE and not func.is_view:
+            self.ops += 1
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            self.bytes += sum(_tensor_bytes(t) for t in leaves if isinstance(t, torch.Tensor))
+        return out
+
+
+def eager_aten_cost(step: Callable[[], Any]) -> dict[str, int]:
+    """Aten ops (views and allocations left out) and the bytes they read and write while `step`
+    runs; run it on meta tensors to count without computing."""
+    with _AtenCounter() as counter:
+        step()
+    return {"eager_ops": counter.ops, "eager_bytes": counter.bytes}
