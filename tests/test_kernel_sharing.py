@@ -117,7 +117,7 @@ def test_a_body_read_through_other_pointer_dtypes_is_built_per_signature(fresh_c
 
 
 def test_the_dumped_body_lists_both_launches(fresh_cache, tmp_path):
-    previous = dump_module._dir
+    previous = dump_module.current_dir()
     lg.dump(dir=str(tmp_path / "dump"))
     try:
         tensors = _inputs()
