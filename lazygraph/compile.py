@@ -54,10 +54,9 @@ from . import ops, runtime
 from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
 from .ir import Graph, Node, Op, is_runtime_scalar, runtime_scalars
 from .lazy import LazyTensor, lazy, lazy_mode, node_of, set_tracer
-from .passes.attention import InputValues, attention_pass, lend_input_values
+from .passes import InputValues, after_partition, run_graph_stages
 from .passes.partition import partition
 from .passes.rewrite import copy_with
-from .passes.simplify import simplify
 from .runtime import BACKENDS, Program, get_backend, get_program, using_backend
 
 # the package's dump() function shadows the dump module as an attribute of lazygraph
@@ -409,6 +408,7 @@ class _Programs:
     rebuild: Callable[[], _Programs] | None = None  # the same, built without those assumptions
     plain: _Programs | None = None
     graphs: tuple = ()  # (forward graph, backward graph or None), for dumps
+    stages: Any = None  # the joint graph's graph-level stages (passes.Stages), for dumps
     summary: dict = field(default_factory=dict)
     report: str = ""
 
@@ -550,6 +550,7 @@ def _run_forward(tr: _Trace, p: _Programs, seeds: list, prims) -> list[torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
+@after_partition()  # the programs built here run the pipeline's stages after the graph-level ones
 def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[int],
            lend: dict[int, torch.Tensor], backend: str) -> _Programs:
     """Programs for a value-free joint graph. Runtime scalars are lifted to inputs before any pass
@@ -563,10 +564,10 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     lifted, scalar_inputs = lift_scalars(joint)
     full_of = {s.id: (j, f) for j, (s, f) in enumerate(zip(scalar_inputs, scalar_fulls))}
     lent = InputValues({inputs[k].id: v for k, v in lend.items()})
-    with lend_input_values(lent):
-        # explicit attention and its backward become the flash ops before the split, while the
-        # joint graph still sees both directions (and the mask's value, lent)
-        g = attention_pass(simplify(lifted))
+    # explicit attention and its backward become the flash ops before the split, while the
+    # joint graph still sees both directions (and the mask's value, lent)
+    stages = run_graph_stages(lifted, lent)
+    g = stages.graph
     if len(joint.outputs) > num_fwd:
         free = {inputs[k].id for k in free_pos} | set(full_of)
         part = partition(g, num_fwd, [inputs[k] for k in tangent_pos], free)
@@ -588,6 +589,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     if progs.assumed:
         progs.rebuild = lambda: _build(joint, num_fwd, tangent_pos, free_pos, {}, backend)
     progs.graphs = (fwd_graph, bwd_graph if len(joint.outputs) > num_fwd else None)
+    progs.stages = stages
     return progs
 
 
@@ -907,6 +909,10 @@ class CompiledModule(torch.nn.Module):
                 os.makedirs(os.path.join(path, name), exist_ok=True)
                 _dump.write_run(graph, prog, os.path.join(path, name))
         _dump.write_graph(path, "joint", joint)
+        for fname, text in {"graph.txt": joint.text(), **progs.stages.files()}.items():  # joint/passes: 00-02
+            os.makedirs(os.path.dirname(os.path.join(path, "joint", fname)), exist_ok=True)
+            with open(os.path.join(path, "joint", fname), "w") as f:
+                f.write(text)
         with open(os.path.join(path, "partition.txt"), "w") as f:
             f.write(progs.report or "forward only: no backward graph\n")
 

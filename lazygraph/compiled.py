@@ -199,9 +199,7 @@ class CompiledProgram:
 
         files: dict[str, str] = {}
         groups = self.schedule.group_of()
-        for name, g in self.result.stages:
-            files[f"passes/{name}.txt"] = g.text()
-            files[f"passes/{name}.dot"] = g.to_dot(groups if name.endswith("fuse") else None)
+        files.update(self.result.files(groups))  # passes/NN-NAME.txt and .dot
         files["fusion.json"] = json.dumps(self.schedule.report(), indent=2)
         files["fusion.txt"] = self.schedule.report_text()
         files["memory.txt"] = "\n".join(f"{k}: {v}" for k, v in self.result.memory.summary().items()) + "\n"

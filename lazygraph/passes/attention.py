@@ -35,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..ir import MOVEMENT, POINTWISE, Graph, Node, Op, effective_op, numel
-from .pattern import Binds, P, Rule, any_of, keeps_last2, matches, opt, var
+from .pattern import Binds, Fired, P, Rule, any_of, keeps_last2, matches, opt, var
 from .rewrite import copy_with, rebuild
 
 _RESHAPES = frozenset({Op.RESHAPE})
@@ -91,7 +92,8 @@ def _softmax_of(x: P) -> P:
 
 _X = P(srcs=(opt(Op.CAST, _MASKED),), name="x")  # half inputs: the softmax runs in fp32
 _PROBS = opt(Op.CAST, _softmax_of(_X), through=_RESHAPES, name="p")
-FORWARD = Rule("softmax(q @ k^T * c + mask) @ v -> attention", P(Op.MATMUL, (_PROBS, var("v")), name="root"))
+# softmax(q @ k^T * c + mask) @ v -> attention
+FORWARD = Rule("attention", P(Op.MATMUL, (_PROBS, var("v")), name="root"))
 
 
 # -- the safety checks ------------------------------------------------------------------------
@@ -110,17 +112,17 @@ class InputValues:
         self.relied: set[int] = set()
 
 
-_lent: InputValues | None = None
+# per build (a context variable): two threads building programs lend their own values
+_LENT: ContextVar[InputValues | None] = ContextVar("lent_input_values", default=None)
 
 
 @contextlib.contextmanager
 def lend_input_values(values: InputValues | None):
-    global _lent
-    previous, _lent = _lent, values
+    token = _LENT.set(values)
     try:
         yield values
     finally:
-        _lent = previous
+        _LENT.reset(token)
 
 
 def constant_value(n: Node) -> torch.Tensor | None:
@@ -128,7 +130,7 @@ def constant_value(n: Node) -> torch.Tensor | None:
     inputs whose values are lent while a program is built; those are recorded as relied on)."""
     value, borrowed = _constant(n)
     if borrowed:
-        _lent.relied.update(borrowed)
+        _LENT.get().relied.update(borrowed)
     return value
 
 
@@ -145,7 +147,7 @@ def _constant(n: Node) -> tuple[torch.Tensor | None, set[int]]:
     for m in g.nodes:
         op = effective_op(m)
         if op is Op.INPUT and m.value is None:
-            lent = _lent.values.get(m.id) if _lent is not None else None
+            lent = _LENT.get().values.get(m.id) if _LENT.get() is not None else None
             if lent is None or lent.numel() > _MAX_MASK_NUMEL:
                 return None, set()
             borrowed[m.id] = lent
@@ -164,7 +166,7 @@ def _is_causal(mask: Node, keep: bool, tq: int, tk: int) -> bool:
     if not torch.equal(value if keep else ~value, want.expand(value.shape)):
         return False
     if borrowed:
-        _lent.relied.update(borrowed)
+        _LENT.get().relied.update(borrowed)
     return True
 
 
@@ -354,9 +356,9 @@ def _scale_bwd(scale_op: Op | None, ds: P) -> P:
 def _grad_rules(scale_op: Op | None, mask_kind: str | None) -> list[tuple[str, Rule]]:
     """(which, rule rooted at the gradient matmul) for one forward match."""
     dsin = P(srcs=(_scale_bwd(scale_op, _MASK_BWD[mask_kind]),), name="dsin", through=_RESHAPES, batch_only=True)
-    return [("v", Rule("dv = p^T @ dout", _mm(_t(_bound("p")), _bound("dout")))),
-            ("q", Rule("dq = ds @ k", _mm(dsin, _tr("kt")))),
-            ("k", Rule("dk^T = q^T @ ds", _mm(_tr("q"), dsin)))]
+    return [("v", Rule("attention-dv", _mm(_t(_bound("p")), _bound("dout")))),  # dv = p^T @ dout
+            ("q", Rule("attention-dq", _mm(dsin, _tr("kt")))),  # dq = ds @ k
+            ("k", Rule("attention-dk", _mm(_tr("q"), dsin)))]  # dk^T = q^T @ ds
 
 
 _NEVER = Node(Op.INPUT, (), (), torch.float32, "cpu")  # bound to a name that must match nothing
@@ -481,7 +483,7 @@ def _accounted(inner: list[Node], root: Node, grads: dict[str, Node], seed: Bind
     return True
 
 
-def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
+def attention_pass(graph: Graph, log: list[Fired] | None = None) -> Graph:
     """Rewrite every safe explicit-attention match into one ATTENTION node, and in a joint graph
     its backward into ATTENTION_BWD nodes."""
     users = graph.users()
@@ -555,10 +557,9 @@ def attention_pass(graph: Graph, log: list[str] | None = None) -> Graph:
         else:
             out = copy_with(n, srcs)
         if log is not None and (m is not None or n.id in joints):
-            m = m or joints[n.id].fwd
-            grads = " backward=d" + ",d".join(sorted(joints[n.id].grads)) if n.id in joints else ""
-            log.append(f"{FORWARD.name}: causal={m.causal} scale={m.scale_op and m.scale_op.value} "
-                       f"mask={m.mask_kind}{grads} ({n.source or ''})")
+            log.append(Fired(FORWARD.name, n.source))
+            for which in sorted(joints[n.id].grads) if n.id in joints else ():
+                log.append(Fired(f"attention-d{which}", n.source))
         new_of[n.id] = out
         return out
 
