@@ -33,8 +33,16 @@ from .place import place
 from .simplify import simplify
 
 GraphPass = Callable[..., Graph]  # (graph, log=list[Fired]) -> graph
-PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", attention_pass),
-                                         ("place", place)]
+
+
+def attention(graph: Graph, log: list[Fired] | None = None) -> Graph:
+    """The attention pass, then simplify over what its rewrite leaves (reshapes of reshapes around
+    the new ops, a runtime scale's whole slices), so later stages see a simplified graph."""
+    out = attention_pass(graph, log)
+    return graph if out is graph else simplify(out, log)
+
+
+PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", attention), ("place", place)]
 GRAPH_LEVEL = 2  # PIPELINE[:GRAPH_LEVEL] need the whole graph: compile runs them before partition
 
 
@@ -143,12 +151,13 @@ def _run_stages(stages: Stages, first: int, last: int,
     graph = stages.graph
     for i in range(first, last):
         name, fn = PIPELINE[i]
+        number = int(stages.stages[-1][0][:2]) + 1  # after partition, one more than the index
         log: list[Fired] = []
         before = len(graph.nodes)
         with lend_input_values(input_values):
             graph = fn(graph, log=log)
         verify(graph)
-        stages.add(f"{i + 1:02d}-{name}", graph, f"{before} -> {len(graph.nodes)} nodes; {fired_counts(log)}")
+        stages.add(f"{number:02d}-{name}", graph, f"{before} -> {len(graph.nodes)} nodes; {fired_counts(log)}")
         yield name, graph
 
 
