@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ir import Graph, verify
+from ..ir import Graph, Node, effective_op, verify
 from .attention import InputValues, attention_pass, lend_input_values
 from .fuse import Decision, FusionGroup, Schedule, Step, fuse
 from .memory import MemoryPlan, plan_memory
@@ -165,18 +165,44 @@ def _run_stages(stages: Stages, first: int, last: int,
 
 
 def stable_names(graphs: Sequence[Graph]) -> list[dict[int, str]]:
-    """SSA names for the graphs of consecutive stages (node id -> "%N"), one dict per graph, so that
-    a node that a pass kept (the same node) keeps its name. The last graph is named as it prints
-    on its own (%0, %1, ... in order), as the fusion report and the kernels name it; earlier
-    stages take those names, and nodes that a later pass removed are numbered after them."""
-    name_of: dict[int, str] = {}
-    out: list[dict[int, str]] = []
-    for g in reversed(graphs):
-        for n in g.nodes:
-            if n.id not in name_of:
-                name_of[n.id] = f"%{len(name_of)}"
-        out.append({n.id: name_of[n.id] for n in g.nodes})
+    """SSA names (node id -> "%N") for the graphs of consecutive stages, one dict per graph, such
+    that a node a pass left alone keeps its name: the same node, a copy of it over operands that
+    kept their names (a pass rebuilds every user of a node it changed), else the same op from the
+    same source line over other operands (rewired), first come first served. The last graph is
+    named as it prints on its own (%0, %1, ... in order), as the fusion report and the kernels
+    name it; each earlier stage takes its successor's names, and nodes a pass removed are
+    numbered after all of them. Names only: nothing depends on them but the dumps."""
+    last = graphs[-1]
+    out = [{n.id: f"%{i}" for i, n in enumerate(last.nodes)}]
+    fresh = len(last.nodes)
+    for g, later in zip(reversed(graphs[:-1]), reversed(graphs[1:])):
+        later_names = out[-1]
+        alike: dict[tuple, list[str]] = {}
+        rewired: dict[tuple, list[str]] = {}
+        for m in later.nodes:
+            alike.setdefault(_line_key(m, later_names), []).append(later_names[m.id])
+            rewired.setdefault(_line_key(m, None), []).append(later_names[m.id])
+        own = {n.id: later_names[n.id] for n in g.nodes if n.id in later_names}  # the same node
+        taken = set(own.values())
+        for n in g.nodes:  # in order: a node's operands are named before it
+            if n.id in own:
+                continue
+            name = next((c for c in alike.get(_line_key(n, own), ()) if c not in taken), None)
+            if name is None:
+                name = next((c for c in rewired.get(_line_key(n, None), ()) if c not in taken), None)
+            if name is None:
+                name, fresh = f"%{fresh}", fresh + 1
+            own[n.id] = name
+            taken.add(name)
+        out.append(own)
     return out[::-1]
+
+
+def _line_key(n: Node, names: dict[int, str] | None) -> tuple:
+    """What a node's text line says, under `names`: equal keys print equal lines. names=None: all
+    but the operands, with the source line."""
+    srcs = n.source if names is None else tuple(names[s.id] for s in n.srcs) if n.value is None else ()
+    return (effective_op(n), n.shape, n.dtype, n.device, repr(sorted(n.attrs.items())), srcs)
 
 
 _REF = re.compile(r"%\d+")
