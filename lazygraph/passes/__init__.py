@@ -68,7 +68,7 @@ class Stages:
         names = stable_names([g for _, g in self.stages])
         files: dict[str, str] = {}
         for (name, g), own in zip(self.stages, names):
-            canon = {g.names()[i]: own[i] for i in own}
+            canon = {printed: own[i] for i, printed in g.names().items()}
             files[f"passes/{name}.txt"] = f"# {name}: {self.notes[name]}\n" + _renamed(g.text(), canon)
             files[f"passes/{name}.dot"] = _renamed_dot(g.to_dot(groups if name.endswith("fuse") else None), canon)
         return files
@@ -99,8 +99,7 @@ def run_graph_stages(graph: Graph, input_values: InputValues | None = None) -> S
     """The graph-level stages (compile: on the joint graph, before partition)."""
     stages = Stages()
     stages.add("00-captured", graph, f"{len(graph.nodes)} nodes as recorded")
-    for _ in _run_stages(stages, 0, GRAPH_LEVEL, input_values):
-        pass
+    _run_stages(stages, 0, GRAPH_LEVEL, input_values)
     return stages
 
 
@@ -116,8 +115,7 @@ def run_pipeline(graph: Graph, fusion: bool = True, input_values: InputValues | 
     else:
         first = 0
         result.add("00-captured", graph, f"{len(graph.nodes)} nodes as recorded")
-    for _ in _run_stages(result, first, len(PIPELINE), input_values):
-        pass
+    _run_stages(result, first, len(PIPELINE), input_values)
     result.schedule = fuse(result.graph, enabled=fusion)
     steps = result.schedule.steps
     result.add(f"{int(result.stages[-1][0][:2]) + 1:02d}-fuse", result.graph,
@@ -135,8 +133,8 @@ def check_pipeline(graph: Graph, inputs: Sequence[torch.Tensor], rtol: float = 1
 
     by_id = {n.id: v for n, v in zip(graph.inputs, inputs)}
     want = run_graph(graph, inputs)
-    stages = Stages([("00-captured", graph)], {"00-captured": ""})
-    for name, current in _run_stages(stages, 0, len(PIPELINE), InputValues(by_id)):
+
+    def check(name: str, current: Graph) -> None:
         got = run_graph(current, [by_id[n.id] for n in current.inputs])
         for i, (w, g) in enumerate(zip(want, got)):
             try:
@@ -144,10 +142,14 @@ def check_pipeline(graph: Graph, inputs: Sequence[torch.Tensor], rtol: float = 1
             except AssertionError as e:
                 raise AssertionError(f"pass {name} changed output {i}: {e}") from None
 
+    stages = Stages([("00-captured", graph)], {"00-captured": ""})
+    _run_stages(stages, 0, len(PIPELINE), InputValues(by_id), check)
 
-def _run_stages(stages: Stages, first: int, last: int,
-                input_values: InputValues | None) -> Iterator[tuple[str, Graph]]:
-    """Run PIPELINE[first:last] on stages.graph, adding each stage; yields (pass name, graph)."""
+
+def _run_stages(stages: Stages, first: int, last: int, input_values: InputValues | None,
+                check: Callable[[str, Graph], None] | None = None) -> None:
+    """Run PIPELINE[first:last] on stages.graph, adding each stage; `check(pass name, graph)`
+    after each."""
     graph = stages.graph
     for i in range(first, last):
         name, fn = PIPELINE[i]
@@ -158,7 +160,8 @@ def _run_stages(stages: Stages, first: int, last: int,
             graph = fn(graph, log=log)
         verify(graph)
         stages.add(f"{number:02d}-{name}", graph, f"{before} -> {len(graph.nodes)} nodes; {fired_counts(log)}")
-        yield name, graph
+        if check is not None:
+            check(name, graph)
 
 
 # -- stable SSA names ----------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def load_dump(path: str) -> Dump:
     # lazygraph.compile writes compile-NNNN/{forward,backward}: each half is a run of its own
     for d in sorted(os.listdir(path)):
         if d.startswith("compile-") and os.path.isdir(os.path.join(path, d)):
-            for half in ("joint", "forward", "backward"):  # joint: the graph-level stages
+            for half in ("forward", "backward"):
                 if os.path.exists(os.path.join(path, d, half, "graph.txt")):
                     run = load_run(os.path.join(path, d, half))
                     run.name = f"{d}/{half}"
