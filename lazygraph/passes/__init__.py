@@ -35,14 +35,14 @@ from .simplify import simplify
 GraphPass = Callable[..., Graph]  # (graph, log=list[Fired]) -> graph
 
 
-def attention(graph: Graph, log: list[Fired] | None = None) -> Graph:
+def _attention_stage(graph: Graph, log: list[Fired] | None = None) -> Graph:
     """The attention pass, then simplify over what its rewrite leaves (reshapes of reshapes around
     the new ops, a runtime scale's whole slices), so later stages see a simplified graph."""
     out = attention_pass(graph, log)
     return graph if out is graph else simplify(out, log)
 
 
-PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", attention), ("place", place)]
+PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", _attention_stage), ("place", place)]
 GRAPH_LEVEL = 2  # PIPELINE[:GRAPH_LEVEL] need the whole graph: compile runs them before partition
 
 

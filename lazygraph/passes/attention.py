@@ -162,7 +162,9 @@ def _is_causal(mask: Node, keep: bool, tq: int, tk: int) -> bool:
     value, borrowed = _constant(mask)
     if value is None or value.dtype != torch.bool or value.ndim < 2 or tuple(value.shape[-2:]) != (tq, tk):
         return False
-    want = torch.ones(tq, tk, dtype=torch.bool, device=value.device).tril(diagonal=tk - tq)
+    # ones(tq, tk).tril(tk - tq), built by comparing indices: bool tril takes ~20 ms on a CPU
+    rows, cols = torch.arange(tq, device=value.device), torch.arange(tk, device=value.device)
+    want = cols[None, :] <= rows[:, None] + (tk - tq)
     if not torch.equal(value if keep else ~value, want.expand(value.shape)):
         return False
     if borrowed:

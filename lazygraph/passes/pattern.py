@@ -123,6 +123,8 @@ class RuleSet:
 
     def _fire_one(self, n: Node, log: list[Fired] | None) -> Node | None:
         for rule in self._for(n.op):
+            if not _may_match(rule.pattern, n):
+                continue
             for binds, _ in matches(rule.pattern, n):
                 new = rule.build(binds, n)
                 if new is not None and new.shape == n.shape and new.dtype == n.dtype:
@@ -149,6 +151,22 @@ def matches(p: P, n: Node, binds: Binds | None = None) -> Iterator[Match]:
 
 def first(p: P, n: Node, binds: Binds | None = None) -> Match | None:
     return next(matches(p, n, binds), None)
+
+
+def _may_match(p: P, n: Node) -> bool:
+    """A cheap necessary condition for `p` to match at `n`: the ops of the root and of the operands
+    whose patterns name one plainly. Most tries fail here, before any generator is made (on the
+    big heap of a traced model every allocation can cost a garbage-collection pass)."""
+    if p.op is None or p.through or p.any_of or p.optional:
+        return True
+    if effective_op(n) is not p.op or (p.srcs and len(n.srcs) != len(p.srcs)):
+        return False
+    ops = [effective_op(s) for s in n.srcs]
+    for i, sp in enumerate(p.srcs):
+        if sp.op is not None and not (sp.through or sp.any_of or sp.optional):
+            if sp.op not in (ops if p.commutative else ops[i:i + 1]):
+                return False
+    return True
 
 
 def _match(p: P, n: Node, b: Binds, inner: tuple[Node, ...]) -> Iterator[Match]:
