@@ -909,7 +909,7 @@ class CompiledModule(torch.nn.Module):
                 os.makedirs(os.path.join(path, name), exist_ok=True)
                 _dump.write_run(graph, prog, os.path.join(path, name))
         _dump.write_graph(path, "joint", joint)
-        for fname, text in {"graph.txt": joint.text(), **progs.stages.files()}.items():  # joint/passes: 00-02
+        for fname, text in progs.stages.files().items():  # joint/passes/: the graph-level stages
             os.makedirs(os.path.dirname(os.path.join(path, "joint", fname)), exist_ok=True)
             with open(os.path.join(path, "joint", fname), "w") as f:
                 f.write(text)
