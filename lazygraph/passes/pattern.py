@@ -102,6 +102,9 @@ class RuleSet:
     graph does, never what it computes. Rules whose pattern has no op apply to every op."""
 
     def __init__(self, rules: list[Rule], max_steps: int = 8):
+        if any(r.build is None for r in rules):
+            raise ValueError("a RuleSet fires rules that build their replacement; these only find: "
+                             + ", ".join(r.name for r in rules if r.build is None))
         self.rules = rules
         self.max_steps = max_steps  # a replacement may match another rule: fire up to this many
         self._by_op: dict[Op, list[Rule]] = {}
