@@ -33,6 +33,7 @@ causal: it is read by the kernel instead, whatever value it holds on the next ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -355,12 +356,13 @@ def _scale_bwd(scale_op: Op | None, ds: P) -> P:
     return P(Op.DIV, (ds, _SCALE_BWD)) if scale_op is Op.DIV else ds
 
 
-def _grad_rules(scale_op: Op | None, mask_kind: str | None) -> list[tuple[str, Rule]]:
+@functools.cache  # a few rules per kind of forward match, built once
+def _grad_rules(scale_op: Op | None, mask_kind: str | None) -> tuple[tuple[str, Rule], ...]:
     """(which, rule rooted at the gradient matmul) for one forward match."""
     dsin = P(srcs=(_scale_bwd(scale_op, _MASK_BWD[mask_kind]),), name="dsin", through=_RESHAPES, batch_only=True)
-    return [("v", Rule("attention-dv", _mm(_t(_bound("p")), _bound("dout")))),  # dv = p^T @ dout
+    return (("v", Rule("attention-dv", _mm(_t(_bound("p")), _bound("dout")))),  # dv = p^T @ dout
             ("q", Rule("attention-dq", _mm(dsin, _tr("kt")))),  # dq = ds @ k
-            ("k", Rule("attention-dk", _mm(_tr("q"), dsin)))]  # dk^T = q^T @ ds
+            ("k", Rule("attention-dk", _mm(_tr("q"), dsin))))  # dk^T = q^T @ ds
 
 
 _NEVER = Node(Op.INPUT, (), (), torch.float32, "cpu")  # bound to a name that must match nothing
