@@ -55,8 +55,7 @@ from .capture import LazyTensor, is_internal, lazy, lazy_mode, node_of
 from .capture.arguments import const_inputs
 from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
 from .ir import Graph, Node, Op, is_runtime_scalar, runtime_scalars
-from .passes.attention import InputValues, attention_pass, lend_input_values
-from .passes.heads import split_heads
+from .passes import InputValues, after_partition, run_graph_stages
 from .passes.partition import partition
 from .passes.rewrite import copy_with, rebuild
 from .passes.simplify import simplify
@@ -408,6 +407,7 @@ class _Programs:
     rebuild: Callable[[], _Programs] | None = None  # the same, built without those assumptions
     plain: _Programs | None = None
     graphs: tuple = ()  # (forward graph, backward graph or None), for dumps
+    stages: Any = None  # the joint graph's graph-level stages (passes.Stages), for dumps
     summary: dict = field(default_factory=dict)
     report: str = ""
     backend: str = "auto"
@@ -581,6 +581,7 @@ def _run_forward(tr: _Trace, p: _Programs, seeds: list, prims) -> list[torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
+@after_partition()  # the programs built here run the pipeline's stages after the graph-level ones
 def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[int],
            lend: dict[int, torch.Tensor], backend: str) -> _Programs:
     """Programs for a value-free joint graph. Runtime scalars are lifted to inputs before any pass
@@ -594,10 +595,11 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     lifted, scalar_inputs = lift_scalars(joint)
     full_of = {s.id: (j, f) for j, (s, f) in enumerate(zip(scalar_inputs, scalar_fulls))}
     lent = InputValues({inputs[k].id: v for k, v in lend.items()})
-    with lend_input_values(lent):
-        # explicit attention and its backward become the flash ops before the split, while the
-        # joint graph still sees both directions (and the mask's value, lent)
-        g = split_heads(attention_pass(simplify(lifted)))
+    # explicit attention and its backward become the flash ops before the split, while the
+    # joint graph still sees both directions (and the mask's value, lent); the heads they read
+    # become views there too
+    stages = run_graph_stages(lifted, lent)
+    g = stages.graph
     if len(joint.outputs) > num_fwd:
         free = {inputs[k].id for k in free_pos} | set(full_of)
         part = partition(g, num_fwd, [inputs[k] for k in tangent_pos], free)
@@ -619,6 +621,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     if progs.assumed:
         progs.rebuild = lambda: _build(joint, num_fwd, tangent_pos, free_pos, {}, backend)
     progs.graphs = (fwd_graph, bwd_graph if len(joint.outputs) > num_fwd else None)
+    progs.stages = stages
     return progs
 
 
@@ -638,7 +641,9 @@ def _backward_without(p: _Programs, absent: frozenset) -> tuple[Program, list, l
     g = simplify(rebuild(lifted, lambda n, srcs: copy_with(n, tuple(zero.get(s.id, s) for s in srcs))))
     g, spec = _unlift(g, full_of)
     scalars = [p.bwd_scalars[j] if kind == "trace" else (kind, j) for kind, j in spec]
-    return get_program(g, p.backend), [source[n.id] for n in g.inputs], scalars
+    with after_partition():  # a half of the joint graph: the graph-level stages already ran
+        program = get_program(g, p.backend)
+    return program, [source[n.id] for n in g.inputs], scalars
 
 
 def _unlift(graph: Graph, full_of: dict[int, tuple[int, Node]]) -> tuple[Graph, list[tuple[str, Any]]]:
@@ -955,6 +960,10 @@ class CompiledModule(torch.nn.Module):
                 os.makedirs(os.path.join(path, name), exist_ok=True)
                 dumps.write_run(graph, prog, os.path.join(path, name))
         dumps.write_graph(path, "joint", joint)
+        for fname, text in progs.stages.files().items():  # joint/passes/: the graph-level stages
+            os.makedirs(os.path.dirname(os.path.join(path, "joint", fname)), exist_ok=True)
+            with open(os.path.join(path, "joint", fname), "w") as f:
+                f.write(text)
         with open(os.path.join(path, "partition.txt"), "w") as f:
             f.write(progs.report or "forward only: no backward graph\n")
 

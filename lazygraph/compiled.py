@@ -203,9 +203,7 @@ class CompiledProgram:
 
         files: dict[str, str] = {}
         groups = self.schedule.group_of()
-        for name, g in self.result.stages:
-            files[f"passes/{name}.txt"] = g.text()
-            files[f"passes/{name}.dot"] = g.to_dot(groups if name.endswith("fuse") else None)
+        files.update(self.result.files(groups))  # passes/NN-NAME.txt and .dot
         from .codegen_triton import kernel_files
 
         kernels, bodies = kernel_files(self.schedule.kernels, self.kernels(), self.names)

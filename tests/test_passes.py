@@ -68,7 +68,7 @@ def test_each_pass_keeps_values_on_op_soups(seed):
 def test_check_pipeline_names_a_pass_that_changes_values(monkeypatch):
     import lazygraph.passes as passes
 
-    def broken(graph: Graph) -> Graph:  # turns every exp into a sin
+    def broken(graph: Graph, log=None) -> Graph:  # turns every exp into a sin
         from lazygraph.passes.rewrite import copy_with, rebuild
 
         def fn(n, srcs):
@@ -94,7 +94,7 @@ def test_check_pipeline_names_a_pass_that_changes_values(monkeypatch):
 
 def simplified(text: str) -> tuple[Graph, list[str]]:
     g = parse(text)
-    log: list[str] = []
+    log: list = []
     out = simplify(g, log)
     verify(out)
     return out, log
@@ -113,8 +113,7 @@ def test_identities_fire():
         return (%7)
     """)
     assert ops(g) == ["input", "exp"], g.text()
-    for rule in ("x * 1", "x + 0", "-(-x)"):
-        assert any(rule in e for e in log), (rule, log)
+    assert {"mul-one", "add-zero", "neg-neg"} <= {e.rule for e in log}, log
 
 
 def test_identities_never_change_shape():
@@ -150,7 +149,7 @@ def test_view_chains_fold():
     assert g.outputs[1].op is Op.INPUT  # two permutes that undo each other: gone
     assert g.outputs[2].op is Op.PERMUTE and g.outputs[2].srcs[0].op is Op.INPUT
     assert g.outputs[2].attrs["dims"] == (2, 1, 0)
-    assert any("reshape(reshape" in e for e in log) and any("permute(permute" in e for e in log)
+    assert {"reshape-reshape", "permute-permute"} <= {e.rule for e in log}, log
     x = torch.randn(2, 3, 5)  # the composed permutation is what torch computes
     torch.testing.assert_close(x.permute(1, 0, 2).permute(2, 0, 1), x.permute(2, 1, 0))
 
@@ -167,7 +166,7 @@ def test_cse_merges_duplicate_subexpressions():
         return (%6, %5)
     """)
     assert ops(g).count("exp") == 1 and ops(g).count("sum") == 2, g.text()  # axes differ: two sums
-    assert any(e.startswith("cse") for e in log)
+    assert any(e.rule == "cse" for e in log)
 
 
 def test_cse_keeps_distinct_inputs_and_externs():
@@ -193,7 +192,7 @@ def test_constant_folding():
     """)
     consts = [n for n in g.nodes if n.op is Op.FULL]
     assert len(consts) == 1 and consts[0].attrs["value"] == 6.0 and consts[0].shape == (4, 8), g.text()
-    assert any("fold constant" in e for e in log)
+    assert any(e.rule == "fold-constant" for e in log)
 
 
 def test_simplify_on_a_captured_graph_keeps_values():

@@ -74,7 +74,7 @@ def _operands(n: Node, srcs: tuple[Node, ...]) -> tuple[Node, ...] | None:
     return tuple(new) + srcs[len(new):]
 
 
-def split_heads(graph: Graph) -> Graph:
+def split_heads(graph: Graph, log: list | None = None) -> Graph:
     """Attention nodes read the [B, H, T, D] tensors their [B*H, T, D] operands were reshaped from."""
     changed = False
     shared: dict[tuple[int, ...], tuple[Node, ...]] = {}  # out and lse (dq, dk, dv) keep one launch

@@ -6,14 +6,17 @@ variables bind nodes (a name met twice must be the same node), `optional` nodes 
 do not matter (batch reshapes, a constant's broadcasts). Matching backtracks: `matches` yields
 every way a pattern fits a node, so a caller keeps the first one its own checks accept.
 
-A `Rule` is a named pattern; passes log the names of the rules that fired, so dumps say why a
-graph changed.
+A `Rule` is a named pattern, with the node that replaces a match where the rule rewrites on its
+own (`RuleSet` fires such rules to a fixed point); attention's rules only find, and the pass
+builds the replacement. Passes log every rule that fired as a `Fired` record, and the pipeline
+prints their counts at the top of each dumped stage, so a dump says why a graph changed.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..ir import Node, Op, effective_op
 
@@ -55,16 +58,83 @@ def opt(op: Op, src: P, **kw) -> P:
     return P(op, (src,), optional=True, **kw)
 
 
+def const(value: float, **kw) -> P:
+    """A constant (an unrealized full) holding `value`."""
+    return P(Op.FULL, when=lambda n: n.attrs.get("value") == value, **kw)
+
+
+Build = Callable[[Binds, Node], "Node | None"]  # (bound names, the matched node) -> its replacement
+
+
 @dataclass(frozen=True)
 class Rule:
-    """A named pattern; `root` is the op its pattern's root has (rules are indexed by it)."""
+    """A named pattern. `build` gives the replacement of a match (None: this match does not
+    rewrite); rules without one only find, for a pass that rewrites itself."""
 
     name: str
     pattern: P
+    build: Build | None = None
 
-    @property
-    def root(self) -> Op | None:
-        return self.pattern.op
+
+@dataclass(frozen=True)
+class Fired:
+    """One rule firing, for the logs: the rule's name and the user's line of the node it rewrote."""
+
+    rule: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.rule} ({self.source or ''})"
+
+
+def fired_counts(log: list[Fired]) -> str:
+    """"12 rules fired: mul-one x4, cse x8" (most fired first, then by name)."""
+    counts = Counter(f.rule for f in log)
+    if not counts:
+        return "no rules fired"
+    listed = ", ".join(f"{r} x{c}" for r, c in sorted(counts.items(), key=lambda rc: (-rc[1], rc[0])))
+    return f"{sum(counts.values())} rules fired: {listed}"
+
+
+class RuleSet:
+    """Rules that rewrite a node on their own, tried in order. A rule fires at the first match
+    whose replacement has exactly the node's shape and dtype, so a rule can change how much work a
+    graph does, never what it computes. Rules whose pattern has no op apply to every op."""
+
+    def __init__(self, rules: list[Rule], max_steps: int = 8):
+        if any(r.build is None for r in rules):
+            raise ValueError("a RuleSet fires rules that build their replacement; these only find: "
+                             + ", ".join(r.name for r in rules if r.build is None))
+        self.rules = rules
+        self.max_steps = max_steps  # a replacement may match another rule: fire up to this many
+        self._by_op: dict[Op, list[Rule]] = {}
+
+    def _for(self, op: Op) -> list[Rule]:
+        rules = self._by_op.get(op)
+        if rules is None:
+            rules = self._by_op[op] = [r for r in self.rules if r.pattern.op in (None, op)]
+        return rules
+
+    def rewrite(self, n: Node, log: list[Fired] | None = None) -> Node:
+        """`n` after its rules fired to a fixed point (at most max_steps times)."""
+        for _ in range(self.max_steps):
+            new = self._fire_one(n, log)
+            if new is None:
+                break
+            n = new
+        return n
+
+    def _fire_one(self, n: Node, log: list[Fired] | None) -> Node | None:
+        for rule in self._for(n.op):
+            if not _may_match(rule.pattern, n):
+                continue
+            for binds, _ in matches(rule.pattern, n):
+                new = rule.build(binds, n)
+                if new is not None and new.shape == n.shape and new.dtype == n.dtype:
+                    if log is not None:
+                        log.append(Fired(rule.name, n.source))
+                    return new
+        return None
 
 
 def keeps_last2(n: Node) -> bool:
@@ -84,6 +154,22 @@ def matches(p: P, n: Node, binds: Binds | None = None) -> Iterator[Match]:
 
 def first(p: P, n: Node, binds: Binds | None = None) -> Match | None:
     return next(matches(p, n, binds), None)
+
+
+def _may_match(p: P, n: Node) -> bool:
+    """A cheap necessary condition for `p` to match at `n`: the ops of the root and of the operands
+    whose patterns name one plainly. Most tries fail here, before any generator is made (on the
+    big heap of a traced model every allocation can cost a garbage-collection pass)."""
+    if p.op is None or p.through or p.any_of or p.optional:
+        return True
+    if effective_op(n) is not p.op or (p.srcs and len(n.srcs) != len(p.srcs)):
+        return False
+    ops = [effective_op(s) for s in n.srcs]
+    for i, sp in enumerate(p.srcs):
+        if sp.op is not None and not (sp.through or sp.any_of or sp.optional):
+            if sp.op not in (ops if p.commutative else ops[i:i + 1]):
+                return False
+    return True
 
 
 def _match(p: P, n: Node, b: Binds, inner: tuple[Node, ...]) -> Iterator[Match]:
@@ -138,4 +224,5 @@ def _bind(name: str | None, n: Node, b: Binds, inner: tuple[Node, ...]) -> Match
     return {**b, name: n}, inner
 
 
-__all__ = ["P", "Rule", "Binds", "Match", "var", "any_of", "opt", "matches", "first", "keeps_last2", "replace"]
+__all__ = ["P", "Rule", "RuleSet", "Fired", "fired_counts", "Binds", "Match", "var", "any_of", "opt", "const",
+           "matches", "first", "keeps_last2"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .. import ops
 from ..ir import Graph, Node, Op, effective_op
+from .pattern import Fired
 from .rewrite import rebuild
 
 
@@ -19,7 +20,7 @@ def _rank(device: str) -> int:
     return 0 if device == "cpu" or device == "meta" else 1
 
 
-def place(graph: Graph, pins: dict[int, str] | None = None, log: list[str] | None = None) -> Graph:
+def place(graph: Graph, pins: dict[int, str] | None = None, log: list[Fired] | None = None) -> Graph:
     pins = pins or {}
     transfers: dict[tuple[int, str], Node] = {}
 
@@ -30,7 +31,7 @@ def place(graph: Graph, pins: dict[int, str] | None = None, log: list[str] | Non
         if key not in transfers:
             transfers[key] = ops.derived(Op.TRANSFER, (src,), src, device=device)
             if log is not None:
-                log.append(f"transfer {src.op.value}{list(src.shape)} {src.device} -> {device}")
+                log.append(Fired(f"transfer-to-{device}", src.source))
         return transfers[key]
 
     def assign(n: Node, srcs: tuple[Node, ...]) -> Node:

@@ -1,82 +1,53 @@
 """simplify: dead-code elimination, CSE, constant folding, view folding, algebraic identities.
 
-Algebraic identities and view folding are a table of rules (name, op, when, result): adding
-a rule is adding a line. A rule fires only when the result has exactly the node's shape and
-dtype, so no rule can change what a graph computes, only how much work it does.
+Identities, view folding and constant folding are rules over the rewrite engine (pattern.py):
+a name, a pattern, the replacement. `x * 1` is one commutative rule, not two. A rule fires only
+when its replacement has exactly the node's shape and dtype (RuleSet), so no rule can change
+what a graph computes, only how much work it does.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from .. import ops
 from ..ir import MOVEMENT, POINTWISE, Graph, Node, Op
+from .pattern import Binds, Fired, P, Rule, RuleSet, const, var
 from .rewrite import copy_with, rebuild
 
-Srcs = tuple[Node, ...]
+_X = var("x")
 
 
-def _const(n: Node, value: float) -> bool:
-    return n.op is Op.FULL and n.value is None and n.attrs.get("value") == value
+def _x(b: Binds, n: Node) -> Node:
+    return b["x"]
 
 
-def _same(a: Node, b: Node) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype
+def _over_x(b: Binds, n: Node) -> Node:
+    """`n` (a view) taken straight from x, skipping the view between: reshape(reshape(x))."""
+    return Node(n.op, (b["x"],), n.shape, n.dtype, n.device, dict(n.attrs), n.source)
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    op: Op
-    when: Callable[[Node, Srcs], bool]
-    result: Callable[[Node, Srcs], Node]
-
-
-def _compose_permute(n: Node, s: Srcs) -> Node:
-    inner = s[0].attrs["dims"]
+def _compose_permute(b: Binds, n: Node) -> Node:
+    inner = b["inner"].attrs["dims"]
     dims = tuple(inner[d] for d in n.attrs["dims"])
-    return ops.copy(n, s[0].srcs, dims=dims)  # keeps n's other attributes (a pin)
+    return ops.copy(n, (b["x"],), dims=dims)  # keeps n's other attributes (a pin)
 
 
-def _with_src(op: Op, n: Node, src: Node) -> Node:
-    return Node(op, (src,), n.shape, n.dtype, n.device, dict(n.attrs), n.source)
+def _expand_of_expand(b: Binds, n: Node) -> Node | None:
+    return _over_x(b, n) if b["x"].ndim == n.ndim else None
 
 
-RULES: list[Rule] = [
-    Rule("x * 1 -> x", Op.MUL, lambda n, s: _const(s[1], 1) and _same(n, s[0]), lambda n, s: s[0]),
-    Rule("1 * x -> x", Op.MUL, lambda n, s: _const(s[0], 1) and _same(n, s[1]), lambda n, s: s[1]),
-    Rule("x + 0 -> x", Op.ADD, lambda n, s: _const(s[1], 0) and _same(n, s[0]), lambda n, s: s[0]),
-    Rule("0 + x -> x", Op.ADD, lambda n, s: _const(s[0], 0) and _same(n, s[1]), lambda n, s: s[1]),
-    Rule("x - 0 -> x", Op.SUB, lambda n, s: _const(s[1], 0) and _same(n, s[0]), lambda n, s: s[0]),
-    Rule("x / 1 -> x", Op.DIV, lambda n, s: _const(s[1], 1) and _same(n, s[0]), lambda n, s: s[0]),
-    Rule("-(-x) -> x", Op.NEG, lambda n, s: s[0].op is Op.NEG and _same(n, s[0].srcs[0]),
-         lambda n, s: s[0].srcs[0]),
-    Rule("cast to own dtype -> x", Op.CAST, lambda n, s: _same(n, s[0]), lambda n, s: s[0]),
-    Rule("where(c, x, x) -> x", Op.WHERE, lambda n, s: s[1] is s[2] and _same(n, s[1]), lambda n, s: s[1]),
-    Rule("reshape to own shape -> x", Op.RESHAPE, lambda n, s: _same(n, s[0]), lambda n, s: s[0]),
-    Rule("expand to own shape -> x", Op.EXPAND, lambda n, s: _same(n, s[0]), lambda n, s: s[0]),
-    Rule("identity permute -> x", Op.PERMUTE, lambda n, s: list(n.attrs["dims"]) == list(range(n.ndim)),
-         lambda n, s: s[0]),
-    Rule("whole slice -> x", Op.SLICE, lambda n, s: _same(n, s[0]) and set(n.attrs["steps"]) <= {1},
-         lambda n, s: s[0]),
-    Rule("reshape(reshape(x)) -> reshape(x)", Op.RESHAPE, lambda n, s: s[0].op is Op.RESHAPE,
-         lambda n, s: _with_src(Op.RESHAPE, n, s[0].srcs[0])),
-    Rule("permute(permute(x)) -> permute(x)", Op.PERMUTE, lambda n, s: s[0].op is Op.PERMUTE,
-         _compose_permute),
-    Rule("expand(expand(x)) -> expand(x)", Op.EXPAND,
-         lambda n, s: s[0].op is Op.EXPAND and s[0].srcs[0].ndim == n.ndim,
-         lambda n, s: _with_src(Op.EXPAND, n, s[0].srcs[0])),
-]
-_RULES_BY_OP: dict[Op, list[Rule]] = {}
-for _r in RULES:
-    _RULES_BY_OP.setdefault(_r.op, []).append(_r)
+def _is_identity_permute(n: Node) -> bool:
+    return list(n.attrs["dims"]) == list(range(n.ndim))
 
 
-def _fold_constant(n: Node, srcs: Srcs) -> Node | None:
+def _is_whole_slice(n: Node) -> bool:
+    return set(n.attrs["steps"]) <= {1}  # and, checked on every rule, the node's own shape
+
+
+def _fold_constant(b: Binds, n: Node) -> Node | None:
     """A pointwise op over constants, or a view of a constant, is a constant."""
+    srcs = n.srcs
     if not srcs or not all(s.op is Op.FULL and s.value is None for s in srcs):
         return None
     if n.op in MOVEMENT and n.op is not Op.PAD:
@@ -91,43 +62,47 @@ def _fold_constant(n: Node, srcs: Srcs) -> Node | None:
     return Node(Op.FULL, (), n.shape, n.dtype, n.device, {"value": value}, n.source)
 
 
-def simplify(graph: Graph, log: list[str] | None = None) -> Graph:
-    """One pass of folding and identities, then CSE; rules fire to a fixed point per node."""
+RULES: list[Rule] = [
+    Rule("fold-constant", P(), _fold_constant),  # any op: its operands decide
+    Rule("mul-one", P(Op.MUL, (_X, const(1)), commutative=True), _x),
+    Rule("add-zero", P(Op.ADD, (_X, const(0)), commutative=True), _x),
+    Rule("sub-zero", P(Op.SUB, (_X, const(0))), _x),
+    Rule("div-one", P(Op.DIV, (_X, const(1))), _x),
+    Rule("neg-neg", P(Op.NEG, (P(Op.NEG, (_X,)),)), _x),
+    Rule("where-same", P(Op.WHERE, (var("cond"), _X, _X)), _x),  # one name twice: the same node
+    Rule("cast-noop", P(Op.CAST, (_X,)), _x),  # every rule: only to the node's own dtype
+    Rule("reshape-noop", P(Op.RESHAPE, (_X,)), _x),
+    Rule("expand-noop", P(Op.EXPAND, (_X,)), _x),
+    Rule("permute-identity", P(Op.PERMUTE, (_X,), when=_is_identity_permute), _x),
+    Rule("slice-whole", P(Op.SLICE, (_X,), when=_is_whole_slice), _x),
+    Rule("reshape-reshape", P(Op.RESHAPE, (P(Op.RESHAPE, (_X,)),)), _over_x),
+    Rule("permute-permute", P(Op.PERMUTE, (P(Op.PERMUTE, (_X,), name="inner"),)), _compose_permute),
+    Rule("expand-expand", P(Op.EXPAND, (P(Op.EXPAND, (_X,)),)), _expand_of_expand),
+]
+_RULESET = RuleSet(RULES)
+
+
+def simplify(graph: Graph, log: list[Fired] | None = None) -> Graph:
+    """Rules fire to a fixed point per node, then CSE; nodes no output needs are dropped."""
     seen: dict[tuple, Node] = {}
 
-    def rewrite(n: Node, srcs: Srcs) -> Node:
-        cur = copy_with(n, srcs)
-        for _ in range(8):  # a rule's result may match another rule
-            folded = _fold_constant(cur, cur.srcs)
-            if folded is not None:
-                if log is not None:
-                    log.append(f"fold constant {cur.op.value} ({cur.source or ''})")
-                cur = folded
-                break
-            for rule in _RULES_BY_OP.get(cur.op, ()):
-                if rule.when(cur, cur.srcs):
-                    if log is not None:
-                        log.append(f"{rule.name} ({cur.source or ''})")
-                    cur = rule.result(cur, cur.srcs)
-                    break
-            else:
-                break
-        return _cse(cur, seen, log)
+    def rewrite(n: Node, srcs: tuple[Node, ...]) -> Node:
+        return _cse(_RULESET.rewrite(copy_with(n, srcs), log), seen, log)
 
     return rebuild(graph, rewrite)
 
 
-def _cse(n: Node, seen: dict[tuple, Node], log: list[str] | None) -> Node:
+def _cse(n: Node, seen: dict[tuple, Node], log: list[Fired] | None) -> Node:
     if n.op in (Op.INPUT, Op.EXTERN) or n.value is not None:
         return n  # externs may have effects (RNG) and inputs are distinct buffers
     key = (n.op, tuple(s.id for s in n.srcs), n.shape, n.dtype, n.device, repr(sorted(n.attrs.items())))
     hit = seen.get(key)
     if hit is not None:
         if log is not None and hit is not n:
-            log.append(f"cse {n.op.value} ({n.source or ''})")
+            log.append(Fired("cse", n.source))
         return hit
     seen[key] = n
     return n
 
 
-__all__ = ["RULES", "Rule", "simplify"]
+__all__ = ["RULES", "simplify"]

@@ -1,20 +1,24 @@
 """`python -m lazygraph diff DIR A B`: what one pass changed, as a unified diff plus a summary.
 
-A and B name pass files of one run: "01-simplify", "simplify", "1", or "graph" for graph.txt.
-SSA names are renumbered by every pass, so nodes are matched by structure (op, attrs, type and the
-structure of their operands), not by name: a node is "added" only if nothing like it was there, and
-the diff shows B under A's names (--raw diffs the files as they are).
+A and B name pass files of one run: "01-simplify", "simplify", "1", or "graph" for graph.txt; --run
+picks the run by number or name ("compile-0001/joint" holds a compiled model's graph-level stages).
+The stages of one pipeline run keep a node's SSA name while no pass changes it, but graph.txt, other
+runs and older dumps number nodes afresh, so nodes are matched by structure (op, attrs, type and the
+structure of their operands), the same name first: a node is "added" only if nothing like it was
+there, and the diff shows B under A's names (--raw diffs the files as they are). The summary
+starts with B's provenance line: the pass that made it and the rules that fired.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from .load import GraphText, NodeLine, Run, load_dump, parse_graph_text, strip_sources
+from .load import Dump, GraphText, NodeLine, Run, load_dump, load_run, parse_graph_text, strip_sources
 
 _REF = re.compile(r"%\d+")
 
@@ -73,9 +77,17 @@ def match_nodes(a: GraphText, b: GraphText) -> Matching:
                 return c
         return None
 
+    a_by_name = a.by_name()
     for n in b.nodes:
         srcs = tuple(names.get(s, s + "'") for s in n.srcs)
-        old = take(exact[(n.op, n.attrs, n.type, n.device, srcs)])
+        key = (n.op, n.attrs, n.type, n.device, srcs)
+        same = a_by_name.get(n.name)  # a stable name: the node the pass kept, of two alike (CSE)
+        if same is not None and same.name not in used and (same.op, same.attrs, same.type, same.device,
+                                                            tuple(same.srcs)) == key:
+            used.add(same.name)
+            names[n.name] = same.name
+            continue
+        old = take(exact[key])
         if old is None:
             old = take(loose[(n.op, n.attrs, n.type, n.device, n.source)])
             if old is not None:
@@ -130,6 +142,7 @@ def diff_text(run: Run, ref_a: str, ref_b: str, sources: bool = False, context: 
                                       f"{run.name}/{name_a}", label_b, lineterm="", n=context))
     lines = udiff or [f"(no textual difference between {name_a} and {name_b})"]
     lines += ["", f"== summary: {run.name} {name_a} -> {name_b} =="]
+    lines += [line for line in tb.splitlines() if line.startswith("# ")][:1]  # provenance: what made B
     lines += summary_lines(ga, gb, m, name_a, name_b, sources)
     return "\n".join(lines) + "\n"
 
@@ -138,14 +151,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="dump directory")
     p.add_argument("a", help="pass before: name (01-simplify), bare name (simplify), number (1) or 'graph'")
     p.add_argument("b", help="pass after, same forms")
-    p.add_argument("--run", type=int, default=None, help="run number (1 = run-0001); default the last run")
+    p.add_argument("--run", default=None,
+                   help="run number (1 = run-0001) or name (compile-0001/joint); default the last run")
     p.add_argument("--sources", action="store_true", help="keep the '# file:line' comments in the diff")
     p.add_argument("-U", "--context", type=int, default=3, help="lines of context in the diff")
     p.add_argument("--raw", action="store_true",
                    help="diff the files as written (default: B's nodes under A's names where they match)")
 
 
+def pick_run(dump: Dump, ref: str | None) -> Run:
+    """The run `ref` means: a number (1 = run-0001), a name (compile-0001/joint), or None: the last."""
+    if ref is None or ref.isdigit():
+        return dump.run(None if ref is None else int(ref))
+    ref = ref.strip("/")
+    for r in dump.runs:
+        if r.name == ref:
+            return r
+    if os.path.isdir(os.path.join(dump.path, ref, "passes")):  # compile-NNNN/joint: stages, no program
+        run = load_run(os.path.join(dump.path, ref))
+        run.name = ref
+        return run
+    raise LookupError(f"no run {ref!r} in {dump.path} (runs: {', '.join(r.name for r in dump.runs)})")
+
+
 def main(args: argparse.Namespace) -> int:
-    run = load_dump(args.dir).run(args.run)
+    run = pick_run(load_dump(args.dir), args.run)
     print(diff_text(run, args.a, args.b, args.sources, args.context, args.raw), end="")
     return 0
