@@ -21,6 +21,7 @@ from typing import Any
 
 from ..ir import POINTWISE, Graph, Node, Op, effective_op, numel
 from .loops import FREE_OPS, FUSIBLE_REDUCE, KERNEL_OPS, LoopProgram, Lowering, NotFusable, Space, dtype_ok
+from .reach import Reachability
 
 MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and slow to compile
 POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
@@ -145,6 +146,12 @@ class _Fuser:
             self.groups[g.id] = g
             self.group_of[n.id] = g
         self.decisions: list[Decision] = []
+        # Reachability between units of work, computed once and kept exact across merges. A unit
+        # is a kernel node (a group is a class of them), an extern call, a view step or a
+        # recomputed op; folded movement ops are edges: a path through them alone needs no work.
+        self.units = [n for n in graph.nodes if self._is_unit(n)]
+        self.unit_of = {n.id: i for i, n in enumerate(self.units)}
+        self.reach = Reachability(self._unit_preds())
 
     # -- which values must exist as buffers ------------------------------------------------------
 
@@ -203,32 +210,35 @@ class _Fuser:
             return b.space
         return b.space if numel(b.space.shape) >= numel(a.space.shape) else a.space
 
-    def _creates_cycle(self, a: FusionGroup, b: FusionGroup) -> bool:
-        """True if a path leaves the two groups, runs through other work (a kernel, an extern
-        call, a view), and comes back: merging would need that work both before and after.
-        A kernel runs as a whole, so reaching one node of another group reaches all of it."""
-        members = {n.id for n in a.nodes} | {n.id for n in b.nodes}
-        stack = [(u, False) for n in a.nodes + b.nodes for u in self.users[n.id] if u.id not in members]
-        seen: set[tuple[int, bool]] = set()
-        groups_seen: set[int] = set()
-        while stack:
-            u, through_work = stack.pop()
-            if (u.id, through_work) in seen:
+    def _is_unit(self, n: Node) -> bool:
+        if effective_op(n) is not n.op or n.op is Op.INPUT:
+            return False  # a leaf: nothing reaches it
+        return n.op not in FREE_OPS or n.id in self.view_steps
+
+    def _unit_preds(self) -> list[list[int]]:
+        """The units each unit reads, directly or through folded movement ops."""
+        folded: dict[int, set[int]] = {}  # a folded movement op -> the units it reads through
+        preds = []
+        for n in self.graph.nodes:
+            if effective_op(n) is not n.op:
                 continue
-            seen.add((u.id, through_work))
-            through_work = through_work or u.op not in FREE_OPS or u.id in self.view_steps
-            nexts = list(self.users[u.id])
-            g = self.group_of.get(u.id)
-            if g is not None and id(g) not in groups_seen:
-                groups_seen.add(id(g))
-                nexts += [w for m in g.nodes for w in self.users[m.id]]
-            for w in nexts:
-                if w.id in members:
-                    if through_work:
-                        return True
-                    continue
-                stack.append((w, through_work))
-        return False
+            ps = set()
+            for s in n.srcs:
+                if s.id in self.unit_of:
+                    ps.add(self.unit_of[s.id])
+                else:
+                    ps |= folded.get(s.id, set())
+            if n.id in self.unit_of:
+                preds.append(sorted(ps))
+            else:
+                folded[n.id] = ps
+        return preds
+
+    def _cycle_through(self, a: FusionGroup, b: FusionGroup) -> Node | None:
+        """Work outside a and b on a path from one to the other: merged, they would need it both
+        before and after themselves. A kernel runs as a whole, so a group is one unit."""
+        via = self.reach.via(self.unit_of[a.nodes[0].id], self.unit_of[b.nodes[0].id])
+        return None if via is None else self.units[via]
 
     def can_fuse(self, a: FusionGroup, b: FusionGroup) -> tuple[bool, str, FusionGroup | None]:
         if a.device != b.device:
@@ -237,8 +247,10 @@ class _Fuser:
             space = self._merged_space(a, b)
         except NotFusable as e:
             return False, str(e), None
-        if self._creates_cycle(a, b):
-            return False, "would create a cycle (a path between them runs through other work)", None
+        via = self._cycle_through(a, b)
+        if via is not None:
+            return False, f"would create a cycle (a path between them runs through {self.names[via.id]} " \
+                          f"{via.op.value})", None
         nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
         merged = FusionGroup(min(a.id, b.id), nodes, space, a.device)
         merged.stored = self.stored(merged)
@@ -255,6 +267,7 @@ class _Fuser:
         self.groups[merged.id] = merged
         for n in merged.nodes:
             self.group_of[n.id] = merged
+        self.reach.merge(self.unit_of[a.nodes[0].id], self.unit_of[b.nodes[0].id])
 
     # -- the passes over candidates --------------------------------------------------------------
 
