@@ -3,14 +3,16 @@
 Fusion asks, for every candidate pair, whether merging would create a cycle: whether a path
 leaves one of them, runs through other work, and comes back into the other. Searching the graph
 per candidate costs time linear in the graph, so a build grew quadratically with model depth.
-Instead the descendants of every unit are computed once, as a boolean matrix (`down[i, j]`:
-unit i reaches unit j), and the question becomes one vectorised AND:
+Instead the reachability relation is computed once, as two boolean matrices (`down[i, j]`: i
+reaches j, and its transpose `up[j, i]`), and the question becomes one vectorised AND of rows:
 
-    a path a -> x -> b exists  iff  some x is in row a (a reaches x) and in column b (x reaches b)
+    a path a -> x -> b exists  iff  some x is in down[a] (a reaches x) and in up[b] (x reaches b)
 
-Merging a and b into m changes what reaches what only through m: every ancestor of m now reaches
-all of m and everything below it. The ancestors of both a and b already did; so a merge updates
-the rows of the ancestors of exactly one of them, and nothing else.
+Merging a and b into m changes what reaches what only through m: everything that reaches m now
+reaches everything m reaches. A merge writes exactly the pairs that are new (a unit that reached
+b but not a now reaches what a reached and b did not, and the other way round), so the work over
+a whole fusion pass is bounded by the size of the final relation. Memory is 2 n^2 bytes for n
+units (about 100 MB at n = 7300, GPT-2 small with 48 layers forward and backward).
 """
 
 from __future__ import annotations
@@ -23,27 +25,30 @@ import numpy as np
 class Reachability:
     """Units 0..n-1 in topological order; `preds[i]` lists the units i reads (all below i).
 
-    Merged units form classes. Only a class's representative row of `down` is kept up to date;
-    every row holds whole classes (a class is reached as a whole)."""
+    Merged units form classes. A class is reached as a whole, so every row holds whole classes;
+    only the rows of a class's representative `rep[i]` are kept up to date."""
 
     def __init__(self, preds: Sequence[Sequence[int]]):
         n = len(preds)
         self.down = np.zeros((n, n), dtype=bool)
+        self.up = np.zeros((n, n), dtype=bool)
+        for i, ps in enumerate(preds):
+            for p in ps:
+                self.up[i] |= self.up[p]
+                self.up[i, p] = True
         for i in reversed(range(n)):
             for p in preds[i]:
                 self.down[p] |= self.down[i]
                 self.down[p, i] = True
         self.rep = list(range(n))
         self.members: dict[int, list[int]] = {i: [i] for i in range(n)}
-        self.is_rep = np.ones(n, dtype=bool)
 
     def via(self, a: int, b: int) -> int | None:
         """A unit outside a's and b's classes on a path from one to the other: merged, they would
         need it both before and after themselves. None if there is none."""
         a, b = self.rep[a], self.rep[b]
-        between = ((self.down[a] & self.down[:, b]) | (self.down[b] & self.down[:, a])) & self.is_rep
-        hits = np.flatnonzero(between)
-        return int(hits[0]) if hits.size else None
+        between = np.flatnonzero((self.down[a] & self.up[b]) | (self.down[b] & self.up[a]))
+        return int(between[0]) if between.size else None
 
     def merge(self, a: int, b: int) -> None:
         """Contract the classes of a and b (the caller checked `via` is None)."""
@@ -52,16 +57,21 @@ class Reachability:
             return
         if len(self.members[a]) < len(self.members[b]):
             a, b = b, a  # relabel the smaller class
-        members = self.members[a] + self.members[b]
-        below = self.down[a] | self.down[b]
-        below[members] = False
-        grows = (self.down[:, a] ^ self.down[:, b]) & self.is_rep
-        grows[members] = False
-        reached = below.copy()
-        reached[members] = True
-        self.down[grows] |= reached
-        self.down[a] = below
-        self.is_rep[b] = False
-        for i in self.members.pop(b):
+        own = {}
+        for x in (a, b):
+            own[x] = np.zeros(len(self.rep), dtype=bool)
+            own[x][self.members[x]] = True
+        reaches = {x: self.down[x] | own[x] for x in (a, b)}  # x and all it reaches
+        reached = {x: self.up[x] | own[x] for x in (a, b)}  # x and all that reach it
+        for x, y in ((a, b), (b, a)):
+            # what reached y but not x now reaches what x reached and y did not
+            sources = np.flatnonzero(reached[y] & ~reached[x])
+            targets = np.flatnonzero(reaches[x] & ~reaches[y])
+            self.down[np.ix_(sources, targets)] = True
+            self.up[np.ix_(targets, sources)] = True
+        both = own[a] | own[b]
+        self.down[a] = (reaches[a] | reaches[b]) & ~both
+        self.up[a] = (reached[a] | reached[b]) & ~both
+        for i in self.members[b]:
             self.rep[i] = a
-        self.members[a] = members
+        self.members[a] += self.members.pop(b)
