@@ -1,5 +1,6 @@
 """Fusion legality: reachability kept exact across merges agrees with a graph search, fusion makes
-the same decisions as a per-candidate search, refusals name the work on the path."""
+the same decisions as a per-candidate search, refusals name the work on the path; and the
+structural hash that keys compiled programs is computed once per graph."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import random
 import pytest
 import torch
 
+import lazygraph as lg
+from lazygraph import ir
 from lazygraph.compiled import CompiledProgram
-from lazygraph.ir import Graph, Node, parse, verify
+from lazygraph.ir import Graph, Node, Op, parse, verify
 from lazygraph.passes import fuse
 from lazygraph.passes.fuse import FREE_OPS, FusionGroup, _Fuser
 from lazygraph.passes.reach import Reachability
@@ -213,3 +216,43 @@ def test_a_cycle_through_a_fused_group_is_refused():
     assert decisions[("%4", "%5")].legal
     assert not decisions[("%5", "%6")].legal or not decisions[("%1", "%6")].legal
     assert any("would create a cycle" in d.reason for d in decisions.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the structural hash: computed once per graph, without printing it, dropped when it changes
+# ---------------------------------------------------------------------------------------------
+
+
+def _small_graph() -> tuple[Graph, Node]:
+    x = lg.lazy(torch.randn(3, 5))
+    y = torch.exp(x) * 2
+    z = y.sum(1)
+    g = lg.graph(z)
+    (y_node,) = [n for n in g.nodes if n.op is Op.MUL]
+    return g, y_node
+
+
+def test_structural_hash_is_computed_once_per_graph_without_text(monkeypatch):
+    g, _ = _small_graph()
+    calls = []
+    digest = ir._structure_digest
+    monkeypatch.setattr(ir, "_structure_digest", lambda graph: calls.append(graph) or digest(graph))
+    monkeypatch.setattr(Graph, "text", lambda *a, **k: pytest.fail("the hash printed the graph"))
+    h = g.structural_hash()
+    assert g.structural_hash() == h and g.structural_hash() == h
+    assert len(calls) == 1
+
+
+def test_structural_hash_cache_is_dropped_when_the_graph_changes():
+    g, y = _small_graph()
+    before = g.structural_hash()
+    g.outputs.append(y)  # one more output: another program
+    assert g.structural_hash() != before
+    assert g.structural_hash() == Graph(list(g.nodes), list(g.outputs)).structural_hash()
+    with_output = g.structural_hash()
+    y.realize(torch.randn(3, 5).t().contiguous().t())  # y becomes an input, with its own strides
+    realized = g.structural_hash()
+    assert realized not in (before, with_output)
+    assert realized == Graph(list(g.nodes), list(g.outputs)).structural_hash()
+    g.nodes[:] = g.nodes[:-1] + [g.nodes[-1]]  # the same nodes: the cache holds
+    assert g.structural_hash() == realized
