@@ -4,6 +4,7 @@ structural hash that keys compiled programs is computed once per graph."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from lazygraph import ir
 from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import Graph, Node, Op, parse, verify
 from lazygraph.passes import fuse
+from lazygraph.passes import loops
 from lazygraph.passes.fuse import FREE_OPS, FusionGroup, _Fuser
 from lazygraph.passes.reach import Reachability
 
@@ -256,3 +258,43 @@ def test_structural_hash_cache_is_dropped_when_the_graph_changes():
     assert realized == Graph(list(g.nodes), list(g.outputs)).structural_hash()
     g.nodes[:] = g.nodes[:-1] + [g.nodes[-1]]  # the same nodes: the cache holds
     assert g.structural_hash() == realized
+
+
+# ---------------------------------------------------------------------------------------------
+# lowering verdicts are kept per group signature
+# ---------------------------------------------------------------------------------------------
+
+
+def _layers(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    for w in ws:  # the same block again and again: layernorm, matmul, gelu, residual
+        x = x + torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, (x.shape[-1],)) @ w)
+    return x
+
+
+def test_identical_blocks_are_lowered_once_per_signature(monkeypatch):
+    x = torch.randn(5, 12, dtype=torch.float64)
+    ws = [torch.randn(12, 12, dtype=torch.float64) / 4 for _ in range(6)]
+    g = lg.graph(_layers(lg.lazy(x), [lg.lazy(w) for w in ws]))
+    lowered = []
+    lower = loops.Lowering.lower
+    monkeypatch.setattr(loops.Lowering, "lower", lambda self: lowered.append(self) or lower(self))
+    schedule = fuse(g)
+    legal = sum(d.legal for d in schedule.decisions)
+    # without the cache: one lowering per legal candidate plus one per kernel at the end
+    assert legal >= 12 and len(lowered) <= legal // 2 + len(schedule.kernels), (legal, len(lowered))
+
+    fresh = itertools.count()
+
+    class Uncached(_Fuser):
+        def _signature(self, g):
+            return next(fresh)  # never a hit
+
+    monkeypatch.undo()
+    uncached = Uncached(g)
+    uncached.vertical()
+    uncached.horizontal()
+    want = uncached.finish()
+    assert [d.__dict__ for d in schedule.decisions] == [d.__dict__ for d in want.decisions]
+    assert [k.program.text() for k in schedule.kernels] == [k.program.text() for k in want.kernels]
+    (got,) = CompiledProgram(g).run([n.value for n in g.inputs])
+    torch.testing.assert_close(got, _layers(x, ws))

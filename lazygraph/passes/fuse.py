@@ -146,6 +146,8 @@ class _Fuser:
             self.groups[g.id] = g
             self.group_of[n.id] = g
         self.decisions: list[Decision] = []
+        self._lowered: dict[tuple, tuple[str | None, int]] = {}  # _signature -> _lowers' answer
+        self._descriptions: dict[int, str] = {}
         # Reachability between units of work, computed once and kept exact across merges. A unit
         # is a kernel node (a group is a class of them), an extern call, a view step or a
         # recomputed op; folded movement ops are edges: a path through them alone needs no work.
@@ -254,13 +256,56 @@ class _Fuser:
         nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
         merged = FusionGroup(min(a.id, b.id), nodes, space, a.device)
         merged.stored = self.stored(merged)
-        try:
-            merged.program = Lowering(nodes, space, merged.stored, inline=self.inline_ids).lower()
-        except NotFusable as e:
-            return False, str(e), None
-        if len(merged.program.buffers) + len(merged.stored) > MAX_BUFFERS:
-            return False, f"too many inputs ({len(merged.program.buffers)} buffers)", None
+        why_not, buffers = self._lowers(merged)
+        if why_not is not None:
+            return False, why_not, None
+        if buffers + len(merged.stored) > MAX_BUFFERS:
+            return False, f"too many inputs ({buffers} buffers)", None
         return True, "ok", merged
+
+    def _lowers(self, g: FusionGroup) -> tuple[str | None, int]:
+        """Whether g lowers to one loop program (None, or the reason it does not) and how many
+        buffers it reads. Groups with equal signatures lower alike (the same block in every layer
+        of a model), so the answer is kept per signature; on a hit the group's program is built
+        only if it is still a group when fusion is done."""
+        key = self._signature(g)
+        answer = self._lowered.get(key)
+        if answer is None:
+            try:
+                g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
+                answer = (None, len(g.program.buffers))
+            except NotFusable as e:
+                answer = (str(e), 0)
+            self._lowered[key] = answer
+        return answer
+
+    def _signature(self, g: FusionGroup) -> tuple:
+        """Everything Lowering reads, with nodes numbered in the order a walk from the group meets
+        them: members, the movement ops and recomputed ops it looks through, and the buffers it
+        loads (by shape, dtype and kind only: which buffer it is does not matter, which reads
+        share one does)."""
+        members = {n.id for n in g.nodes}
+        order = list(g.nodes)
+        index = {n.id: i for i, n in enumerate(order)}
+        rows = []
+        for n in order:  # grows while walking
+            if n.id in members or n.op in FREE_OPS or n.id in self.inline_ids:
+                for s in n.srcs:
+                    if s.id not in index:
+                        index[s.id] = len(order)
+                        order.append(s)
+                kind = "member" if n.id in members else "inline" if n.id in self.inline_ids else "folded"
+                rows.append((kind, self._described(n), tuple(index[s.id] for s in n.srcs)))
+            else:
+                rows.append(("buffer", n.shape, n.dtype, bool(n.attrs.get("scalar"))))
+        return g.space, tuple(rows), tuple(index[n.id] for n in g.stored)
+
+    def _described(self, n: Node) -> str:
+        """A node's own fields as text (exact for float attrs, where -0.0 == 0.0), once per node."""
+        d = self._descriptions.get(n.id)
+        if d is None:
+            d = self._descriptions[n.id] = repr((n.op.value, n.shape, n.dtype, sorted(n.attrs.items())))
+        return d
 
     def _merge(self, a: FusionGroup, b: FusionGroup, merged: FusionGroup) -> None:
         del self.groups[a.id], self.groups[b.id]
