@@ -8,6 +8,10 @@ group lowers to one loop program (same iteration space, reductions read only at 
 own rows, stored values cover the space; see loops.py). Afterwards, reductions over the same
 space that read the same buffer are merged side by side (horizontal fusion).
 
+Both checks are cheap enough to ask a thousand times: reachability between units of work is
+computed once and kept exact as groups merge (reach.py), and the lowering verdict is kept per
+group signature, so the same block in every layer of a model is lowered once.
+
 Movement ops, constants and iota are never scheduled by themselves: they fold into the index
 expressions of whoever reads them. Matmuls, attention, scatter-add and torch fallbacks are
 extern steps; a movement op feeding one runs as a torch view.
