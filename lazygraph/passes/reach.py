@@ -30,16 +30,12 @@ class Reachability:
 
     def __init__(self, preds: Sequence[Sequence[int]]):
         n = len(preds)
-        self.down = np.zeros((n, n), dtype=bool)
-        self.up = np.zeros((n, n), dtype=bool)
+        succs: list[list[int]] = [[] for _ in range(n)]
         for i, ps in enumerate(preds):
             for p in ps:
-                self.up[i] |= self.up[p]
-                self.up[i, p] = True
-        for i in reversed(range(n)):
-            for p in preds[i]:
-                self.down[p] |= self.down[i]
-                self.down[p, i] = True
+                succs[p].append(i)
+        self.up = _closure(range(n), preds)
+        self.down = _closure(reversed(range(n)), succs)
         self.rep = list(range(n))
         self.members: dict[int, list[int]] = {i: [i] for i in range(n)}
 
@@ -75,3 +71,16 @@ class Reachability:
         for i in self.members[b]:
             self.rep[i] = a
         self.members[a] += self.members.pop(b)
+
+
+def _closure(order: Sequence[int] | range, edges: Sequence[Sequence[int]]) -> np.ndarray:
+    """m[i, j]: j is reached from i over `edges` (one or more steps), for `order` listing every
+    unit after all of its edges' ends. Built as packed bits (8x less to OR per edge), then unpacked."""
+    n = len(edges)
+    bits = np.zeros((n, (n + 7) // 8), dtype=np.uint8)
+    for i in order:
+        row = bits[i]
+        for j in edges[i]:
+            row |= bits[j]
+            row[j >> 3] |= 0x80 >> (j & 7)
+    return np.unpackbits(bits, axis=1, count=n).view(bool)
