@@ -356,8 +356,9 @@ class _Fuser:
         for g in list(self.groups.values()):
             if not g.space.axes:
                 continue
-            prog = g.program or Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
-            for buf in prog.buffers:
+            if g.program is None:  # its verdict came from the cache; finish() keeps this program
+                g.program = Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
+            for buf in g.program.buffers:
                 by_key.setdefault((buf.id, g.space), []).append(g)
         for (buf_id, _), groups in by_key.items():
             for other in groups[1:]:

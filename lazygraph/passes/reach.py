@@ -62,9 +62,10 @@ class Reachability:
         for x, y in ((a, b), (b, a)):
             # what reached y but not x now reaches what x reached and y did not
             sources = np.flatnonzero(reached[y] & ~reached[x])
-            targets = np.flatnonzero(reaches[x] & ~reaches[y])
-            self.down[np.ix_(sources, targets)] = True
-            self.up[np.ix_(targets, sources)] = True
+            targets = np.flatnonzero(reaches[x] & ~reaches[y]) if sources.size else sources
+            if targets.size:
+                self.down[np.ix_(sources, targets)] = True
+                self.up[np.ix_(targets, sources)] = True
         both = own[a] | own[b]
         self.down[a] = (reaches[a] | reaches[b]) & ~both
         self.up[a] = (reached[a] | reached[b]) & ~both
