@@ -14,8 +14,7 @@ import lazygraph as lg
 from lazygraph import ir
 from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import Graph, Node, Op, parse, verify
-from lazygraph.passes import fuse
-from lazygraph.passes import loops
+from lazygraph.passes import fuse, loops
 from lazygraph.passes.fuse import FREE_OPS, FusionGroup, _Fuser
 from lazygraph.passes.reach import Reachability
 

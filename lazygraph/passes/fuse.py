@@ -255,8 +255,8 @@ class _Fuser:
             return False, str(e), None
         via = self._cycle_through(a, b)
         if via is not None:
-            return False, f"would create a cycle (a path between them runs through {self.names[via.id]} " \
-                          f"{via.op.value})", None
+            why = f"would create a cycle (a path between them runs through {self.names[via.id]} {via.op.value})"
+            return False, why, None
         nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
         merged = FusionGroup(min(a.id, b.id), nodes, space, a.device)
         merged.stored = self.stored(merged)
