@@ -10,9 +10,10 @@ reaches j, and its transpose `up[j, i]`), and the question becomes one vectorise
 
 Merging a and b into m changes what reaches what only through m: everything that reaches m now
 reaches everything m reaches. A merge writes exactly the pairs that are new (a unit that reached
-b but not a now reaches what a reached and b did not, and the other way round), so the work over
-a whole fusion pass is bounded by the size of the final relation. Memory is 2 n^2 bytes for n
-units (about 100 MB at n = 7300, GPT-2 small with 48 layers forward and backward).
+b but not a now reaches what a reached and b did not, and the other way round): over a whole
+fusion pass, the size of the final relation plus a few length-n vector operations per merge.
+Memory is 2 n^2 bytes for n units (about 100 MB at n = 7300, GPT-2 small with 48 layers,
+forward and backward).
 """
 
 from __future__ import annotations
