@@ -450,13 +450,16 @@ class Graph:
 
         Inputs contribute shape, dtype, device and strides. Constants are part of the structure
         (they are baked into generated code), except runtime scalars (see is_runtime_scalar):
-        an optimizer's step-dependent learning-rate factors must not recompile every step."""
-        h = hashlib.sha256()
-        h.update(self.text(sources=False, scalar_values=False).encode())
-        for n in self.inputs:
-            if n.value is not None:
-                h.update(repr(tuple(n.value.stride())).encode())
-        return h.hexdigest()[:16]
+        an optimizer's step-dependent learning-rate factors must not recompile every step.
+
+        Computed once per graph from the nodes' fields (no text) and kept on the graph; the
+        cache is dropped when the node list, the outputs or which nodes are realized change."""
+        key = (tuple(map(id, self.nodes)), tuple(map(id, self.outputs)),
+               sum(n.value is not None for n in self.nodes))
+        cached = getattr(self, "_structural_hash", None)
+        if cached is None or cached[0] != key:
+            cached = self._structural_hash = (key, _structure_digest(self))
+        return cached[1]
 
     # -- exports ---------------------------------------------------------------------------------
 
@@ -495,6 +498,31 @@ class Graph:
                     lines.append(f"  n{names[s.id][1:]} -> n{names[n.id][1:]};")
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+
+def _structure_digest(graph: Graph) -> str:
+    """sha256 of what the text form shows without sources and runtime-scalar values (nodes by
+    position, ops, operands, attrs, types), plus the strides of input values."""
+    index = {n.id: i for i, n in enumerate(graph.nodes)}
+    parts: list[tuple] = []
+    for n in graph.nodes:
+        if n.value is not None:  # a leaf now, whatever op once produced it
+            attrs = n.attrs if n.op is Op.INPUT else {"was": n.op.value}
+            parts.append(("input", n.shape, n.dtype, n.device, _hashed_attrs(n, attrs), tuple(n.value.stride())))
+        else:
+            parts.append((n.op.value, [index[s.id] for s in n.srcs], n.shape, n.dtype, n.device,
+                          _hashed_attrs(n, n.attrs)))
+    parts.append(("return", [index[o.id] for o in graph.outputs]))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _hashed_attrs(n: Node, attrs: dict[str, Any]) -> list[tuple[str, Any]]:
+    if not attrs:
+        return []
+    out = [(k, v) for k, v in attrs.items() if k != "name"]  # an input's name is not structure
+    if is_runtime_scalar(n):
+        out = [(k, "?" if k == "value" else v) for k, v in out]
+    return sorted(out)
 
 
 def _fmt_attr(v: Any) -> str:

@@ -8,6 +8,10 @@ group lowers to one loop program (same iteration space, reductions read only at 
 own rows, stored values cover the space; see loops.py). Afterwards, reductions over the same
 space that read the same buffer are merged side by side (horizontal fusion).
 
+Both checks are cheap enough to ask a thousand times: reachability between units of work is
+computed once and kept exact as groups merge (reach.py), and the lowering verdict is kept per
+group signature, so the same block in every layer of a model is lowered once.
+
 Movement ops, constants and iota are never scheduled by themselves: they fold into the index
 expressions of whoever reads them. Matmuls, attention, scatter-add and torch fallbacks are
 extern steps; a movement op feeding one runs as a torch view.
@@ -21,6 +25,7 @@ from typing import Any
 
 from ..ir import POINTWISE, Graph, Node, Op, effective_op, numel
 from .loops import FREE_OPS, FUSIBLE_REDUCE, KERNEL_OPS, LoopProgram, Lowering, NotFusable, Space, dtype_ok
+from .reach import Reachability
 
 MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and slow to compile
 POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
@@ -145,6 +150,14 @@ class _Fuser:
             self.groups[g.id] = g
             self.group_of[n.id] = g
         self.decisions: list[Decision] = []
+        self._lowered: dict[tuple, tuple[str | None, int]] = {}  # _signature -> _lowers' answer
+        self._descriptions: dict[int, str] = {}
+        # Reachability between units of work, computed once and kept exact across merges. A unit
+        # is a kernel node (a group is a class of them), an extern call, a view step or a
+        # recomputed op; folded movement ops are edges: a path through them alone needs no work.
+        self.units = [n for n in graph.nodes if self._is_unit(n)]
+        self.unit_of = {n.id: i for i, n in enumerate(self.units)}
+        self.reach = Reachability(self._unit_preds())
 
     # -- which values must exist as buffers ------------------------------------------------------
 
@@ -203,32 +216,35 @@ class _Fuser:
             return b.space
         return b.space if numel(b.space.shape) >= numel(a.space.shape) else a.space
 
-    def _creates_cycle(self, a: FusionGroup, b: FusionGroup) -> bool:
-        """True if a path leaves the two groups, runs through other work (a kernel, an extern
-        call, a view), and comes back: merging would need that work both before and after.
-        A kernel runs as a whole, so reaching one node of another group reaches all of it."""
-        members = {n.id for n in a.nodes} | {n.id for n in b.nodes}
-        stack = [(u, False) for n in a.nodes + b.nodes for u in self.users[n.id] if u.id not in members]
-        seen: set[tuple[int, bool]] = set()
-        groups_seen: set[int] = set()
-        while stack:
-            u, through_work = stack.pop()
-            if (u.id, through_work) in seen:
+    def _is_unit(self, n: Node) -> bool:
+        if effective_op(n) is not n.op or n.op is Op.INPUT:
+            return False  # a leaf: nothing reaches it
+        return n.op not in FREE_OPS or n.id in self.view_steps
+
+    def _unit_preds(self) -> list[list[int]]:
+        """The units each unit reads, directly or through folded movement ops."""
+        folded: dict[int, set[int]] = {}  # a folded movement op -> the units it reads through
+        preds = []
+        for n in self.graph.nodes:
+            if effective_op(n) is not n.op:
                 continue
-            seen.add((u.id, through_work))
-            through_work = through_work or u.op not in FREE_OPS or u.id in self.view_steps
-            nexts = list(self.users[u.id])
-            g = self.group_of.get(u.id)
-            if g is not None and id(g) not in groups_seen:
-                groups_seen.add(id(g))
-                nexts += [w for m in g.nodes for w in self.users[m.id]]
-            for w in nexts:
-                if w.id in members:
-                    if through_work:
-                        return True
-                    continue
-                stack.append((w, through_work))
-        return False
+            ps = set()
+            for s in n.srcs:
+                if s.id in self.unit_of:
+                    ps.add(self.unit_of[s.id])
+                else:
+                    ps |= folded.get(s.id, set())
+            if n.id in self.unit_of:
+                preds.append(sorted(ps))
+            else:
+                folded[n.id] = ps
+        return preds
+
+    def _cycle_through(self, a: FusionGroup, b: FusionGroup) -> Node | None:
+        """Work outside a and b on a path from one to the other: merged, they would need it both
+        before and after themselves. A kernel runs as a whole, so a group is one unit."""
+        via = self.reach.via(self.unit_of[a.nodes[0].id], self.unit_of[b.nodes[0].id])
+        return None if via is None else self.units[via]
 
     def can_fuse(self, a: FusionGroup, b: FusionGroup) -> tuple[bool, str, FusionGroup | None]:
         if a.device != b.device:
@@ -237,24 +253,70 @@ class _Fuser:
             space = self._merged_space(a, b)
         except NotFusable as e:
             return False, str(e), None
-        if self._creates_cycle(a, b):
-            return False, "would create a cycle (a path between them runs through other work)", None
+        via = self._cycle_through(a, b)
+        if via is not None:
+            why = f"would create a cycle (a path between them runs through {self.names[via.id]} {via.op.value})"
+            return False, why, None
         nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
         merged = FusionGroup(min(a.id, b.id), nodes, space, a.device)
         merged.stored = self.stored(merged)
-        try:
-            merged.program = Lowering(nodes, space, merged.stored, inline=self.inline_ids).lower()
-        except NotFusable as e:
-            return False, str(e), None
-        if len(merged.program.buffers) + len(merged.stored) > MAX_BUFFERS:
-            return False, f"too many inputs ({len(merged.program.buffers)} buffers)", None
+        why_not, buffers = self._lowers(merged)
+        if why_not is not None:
+            return False, why_not, None
+        if buffers + len(merged.stored) > MAX_BUFFERS:
+            return False, f"too many inputs ({buffers} buffers)", None
         return True, "ok", merged
+
+    def _lowers(self, g: FusionGroup) -> tuple[str | None, int]:
+        """Whether g lowers to one loop program (None, or the reason it does not) and how many
+        buffers it reads. Groups with equal signatures lower alike (the same block in every layer
+        of a model), so the answer is kept per signature; on a hit the group's program is built
+        only if it is still a group when fusion is done."""
+        key = self._signature(g)
+        answer = self._lowered.get(key)
+        if answer is None:
+            try:
+                g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
+                answer = (None, len(g.program.buffers))
+            except NotFusable as e:
+                answer = (str(e), 0)
+            self._lowered[key] = answer
+        return answer
+
+    def _signature(self, g: FusionGroup) -> tuple:
+        """Everything Lowering reads, with nodes numbered in the order a walk from the group meets
+        them: members, the movement ops and recomputed ops it looks through, and the buffers it
+        loads (by shape, dtype and kind only: which buffer it is does not matter, which reads
+        share one does)."""
+        members = {n.id for n in g.nodes}
+        order = list(g.nodes)
+        index = {n.id: i for i, n in enumerate(order)}
+        rows = []
+        for n in order:  # grows while walking
+            if n.id in members or n.op in FREE_OPS or n.id in self.inline_ids:
+                for s in n.srcs:
+                    if s.id not in index:
+                        index[s.id] = len(order)
+                        order.append(s)
+                kind = "member" if n.id in members else "inline" if n.id in self.inline_ids else "folded"
+                rows.append((kind, self._described(n), tuple(index[s.id] for s in n.srcs)))
+            else:
+                rows.append(("buffer", n.shape, n.dtype, bool(n.attrs.get("scalar"))))
+        return g.space, tuple(rows), tuple(index[n.id] for n in g.stored)
+
+    def _described(self, n: Node) -> str:
+        """A node's own fields as text (exact for float attrs, where -0.0 == 0.0), once per node."""
+        d = self._descriptions.get(n.id)
+        if d is None:
+            d = self._descriptions[n.id] = repr((n.op.value, n.shape, n.dtype, sorted(n.attrs.items())))
+        return d
 
     def _merge(self, a: FusionGroup, b: FusionGroup, merged: FusionGroup) -> None:
         del self.groups[a.id], self.groups[b.id]
         self.groups[merged.id] = merged
         for n in merged.nodes:
             self.group_of[n.id] = merged
+        self.reach.merge(self.unit_of[a.nodes[0].id], self.unit_of[b.nodes[0].id])
 
     # -- the passes over candidates --------------------------------------------------------------
 
@@ -294,8 +356,9 @@ class _Fuser:
         for g in list(self.groups.values()):
             if not g.space.axes:
                 continue
-            prog = g.program or Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
-            for buf in prog.buffers:
+            if g.program is None:  # its verdict came from the cache; finish() keeps this program
+                g.program = Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
+            for buf in g.program.buffers:
                 by_key.setdefault((buf.id, g.space), []).append(g)
         for (buf_id, _), groups in by_key.items():
             for other in groups[1:]:

@@ -49,6 +49,10 @@ def plan_memory(schedule: Schedule) -> MemoryPlan:
             for b in root.get(r.id, ()):
                 last_use[b] = i
     pinned = set().union(*(root.get(o, set()) for o in outputs)) if outputs else set()
+    dies_after: dict[int, list[int]] = {}  # step -> buffers it reads last
+    for b, last in last_use.items():
+        if b not in pinned:
+            dies_after.setdefault(last, []).append(b)
     plan = MemoryPlan()
     pool: dict[tuple[int, str], list[int]] = {}
     live = live_naive = 0
@@ -65,7 +69,7 @@ def plan_memory(schedule: Schedule) -> MemoryPlan:
                 live_naive += size
         plan.peak_bytes = max(plan.peak_bytes, live)
         plan.peak_bytes_without_reuse = max(plan.peak_bytes_without_reuse, live_naive)
-        dead = [b for b, last in last_use.items() if last == i and b not in pinned]
+        dead = list(dies_after.get(i, ()))
         for s2 in (s.writes() if s.kind == "kernel" else []):  # written but never read
             if s2.id not in last_use and s2.id not in pinned:
                 dead.append(s2.id)
