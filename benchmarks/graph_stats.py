@@ -17,7 +17,7 @@ import time
 import torch
 
 import lazygraph as lg
-from lazygraph.compiled import CompiledProgram
+from lazygraph.runtime import CompiledProgram
 
 
 def graph_stats(config: str = "tiny", batch_size: int = 1, block_size: int = 64, attention: str = "explicit") -> dict:

@@ -555,7 +555,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     """Programs for a value-free joint graph. Runtime scalars are lifted to inputs before any pass
     (a fold must not depend on this call's values) and put back as scalars of each program;
     `lend` (joint-input position -> value) lends values a pass may specialise on."""
-    from .compiled import lift_scalars
+    from .passes.lift_scalars import lift_scalars
 
     inputs = joint.inputs
     pos = {n.id: k for k, n in enumerate(inputs)}
@@ -1037,7 +1037,7 @@ def _contents(prog: Program) -> tuple[list[str], Counter]:
     schedule = getattr(prog, "schedule", None)
     if schedule is None:  # the reference executor: every node runs in torch
         return [], Counter(n.attrs.get("target") for n in prog.graph.nodes if n.op is Op.EXTERN)
-    from .compiled import extern_launches
+    from .runtime.cost import extern_launches
 
     launches = extern_launches(schedule.steps)
     return ([g.name for g in schedule.kernels] + list(launches["attention"]),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lazygraph as lg
 from lazygraph import counters
-from lazygraph.compiled import CompiledProgram
+from lazygraph.runtime import CompiledProgram
 from lazygraph.ir import Op
 from lazygraph.passes import check_pipeline, run_pipeline
 from lazygraph.passes.attention import attention_pass

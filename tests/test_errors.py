@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import lazygraph as lg
 from lazygraph import codegen_triton
-from lazygraph.compiled import CompiledProgram
+from lazygraph.runtime import CompiledProgram
 from lazygraph.ir import contiguous_strides
 
 

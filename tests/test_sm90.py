@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lazygraph as lg
 from lazygraph import codegen_triton
-from lazygraph.compiled import CompiledProgram
+from lazygraph.runtime import CompiledProgram
 from lazygraph.ir import contiguous_strides
 
 CASES = {
