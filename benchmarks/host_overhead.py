@@ -5,7 +5,7 @@
 The model runs through `lazygraph.compile`, forward and backward, with kernels stubbed out at the
 launch-plan boundary (`runtime.launch_plan.launcher`): a Triton launch does nothing, and a torch
 call that computes (an extern op, a fill, a copy) returns an uninitialised tensor of its result's
-shape. What is left is host work that does not grow with the data: lazygraph's own (binding
+shape (allocated once). What is left is host work that does not grow with the data: lazygraph's own (binding
 arguments, allocating, views, guards, checks) plus the autograd calls around it. Two figures,
 both per launch (kernels, flash attention and extern calls of the step's programs):
 
@@ -110,8 +110,12 @@ def _stub_run_loop():
     from lazygraph import codegen_triton, compiled
     from lazygraph.ir import Op
 
-    def empty(n):
-        return torch.empty(n.shape, dtype=n.dtype, device=n.device)
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(n):  # allocated once per node, as the launch plan's stubs are
+        if n.id not in made:
+            made[n.id] = torch.empty(n.shape, dtype=n.dtype, device=n.device)
+        return made[n.id]
 
     def evaluate(n, args, memo):
         if n.op is Op.RESHAPE:

@@ -41,7 +41,7 @@ from ..counters import COUNTERS, EXTERN_OPS
 from ..flash_attention import run_attention_node, supported
 from ..ir import Node, Op, itemsize, numel
 from ..passes.fuse import FusionGroup
-from ..reference import IndexOutOfRange, eval_node, gather_error_message, run_extern
+from ..reference import IndexOutOfRange, eval_node, gather_error_message, resolve_aten, run_extern, slice_index
 from .cost import extern_call_key, extern_name
 
 if TYPE_CHECKING:
@@ -74,21 +74,19 @@ class Launch:
     results: tuple[Node, ...] = ()
 
     def stub(self) -> Callable:
-        """The same call doing no work: nothing for a kernel, uninitialised results for torch."""
+        """The same call doing no work: nothing for a kernel; for torch, uninitialised tensors of the
+        results' shapes, allocated once (torch's own allocation is not lazygraph's host work)."""
         if not self.results:
             return _nothing
         nodes = self.results
-
-        def allocate(*args: Any) -> Any:
-            values = [torch.empty(n.shape, dtype=n.dtype, device=n.device) for n in nodes]
-            if len(nodes) == 1 and not nodes[0].attrs.get("index"):
-                return values[0]
-            leaves: list[Any] = [None] * (1 + max(n.attrs.get("index", 0) for n in nodes))
+        values = [torch.empty(n.shape, dtype=n.dtype, device=n.device) for n in nodes]
+        if len(nodes) == 1 and not nodes[0].attrs.get("index"):
+            result: Any = values[0]
+        else:
+            result = [None] * (1 + max(n.attrs.get("index", 0) for n in nodes))
             for n, v in zip(nodes, values):
-                leaves[n.attrs.get("index", 0)] = v
-            return leaves
-
-        return allocate
+                result[n.attrs.get("index", 0)] = v
+        return lambda *args: result
 
 
 def _nothing(*args: Any) -> None:
@@ -174,12 +172,12 @@ class _Arena:
 def _arena(program: CompiledProgram) -> _Arena:
     """Kernel outputs no graph output can alias, with memory-plan slots (an output never takes one)."""
     schedule, reuse = program.schedule, program.result.memory.reuse
-    roots: dict[int, set[int]] = {}  # value id -> kernel outputs it may alias (extern results may be views)
+    roots: dict[int, set[int]] = {}  # value id -> kernel outputs it may alias
     for step in schedule.steps:
         if step.kind == "kernel":
             for n in step.group.program.outputs:
                 roots[n.id] = {n.id}
-        else:
+        elif not _fresh(step.node):
             roots[step.node.id] = set().union(*(roots.get(s.id, set()) for s in step.node.srcs))
     handed_out = set().union(*(roots.get(o.id, set()) for o in schedule.graph.outputs))
     arena = _Arena()
@@ -197,6 +195,20 @@ def _arena(program: CompiledProgram) -> _Arena:
                 arena.slots.append((numel(n.shape) * itemsize(n.dtype), n.device))
             arena.nodes.append(n)
     return arena
+
+
+# extern ops whose result is always new memory (the reference executor's and the flash kernels')
+_FRESH_OPS = frozenset({Op.MATMUL, Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD, Op.GATHER, Op.SCATTER_ADD,
+                        Op.CAT, Op.PAD, Op.RAND})
+
+
+def _fresh(n: Node) -> bool:
+    """Whether n's value never shares memory with its operands: an op of _FRESH_OPS, or an aten op
+    whose schema gives no result an alias annotation. Anything else (a view, a cast that may
+    return its operand) may alias."""
+    if n.op is Op.EXTERN:
+        return all(r.alias_info is None for r in resolve_aten(n.attrs["target"])._schema.returns)
+    return n.op in _FRESH_OPS
 
 
 _PLAN_NUMBER = itertools.count()
@@ -335,11 +347,9 @@ class _Writer:
         known = self.names
         in_vars = [self.var(i) if i in known else "_" for i in p.input_ids]
         s_vars = [self.var(n) if n.id in known else "_" for n in p.scalar_nodes]
-        guards = []
+        guards = [t.stride() for t in inputs]
         for i, t in zip(p.input_ids, inputs):
             self.env[i] = t
-            if i in known:
-                guards.append((self.var(i), tuple(t.stride())))
         for n, v in zip(p.scalar_nodes, scalars):
             self.env[n.id] = ScalarValue(v, n)
         arena = self.arena.allocate()
@@ -450,6 +460,9 @@ class _Writer:
                 expr = f"{arg_vars[0]}.permute({tuple(n.attrs['dims'])})"
             elif n.op is Op.EXPAND:
                 expr = f"{arg_vars[0]}.expand({tuple(n.shape)})"
+            elif n.op is Op.SLICE:
+                index = self.const("index", slice_index(n.attrs["starts"], n.attrs["steps"], n.shape))
+                expr = f"{arg_vars[0]}[{index}]"
             else:
                 self.uses_memo = True
                 self.constants["eval_node"] = eval_node
@@ -464,7 +477,7 @@ class _Writer:
 
     # -- the source ------------------------------------------------------------------------------
 
-    def _source(self, in_vars: list[str], s_vars: list[str], guards: list[tuple[str, tuple]],
+    def _source(self, in_vars: list[str], s_vars: list[str], guards: list[tuple[int, ...]],
                 out_vars: list[str]) -> str:
         p = self.program
         head = [
@@ -480,8 +493,8 @@ class _Writer:
         if s_vars:
             body.append(_Line(f"{', '.join(s_vars)}, = scalars"))
         if guards:
-            cond = " or ".join(f"{v}.stride() != {st}" for v, st in guards)
-            body.append(_Line(f"if {cond}:\n        return None  # written for other strides"))
+            self.constants["STRIDES"] = guards
+            body.append(_Line("if [t.stride() for t in inputs] != STRIDES:\n        return None  # written for other strides"))
         if self.arena.nodes:
             body.append(_Line(f"{', '.join(self.var(n) for n in self.arena.nodes)}, = arena  # intermediates"))
         if self.uses_memo:
