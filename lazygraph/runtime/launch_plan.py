@@ -239,6 +239,10 @@ class LaunchPlan:
         finally:
             pool.append(arena)
 
+    def release(self, arena: tuple[torch.Tensor, ...]) -> None:
+        """Take an arena no run uses any more (the first run's) into the pool."""
+        self._pool().append(arena)
+
     def _pool(self) -> list:
         """Arenas free for a run on the current streams (a GPU reuses memory in stream order)."""
         key = tuple(torch.cuda.current_stream(d).cuda_stream for d in self._cuda) if self._cuda else None
@@ -375,6 +379,7 @@ class _Writer:
             outputs.append(value)
             out_vars.append(name)
         plan = LaunchPlan(p, self.arena, self._source(in_vars, s_vars, guards, out_vars), self.constants)
+        plan.release(arena)
         return plan, outputs
 
     def kernel(self, group: FusionGroup) -> None:
