@@ -254,10 +254,13 @@ class LaunchPlan:
 
 
 def walk(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequence[float],
-         verify: bool = False) -> tuple[LaunchPlan, list[torch.Tensor]]:
+         verify: bool = False) -> tuple[LaunchPlan | None, list[torch.Tensor]]:
     """Run the program's schedule step by step, writing its launch plan on the way: the plan, and
-    this run's outputs. `verify` compares every kernel with the reference executor as it runs."""
-    return _Writer(program, verify).run(inputs, scalars)
+    this run's outputs. `verify` compares every kernel with the reference executor as it runs (and
+    writes no plan: a verified run always walks)."""
+    writer = _Writer(program, verify)
+    outputs = writer.run(inputs, scalars)
+    return (None if verify else writer.plan()), outputs
 
 
 class _Writer:
@@ -266,10 +269,10 @@ class _Writer:
         self.verify = verify
         self.names = program.names
         self.arena = _arena(program)
-        self.in_arena = {n.id: i for i, n in enumerate(self.arena.nodes)}
+        self.in_arena = {n.id for n in self.arena.nodes}
         self.lines: list[_Line] = []
-        self.constants: dict[str, Any] = {"torch": torch, "empty": torch.empty, "leaf": _leaf, "StridesChanged": StridesChanged,
-                                          "raise_failed_checks": raise_failed_checks}
+        self.constants: dict[str, Any] = {"torch": torch, "empty": torch.empty, "leaf": _leaf,
+                                          "StridesChanged": StridesChanged, "raise_failed_checks": raise_failed_checks}
         self.env: dict[int, Any] = {}
         self.tensor_of_scalar: dict[int, torch.Tensor] = {}
         self.memo: dict = {}
@@ -278,7 +281,7 @@ class _Writer:
         self.extern_ops: Counter = Counter()
         self.calls: set = set()
         self.checked: list = []  # launched kernels with runtime checks (bounds, division by zero)
-        self.kernel_reads = self._read_by_kernels()
+        self.stride_sensitive = self._stride_sensitive()
         self.aten_calls: dict[tuple, tuple[str, Any]] = {}  # call -> (variable, result)
         self.aten_outputs: dict[tuple, list[Node]] = {}
         for s in program.schedule.steps:
@@ -316,17 +319,17 @@ class _Writer:
         self.constants[ident] = fn
         return ident, fn
 
-    def _read_by_kernels(self) -> set[int]:
-        """Extern results whose strides some kernel was built for (directly or through views)."""
+    def _stride_sensitive(self) -> set[int]:
+        """Values whose strides the plan relies on: what kernels were built for and what views (a
+        reshape is a view or a copy depending on them) are taken of, followed back through views."""
         view_src = {s.node.id: s.node.srcs[0].id for s in self.program.schedule.steps
                     if s.kind == "view" and s.node.srcs}
+        read = [b.id for g in self.program.schedule.kernels for b in g.program.buffers] + list(view_src.values())
         out = set()
-        for g in self.program.schedule.kernels:
-            for b in g.program.buffers:
-                i = b.id
-                while i in view_src:
-                    i = view_src[i]
-                out.add(i)
+        for i in read:
+            while i in view_src:
+                i = view_src[i]
+            out.add(i)
         return out
 
     # -- values ----------------------------------------------------------------------------------
@@ -346,12 +349,12 @@ class _Writer:
 
     # -- the walk --------------------------------------------------------------------------------
 
-    def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float]) -> tuple[LaunchPlan, list]:
+    def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float]) -> list[torch.Tensor]:
         p = self.program
         known = self.names
-        in_vars = [self.var(i) if i in known else "_" for i in p.input_ids]
-        s_vars = [self.var(n) if n.id in known else "_" for n in p.scalar_nodes]
-        guards = [t.stride() for t in inputs]
+        self.in_vars = [self.var(i) if i in known else "_" for i in p.input_ids]
+        self.s_vars = [self.var(n) if n.id in known else "_" for n in p.scalar_nodes]
+        self.in_strides = [t.stride() for t in inputs]
         for i, t in zip(p.input_ids, inputs):
             self.env[i] = t
         for n, v in zip(p.scalar_nodes, scalars):
@@ -373,14 +376,18 @@ class _Writer:
         EXTERN_OPS.update(self.extern_ops)
         if self.checked:
             raise_failed_checks(self.checked)
-        outputs, out_vars = [], []
+        outputs, self.out_vars = [], []
         for o in p.result.graph.outputs:  # an output may be a runtime scalar
             name, value = self.tensor(o)
             outputs.append(value)
-            out_vars.append(name)
-        plan = LaunchPlan(p, self.arena, self._source(in_vars, s_vars, guards, out_vars), self.constants)
-        plan.release(arena)
-        return plan, outputs
+            self.out_vars.append(name)
+        self.first_arena = arena
+        return outputs
+
+    def plan(self) -> LaunchPlan:
+        plan = LaunchPlan(self.program, self.arena, self._source(), self.constants)
+        plan.release(self.first_arena)  # the first run is over: its arena is free
+        return plan
 
     def kernel(self, group: FusionGroup) -> None:
         prog = group.program
@@ -442,7 +449,7 @@ class _Writer:
             self._count_extern(n)
             self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}", arg_vars)
         self.env[n.id] = value
-        if n.id in self.kernel_reads:
+        if n.id in self.stride_sensitive:
             self.emit(f"if {out}.stride() != {tuple(value.stride())}:\n        raise StridesChanged({out!r})", [out])
 
     def _count_extern(self, n: Node) -> None:
@@ -482,9 +489,8 @@ class _Writer:
 
     # -- the source ------------------------------------------------------------------------------
 
-    def _source(self, in_vars: list[str], s_vars: list[str], guards: list[tuple[int, ...]],
-                out_vars: list[str]) -> str:
-        p = self.program
+    def _source(self) -> str:
+        p, in_vars, s_vars, out_vars = self.program, self.in_vars, self.s_vars, self.out_vars
         head = [
             "# Generated by lazygraph: the launch plan of one program. Do not edit: regenerate from the IR.",
             f"# {p.describe()}; {len(self.arena.nodes)} intermediates in {len(self.arena.slots)} arena slots",
@@ -497,9 +503,10 @@ class _Writer:
             body.append(_Line(f"{', '.join(in_vars)}, = inputs"))
         if s_vars:
             body.append(_Line(f"{', '.join(s_vars)}, = scalars"))
-        if guards:
-            self.constants["STRIDES"] = guards
-            body.append(_Line("if [t.stride() for t in inputs] != STRIDES:\n        return None  # written for other strides"))
+        if self.in_strides:
+            self.constants["STRIDES"] = self.in_strides
+            body.append(_Line("if [t.stride() for t in inputs] != STRIDES:\n"
+                              "        return None  # written for other strides"))
         if self.arena.nodes:
             body.append(_Line(f"{', '.join(self.var(n) for n in self.arena.nodes)}, = arena  # intermediates"))
         if self.uses_memo:
