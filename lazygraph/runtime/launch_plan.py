@@ -75,18 +75,25 @@ class Launch:
 
     def stub(self) -> Callable:
         """The same call doing no work: nothing for a kernel; for torch, uninitialised tensors of the
-        results' shapes, allocated once (torch's own allocation is not lazygraph's host work)."""
+        results' shapes, allocated once (torch's own allocation is not lazygraph's host work) and
+        handed out as new tensor objects."""
         if not self.results:
             return _nothing
         nodes = self.results
         values = [torch.empty(n.shape, dtype=n.dtype, device=n.device) for n in nodes]
         if len(nodes) == 1 and not nodes[0].attrs.get("index"):
-            result: Any = values[0]
-        else:
-            result = [None] * (1 + max(n.attrs.get("index", 0) for n in nodes))
-            for n, v in zip(nodes, values):
-                result[n.attrs.get("index", 0)] = v
-        return lambda *args: result
+            return lambda *args: values[0].detach()
+        # a new tensor object each call, as torch's would be: autograd takes a gradient it holds the only
+        # reference to as it is, and copies any other
+        at = [n.attrs.get("index", 0) for n in nodes]
+
+        def results(*args: Any) -> list:
+            leaves: list[Any] = [None] * (1 + max(at))
+            for i, v in zip(at, values):
+                leaves[i] = v.detach()
+            return leaves
+
+        return results
 
 
 def _nothing(*args: Any) -> None:
