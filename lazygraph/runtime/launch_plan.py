@@ -2,8 +2,8 @@
 
 The first run of a program (for one signature of input strides) walks its schedule step by step:
 it picks each group's kernel for the strides its buffers have, runs every step, and notes what a
-later run needs to know (which view copies, which extern results a kernel reads and with which
-strides). As it walks it writes the replay as straight-line Python, the way Inductor writes its
+later run needs to know (which reshape copies, the strides of the extern results that kernels and
+views rely on). As it walks it writes the replay as straight-line Python, the way Inductor writes its
 output code: one line per launch with its arguments bound, views inline, `del` after a value's
 last use. Later runs call that function: no stride keys, no dict traffic, no per-run decisions.
 `source` is readable and dumped beside the kernels (launch_plan.py).
@@ -15,9 +15,9 @@ later run; runs going on at once (threads, CUDA streams) take different arenas. 
 out, and anything it may alias, is allocated fresh, so the next run never writes into it.
 
 Guards: a replay first compares its inputs' strides with the ones it was written for (a
-mismatch: no replay, the caller walks again), and checks the strides of extern results a kernel
-reads (they follow from the inputs', but torch does not promise it; a mismatch raises
-StridesChanged and the caller walks again).
+mismatch: no replay, the caller walks again), and checks the strides of the extern results that
+kernels and views rely on (they follow from the inputs', but torch does not promise it; a
+mismatch raises StridesChanged and the caller walks again).
 
 Every call that does device work (a kernel launch, a torch op, a fill or a copy) is a Launch
 that goes through `launcher()` once, when the plan is written: the boundary that
@@ -240,7 +240,10 @@ class LaunchPlan:
     def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float]) -> list[torch.Tensor] | None:
         """The outputs, or None when the inputs' strides are not the ones this plan was written for."""
         pool = self._pool()
-        arena = pool.pop() if pool else self.arena.allocate()
+        try:
+            arena = pool.pop()
+        except IndexError:  # every arena is in use (or none was made yet): a new one
+            arena = self.arena.allocate()
         try:
             return self._replay(inputs, scalars, arena)
         finally:
