@@ -177,3 +177,16 @@ def test_host_overhead_benchmark_reports_a_number():
     assert launch_plan.launcher(launch_plan.Launch("x", len)) is len  # the stubs are gone again
     x = torch.randn(3, 4)
     assert_close(lg.to_eager(torch.exp(lg.lazy(x)) + 1), torch.exp(x) + 1)  # kernels run for real again
+
+
+def test_a_kernel_without_input_buffers_replays():
+    """A mask computed from iota alone: its kernel reads no buffer."""
+    for call in range(3):
+        x = torch.randn(5, 7)
+        with lg.lazy_mode():
+            m = torch.arange(7) < 3
+            y = torch.where(m, lg.lazy(x), 0.0) + m.float().sum()
+        lg.sync(y, m)
+        assert_close(lg.to_eager(y), torch.where(torch.arange(7) < 3, x, 0.0) + 3)
+        assert_close(lg.to_eager(m), torch.arange(7) < 3)
+    assert COUNTERS["launch_plans"] == 1

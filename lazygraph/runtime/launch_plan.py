@@ -426,7 +426,7 @@ class _Writer:
         what = f"{group.name}: " + " ".join(self.names[n.id] for n in group.nodes)
         if kernel is None:
             what += " (no kernel: run by the reference executor)"
-        self.emit(f"{lname}(({', '.join(in_vars)},), ({', '.join(out_vars)},))  # {what}", in_vars + out_vars)
+        self.emit(f"{lname}({_tuple(in_vars)}, {_tuple(out_vars)})  # {what}", in_vars + out_vars)
 
     def extern(self, n: Node) -> None:
         srcs = [self.tensor(s) for s in n.srcs]
@@ -531,6 +531,10 @@ class _Writer:
         tail.append(_Line(f"return [{', '.join(out_vars)}]", tuple(out_vars)))
         body = _with_dels(body, keep=set(out_vars) | {self.var(n) for n in self.arena.nodes}) + tail
         return "\n".join(head + ["    " + line.text for line in body]) + "\n"
+
+
+def _tuple(names: Sequence[str]) -> str:
+    return f"({', '.join(names)},)" if names else "()"
 
 
 def _with_dels(lines: list[_Line], keep: set[str]) -> list[_Line]:
