@@ -162,7 +162,7 @@ def test_integer_division_by_zero_still_raises_on_replay():
 def test_the_plan_is_readable_python_in_the_dump(tmp_path):
     program = _program(block, *make_inputs(0), scale=0.5)
     program.run(list(make_inputs(0)))
-    source = program.dump_files()["kernels/launch_plan.py"]
+    source = program.dump_files()["launch_plan.py"]
     assert "def replay(inputs, scalars, arena):" in source
     assert "matmul" in source and "= arena  # intermediates" in source
     compile(source, "launch_plan.py", "exec")

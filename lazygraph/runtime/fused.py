@@ -154,5 +154,5 @@ class CompiledProgram:
                 files[f"kernels/{g.name}.py"] = ("# not run yet: generated for contiguous buffers\n"
                                                  + kernel_source(g, strides, names=self.names))
         if self._plans:
-            files["kernels/launch_plan.py"] = self._plans[0].source
+            files["launch_plan.py"] = self._plans[0].source  # the replay that launches the kernels
         return files

@@ -6,7 +6,7 @@ later run needs to know (which reshape copies, the strides of the extern results
 views rely on). As it walks it writes the replay as straight-line Python, the way Inductor writes its
 output code: one line per launch with its arguments bound, views inline, `del` after a value's
 last use. Later runs call that function: no stride keys, no dict traffic, no per-run decisions.
-`source` is readable and dumped beside the kernels (launch_plan.py).
+`source` is readable and dumped beside the kernels (launch_plan.py in the dump folder).
 
 Memory: a kernel output that no graph output may alias (through views or extern calls) is an
 intermediate. Intermediates live in an arena, one uint8 buffer per slot of the memory plan (a
