@@ -20,7 +20,7 @@ import time
 import torch
 
 import lazygraph as lg
-from lazygraph.compiled import CompiledProgram
+from lazygraph.runtime import CompiledProgram
 
 
 def record(config: str, layers: int | None, batch_size: int, block_size: int):

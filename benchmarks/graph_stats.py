@@ -27,8 +27,8 @@ import torch
 
 import lazygraph as lg
 from lazygraph.compile import training_programs
-from lazygraph.compiled import CompiledProgram
 from lazygraph.cost_model import add_costs, eager_aten_cost, program_cost
+from lazygraph.runtime import CompiledProgram
 
 
 def _model(config: str, attention: str, dtype: str, device: str = "cpu"):

@@ -21,8 +21,8 @@ import time
 import torch
 
 import lazygraph as lg
-from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import contiguous_strides
+from lazygraph.runtime import CompiledProgram
 
 
 def _body(source: str) -> str:

@@ -587,7 +587,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
     """Programs for a value-free joint graph. Runtime scalars are lifted to inputs before any pass
     (a fold must not depend on this call's values) and put back as scalars of each program;
     `lend` (joint-input position -> value) lends values a pass may specialise on."""
-    from .compiled import lift_scalars
+    from .passes.lift_scalars import lift_scalars
 
     inputs = joint.inputs
     pos = {n.id: k for k, n in enumerate(inputs)}
@@ -629,7 +629,7 @@ def _backward_without(p: _Programs, absent: frozenset) -> tuple[Program, list, l
     """p's backward with a zero for each tangent at a joint position in `absent`, simplified:
     `x + 0` folds, so nothing is filled or added for an output no gradient flows into. Scalars
     are lifted meanwhile (as in _build), so no fold depends on their values."""
-    from .compiled import lift_scalars
+    from .passes.lift_scalars import lift_scalars
 
     graph = p.graphs[1]
     source = {n.id: src for n, src in zip(graph.inputs, p.bwd_inputs)}
@@ -1094,7 +1094,7 @@ def _contents(prog: Program) -> tuple[list[str], Counter]:
     schedule = getattr(prog, "schedule", None)
     if schedule is None:  # the reference executor: every node runs in torch
         return [], Counter(n.attrs.get("target") for n in prog.graph.nodes if n.op is Op.EXTERN)
-    from .compiled import extern_launches
+    from .runtime.cost import extern_launches
 
     launches = extern_launches(schedule.steps)
     return ([g.name for g in schedule.kernels] + list(launches["attention"]),

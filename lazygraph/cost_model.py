@@ -148,7 +148,7 @@ def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs
     they move, the hidden work outside them, and the floor no schedule goes below (matmul, flash
     and extern I/O plus the graph's inputs and outputs). `inputs` (input id -> meta tensor) are
     layouts another program gave its inputs; `outputs` receives this one's output layouts."""
-    from .compiled import extern_launches
+    from .runtime.cost import extern_launches
 
     s = program.schedule
     launches = extern_launches(s.steps)

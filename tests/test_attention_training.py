@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 import lazygraph as lg
 from lazygraph import counters
-from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import Op
 from lazygraph.passes import check_pipeline, run_pipeline
 from lazygraph.passes.attention import attention_pass
 from lazygraph.passes.simplify import simplify
 from lazygraph.reference import run_graph
+from lazygraph.runtime import CompiledProgram
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -362,7 +362,7 @@ def test_verified_soups(verify_kernels):
 def test_large_whole_tensor_reductions_are_split_across_programs(n):
     """A reduction of everything above 64K elements runs as chunks reduced in parallel, finished by
     the last program (a split reduction), not as one long program."""
-    from lazygraph.compiled import CompiledProgram
+    from lazygraph.runtime import CompiledProgram
 
     x = torch.randn(n)
     x[n // 3] = 7.5

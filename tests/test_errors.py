@@ -13,8 +13,8 @@ from torch.testing import assert_close
 
 import lazygraph as lg
 from lazygraph import codegen_triton
-from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import contiguous_strides
+from lazygraph.runtime import CompiledProgram
 
 
 def _eager_error(fn, tensors) -> type[Exception]:

@@ -12,11 +12,11 @@ import torch
 
 import lazygraph as lg
 from lazygraph import ir
-from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import Graph, Node, Op, parse, verify
 from lazygraph.passes import fuse, loops
 from lazygraph.passes.fuse import FREE_OPS, FusionGroup, _Fuser
 from lazygraph.passes.reach import Reachability
+from lazygraph.runtime import CompiledProgram
 
 # ---------------------------------------------------------------------------------------------
 # Reachability against a search of the contracted graph

@@ -7,9 +7,9 @@ import torch
 
 import lazygraph as lg
 from lazygraph.compile import training_programs
-from lazygraph.compiled import CompiledProgram
 from lazygraph.cost_model import add_costs, hidden_traffic, kernel_read_bytes, program_cost
 from lazygraph.ir import Op
+from lazygraph.runtime import CompiledProgram
 
 _compile = importlib.import_module("lazygraph.compile")
 

@@ -14,8 +14,8 @@ import torch
 import lazygraph as lg
 from lazygraph import codegen_triton
 from lazygraph.codegen import cache
-from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import contiguous_strides
+from lazygraph.runtime import CompiledProgram
 
 dump_module = importlib.import_module("lazygraph.dumps")  # the module (lazygraph.dump is the function)
 THIS_FILE = os.path.basename(__file__)

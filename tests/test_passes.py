@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import lazygraph as lg
-from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import Graph, Op, parse, verify
 from lazygraph.passes import check_pipeline, fuse, place, plan_memory, run_pipeline, simplify
+from lazygraph.runtime import CompiledProgram
 from tests.strategies import random_soup
 
 

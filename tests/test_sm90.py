@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import lazygraph as lg
 from lazygraph import codegen_triton
-from lazygraph.compiled import CompiledProgram
 from lazygraph.ir import contiguous_strides
+from lazygraph.runtime import CompiledProgram
 
 CASES = {
     "pointwise_gelu": (lambda x, b: F.gelu(x + b, approximate="tanh"),

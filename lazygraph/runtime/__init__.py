@@ -1,0 +1,81 @@
+"""Running programs: a graph compiled once per structure, then run with new input values.
+
+`execute(graph)` is the way in: it checks the captured inputs, takes the program for the graph's
+structure from the cache, runs it, and dumps or prints what LAZYGRAPH_DUMP / LAZYGRAPH_DEBUG ask.
+The parts of this room:
+
+    cache.py              backend choice and the program cache (by structural hash)
+    reference_program.py  Program: the graph run node by node by the reference executor
+    fused.py              CompiledProgram: passes, fusion, kernels per strides; describe and dump
+    launch_plan.py        LaunchPlan: a fused program's replay as generated Python, arguments bound,
+                          intermediates in arenas reused across runs
+    cost.py               launches and modelled bytes of a schedule, and of eager PyTorch
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import dumps, state
+from ..counters import COUNTERS, graph_ran
+from ..ir import Graph, fingerprint, runtime_scalars
+from .cache import BACKENDS, build_program, clear_cache, get_backend, get_program, set_backend, using_backend
+from .cost import eager_cost, extern_launches
+from .reference_program import Program
+
+
+def _check_inputs(graph: Graph) -> None:
+    for n in graph.inputs:
+        if n.captured_version is not None and n.value._version != n.captured_version:
+            raise RuntimeError(
+                f"lazygraph: a tensor captured by a lazy op ({n.source or 'unknown line'}) was modified in "
+                "place before the pending graph ran; its old value is gone. clone() it before using it "
+                "in lazy ops, or make it lazy with lazygraph.lazy() first.")
+        if n.fingerprint is not None and fingerprint(n.value) != n.fingerprint:
+            raise RuntimeError(
+                f"lazygraph: a CPU tensor captured by a lazy op ({n.source or 'unknown line'}) was written "
+                "behind torch's back (through numpy or .data) before the pending graph ran; the ops "
+                "recorded before the write would read the new value. clone() it before writing, or call "
+                "lazygraph.sync() first.")
+
+
+def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
+    backend = backend or get_backend()
+    _check_inputs(graph)
+    hits = COUNTERS["cache_hits"]
+    program = get_program(graph, backend)
+    graph_ran()
+    outputs = program.run([n.value for n in graph.inputs], runtime_scalars(graph))
+    if dumps.enabled():
+        dumps.write_run(graph, program)
+    if state.SETTINGS.debug:
+        _debug_print(graph, program, cached=COUNTERS["cache_hits"] > hits)
+    return outputs
+
+
+def _debug_print(graph: Graph, program: Program, cached: bool) -> None:
+    import sys
+
+    out = sys.stderr
+    print(f"lazygraph: ran graph {graph.structural_hash()} ({len(graph.nodes)} nodes, "
+          f"{'cached' if cached else 'new'}): {program.describe()}", file=out)
+    schedule = getattr(program, "schedule", None)
+    if state.SETTINGS.debug >= 2 and schedule is not None:
+        print(schedule.report_text(), file=out)
+    if state.SETTINGS.debug >= 3:
+        print(graph.text(), file=out)
+        for k in getattr(program, "kernels", list)():
+            print(k.source, file=out)
+
+
+def __getattr__(name: str):
+    # the fused program needs Triton: imported when first asked for, as build_program does
+    if name == "CompiledProgram":
+        from .fused import CompiledProgram
+
+        return CompiledProgram
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "CompiledProgram", "Program", "build_program", "clear_cache", "eager_cost", "execute",
+           "extern_launches", "get_backend", "get_program", "set_backend", "using_backend"]

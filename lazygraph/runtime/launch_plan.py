@@ -1,0 +1,644 @@
+"""LaunchPlan: a fused program's replay, written once as a Python function.
+
+The first run of a program (for one signature of input strides) walks its schedule step by step:
+it picks each group's kernel for the strides its buffers have, runs every step, and notes what a
+later run needs to know (which reshape copies, the strides of the extern results that kernels and
+views rely on). As it walks it writes the replay as straight-line Python, the way Inductor writes its
+output code: one line per launch with its arguments bound, views inline, `del` after a value's
+last use. Later runs call that function: no stride keys, no dict traffic, no per-run decisions.
+`source` is readable and dumped beside the kernels (launch_plan.py in the dump folder).
+
+Memory: a kernel output that no graph output may alias (through views or extern calls) is an
+intermediate. Intermediates live in an arena, one uint8 buffer per slot of the memory plan (a
+buffer takes the slot of one that died earlier in the run), allocated once and reused by every
+later run; runs going on at once (threads, CUDA streams) take different arenas. What a run hands
+out, and anything it may alias, is allocated fresh, so the next run never writes into it.
+
+Guards: a replay first compares its inputs' strides with the ones it was written for (a
+mismatch: no replay, the caller walks again), and checks the strides of the extern results that
+kernels and views rely on (they follow from the inputs', but torch does not promise it; a
+mismatch raises StridesChanged and the caller walks again).
+
+Every call that does device work (a kernel launch, a torch op, a fill or a copy) is a Launch
+that goes through `launcher()` once, when the plan is written: the boundary that
+benchmarks/host_overhead.py replaces to time lazygraph's own host work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..codegen.flash_attention import run_attention_node, supported
+from ..counters import COUNTERS, EXTERN_OPS
+from ..ir import Node, Op, itemsize, numel
+from ..passes.fuse import FusionGroup
+from ..reference import IndexOutOfRange, eval_node, gather_error_message, resolve_aten, run_extern, slice_index
+from .cost import extern_call_key, extern_name
+
+if TYPE_CHECKING:
+    from .fused import CompiledProgram
+
+
+class StridesChanged(Exception):
+    """An extern result a kernel reads came back with other strides than the plan was written for."""
+
+
+class ScalarValue:
+    """A runtime scalar in a walk's environment: a kernel argument, or a tensor for torch."""
+
+    def __init__(self, value: float, node: Node):
+        self.value, self.node = value, node
+
+
+# ---------------------------------------------------------------------------------------------
+# launches: the device work a plan starts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """A kernel launch, call(inputs, outputs), or a torch call that computes, call(*operands) -> the
+    value of `results` (several leaves for an aten op with several outputs)."""
+
+    name: str
+    call: Callable
+    results: tuple[Node, ...] = ()
+
+    def stub(self) -> Callable:
+        """The same call doing no work: nothing for a kernel; for torch, uninitialised tensors of the
+        results' shapes, allocated once (torch's own allocation is not lazygraph's host work) and
+        handed out as new tensor objects."""
+        if not self.results:
+            return _nothing
+        nodes = self.results
+        values = [torch.empty(n.shape, dtype=n.dtype, device=n.device) for n in nodes]
+        if len(nodes) == 1 and not nodes[0].attrs.get("index"):
+            return lambda *args: values[0].detach()
+        # a new tensor object each call, as torch's would be: autograd takes a gradient it holds the only
+        # reference to as it is, and copies any other
+        at = [n.attrs.get("index", 0) for n in nodes]
+
+        def results(*args: Any) -> list:
+            leaves: list[Any] = [None] * (1 + max(at))
+            for i, v in zip(at, values):
+                leaves[i] = v.detach()
+            return leaves
+
+        return results
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+def launcher(launch: Launch) -> Callable:
+    """What a plan calls for `launch` (the launch-plan boundary)."""
+    return launch.call
+
+
+class _ReferenceGroup:
+    """A group whose kernel could not be built, computed by the reference executor instead."""
+
+    def __init__(self, group: FusionGroup):
+        self.group = group
+
+    def __call__(self, ins: Sequence[Any], outs: Sequence[torch.Tensor]) -> None:
+        env = {b.id: ScalarValue(v, b) if b.attrs.get("scalar") else v
+               for b, v in zip(self.group.program.buffers, ins)}
+        for t, v in zip(outs, reference_group(self.group, env)):
+            t.copy_(v)
+
+
+def _extern_call(node: Node) -> Callable:
+    return lambda *args: run_extern(node, args)
+
+
+def _leaf(result: Any, node: Node) -> torch.Tensor:
+    """Node's value among an aten call's results (as reference.eval_node picks it)."""
+    if not isinstance(result, (tuple, list)):
+        return result
+    value = _leaves(result)[node.attrs.get("index", 0)]
+    if value is None:  # an undefined tensor (an unused workspace): the empty/zero value meta promised
+        value = torch.zeros(node.shape, dtype=node.dtype, device=node.device)
+    return value
+
+
+def _leaves(x: Any) -> list:
+    if isinstance(x, (tuple, list)):
+        return [t for e in x for t in _leaves(e)]
+    return [x]
+
+
+def _attention(node: Node) -> Callable:
+    def call(memo: dict, *args: torch.Tensor) -> torch.Tensor:
+        value = run_attention_node(node, args, memo)
+        return eval_node(node, list(args), memo) if value is None else value
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Line:
+    text: str
+    reads: tuple[str, ...] = ()
+
+
+@dataclass
+class _Arena:
+    """Which kernel outputs are intermediates, and the memory-plan slot each one lives in."""
+
+    nodes: list[Node] = field(default_factory=list)
+    slot_of: dict[int, int] = field(default_factory=dict)  # node id -> slot
+    slots: list[tuple[int, str]] = field(default_factory=list)  # (bytes, device) per slot
+
+    def allocate(self) -> tuple[torch.Tensor, ...]:
+        memory = [torch.empty(size, dtype=torch.uint8, device=device) for size, device in self.slots]
+        views = []
+        for n in self.nodes:
+            if numel(n.shape) == 0:
+                views.append(torch.empty(n.shape, dtype=n.dtype, device=n.device))
+            else:
+                views.append(memory[self.slot_of[n.id]].view(n.dtype).view(n.shape))
+        return tuple(views)
+
+
+def _arena(program: CompiledProgram) -> _Arena:
+    """Kernel outputs no graph output can alias, with memory-plan slots (an output never takes one)."""
+    schedule, reuse = program.schedule, program.result.memory.reuse
+    roots: dict[int, set[int]] = {}  # value id -> kernel outputs it may alias
+    for step in schedule.steps:
+        if step.kind == "kernel":
+            for n in step.group.program.outputs:
+                roots[n.id] = {n.id}
+        elif not _fresh(step.node):
+            roots[step.node.id] = set().union(*(roots.get(s.id, set()) for s in step.node.srcs))
+    handed_out = set().union(*(roots.get(o.id, set()) for o in schedule.graph.outputs))
+    arena = _Arena()
+    for step in schedule.steps:
+        if step.kind != "kernel":
+            continue
+        for n in step.group.program.outputs:
+            if n.id in handed_out:
+                continue
+            donor = reuse.get(n.id)
+            if donor in arena.slot_of:
+                arena.slot_of[n.id] = arena.slot_of[donor]
+            else:
+                arena.slot_of[n.id] = len(arena.slots)
+                arena.slots.append((numel(n.shape) * itemsize(n.dtype), n.device))
+            arena.nodes.append(n)
+    return arena
+
+
+# extern ops whose result is always new memory (the reference executor's and the flash kernels')
+_FRESH_OPS = frozenset({Op.MATMUL, Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD, Op.GATHER, Op.SCATTER_ADD,
+                        Op.CAT, Op.PAD, Op.RAND})
+
+
+def _fresh(n: Node) -> bool:
+    """Whether n's value never shares memory with its operands: an op of _FRESH_OPS, or an aten op
+    whose schema gives no result an alias annotation. Anything else (a view, a cast that may
+    return its operand) may alias."""
+    if n.op is Op.EXTERN:
+        return all(r.alias_info is None for r in resolve_aten(n.attrs["target"])._schema.returns)
+    return n.op in _FRESH_OPS
+
+
+_PLAN_NUMBER = itertools.count()
+
+
+class LaunchPlan:
+    """A program's replay for one signature of input strides (see the module docstring)."""
+
+    def __init__(self, program: CompiledProgram, arena: _Arena, source: str, constants: dict[str, Any]):
+        self.program = program
+        self.arena = arena
+        self.source = source
+        filename = f"<lazygraph launch plan {next(_PLAN_NUMBER)}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+        namespace = dict(constants)
+        exec(compile(source, filename, "exec"), namespace)
+        self._replay = namespace["replay"]
+        self._pools: dict[Any, list[tuple[torch.Tensor, ...]]] = {}
+        self._cuda = sorted({n.device for n in arena.nodes if n.device.startswith("cuda")})
+        self._lock = threading.Lock()
+
+    def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float]) -> list[torch.Tensor] | None:
+        """The outputs, or None when the inputs' strides are not the ones this plan was written for."""
+        pool = self._pool()
+        try:
+            arena = pool.pop()
+        except IndexError:  # every arena is in use (or none was made yet): a new one
+            arena = self.arena.allocate()
+        try:
+            return self._replay(inputs, scalars, arena)
+        finally:
+            pool.append(arena)
+
+    def release(self, arena: tuple[torch.Tensor, ...]) -> None:
+        """Take an arena no run uses any more (the first run's) into the pool."""
+        self._pool().append(arena)
+
+    def _pool(self) -> list:
+        """Arenas free for a run on the current streams (a GPU reuses memory in stream order)."""
+        key = tuple(torch.cuda.current_stream(d).cuda_stream for d in self._cuda) if self._cuda else None
+        pool = self._pools.get(key)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.setdefault(key, [])
+        return pool
+
+
+def walk(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequence[float],
+         verify: bool = False) -> tuple[LaunchPlan | None, list[torch.Tensor]]:
+    """Run the program's schedule step by step, writing its launch plan on the way: the plan, and
+    this run's outputs. `verify` compares every kernel with the reference executor as it runs (and
+    writes no plan: a verified run always walks)."""
+    writer = _Writer(program, verify)
+    outputs = writer.run(inputs, scalars)
+    return (None if verify else writer.plan()), outputs
+
+
+class _Writer:
+    def __init__(self, program: CompiledProgram, verify: bool):
+        self.program = program
+        self.verify = verify
+        self.names = program.names
+        self.arena = _arena(program)
+        self.in_arena = {n.id for n in self.arena.nodes}
+        self.lines: list[_Line] = []
+        self.constants: dict[str, Any] = {"torch": torch, "empty": torch.empty, "leaf": _leaf,
+                                          "StridesChanged": StridesChanged, "raise_failed_checks": raise_failed_checks}
+        self.env: dict[int, Any] = {}
+        self.tensor_of_scalar: dict[int, torch.Tensor] = {}
+        self.memo: dict = {}
+        self.uses_memo = False
+        self.counts: Counter = Counter()
+        self.extern_ops: Counter = Counter()
+        self.calls: set = set()
+        self.checked: list = []  # launched kernels with runtime checks (bounds, division by zero)
+        self.stride_sensitive = self._stride_sensitive()
+        self.aten_calls: dict[tuple, tuple[str, Any]] = {}  # call -> (variable, result)
+        self.aten_outputs: dict[tuple, list[Node]] = {}
+        for s in program.schedule.steps:
+            if s.kind == "extern" and s.node.op is Op.EXTERN:
+                self.aten_outputs.setdefault(_aten_call_key(s.node), []).append(s.node)
+        self.const_count: Counter = Counter()
+        self.devices: dict[str, str] = {}
+
+    # -- names and constants ---------------------------------------------------------------------
+
+    def var(self, n: Node | int) -> str:
+        """The Python name of a value: its SSA name in the IR text (%12 -> v12)."""
+        return "v" + self.names[n if isinstance(n, int) else n.id].lstrip("%")
+
+    def const(self, prefix: str, value: Any) -> str:
+        name = f"{prefix}{self.const_count[prefix]}"
+        self.const_count[prefix] += 1
+        self.constants[name] = value
+        return name
+
+    def device(self, device: str) -> str:
+        if device not in self.devices:
+            self.devices[device] = self.const("device", torch.device(device))
+        return self.devices[device]
+
+    def emit(self, text: str, reads: Sequence[str] = ()) -> None:
+        self.lines.append(_Line(text, tuple(reads)))
+
+    def launch(self, name: str, call: Callable, results: tuple[Node, ...] = ()) -> tuple[str, Callable]:
+        """Bind a launch; returns the name the plan calls it by (a kernel's own name) and the callable."""
+        fn = launcher(Launch(name, call, results))
+        ident = re.sub(r"\W", "_", name.removeprefix("aten.").removesuffix(".default"))
+        if results or ident in self.constants:
+            return self.const(ident + "_", fn), fn
+        self.constants[ident] = fn
+        return ident, fn
+
+    def _stride_sensitive(self) -> set[int]:
+        """Values whose strides the plan relies on: what kernels were built for and what views (a
+        reshape is a view or a copy depending on them) are taken of, followed back through views."""
+        view_src = {s.node.id: s.node.srcs[0].id for s in self.program.schedule.steps
+                    if s.kind == "view" and s.node.srcs}
+        read = [b.id for g in self.program.schedule.kernels for b in g.program.buffers] + list(view_src.values())
+        out = set()
+        for i in read:
+            while i in view_src:
+                i = view_src[i]
+            out.add(i)
+        return out
+
+    # -- values ----------------------------------------------------------------------------------
+
+    def tensor(self, n: Node) -> tuple[str, torch.Tensor]:
+        """The variable and value of n as a tensor (a runtime scalar is filled in once)."""
+        v = self.env[n.id]
+        if not isinstance(v, ScalarValue):
+            return self.var(n), v
+        name = self.var(n) + "_tensor"
+        if n.id not in self.tensor_of_scalar:
+            shape, dtype, device = tuple(n.shape), n.dtype, n.device
+            lname, fn = self.launch("full", lambda value: torch.full(shape, value, dtype=dtype, device=device), (n,))
+            self.tensor_of_scalar[n.id] = fn(v.value)
+            self._count_hidden(n, "fill")
+            self.emit(f"{name} = {lname}({self.var(n)})  # {self.names[n.id]} as a tensor", [self.var(n)])
+        return name, self.tensor_of_scalar[n.id]
+
+    # -- the walk --------------------------------------------------------------------------------
+
+    def run(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float]) -> list[torch.Tensor]:
+        p = self.program
+        known = self.names
+        self.in_vars = [self.var(i) if i in known else "_" for i in p.input_ids]
+        self.s_vars = [self.var(n) if n.id in known else "_" for n in p.scalar_nodes]
+        self.in_strides = [t.stride() for t in inputs]
+        for i, t in zip(p.input_ids, inputs):
+            self.env[i] = t
+        for n, v in zip(p.scalar_nodes, scalars):
+            self.env[n.id] = ScalarValue(v, n)
+        arena = self.arena.allocate()
+        for n, t in zip(self.arena.nodes, arena):
+            self.env[n.id] = t
+        plan_memory = p.result.memory
+        for i, step in enumerate(p.schedule.steps):
+            if step.kind == "kernel":
+                self.kernel(step.group)
+            elif step.kind == "extern":
+                self.extern(step.node)
+            else:
+                self.view(step.node)
+            for dead in plan_memory.free_after.get(i, ()):
+                self.env.pop(dead, None)
+        COUNTERS.update(self.counts)
+        EXTERN_OPS.update(self.extern_ops)
+        if self.checked:
+            raise_failed_checks(self.checked)
+        outputs, self.out_vars = [], []
+        for o in p.result.graph.outputs:  # an output may be a runtime scalar
+            name, value = self.tensor(o)
+            outputs.append(value)
+            self.out_vars.append(name)
+        self.first_arena = arena
+        return outputs
+
+    def plan(self) -> LaunchPlan:
+        plan = LaunchPlan(self.program, self.arena, self._source(), self.constants)
+        plan.release(self.first_arena)  # the first run is over: its arena is free
+        return plan
+
+    def kernel(self, group: FusionGroup) -> None:
+        prog = group.program
+        ins = [v.value if isinstance(v, ScalarValue) else v for v in (self.env[b.id] for b in prog.buffers)]
+        outs = []
+        for o in prog.outputs:
+            if o.id in self.in_arena:
+                outs.append(self.env[o.id])
+            else:  # handed out: fresh every run
+                t = torch.empty(o.shape, dtype=o.dtype, device=o.device)
+                self.env[o.id] = t
+                outs.append(t)
+                self.emit(f"{self.var(o)} = empty({tuple(o.shape)}, dtype={o.dtype}, device={self.device(o.device)})")
+        kernel = self.program.kernel_for(group, ins)
+        call = kernel if kernel is not None else _ReferenceGroup(group)
+        lname, fn = self.launch(group.name, call)
+        fn(ins, outs)
+        if kernel is not None:
+            self.counts["triton_kernels"] += 1
+            if self.verify:
+                check_kernel(group, self.env, outs, kernel)
+            if prog.checks:
+                self.checked.append(kernel)
+        in_vars = [self.var(b) for b in prog.buffers]
+        out_vars = [self.var(o) for o in prog.outputs]
+        what = f"{group.name}: " + " ".join(self.names[n.id] for n in group.nodes)
+        if kernel is None:
+            what += " (no kernel: run by the reference executor)"
+        self.emit(f"{lname}({_tuple(in_vars)}, {_tuple(out_vars)})  # {what}", in_vars + out_vars)
+
+    def extern(self, n: Node) -> None:
+        srcs = [self.tensor(s) for s in n.srcs]
+        args = [v for _, v in srcs]
+        arg_vars = [name for name, _ in srcs]
+        out = self.var(n)
+        if n.op in (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD):
+            self.uses_memo = True
+            lname, fn = self.launch(n.op.value, _attention(n), (n,))
+            value = fn(self.memo, *args)
+            if not supported(n):
+                self._count_extern(n)  # run by the reference executor: an extern call
+            self.emit(f"{out} = {lname}(memo, {', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}",
+                      arg_vars)
+        elif n.op is Op.EXTERN:
+            key = _aten_call_key(n)
+            raw = self.aten_calls.get(key)
+            if raw is None:  # the first output of this call makes it
+                lname, fn = self.launch(n.attrs["target"], _extern_call(n), tuple(self.aten_outputs[key]))
+                raw = self.aten_calls[key] = (f"{out}_call", fn(*args))
+                self.emit(f"{out}_call = {lname}({', '.join(arg_vars)})  # {n.attrs['target']}", arg_vars)
+            raw_var, result = raw
+            value = _leaf(result, n)
+            self._count_extern(n)
+            self.emit(f"{out} = leaf({raw_var}, {self.const('N', n)})  # {self.names[n.id]}", [raw_var])
+        else:
+            call = torch.matmul if n.op is Op.MATMUL else _evaluator(n)
+            lname, fn = self.launch(n.op.value, call, (n,))
+            value = fn(*args)
+            self._count_extern(n)
+            self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}", arg_vars)
+        self.env[n.id] = value
+        if n.id in self.stride_sensitive:
+            self.emit(f"if {out}.stride() != {tuple(value.stride())}:\n        raise StridesChanged({out!r})", [out])
+
+    def _count_extern(self, n: Node) -> None:
+        call = extern_call_key(n)
+        if call not in self.calls:  # one call may give several outputs
+            self.calls.add(call)
+            self.counts["extern_calls"] += 1
+            self.extern_ops[extern_name(n)] += 1
+
+    def _count_hidden(self, n: Node, kind: str) -> None:
+        """Memory work outside kernels (stats()' hidden_*; cost_model.hidden_traffic predicts it): a
+        constant or scalar filled for torch to read, or a view torch could not make (read + write)."""
+        self.counts["hidden_fills" if kind == "fill" else "hidden_copies"] += 1
+        self.counts["hidden_bytes"] += n.nbytes if kind == "fill" else 2 * n.nbytes
+
+    def view(self, n: Node) -> None:
+        srcs = [self.tensor(s) for s in n.srcs]
+        args = [v for _, v in srcs]
+        arg_vars = [name for name, _ in srcs]
+        out = self.var(n)
+        if _is_view(n, args):  # lazygraph's own host work
+            value = eval_node(n, args, self.memo)
+            if n.op is Op.RESHAPE:
+                expr = f"{arg_vars[0]}.view({tuple(n.shape)})"
+            elif n.op is Op.PERMUTE:
+                expr = f"{arg_vars[0]}.permute({tuple(n.attrs['dims'])})"
+            elif n.op is Op.EXPAND:
+                expr = f"{arg_vars[0]}.expand({tuple(n.shape)})"
+            elif n.op is Op.SLICE:
+                index = self.const("index", slice_index(n.attrs["starts"], n.attrs["steps"], n.shape))
+                expr = f"{arg_vars[0]}[{index}]"
+            else:
+                self.uses_memo = True
+                self.constants["eval_node"] = eval_node
+                expr = f"eval_node({self.const('N', n)}, [{', '.join(arg_vars)}], memo)"
+            self.emit(f"{out} = {expr}  # {self.names[n.id]} = {n.op.value}", arg_vars)
+        else:  # a fill, or a reshape that copies: device work
+            self._count_hidden(n, "fill" if n.op in (Op.FULL, Op.IOTA) else "copy")
+            lname, fn = self.launch(n.op.value, _evaluator(n), (n,))
+            value = fn(*args)
+            self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value} (materialised)",
+                      arg_vars)
+        self.env[n.id] = value
+
+    # -- the source ------------------------------------------------------------------------------
+
+    def _source(self) -> str:
+        p, in_vars, s_vars, out_vars = self.program, self.in_vars, self.s_vars, self.out_vars
+        head = [
+            "# Generated by lazygraph: the launch plan of one program. Do not edit: regenerate from the IR.",
+            f"# {p.describe()}; {len(self.arena.nodes)} intermediates in {len(self.arena.slots)} arena slots",
+            "",
+            "",
+            "def replay(inputs, scalars, arena):",
+        ]
+        body = []
+        if in_vars:
+            body.append(_Line(f"{', '.join(in_vars)}, = inputs"))
+        if s_vars:
+            body.append(_Line(f"{', '.join(s_vars)}, = scalars"))
+        if self.in_strides:
+            self.constants["STRIDES"] = self.in_strides
+            body.append(_Line("if [t.stride() for t in inputs] != STRIDES:\n"
+                              "        return None  # written for other strides"))
+        if self.arena.nodes:
+            body.append(_Line(f"{', '.join(self.var(n) for n in self.arena.nodes)}, = arena  # intermediates"))
+        if self.uses_memo:
+            body.append(_Line("memo = {}  # one launch per attention call, shared by its outputs"))
+        body += self.lines
+        totals, ops = dict(self.counts), dict(self.extern_ops)
+        self.constants.update(COUNTERS=COUNTERS, EXTERN_OPS=EXTERN_OPS, TOTALS=totals, OPS=ops,
+                              CHECKED=tuple(self.checked))
+        tail = [_Line("COUNTERS.update(TOTALS)"), _Line("EXTERN_OPS.update(OPS)")]
+        if self.checked:
+            tail.append(_Line("raise_failed_checks(CHECKED)"))
+        tail.append(_Line(f"return [{', '.join(out_vars)}]", tuple(out_vars)))
+        body = _with_dels(body, keep=set(out_vars) | {self.var(n) for n in self.arena.nodes}) + tail
+        return "\n".join(head + ["    " + line.text for line in body]) + "\n"
+
+
+def _tuple(names: Sequence[str]) -> str:
+    return f"({', '.join(names)},)" if names else "()"
+
+
+def _with_dels(lines: list[_Line], keep: set[str]) -> list[_Line]:
+    """`del` each variable after its last use, so torch frees what no later line reads."""
+    last: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        for v in line.reads:
+            last[v] = i
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        dead = [v for v in dict.fromkeys(line.reads) if last[v] == i and v not in keep and v.startswith("v")]
+        if dead:
+            out.append(_Line(f"del {', '.join(dead)}"))
+    return out
+
+
+def _aten_call_key(n: Node) -> tuple:
+    """Extern nodes with equal keys are leaves of one aten call (as reference.eval_node memoizes)."""
+    a = n.attrs
+    return tuple(s.id for s in n.srcs), a["target"], repr(a["args"]), repr(a.get("kwargs"))
+
+
+def _evaluator(n: Node) -> Callable:
+    return lambda *args: eval_node(n, list(args), {})
+
+
+def _is_view(n: Node, args: Sequence[torch.Tensor]) -> bool:
+    """Whether a view step's result is a view of its operand (a reshape may have to copy)."""
+    if n.op in (Op.PERMUTE, Op.EXPAND, Op.SLICE):
+        return True
+    if n.op is Op.RESHAPE:
+        try:
+            args[0].view(n.shape)
+        except RuntimeError:
+            return False
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+
+
+def check_kernel(group: FusionGroup, env: dict, outs: Sequence[torch.Tensor], kernel: Any) -> None:
+    """LAZYGRAPH_VERIFY=1: compare a kernel with the reference executor as it runs."""
+    for o, got, want in zip(group.program.outputs, outs, reference_group(group, env)):
+        try:
+            tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(got.dtype, 1e-4)
+            torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol, equal_nan=True)
+        except AssertionError as e:
+            raise AssertionError(f"kernel {group.name} output {o!r} differs from the reference "
+                                 f"(source {kernel.path}):\n{e}") from None
+
+
+def raise_failed_checks(kernels: Sequence[Any]) -> None:
+    """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line.
+    One look at all flags per run: on a GPU that is the run's only wait for its kernels."""
+    flags = [k.flags for k in kernels if k.flags is not None]
+    if not flags or not bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
+        return
+    for kernel in kernels:
+        failed = kernel.failed_checks()
+        if not failed:
+            continue
+        n, kind = kernel.group.program.checks[failed[0]]
+        if kind == "zero_div":
+            where = f"recorded at {n.source}" if n.source else "source line unknown"
+            raise RuntimeError(f"ZeroDivisionError: integer {n.op.value} by zero in kernel {kernel.name} ({where})")
+        raise IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name})")
+
+
+def reference_group(group: FusionGroup, env: dict[int, Any]) -> list[torch.Tensor]:
+    """A group's outputs computed node by node by the reference executor from the values in env."""
+    memo: dict = {}
+    values: dict[int, torch.Tensor] = {}
+    members = {n.id for n in group.nodes}
+
+    def value(n: Node) -> torch.Tensor:
+        if n.id in values:
+            return values[n.id]
+        if n.id in env and n.id not in members:
+            v = env[n.id]
+            return _scalar_tensor(v) if isinstance(v, ScalarValue) else v
+        v = eval_node(n, [value(s) for s in n.srcs], memo)
+        values[n.id] = v
+        return v
+
+    return [value(o) for o in group.program.outputs]
+
+
+def _scalar_tensor(v: ScalarValue) -> torch.Tensor:
+    n = v.node
+    return torch.full(n.shape, v.value, dtype=n.dtype, device=n.device)
+
+
+__all__ = ["LaunchPlan", "Launch", "launcher", "walk", "ScalarValue", "StridesChanged", "raise_failed_checks",
+           "check_kernel", "reference_group"]
