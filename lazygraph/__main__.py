@@ -1,7 +1,7 @@
 """Command line: read a dump folder written with LAZYGRAPH_DUMP=DIR or lazygraph.dump(dir=DIR).
 
     python -m lazygraph show DIR                          terminal summary of every graph run
-    python -m lazygraph diff DIR simplify fuse [--run N]  what the passes between two stages changed
+    python -m lazygraph diff DIR place fuse [--run N]     what the passes between two stages changed
     python -m lazygraph html DIR -o report.html           one self-contained HTML report
 
 Errors (a missing folder, a dump without runs, an unknown pass, a report that cannot be written)
