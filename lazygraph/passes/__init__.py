@@ -97,6 +97,11 @@ def after_partition() -> Iterator[None]:
         _AFTER_PARTITION.reset(token)
 
 
+def is_after_partition() -> bool:
+    """Whether pipelines run now skip the graph-level stages (a program's cache key says so)."""
+    return _AFTER_PARTITION.get()
+
+
 def run_graph_stages(graph: Graph, input_values: InputValues | None = None) -> Stages:
     """The graph-level stages (compile: on the joint graph, before partition)."""
     stages = Stages()

@@ -12,6 +12,7 @@ import contextlib
 from .. import state
 from ..counters import COUNTERS
 from ..ir import Graph
+from ..passes import is_after_partition
 from .reference_program import Program
 
 BACKENDS = ("reference", "triton", "auto")
@@ -57,7 +58,9 @@ def build_program(graph: Graph, backend: str) -> Program:
 
 def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
     """The cached program for this graph's structure (built on a miss; counted either way)."""
-    key = f"{backend}:{graph.structural_hash()}:{extra_key!r}"
+    # a half of a compiled joint graph skips the graph-level passes: never the same program as a
+    # lazy run of an identical graph, which runs them all
+    key = f"{backend}:{graph.structural_hash()}:{extra_key!r}:{is_after_partition()}"
     program = _PROGRAMS.get(key)
     if program is None:
         COUNTERS["compiles"] += 1
