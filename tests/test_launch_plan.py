@@ -190,3 +190,16 @@ def test_a_kernel_without_input_buffers_replays():
         assert_close(lg.to_eager(y), torch.where(torch.arange(7) < 3, x, 0.0) + 3)
         assert_close(lg.to_eager(m), torch.arange(7) < 3)
     assert COUNTERS["launch_plans"] == 1
+
+
+def test_a_replay_never_confuses_two_launches_of_one_name():
+    """rfftn's backward has a pad view step (a constant named pad_0 in the plan) and a kernel
+    group named pad_0: the second call replays the plan, which must call each by its own name."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x = torch.randn(3, 4, 5, generator=g, requires_grad=True)
+        w = torch.randn(3, 4, 3, 2, generator=g)
+        lx = lg.lazy(x.detach()).requires_grad_()
+        (got,) = torch.autograd.grad((torch.view_as_real(torch.fft.rfftn(lx)) * lg.lazy(w)).sum(), lx)
+        (want,) = torch.autograd.grad((torch.view_as_real(torch.fft.rfftn(x)) * w).sum(), x)
+        torch.testing.assert_close(lg.to_eager(got), want)

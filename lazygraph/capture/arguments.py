@@ -127,6 +127,10 @@ def meta_check(func, args, kwargs) -> None:
             func(*map_tensors(args, to_meta), **map_tensors(kwargs, to_meta))
     except NotImplementedError:
         pass
+    except RuntimeError as e:  # the meta kernel cannot tell: it needs values (item(), a data-dependent shape)
+        if "meta" not in str(e).lower() and "dynamic" not in str(e).lower():
+            raise
+        return
     if key is not None:
         if len(_META_PASSED) > 100_000:
             _META_PASSED.clear()

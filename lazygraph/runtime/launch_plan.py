@@ -307,8 +307,13 @@ class _Writer:
         return "v" + self.names[n if isinstance(n, int) else n.id].lstrip("%")
 
     def const(self, prefix: str, value: Any) -> str:
-        name = f"{prefix}{self.const_count[prefix]}"
-        self.const_count[prefix] += 1
+        """A fresh name for `value` in the plan's globals (never one already taken: a kernel named
+        pad_0 and the second constant with prefix pad_ must not share a name)."""
+        while True:
+            name = f"{prefix}{self.const_count[prefix]}"
+            self.const_count[prefix] += 1
+            if name not in self.constants:
+                break
         self.constants[name] = value
         return name
 
