@@ -26,7 +26,7 @@ import time
 import torch
 
 import lazygraph as lg
-from lazygraph.compile import training_programs
+from lazygraph.compiler import training_programs
 from lazygraph.cost_model import add_costs, eager_aten_cost, program_cost
 from lazygraph.runtime import CompiledProgram
 

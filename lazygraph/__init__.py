@@ -26,7 +26,7 @@ from .capture import LazyTensor, lazy_mode, pending_graph, sync, to_eager
 from .capture import lazy as _lazy
 from .capture import lazy_module as _lazy_module
 from .capture.subclass_checks import install as _install_subclass_checks
-from .compile import compile, explain
+from .compiler import compile, explain
 from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
 from .ops import device_name

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import lazygraph as lg
 from lazygraph.capture import lazy, node_of
-from lazygraph.compile import compile
+from lazygraph.compiler import compile
 from lazygraph.ir import REDUCE, Graph, Op
 from lazygraph.passes.partition import partition
 from lazygraph.reference import run_graph

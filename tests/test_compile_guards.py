@@ -14,9 +14,9 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 import lazygraph as lg
-from lazygraph.compile import compile
+from lazygraph.compiler import compile
 
-compile_module = sys.modules["lazygraph.compile"]  # the package's compile() shadows the module
+compile_module = sys.modules["lazygraph.compiler"]  # the module behind lazygraph.compile()
 
 # a silent fall back to eager would make every comparison below pass: make it an error
 pytestmark = pytest.mark.filterwarnings("error:lazygraph.compile")

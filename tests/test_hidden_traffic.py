@@ -6,12 +6,12 @@ import importlib
 import torch
 
 import lazygraph as lg
-from lazygraph.compile import training_programs
+from lazygraph.compiler import training_programs
 from lazygraph.cost_model import add_costs, hidden_traffic, kernel_read_bytes, program_cost
 from lazygraph.ir import Op
 from lazygraph.runtime import CompiledProgram
 
-_compile = importlib.import_module("lazygraph.compile")
+_compile = importlib.import_module("lazygraph.compiler")
 
 
 def _gpt(n_layer=2, **kw):
