@@ -166,6 +166,31 @@ def _dropout_keep(seed, shape, p_drop, device):
     return philox_uniform(seed, offsets) >= p_drop
 
 
+def attention_value(n: Node, args: Sequence, memo: dict, forward: Callable, backward: Callable,
+                    tag: str) -> torch.Tensor:
+    """The value of an ATTENTION / ATTENTION_LSE / ATTENTION_BWD node, computed by `forward` /
+    `backward` (attention_forward's and attention_backward's signatures: these, or the flash
+    kernels). Memoized under `tag`, so out and lse share one call, and dq, dk, dv share one."""
+    a = n.attrs
+    if n.op is Op.ATTENTION_BWD:
+        attrs = {k: v for k, v in a.items() if k != "which"}
+        key = (f"{tag}_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())))
+        if key not in memo:
+            tensors, mask, seed = attention_args(a, args, backward=True)
+            diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
+            memo[key] = backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
+                                 a.get("empty_nan", False), a.get("mask_replaces", False))
+        return memo[key]["qkv".index(a["which"])]
+    key = (f"{tag}_fwd", tuple(s.id for s in n.srcs), tuple(sorted(a.items())))
+    if key not in memo:
+        (q, k, v), mask, seed = attention_args(a, args, backward=False)
+        diagonal = causal_diagonal(a, q.shape[-2], k.shape[-2])
+        memo[key] = forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
+                            a.get("empty_nan", False), a.get("mask_replaces", False))
+    out, lse = memo[key]
+    return out if n.op is Op.ATTENTION else lse
+
+
 def attention_forward(q, k, v, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None, empty_nan=False,
                       replace=False):
     p, lse = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
@@ -337,26 +362,8 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
         return philox_uniform(seed, offsets).reshape(n.shape).to(n.dtype)
     if op is Op.TRANSFER:
         return args[0].to(n.device)
-    if op in (Op.ATTENTION, Op.ATTENTION_LSE):
-        key = ("attn", tuple(s.id for s in n.srcs), tuple(sorted(a.items())))
-        if key not in memo:
-            (q, k, v), mask, seed = attention_args(a, args, backward=False)
-            diagonal = causal_diagonal(a, q.shape[-2], k.shape[-2])
-            memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                          diagonal, mask, a.get("empty_nan", False),
-                                          a.get("mask_replaces", False))
-        out, lse = memo[key]
-        return out if op is Op.ATTENTION else lse
-    if op is Op.ATTENTION_BWD:
-        attrs = {k: v for k, v in a.items() if k != "which"}
-        key = ("attn_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())))
-        if key not in memo:
-            tensors, mask, seed = attention_args(a, args, backward=True)
-            diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
-            memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                           diagonal, mask, a.get("empty_nan", False),
-                                           a.get("mask_replaces", False))
-        return memo[key]["qkv".index(a["which"])]
+    if op in (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD):
+        return attention_value(n, args, memo, attention_forward, attention_backward, "attn")
     if op is Op.EXTERN:
         key = ("extern", tuple(s.id for s in n.srcs), a["target"], repr(a["args"]), repr(a.get("kwargs")))
         if key not in memo:

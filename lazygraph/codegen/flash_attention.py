@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..counters import COUNTERS
 from ..ir import Node, Op
-from ..reference import attention_args, causal_diagonal, kv_group
+from ..reference import attention_args, attention_value, kv_group
 from . import aot
 from .cache import cache_dir, triton_version
 from .target import serialised
@@ -464,28 +464,19 @@ def run_attention_node(node: Node, args: Sequence[torch.Tensor], memo: dict) -> 
     way reference.eval_node is, so out and lse share one launch, and dq, dk, dv share one."""
     if node.op not in ATTENTION_OPS or not supported(node):
         return None
-    a = node.attrs
-    if node.op is Op.ATTENTION_BWD:
-        attrs = {k: v for k, v in a.items() if k != "which"}
-        key = ("flash_bwd", tuple(s.id for s in node.srcs), tuple(sorted(attrs.items())))
-        if key not in memo:
-            tensors, mask, seed = attention_args(a, args, backward=True)
-            diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
-            memo[key] = attention_backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                           diagonal, mask, a.get("empty_nan", False), a.get("mask_replaces", False))
-            COUNTERS["triton_kernels"] += 1
-            COUNTERS["flash_attention_bwd"] += 1
-        return memo[key]["qkv".index(a["which"])]
-    key = ("flash_fwd", tuple(s.id for s in node.srcs), tuple(sorted(a.items())))
-    if key not in memo:
-        (q, k, v), mask, seed = attention_args(a, args, backward=False)
-        memo[key] = attention_forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed,
-                                      causal_diagonal(a, q.shape[-2], k.shape[-2]), mask, a.get("empty_nan", False),
-                                      a.get("mask_replaces", False))
-        COUNTERS["triton_kernels"] += 1
-        COUNTERS["flash_attention_fwd"] += 1
-    out, lse = memo[key]
-    return out if node.op is Op.ATTENTION else lse
+    return attention_value(node, args, memo, _counted_forward, _counted_backward, "flash")
+
+
+def _counted_forward(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    COUNTERS["triton_kernels"] += 1
+    COUNTERS["flash_attention_fwd"] += 1
+    return attention_forward(*args)
+
+
+def _counted_backward(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    COUNTERS["triton_kernels"] += 1
+    COUNTERS["flash_attention_bwd"] += 1
+    return attention_backward(*args)
 
 
 # ---------------------------------------------------------------------------------------------
