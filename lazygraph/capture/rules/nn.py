@@ -16,14 +16,19 @@ aten = torch.ops.aten
 # fusion recognises: amax, sub, exp, sum, div.
 
 
-@rule(aten._softmax.default)
-def _softmax(x, dim, half_to_float=False):
+def _row_max(x, dim, half_to_float: bool, kernel: str) -> tuple[int, torch.dtype, Node, Node]:
+    """(dim, result dtype, x in its compute dtype, its max along dim): the softmaxes' common start."""
     dim = wrap_dim(dim, x.ndim)
     if not (x.dtype.is_floating_point or x.dtype.is_complex):
-        raise NotImplementedForDtype("softmax_kernel_impl", x.dtype)
+        raise NotImplementedForDtype(kernel, x.dtype)
     dt = torch.float32 if half_to_float else x.dtype
     xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
-    m = ops.reduce(Op.AMAX, xf, (dim,))
+    return dim, dt, xf, ops.reduce(Op.AMAX, xf, (dim,))
+
+
+@rule(aten._softmax.default)
+def _softmax(x, dim, half_to_float=False):
+    dim, dt, xf, m = _row_max(x, dim, half_to_float, "softmax_kernel_impl")
     e = ops.unary(Op.EXP, ops.binary(Op.SUB, xf, ops.expand(m, xf.shape)))
     s = ops.reduce(Op.SUM, e, (dim,))
     return ops.cast(ops.binary(Op.DIV, e, ops.expand(s, e.shape)), dt)
@@ -31,12 +36,7 @@ def _softmax(x, dim, half_to_float=False):
 
 @rule(aten._log_softmax.default)
 def _log_softmax(x, dim, half_to_float=False):
-    dim = wrap_dim(dim, x.ndim)
-    if not (x.dtype.is_floating_point or x.dtype.is_complex):
-        raise NotImplementedForDtype("log_softmax_lastdim_kernel_impl", x.dtype)
-    dt = torch.float32 if half_to_float else x.dtype
-    xf = ops.cast(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
-    m = ops.reduce(Op.AMAX, xf, (dim,))
+    dim, dt, xf, m = _row_max(x, dim, half_to_float, "log_softmax_lastdim_kernel_impl")
     shifted = ops.binary(Op.SUB, xf, ops.expand(m, xf.shape))
     lse = ops.unary(Op.LOG, ops.reduce(Op.SUM, ops.unary(Op.EXP, shifted), (dim,)))
     return ops.cast(ops.binary(Op.SUB, shifted, ops.expand(lse, shifted.shape)), dt)
