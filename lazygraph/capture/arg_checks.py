@@ -12,12 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+from .rules import scalar_type_name
+
 aten = torch.ops.aten
-
-
-def _scalar_type(dtype: torch.dtype) -> str:
-    return {torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble", torch.float64: "Double",
-            torch.float32: "Float", torch.int32: "Int", torch.int64: "Long"}.get(dtype, str(dtype))
 
 
 def _index_add(self, dim, index, source, *, alpha=1):
@@ -33,13 +30,13 @@ def _index_add(self, dim, index, source, *, alpha=1):
 def _complex_out(real, imag, *, out):
     expected = torch.complex128 if real.dtype == torch.float64 else torch.complex64
     if real.dtype in (torch.float32, torch.float64) and out.dtype != expected:
-        raise RuntimeError(f"Expected object of scalar type {_scalar_type(expected)} but got scalar type "
-                           f"{_scalar_type(out.dtype)} for argument 'out'")
+        raise RuntimeError(f"Expected object of scalar type {scalar_type_name(expected)} but got scalar type "
+                           f"{scalar_type_name(out.dtype)} for argument 'out'")
 
 
 def _multinomial_out(probs, num_samples, replacement=False, *, generator=None, out):
     if out.dtype != torch.int64:
-        raise RuntimeError(f"multinomial expects Long tensor out, got: {_scalar_type(out.dtype)}")
+        raise RuntimeError(f"multinomial expects Long tensor out, got: {scalar_type_name(out.dtype)}")
 
 
 def _aminmax(self, *, dim=None, keepdim=False):

@@ -41,7 +41,7 @@ def overlap(a, b) -> str:
     return "partial" if a0 < b1 and b0 < a1 else "none"
 
 
-_INTERNAL = ("unsupported operation: more than one element of the written-to tensor refers to a single memory "
+INTERNAL_OVERLAP = ("unsupported operation: more than one element of the written-to tensor refers to a single memory "
              "location. Please clone() the tensor before performing the operation.")
 
 
@@ -63,7 +63,7 @@ def check_write_overlap(func, written: list, inputs: list) -> None:
         return
     for w in written:
         if internal_overlap(w):
-            raise RuntimeError(_INTERNAL)
+            raise RuntimeError(INTERNAL_OVERLAP)
         for x in inputs:
             if overlap(w, x) in refused:
                 raise RuntimeError(_MESSAGE)

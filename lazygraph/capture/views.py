@@ -16,6 +16,7 @@ import torch
 
 from .. import ops
 from ..ir import Node, Op, Shape, contiguous_strides, numel
+from .overlap import INTERNAL_OVERLAP
 
 aten = torch.ops.aten
 Step = tuple
@@ -284,8 +285,7 @@ def _scatter_step(base: Node, step: Step, value: Node) -> Node:
             inverse[d] = i
         return ops.permute(value, inverse)
     if kind == "expand":
-        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
-                           "single memory location. Please clone() the tensor before performing the operation.")
+        raise RuntimeError(INTERNAL_OVERLAP)
     if kind == "slice":
         _, starts, steps, _shape = step
         placed = ops.pad(value, base.shape, starts, steps, 0)
