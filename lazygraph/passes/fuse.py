@@ -64,6 +64,9 @@ class Step:
     kind: str  # "kernel" | "extern" | "view"
     node: Node | None = None
     group: FusionGroup | None = None
+    # the lane this step runs on (a CUDA stream; on the CPU a worker thread); 0 is the caller's.
+    # The schedule pass sets it; a step on another lane waits for the steps it reads from.
+    stream: int = 0
 
     def reads(self) -> list[Node]:
         if self.kind == "kernel":
