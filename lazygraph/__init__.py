@@ -77,6 +77,7 @@ def stats() -> dict[str, Any]:
         "grad_clones": c["grad_clones"],  # parameter gradients autograd copies (laid out unlike the parameter)
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),
+        "schedule": counters.schedule_stats(),  # order and lanes of the programs built (passes/schedule.py)
     }
 
 

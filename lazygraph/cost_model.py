@@ -1,4 +1,10 @@
-"""What a program moves through memory, counted the way the hardware sees it.
+"""The cost model: what a program moves through memory, and how long a step takes on a device.
+
+One module for every user: the schedule pass (passes/schedule.py) orders steps and picks their
+lanes by `step_cost`, the benchmarks' modelled columns come from `program_cost`, and a multi-device
+simulator would read the same device profiles.
+
+Bytes, counted the way the hardware sees them:
 
 - A lifted runtime scalar is one element (a kernel argument), not a buffer of its broadcast shape.
 - A gather reads the rows its index picks, not the whole table (an embedding lookup).
@@ -7,20 +13,60 @@
   the schedule's layouts on meta tensors (no memory, no kernels), and counted in the total.
 - Eager's side is the aten ops eager PyTorch really runs (`eager_aten_cost`, a dispatch mode over
   a meta-device run), not the primitive IR ops lazygraph lowers them to.
+
+Time: a step takes max(bytes / bandwidth, flops / peak) + its launch cost on the device profile of
+its device (`PROFILES`, chosen per device type by `DEVICE_PROFILE`; both are plain dicts a user or
+a test may change: `cost_model.DEVICE_PROFILE["cuda"] = "h200"` after adding that profile).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .ir import MOVEMENT, Node, Op, itemsize, numel
+from .ir import MOVEMENT, REDUCE, Node, Op, itemsize, numel
 
 _ATTENTION = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
+
+
+# ---------------------------------------------------------------------------------------------
+# launches: which extern steps one call computes
+# ---------------------------------------------------------------------------------------------
+
+
+def extern_launches(steps: Sequence) -> dict[str, dict[tuple, list[Node]]]:
+    """Extern steps grouped by the launch that computes them: attention's output and log-sum-exp
+    are one flash kernel, its three gradients another; an aten call may give several outputs."""
+    out: dict[str, dict[tuple, list[Node]]] = {"attention": {}, "extern": {}}
+    for st in steps:
+        if st.kind != "extern":
+            continue
+        n = st.node
+        if n.op in _ATTENTION:
+            direction = "bwd" if n.op is Op.ATTENTION_BWD else "fwd"
+            groups = out["attention"]
+            name = next((k for k, v in groups.items()
+                         if k.startswith(f"flash_attention_{direction}") and v[0].srcs == n.srcs), None)
+            if name is None:
+                name = f"flash_attention_{direction}_{len(groups)}"
+                groups[name] = []
+            groups[name].append(n)
+        else:
+            out["extern"].setdefault(extern_call_key(n), []).append(n)
+    return out
+
+
+def extern_call_key(n: Node) -> tuple:
+    """Extern nodes with equal keys are outputs of one call."""
+    return (n.attrs.get("target", n.op.value), tuple(s.id for s in n.srcs), repr(n.attrs.get("args")))
+
+
+def extern_name(n: Node) -> str:
+    return n.attrs.get("target", n.op.value) if n.op is Op.EXTERN else n.op.value
 
 
 def is_scalar_input(n: Node) -> bool:
@@ -148,8 +194,6 @@ def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs
     they move, the hidden work outside them, and the floor no schedule goes below (matmul, flash
     and extern I/O plus the graph's inputs and outputs). `inputs` (input id -> meta tensor) are
     layouts another program gave its inputs; `outputs` receives this one's output layouts."""
-    from .runtime.cost import extern_launches
-
     s = program.schedule
     launches = extern_launches(s.steps)
     kernel_bytes = sum(kernel_read_bytes(g) + sum(o.nbytes for o in g.program.outputs) for g in s.kernels)
@@ -244,3 +288,129 @@ def eager_aten_cost(step: Callable[[], Any]) -> dict[str, int]:
     with _AtenCounter() as counter:
         step()
     return {"eager_ops": counter.ops, "eager_bytes": counter.bytes}
+
+
+# ---------------------------------------------------------------------------------------------
+# time: device profiles and the modelled time of a step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the model assumes of a device. A step takes max(bytes / bandwidth, flops / peak) +
+    launch; a step that waits on another lane's step pays `handoff` more."""
+
+    name: str
+    bandwidth: float  # bytes/s to and from device memory
+    flops: float  # flop/s of float32 work (pointwise, reductions, float32 matmuls)
+    half_matmul_flops: float  # flop/s of 16-bit matmuls and attention (tensor cores on a GPU)
+    kernel_launch: float  # s per generated kernel
+    extern_launch: float  # s per torch call
+    handoff: float  # s for a step to start after another lane's step (event wait, thread hand-off)
+    lanes: int  # lanes the schedule may use by default (CUDA streams, worker threads)
+    any_step_on_lanes: bool  # False: only torch calls that release the GIL leave lane 0
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    # H100 SXM: 3.35 TB/s HBM3, 67 TFLOP/s float32, 989 TFLOP/s dense bf16; a launch ~4 us of host
+    # time; a cross-stream event wait ~5 us
+    "h100": DeviceProfile("h100", bandwidth=3.35e12, flops=67e12, half_matmul_flops=989e12,
+                          kernel_launch=4e-6, extern_launch=6e-6, handoff=5e-6, lanes=4, any_step_on_lanes=True),
+    # this machine's CPU (2 cores of an AMD EPYC, AVX-512): torch calls at ~20 GB/s and ~100 GFLOP/s;
+    # generated kernels run in Triton's interpreter (~1 ms a launch, holding the GIL); handing a
+    # step to a worker thread and back costs tens of microseconds
+    "cpu": DeviceProfile("cpu", bandwidth=20e9, flops=100e9, half_matmul_flops=50e9,
+                         kernel_launch=1e-3, extern_launch=15e-6, handoff=40e-6, lanes=2, any_step_on_lanes=False),
+}
+DEVICE_PROFILE: dict[str, str] = {"cuda": "h100", "cpu": "cpu"}  # device type -> name in PROFILES
+
+
+def profile_for(device: str) -> DeviceProfile:
+    """The profile of a device ("cuda:1" -> DEVICE_PROFILE["cuda"]); an unknown type gets the CPU's."""
+    return PROFILES[DEVICE_PROFILE.get(device.split(":")[0], DEVICE_PROFILE["cpu"])]
+
+
+@dataclass(frozen=True)
+class StepCost:
+    bytes: int
+    flops: int
+    seconds: float
+
+
+# torch calls that release the GIL for long enough to run beside the interpreter on a worker thread
+GIL_FREE_EXTERNS = frozenset({Op.MATMUL, Op.SCATTER_ADD, Op.GATHER, Op.CAT})
+
+
+def releases_gil(n: Node) -> bool:
+    """A torch call (not a Triton kernel in the interpreter) that another thread can run at once."""
+    if n.op is Op.EXTERN:
+        return not is_seeded(n)
+    return n.op in GIL_FREE_EXTERNS
+
+
+def is_seeded(n: Node) -> bool:
+    """An aten call that draws from torch's global generator: calls like it run in recorded order."""
+    if n.op is not Op.EXTERN:
+        return False
+    from .reference import resolve_aten
+
+    try:
+        return torch.Tag.nondeterministic_seeded in resolve_aten(n.attrs["target"]).tags
+    except Exception:  # noqa: BLE001 - an op we cannot resolve: assume it may draw
+        return True
+
+
+def _matmul_flops(n: Node) -> int:
+    return 2 * numel(n.shape) * n.srcs[0].shape[-1] if n.srcs and n.srcs[0].shape else numel(n.shape)
+
+
+def _attention_flops(n: Node) -> int:
+    """Two [T, T] products per head forward (q k^T, p v), five backward; q is [..., T, D]."""
+    q, k = n.srcs[0].shape, n.srcs[1].shape
+    if n.op is Op.ATTENTION_BWD:
+        q, k = n.srcs[1].shape, n.srcs[2].shape
+    if len(q) < 2 or len(k) < 2:
+        return 0
+    per_product = 2 * numel(q[:-1]) * k[-2] * q[-1]
+    return per_product * (5 if n.op is Op.ATTENTION_BWD else 2)
+
+
+def _extern_flops(n: Node) -> int:
+    if n.op is Op.MATMUL:
+        return _matmul_flops(n)
+    if n.op in _ATTENTION:
+        return _attention_flops(n)
+    target = str(n.attrs.get("target", ""))
+    if "convolution" in target and "backward" not in target and len(n.srcs) > 1:
+        return 2 * numel(n.shape) * numel(n.srcs[1].shape[1:])  # weight [C_out, C_in / groups, *kernel]
+    return numel(n.shape)  # otherwise modelled as memory-bound
+
+
+def _kernel_flops(group) -> int:
+    """One op per element of every computed node; a reduction per element of its input."""
+    total = 0
+    for n in group.nodes:
+        if n.op in REDUCE:
+            total += numel(n.srcs[0].shape)
+        elif n.op not in MOVEMENT and n.op not in (Op.FULL, Op.IOTA, Op.INPUT):
+            total += numel(n.shape)
+    return total
+
+
+def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepCost:
+    """Modelled bytes, flops and time of one schedule step (passes.fuse.Step). A view is free. An
+    extern step whose call another step already made (`first_of_call=False`: the second output of
+    one aten call, attention's log-sum-exp beside its output) costs nothing more."""
+    if step.kind == "view" or not first_of_call:
+        return StepCost(0, 0, 0.0)
+    if step.kind == "kernel":
+        g = step.group
+        nbytes = kernel_read_bytes(g) + sum(o.nbytes for o in g.program.outputs)
+        flops, peak, launch = _kernel_flops(g), profile.flops, profile.kernel_launch
+    else:
+        n = step.node
+        nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
+        flops, launch = _extern_flops(n), profile.extern_launch
+        half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)
+        peak = profile.half_matmul_flops if half else profile.flops
+    return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / peak) + launch)

@@ -27,6 +27,14 @@ def graphs_run_here() -> int:
     return getattr(_THREAD, "graphs_run", 0)
 
 
+def schedule_stats() -> dict[str, int]:
+    """stats()["schedule"]: programs the schedule pass ordered (passes/schedule.py), how many it
+    reordered or put on several lanes, and the modelled figures of the last one."""
+    return {k.removeprefix("schedule_"): COUNTERS[k] for k in (
+        "schedules", "schedules_reordered", "schedules_on_lanes", "schedule_critical_path_us",
+        "schedule_modelled_us", "schedule_peak_bytes")}
+
+
 def reset() -> None:
     COUNTERS.clear()
     GRAPH_BREAKS.clear()

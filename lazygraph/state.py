@@ -47,6 +47,8 @@ class Settings:
     dump_dir: str | None = os.environ.get("LAZYGRAPH_DUMP") or None
     # LAZYGRAPH_DISABLE=1: compile() and lazy() hand back what they were given; everything runs eagerly
     disabled: bool = _flag("LAZYGRAPH_DISABLE")
+    # LAZYGRAPH_STREAMS=N: lanes a schedule may use (CUDA streams; CPU worker threads); 0: the device profile's
+    streams: int = int(os.environ.get("LAZYGRAPH_STREAMS", "0") or 0)
 
 
 SETTINGS = Settings()

@@ -20,8 +20,6 @@ EXCEPTIONS = {
     # type belongs with the loop programs
     ("lazygraph/codegen_triton.py", "passes"),
     ("lazygraph/codegen/uses.py", "passes"),
-    # program_cost counts a program's launches with the runtime's own grouping of its steps
-    ("lazygraph/cost_model.py", "runtime"),
 }
 
 

@@ -53,7 +53,7 @@ def test_each_pass_keeps_values_on_captured_graphs(name):
     for _, graph in result.stages:
         verify(graph)
     assert [s for s, _ in result.stages][0] == "00-captured"
-    assert result.stages[-1][0].endswith("fuse")
+    assert result.stages[-2][0].endswith("fuse") and result.stages[-1][0].endswith("schedule")
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -1,7 +1,7 @@
 """The pass pipeline, defined once: graph passes, then fusion into a schedule and a memory plan.
 
-    captured graph -> simplify -> attention -> place -> fuse (kernels and extern calls) -> memory plan
-                      \\___ graph-level ___/
+    captured graph -> simplify -> attention -> place -> fuse (kernels and extern calls)
+                      \\___ graph-level ___/        -> schedule (order, lanes) -> memory plan
 
 The graph-level stages need the whole graph: `compile` runs them on the joint graph of forward and
 backward (attention and its backward are matched together), partitions it, and each half then
@@ -31,6 +31,7 @@ from .heads import split_heads
 from .memory import MemoryPlan, plan_memory
 from .pattern import Fired, fired_counts
 from .place import place
+from .schedule import ScheduleInfo, schedule_steps
 from .simplify import simplify
 
 GraphPass = Callable[..., Graph]  # (graph, log=list[Fired]) -> graph
@@ -80,6 +81,14 @@ class Stages:
 class PipelineResult(Stages):
     schedule: Schedule | None = None
     memory: MemoryPlan | None = None
+    order: ScheduleInfo | None = None  # why the steps run in the order and on the lanes they do
+
+    def files(self, groups: dict[int, int] | None = None) -> dict[str, str]:
+        """Stages.files, plus schedule.txt: the order, the lane of each step, modelled times, why."""
+        files = super().files(groups)
+        if self.order is not None:
+            files["schedule.txt"] = self.order.text()
+        return files
 
 
 # compile's programs for the halves of a joint graph: the graph-level stages ran on the joint graph
@@ -111,7 +120,7 @@ def run_graph_stages(graph: Graph, input_values: InputValues | None = None) -> S
 
 
 def run_pipeline(graph: Graph, fusion: bool = True, input_values: InputValues | None = None) -> PipelineResult:
-    """Every stage (after partition: the rest), then fusion and the memory plan. `input_values`
+    """Every stage (after partition: the rest), then fusion, the schedule and the memory plan. `input_values`
     lends the values of graph inputs to passes that can use them (a causal mask held in a buffer);
     the inputs they relied on end up in `input_values.relied`."""
     result = PipelineResult()
@@ -128,6 +137,11 @@ def run_pipeline(graph: Graph, fusion: bool = True, input_values: InputValues | 
     result.add(f"{int(result.stages[-1][0][:2]) + 1:02d}-fuse", result.graph,
                f"graph unchanged; {len(result.schedule.kernels)} kernels, "
                f"{sum(s.kind == 'extern' for s in steps)} extern calls (fusion.txt says why)")
+    result.schedule, result.order = schedule_steps(result.schedule)
+    o = result.order
+    result.add(f"{int(result.stages[-1][0][:2]) + 1:02d}-schedule", result.graph,
+               f"graph unchanged; {len(steps)} steps, {o.moved} moved, {o.lanes} lane(s), objective "
+               f"{o.objective} (schedule.txt says why)")
     result.memory = plan_memory(result.schedule)
     return result
 
@@ -240,5 +254,5 @@ def _renamed_dot(dot: str, names: dict[str, str]) -> str:
 
 
 __all__ = ["InputValues", "PIPELINE", "GRAPH_LEVEL", "Stages", "PipelineResult", "run_pipeline", "run_graph_stages",
-           "after_partition", "check_pipeline", "stable_names", "simplify", "place", "fuse", "plan_memory",
-           "Schedule", "Step", "FusionGroup", "Decision", "MemoryPlan"]
+           "after_partition", "check_pipeline", "stable_names", "simplify", "place", "fuse", "schedule_steps",
+           "plan_memory", "Schedule", "ScheduleInfo", "Step", "FusionGroup", "Decision", "MemoryPlan"]

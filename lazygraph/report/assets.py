@@ -36,6 +36,7 @@ PAGE = r"""<!DOCTYPE html>
 </section>
 <section id="lg-kernels-sec"><h2>kernels</h2><div id="lg-kernels"></div></section>
 <section id="lg-fusion-sec"><h2>fusion decisions</h2><div id="lg-fusion-summary"></div><div id="lg-fusion"></div></section>
+<section id="lg-schedule-sec"><h2>schedule (modelled timeline, a lane per stream)</h2><div id="lg-schedule"></div></section>
 <section id="lg-overview"><h2>stats (summary.json)</h2><div id="lg-stats"></div>
 <h2>events (recompiles, graph breaks)</h2><div id="lg-events"></div></section>
 </main>
@@ -94,6 +95,9 @@ svg .cluster .head { cursor: pointer; pointer-events: all; fill: transparent; st
 #lg-search-results li:hover, #lg-search-results li.first { background: #eef6ff; }
 #lg-search-results li .what { color: #888; margin-right: 6px; }
 .muted { color: #888; }
+.timeline text { font: 11px monospace; fill: #444; }
+.timeline rect { stroke: #fff; stroke-width: .5; }
+.timeline .step-kernel { fill: #64b5f6; } .timeline .step-extern { fill: #ffb74d; } .timeline .step-view { fill: #bdbdbd; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 8px; background: #eee; margin-right: 4px; }
 .fuse { color: #1b5e20; } .apart { color: #b71c1c; }
 """
@@ -495,6 +499,31 @@ JS = r"""
       ds.map(function (d) { var c = {}; for (var k in d) c[k] = d[k]; c.legal = String(d.legal); return c; }));
   }
 
+  // ---- schedule: the modelled timeline, a row per lane (CUDA stream, CPU worker thread) ----------
+  function renderSchedule(r) {
+    var s = r.schedule, box = $("lg-schedule");
+    if (!s || !s.steps) { box.innerHTML = '<span class="muted">no schedule in this run</span>'; return; }
+    var lanes = 1, end = 0;
+    s.steps.forEach(function (st) { lanes = Math.max(lanes, st.lane + 1); end = Math.max(end, st.end_us); });
+    var W = 960, row = 22, left = 56, scale = end > 0 ? (W - left - 8) / end : 0, h = [];
+    h.push("<p>" + esc(s.objective + ": " + lanes + " of " + s.lanes_available + " lanes (" + s.profile + " profile), " +
+      s.moved + " steps moved; modelled critical path " + s.critical_path_us + " us, this order " + s.modelled_us +
+      " us, one lane " + s.serial_us + " us; peak memory " + fmtBytes(s.peak_bytes) + " (recording order " +
+      fmtBytes(s.recorded_peak_bytes) + ")") + "</p>");
+    h.push('<svg class="timeline" width="' + W + '" height="' + (lanes * row + 20) + '">');
+    for (var l = 0; l < lanes; l++) h.push('<text x="4" y="' + (l * row + 15) + '">lane ' + l + "</text>");
+    s.steps.forEach(function (st, i) {
+      var x = left + st.start_us * scale, w = Math.max((st.end_us - st.start_us) * scale, 1);
+      h.push('<rect class="step-' + esc(st.kind) + '" x="' + x.toFixed(1) + '" y="' + (st.lane * row + 3) + '" width="' +
+        w.toFixed(1) + '" height="' + (row - 6) + '"><title>' + esc("#" + i + " " + st.name + " (" + st.kind +
+        ", recorded #" + st.recorded + "): " + st.start_us + ".." + st.end_us + " us") + "</title></rect>");
+    });
+    h.push('<text x="' + left + '" y="' + (lanes * row + 15) + '">0 us</text><text x="' + (W - 8) + '" y="' +
+      (lanes * row + 15) + '" text-anchor="end">' + esc(end) + " us</text></svg>");
+    h.push("<ul>" + (s.reasons || []).map(function (x) { return "<li><code>" + esc(x) + "</code></li>"; }).join("") + "</ul>");
+    box.innerHTML = h.join("");
+  }
+
   // ---- selection -------------------------------------------------------------------------------
   function selectPass(p) {
     state.pass = Math.max(0, Math.min(p, run().passes.length - 1));
@@ -506,7 +535,7 @@ JS = r"""
     state.run = i; state.kernel = -1; state.node = null;
     var r = run();
     $("lg-run").value = String(i);
-    renderStats(r); renderPasses(r); renderKernels(r); renderFusion(r);
+    renderStats(r); renderPasses(r); renderKernels(r); renderFusion(r); renderSchedule(r);
     var p = r.default_pass;
     r.passes.forEach(function (x, j) { if (x.name === passName) p = j; });
     selectPass(p);

@@ -3,7 +3,8 @@
 Python parses the dump and says what to draw: a box per IR node, a box per fusion group, and which
 nodes each group box stands for. The page collapses every fusion group into its box by default
 (a click expands it), lays the visible boxes out with dagre (layout.py) and draws SVG, so a GPT-2
-sized graph reads as its kernels first. A search box finds nodes, kernels and source lines.
+sized graph reads as its kernels first. A search box finds nodes, kernels and source lines. The
+schedule pass's modelled timeline is drawn with a row per lane (CUDA stream, CPU worker thread).
 A big graph is drawn a section of boxes at a time; at most DRAW_CAP nodes are sent per graph (the page
 says so); identical graphs are sent once.
 """
@@ -156,9 +157,9 @@ def report_data(dump: Dump, runs: list[Run]) -> dict[str, Any]:
             # node names in the fusion report belong to the fused graph: colour only from there on
             g = groups if i >= fuse_at else {}
             passes.append({"name": name, "drawing": drawings.get(text, g, names)})
-        summary = {k: v for k, v in run.summary.items() if k != "kernel_list"}
+        summary = {k: v for k, v in run.summary.items() if k not in ("kernel_list", "schedule")}
         out_runs.append({"name": run.name, "summary": summary, "compiled": run.compiled, "passes": passes,
-                         "kernels": kernels, "decisions": _decisions(run),
+                         "kernels": kernels, "decisions": _decisions(run), "schedule": run.summary.get("schedule"),
                          "default_pass": max(len(passes) - 1, 0)})
     # the dump as the user named it: a report written elsewhere or shared does not show a temporary path
     return {"path": os.path.normpath(dump.path), "runs": out_runs, "events": dump.events,

@@ -1,7 +1,8 @@
 """`python -m lazygraph show DIR`: a terminal summary of every graph run in a dump.
 
 Per run: graph stats, eager ops against kernels, each kernel with its IR nodes and source lines,
-the fusion decisions grouped by reason, the top kernels by bytes; then recompiles and graph breaks.
+the fusion decisions grouped by reason, the schedule (order, lanes, modelled times, why), the top
+kernels by bytes; then recompiles and graph breaks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .load import Dump, NodeLine, Run, load_dump
 
 MAX_NODES_SHOWN = 8  # per kernel; the rest are counted
 MAX_EXAMPLES = 3  # node pairs shown per refused-fusion reason
+MAX_REASONS = 5  # schedule reasons shown per run
 
 
 def fmt_bytes(n: Any) -> str:
@@ -55,6 +57,7 @@ def run_lines(run: Run, top: int = 5) -> list[str]:
         return out
     out += _kernel_lines(run)
     out += _fusion_lines(run)
+    out += schedule_lines(s.get("schedule"))
     kl = [k for k in run.kernel_list() if kernel_bytes(k)]
     if kl:
         out.append(f"  top kernels by bytes moved (of {len(run.kernel_list())}):")
@@ -113,6 +116,31 @@ def _fusion_lines(run: Run) -> list[str]:
                 pairs = [_pair(d, graph) for d in group[:MAX_EXAMPLES]]
                 line += ": " + ", ".join(pairs) + (" ..." if len(group) > MAX_EXAMPLES else "")
             out.append(line)
+    return out
+
+
+def schedule_lines(sched: dict[str, Any] | None) -> list[str]:
+    """The schedule pass's decision: objective, lanes, modelled times and peak, the steps on lanes
+    other than 0, and the first reasons."""
+    if not sched:
+        return []
+    out = [f"  schedule: {sched.get('objective', '?')}, {sched.get('lanes', 1)} of {sched.get('lanes_available', '?')}"
+           f" lanes ({sched.get('profile', '?')} profile), {sched.get('moved', 0)} steps moved",
+           f"    modelled: critical path {sched.get('critical_path_us', '?')} us, this order "
+           f"{sched.get('modelled_us', '?')} us, one lane {sched.get('serial_us', '?')} us; peak "
+           f"{fmt_bytes(sched.get('peak_bytes'))} (recording order {fmt_bytes(sched.get('recorded_peak_bytes'))})"]
+    lanes: dict[int, list[str]] = {}
+    for st in sched.get("steps") or []:
+        lanes.setdefault(int(st.get("lane", 0)), []).append(str(st.get("name", "?")))
+    for lane, names in sorted(lanes.items()):
+        if lane:
+            shown = ", ".join(names[:MAX_NODES_SHOWN]) + (f" ... +{len(names) - MAX_NODES_SHOWN} more"
+                                                          if len(names) > MAX_NODES_SHOWN else "")
+            out.append(f"    lane {lane}: {shown}")
+    reasons = sched.get("reasons") or []
+    out += [f"    why: {r}" for r in reasons[:MAX_REASONS]]
+    if len(reasons) > MAX_REASONS:
+        out.append(f"    ... {len(reasons) - MAX_REASONS} more reasons in schedule.txt")
     return out
 
 

@@ -7,46 +7,15 @@ writes its result; eager runs every op that is not an input, a constant or a vie
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
+# the grouping of extern steps into launches lives in the one cost model; the runtime imports it from here
+from ..cost_model import extern_call_key, extern_launches, extern_name  # noqa: F401
 from ..ir import Graph, Node, Op, effective_op
-from ..passes.fuse import Schedule, Step
+from ..passes.fuse import Schedule
 from ..passes.loops import FREE_OPS
 from ..passes.memory import MemoryPlan
-
-_ATTENTION_OPS = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
-
-
-def extern_launches(steps: Sequence[Step]) -> dict[str, dict[tuple, list[Node]]]:
-    """Extern steps grouped by the launch that computes them: attention's output and log-sum-exp
-    are one flash kernel, its three gradients another; an aten call may give several outputs."""
-    out: dict[str, dict[tuple, list[Node]]] = {"attention": {}, "extern": {}}
-    for st in steps:
-        if st.kind != "extern":
-            continue
-        n = st.node
-        if n.op in _ATTENTION_OPS:
-            direction = "bwd" if n.op is Op.ATTENTION_BWD else "fwd"
-            groups = out["attention"]
-            name = next((k for k, v in groups.items()
-                         if k.startswith(f"flash_attention_{direction}") and v[0].srcs == n.srcs), None)
-            if name is None:
-                name = f"flash_attention_{direction}_{len(groups)}"
-                groups[name] = []
-            groups[name].append(n)
-        else:
-            out["extern"].setdefault(extern_call_key(n), []).append(n)
-    return out
-
-
-def extern_call_key(n: Node) -> tuple:
-    """Extern nodes with equal keys are outputs of one call."""
-    return (n.attrs.get("target", n.op.value), tuple(s.id for s in n.srcs), repr(n.attrs.get("args")))
-
-
-def extern_name(n: Node) -> str:
-    return n.attrs.get("target", n.op.value) if n.op is Op.EXTERN else n.op.value
+from ..passes.schedule import ScheduleInfo
 
 
 def _root_bytes(n: Node) -> int:
@@ -69,8 +38,10 @@ def eager_cost(graph: Graph) -> tuple[int, int]:
     return len(ops), sum(_op_bytes(n) for n in ops)
 
 
-def schedule_summary(graph: Graph, schedule: Schedule, memory: MemoryPlan) -> dict[str, Any]:
-    """Kernels, flash launches and extern calls of a schedule with their modelled bytes, against eager."""
+def schedule_summary(graph: Graph, schedule: Schedule, memory: MemoryPlan,
+                     order: ScheduleInfo | None = None) -> dict[str, Any]:
+    """Kernels, flash launches and extern calls of a schedule with their modelled bytes, against eager;
+    with `order`, the schedule pass's decision ("schedule": order, lanes, modelled times, peak)."""
     names = schedule.names
     kernel_list = []
     for g in schedule.kernels:
@@ -99,4 +70,5 @@ def schedule_summary(graph: Graph, schedule: Schedule, memory: MemoryPlan) -> di
         "eager_bytes": eager_bytes, "fused_bytes": fused_bytes,
         **memory.summary(),
         "kernel_list": kernel_list,
+        **({"schedule": order.summary()} if order is not None else {}),
     }

@@ -126,7 +126,7 @@ class CompiledProgram:
                 f"{sum(1 for x in s.steps if x.kind == 'view')} views")
 
     def summary(self) -> dict[str, Any]:
-        info = {**schedule_summary(self.graph, self.schedule, self.result.memory),
+        info = {**schedule_summary(self.graph, self.schedule, self.result.memory, self.result.order),
                 "passes": [name for name, _ in self.result.stages]}
         bodies: dict[str, list[str]] = {}
         for k in self.kernels():
