@@ -189,6 +189,33 @@ def hidden_traffic(schedule, graph, inputs: dict[int, torch.Tensor] | None = Non
     return hidden
 
 
+@dataclass
+class LaunchBytes:
+    """One launch of a schedule and the bytes it moves: a kernel, a flash-attention launch, an extern call."""
+
+    name: str
+    kind: str  # "pointwise" | "reduction" (kernels) | "attention" | "extern"
+    nodes: list[Node]
+    read: int
+    written: int
+
+
+def launch_bytes(schedule) -> list[LaunchBytes]:
+    """Every launch of a schedule with its modelled bytes: the one byte model behind program_cost,
+    the dumps' summary (runtime.cost.schedule_summary) and the schedule pass's step times."""
+    out = [LaunchBytes(g.name, g.kind, list(g.nodes), kernel_read_bytes(g), sum(o.nbytes for o in g.program.outputs))
+           for g in schedule.kernels]
+    launches = extern_launches(schedule.steps)
+    for name, nodes in launches["attention"].items():
+        operands = {x.id: x for n in nodes for x in n.srcs}.values()
+        out.append(LaunchBytes(name, "attention", nodes, sum(operand_bytes(x) for x in operands),
+                               sum(n.nbytes for n in nodes)))
+    for nodes in launches["extern"].values():
+        out.append(LaunchBytes(extern_name(nodes[0]), "extern", nodes, sum(operand_bytes(x) for x in nodes[0].srcs),
+                               sum(n.nbytes for n in nodes)))
+    return out
+
+
 def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs: list | None = None) -> dict[str, int]:
     """Launches and bytes of a CompiledProgram: kernels, flash launches, extern calls, the bytes
     they move, the hidden work outside them, and the floor no schedule goes below (matmul, flash
@@ -196,11 +223,10 @@ def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs
     layouts another program gave its inputs; `outputs` receives this one's output layouts."""
     s = program.schedule
     launches = extern_launches(s.steps)
-    kernel_bytes = sum(kernel_read_bytes(g) + sum(o.nbytes for o in g.program.outputs) for g in s.kernels)
-    flash_bytes = sum(sum(operand_bytes(x) for x in {x.id: x for n in nodes for x in n.srcs}.values())
-                      + sum(n.nbytes for n in nodes) for nodes in launches["attention"].values())
-    extern_bytes = sum(sum(n.nbytes for n in nodes) + sum(operand_bytes(x) for x in nodes[0].srcs)
-                       for nodes in launches["extern"].values())
+    moved = {"kernel": 0, "attention": 0, "extern": 0}
+    for launch in launch_bytes(s):
+        moved[launch.kind if launch.kind in moved else "kernel"] += launch.read + launch.written
+    kernel_bytes, flash_bytes, extern_bytes = moved["kernel"], moved["attention"], moved["extern"]
     g = program.result.graph
     # graph inputs and outputs that no matmul, flash or extern call already moves, each once,
     # as little of each input as a kernel reads of it (an embedding's gathered rows)
@@ -398,10 +424,11 @@ def _kernel_flops(group) -> int:
 
 
 def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepCost:
-    """Modelled bytes, flops and time of one schedule step (passes.fuse.Step). A view is free. An
-    extern step whose call another step already made (`first_of_call=False`: the second output of
-    one aten call, attention's log-sum-exp beside its output) costs nothing more."""
-    if step.kind == "view" or not first_of_call:
+    """Modelled bytes, flops and time of one schedule step (passes.fuse.Step), with launch_bytes'
+    byte model. A view is free. Of the steps of one call (an aten op's several outputs, attention's
+    output and log-sum-exp) the first reads the operands, computes and pays the launch; each writes
+    its own output (`first_of_call=False` for the others)."""
+    if step.kind == "view":
         return StepCost(0, 0, 0.0)
     if step.kind == "kernel":
         g = step.group
@@ -409,6 +436,8 @@ def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepC
         flops, peak, launch = _kernel_flops(g), profile.flops, profile.kernel_launch
     else:
         n = step.node
+        if not first_of_call:
+            return StepCost(n.nbytes, 0, n.nbytes / profile.bandwidth)
         nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
         flops, launch = _extern_flops(n), profile.extern_launch
         half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)

@@ -150,7 +150,8 @@ def test_a_compile_dump_shows_what_each_pass_changed(tmp_path, capsys, fused_bac
     assert stages["joint"] == ["00-captured.dot", "00-captured.txt", "01-simplify.dot", "01-simplify.txt",
                                "02-attention.dot", "02-attention.txt", "03-heads.dot", "03-heads.txt"]
     for half in ("forward", "backward"):
-        assert [f for f in stages[half] if f.endswith(".txt")] == ["04-partition.txt", "05-place.txt", "06-fuse.txt"]
+        assert [f for f in stages[half] if f.endswith(".txt")] == ["04-partition.txt", "05-place.txt", "06-fuse.txt",
+                                                                   "07-schedule.txt"]
     joint = f"{run}/joint"
     heads = {f: (tmp_path / joint / "passes" / f).read_text().splitlines()[0] for f in stages["joint"]
              if f.endswith(".txt")}

@@ -20,11 +20,11 @@ from lazygraph.passes.schedule import ScheduleInfo, schedule_steps
 from lazygraph.runtime.cache import clear_cache
 
 
-def fused(fn, *tensors):
+def fused(fn, *tensors, fusion: bool = True):
     """The recording-order schedule (fusion's) of the graph fn records, after the graph passes."""
     outs = fn(*[lg.lazy(t) for t in tensors])
     g = lg.graph(*(outs if isinstance(outs, tuple) else (outs,)))
-    return fuse(run_pipeline(g).graph)
+    return fuse(run_pipeline(g).graph, enabled=fusion)
 
 
 def run_lazy(fn, *tensors):
@@ -163,7 +163,7 @@ def random_program(seed: int):
     def fn(*xs):  # the same program at every call
         rng = random.Random(seed)
         vals = list(xs)
-        for _ in range(rng.randint(4, 14)):
+        for _ in range(rng.randint(8, 20)):
             a, b = rng.choice(vals), rng.choice(vals)
             op = rng.choice(["matmul", "matmul", "add", "mul", "exp", "sum", "t", "tanh"])
             if op == "matmul":
@@ -211,10 +211,11 @@ def check_no_cross_lane_reuse(schedule: Schedule) -> int:
     return len(plan.reuse)
 
 
+@pytest.mark.parametrize("fusion", [True, False])
 @pytest.mark.parametrize("seed", range(10))
-def test_orders_are_valid_on_random_graphs(seed, monkeypatch):
+def test_orders_are_valid_on_random_graphs(seed, fusion, monkeypatch):
     fn, ins = random_program(seed)
-    s = fused(fn, *ins)
+    s = fused(fn, *ins, fusion=fusion)  # without fusion: more steps, more buffers to reuse
     for lanes in (1, 3):
         new, info = schedule_steps(s, lanes=lanes)
         assert writers_first(new.steps)
