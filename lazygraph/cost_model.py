@@ -245,7 +245,17 @@ def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs
             "fused_bytes": kernel_bytes + flash_bytes + extern_bytes + hidden.bytes,
             "hidden_bytes": hidden.bytes, "hidden_copies": hidden.copies, "hidden_fills": hidden.fills,
             "lower_bound_bytes": flash_bytes + extern_bytes + io,
-            "peak_bytes": program.result.memory.summary().get("peak_bytes", 0)}
+            "peak_bytes": program.result.memory.summary().get("peak_bytes", 0),
+            **modelled_time(program)}
+
+
+def modelled_time(program) -> dict[str, int]:
+    """The schedule pass's modelled times of a program (us): its critical path, and its order on
+    the lanes it was given (what a benchmark prints beside the time it measures)."""
+    order = getattr(program.result, "order", None)
+    if order is None:
+        return {}
+    return {"critical_path_us": round(order.critical_path * 1e6), "modelled_us": round(order.modelled * 1e6)}
 
 
 def add_costs(*costs: dict[str, int]) -> dict[str, int]:

@@ -99,7 +99,7 @@ def test_memory_order_gives_eager_and_in_order_results(monkeypatch):
 def test_independent_chains_go_to_two_lanes():
     s = fused(two_chains, *two_chains_inputs())
     new, info = schedule_steps(s, lanes=2)
-    assert info.objective == "critical path" and info.lanes == 2
+    assert info.objective == "critical path" and info.lanes == 2 == sched_mod.lanes_used(new.steps)
     assert info.modelled < info.serial
     assert info.critical_path <= info.modelled
     assert writers_first(new.steps)
@@ -127,7 +127,7 @@ def test_lanes_give_eager_and_in_order_results(monkeypatch):
 def test_small_graphs_stay_on_one_lane_in_recording_order():
     s = fused(lambda x, w: torch.relu(x @ w) @ w + 1, torch.randn(5, 7), torch.randn(7, 7))
     new, info = schedule_steps(s, lanes=4)
-    assert info.lanes == 1 and info.moved == 0
+    assert info.lanes == 1 == sched_mod.lanes_used(new.steps) and info.moved == 0
     assert new.steps == [dataclasses.replace(st, stream=0) for st in s.steps]
 
 
@@ -277,6 +277,15 @@ def test_step_cost_is_bandwidth_or_compute_bound_plus_launch():
     assert kc.bytes == 2 * 4 * 64 * 128
     assert kc.seconds == pytest.approx(kc.bytes / p.bandwidth + p.kernel_launch)
     assert cost_model.profile_for("cuda:1") is p and cost_model.profile_for("cpu").name == "cpu"
+
+
+def test_program_cost_has_the_modelled_times(monkeypatch):
+    from lazygraph.runtime import CompiledProgram
+
+    monkeypatch.setattr(state.SETTINGS, "streams", 2)
+    p = CompiledProgram(lg.graph(two_chains(*[lg.lazy(t) for t in two_chains_inputs()])))
+    c = cost_model.program_cost(p)
+    assert 0 < c["critical_path_us"] <= c["modelled_us"] < round(p.result.order.serial * 1e6)
 
 
 # -- where it shows ---------------------------------------------------------------------------------

@@ -21,6 +21,16 @@ Each step's modelled time comes from cost_model.step_cost on its device's profil
 
 Otherwise the recording order stays. Every choice is recorded (`ScheduleInfo.reasons`), and the
 order, lanes, modelled times and peak memory are dumped as schedule.txt.
+
+What an executor of lanes relies on (CUDA streams; CPU worker threads):
+- `Schedule.steps` is the order steps are issued in; each lane runs its own steps in that order.
+- `Step.stream` is the lane: 0 the caller's (its current CUDA stream, the calling thread), up to
+  `lanes_used(steps) - 1`; `lanes_used(steps) == 1` means everything runs in order on the caller's.
+- A step waits for its predecessors on other lanes, `memory.step_preds(steps)` (list positions),
+  and for nothing else: one call's outputs share a lane, seeded calls are on lane 0 in order, and
+  the memory plan reuses a buffer only when every use of it happens before (on the same lane
+  earlier, or along those waits).
+- A run is over when every lane is: the next run of the program reuses its arena.
 """
 
 from __future__ import annotations
@@ -151,6 +161,11 @@ def is_valid_order(order: Sequence[int], dag: nx.DiGraph) -> bool:
     """Every step once, each after all of its predecessors."""
     pos = {s: i for i, s in enumerate(order)}
     return len(pos) == len(order) == dag.number_of_nodes() and all(pos[a] < pos[b] for a, b in dag.edges)
+
+
+def lanes_used(steps: Sequence[Step]) -> int:
+    """How many lanes a step list runs on (1: all on the caller's, in order)."""
+    return max((s.stream for s in steps), default=0) + 1
 
 
 def lanes_available(profile: DeviceProfile) -> int:
