@@ -87,7 +87,11 @@ class PipelineResult(Stages):
         """Stages.files, plus schedule.txt: the order, the lane of each step, modelled times, why."""
         files = super().files(groups)
         if self.order is not None:
-            files["schedule.txt"] = self.order.text()
+            m = self.memory
+            plan = "" if m is None else (
+                f"\nmemory plan under this schedule: peak {m.peak_bytes} B of kernel buffers, {m.allocated_bytes} B "
+                f"allocated, {len(m.reuse)} buffers reused, {m.refused} reuses refused (another lane may use it)\n")
+            files["schedule.txt"] = self.order.text() + plan
         return files
 
 

@@ -32,7 +32,8 @@ class MemoryPlan:
 
     def summary(self) -> dict[str, int]:
         return {"peak_bytes": self.peak_bytes, "peak_bytes_without_reuse": self.peak_bytes_without_reuse,
-                "allocated_bytes": self.allocated_bytes, "reused_buffers": len(self.reuse)}
+                "allocated_bytes": self.allocated_bytes, "reused_buffers": len(self.reuse),
+                "reuses_refused_for_lanes": self.refused}
 
 
 def nbytes(n: Node) -> int:

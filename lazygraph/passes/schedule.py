@@ -218,7 +218,8 @@ def schedule_steps(sched: Schedule, lanes: int | None = None) -> tuple[Schedule,
             for r in reasons:
                 info.why(r)
             order = greedy
-    assert is_valid_order(order, dag), "lazygraph schedule: an order that breaks a dependency (a scheduler bug)"
+    if not is_valid_order(order, dag):
+        raise RuntimeError("lazygraph schedule: an order that breaks a dependency (a scheduler bug)")
     info.peak_bytes = peak_bytes(order, uses)
     info.steps, info.modelled = _timeline(order, lane, dag, cost, profile, steps, labels)
     new = Schedule(sched.graph, [dataclasses.replace(steps[i], stream=lane[i]) for i in order], sched.groups,
@@ -267,7 +268,7 @@ def _lane_schedule(steps, dag, cost, bottom, first, lanes, profile, labels, info
     order: list[int] = []
     while ready:
         _, i = heapq.heappop(ready)
-        behind = min((j for _, j in ready if j < i), default=None)
+        behind = min((j for _, j in ready if j < i), default=None) if len(info.reasons) < MAX_REASONS else None
         if behind is not None:
             info.why(f"{labels[i]} before {labels[behind]}: longer remaining path "
                      f"({_us(bottom[i])} us against {_us(bottom[behind])} us)")
