@@ -203,7 +203,8 @@ def schedule_steps(sched: Schedule, lanes: int | None = None) -> tuple[Schedule,
         gain = info.serial - modelled
         if len(set(lane)) > 1 and gain > max(profile.handoff, MIN_GAIN * info.serial):
             info.objective = "critical path"
-            info.why(f"{len(set(lane))} lanes: modelled {_us(modelled)} us against {_us(info.serial)} us on one")
+            info.reasons.insert(0, f"{len(set(lane))} lanes: modelled {_us(modelled)} us against "
+                                   f"{_us(info.serial)} us on one")
         else:
             info.reasons.clear()
             info.why(f"one lane: lanes would model {_us(modelled)} us against {_us(info.serial)} us, a gain "

@@ -520,6 +520,7 @@ JS = r"""
     });
     h.push('<text x="' + left + '" y="' + (lanes * row + 15) + '">0 us</text><text x="' + (W - 8) + '" y="' +
       (lanes * row + 15) + '" text-anchor="end">' + esc(end) + " us</text></svg>");
+    h.push('<div class="muted">blue: kernel, orange: extern call, grey: view; hover a step for its times</div>');
     h.push("<ul>" + (s.reasons || []).map(function (x) { return "<li><code>" + esc(x) + "</code></li>"; }).join("") + "</ul>");
     box.innerHTML = h.join("");
   }
