@@ -2,7 +2,7 @@
 
 Turned on by LAZYGRAPH_DUMP=<dir> or lazygraph.dump(). Each run writes <dir>/run-NNNN/ with
 graph.txt, graph.dot, summary.txt (plus, for compiled programs, every pass's graph before and
-after, the fusion report and the kernels' source).
+after, the fusion report, schedule.txt with the order and lane of each step, and the kernels' source).
 """
 
 from __future__ import annotations
@@ -78,5 +78,10 @@ def format_summary(info: dict[str, Any]) -> str:
     for key in ("eager_ops", "kernels", "extern_calls", "eager_bytes", "fused_bytes"):
         if key in info:
             lines.append(f"{key}: {info[key]}")
+    if "schedule" in info:  # the schedule pass's decision (schedule.txt has the order and why)
+        o = info["schedule"]
+        lines.append(f"schedule: {o['objective']}, {o['lanes']} lane(s), {o['moved']} steps moved; modelled "
+                     f"critical path {o['critical_path_us']} us, this order {o['modelled_us']} us, "
+                     f"peak {o['peak_bytes']} B")
     lines.append("ops: " + ", ".join(f"{k}={v}" for k, v in info["ops"].items()))
     return "\n".join(lines) + "\n"

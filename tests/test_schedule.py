@@ -305,6 +305,7 @@ def test_schedule_in_dump_show_html_and_stats(tmp_path, monkeypatch):
     text = (run / "schedule.txt").read_text()
     assert "critical path" in text and "on lane 1" in text and "memory plan under this schedule" in text
     assert any(name.endswith("-schedule.txt") for name in (p.name for p in (run / "passes").iterdir()))
+    assert "schedule: critical path, 2 lane(s)" in (run / "summary.txt").read_text()
     shown = show_text(load_dump(str(tmp_path)))
     assert "schedule: critical path, 2 of 2 lanes" in shown and "    lane 1:" in shown
     data = report_data(load_dump(str(tmp_path)), load_dump(str(tmp_path)).runs)
