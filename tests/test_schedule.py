@@ -18,6 +18,7 @@ from lazygraph.passes.fuse import Schedule
 from lazygraph.passes.memory import buffer_uses
 from lazygraph.passes.schedule import ScheduleInfo, schedule_steps
 from lazygraph.runtime.cache import clear_cache
+from tests.test_passes import MODELS as PASS_MODELS
 
 
 def fused(fn, *tensors, fusion: bool = True):
@@ -227,6 +228,19 @@ def test_orders_are_valid_on_random_graphs(seed, fusion, monkeypatch):
     new, info = schedule_steps(s, lanes=3)
     assert writers_first(new.steps)
     check_no_cross_lane_reuse(new)
+
+
+@pytest.mark.parametrize("name", sorted(PASS_MODELS))
+def test_orders_are_valid_on_the_pass_tests_models(name, monkeypatch):
+    fn, make = PASS_MODELS[name]
+    s = fused(fn, *make())
+    monkeypatch.setitem(cost_model.PROFILES, "cpu", dataclasses.replace(
+        cost_model.PROFILES["cpu"], handoff=0.0, any_step_on_lanes=True))
+    monkeypatch.setattr(sched_mod, "MIN_GAIN", 0.0)
+    for lanes in (1, 2, 4):
+        new, info = schedule_steps(s, lanes=lanes)
+        assert writers_first(new.steps) and len(new.steps) == len(s.steps)
+        check_no_cross_lane_reuse(new)
 
 
 def test_memory_plan_refuses_a_buffer_another_lane_still_reads():
