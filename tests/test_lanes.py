@@ -17,6 +17,7 @@ from torch.testing import assert_close
 
 import lazygraph as lg
 from lazygraph.passes.fuse import Step
+from lazygraph.passes.memory import plan_memory
 from lazygraph.runtime import CompiledProgram, launch_plan
 from lazygraph.runtime.lanes import happens_before, lanes_by_output, reuse_respects_lanes
 
@@ -260,3 +261,34 @@ def test_the_cuda_form_of_a_plan_waits_records_and_joins():
     assert ".record_stream(s0)" in source
     assert source.index("s0.wait_stream(lane1)") > source.index("with torch.cuda.stream(lane2):")
     assert source.index("s0.wait_stream(lane2)") < source.index("return [")
+
+
+def test_a_lane_step_with_several_values_used_later():
+    """Two matmuls and a view in a row on lane 1, both matmuls read by the caller's kernels: one
+    submission, a future for each value (submit_each)."""
+    def fn(a, b, c):
+        m = a @ b
+        return torch.tanh(m), torch.sigmoid(m.t() @ c) * 3
+
+    inputs = [torch.randn(13, 6, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64),
+              torch.randn(13, 5, dtype=torch.float64)]
+    program = compiled(fn, inputs, lanes=False)
+    steps = program.schedule.steps
+    assert [s.kind for s in steps] == ["extern", "kernel", "view", "extern", "kernel"]
+    steps.insert(3, steps.pop(1))  # tanh(m) after m.t() @ c (as a scheduler may order it), then its memory plan
+    program.result.memory = plan_memory(program.schedule)
+    for s in steps:
+        s.stream = 0 if s.kind == "kernel" else 1
+    for seed in range(3):
+        new = [torch.randn(t.shape, dtype=t.dtype, generator=torch.Generator().manual_seed(seed)) for t in inputs]
+        for got, want in zip(run(program, new), fn(*new)):
+            assert_close(got, want)
+    assert "lane1.submit_each(2, " in program._plans[0].source
+
+
+def test_the_benchmark_reports_serial_and_out_of_order():
+    from benchmarks import branches
+
+    m = branches.measure(n=33, depth=2, repeat=1)
+    assert m["bitwise_equal"] and m["max_error"] < 1e-5 and m["lanes"] == [1, 2]
+    assert set(m["median"]) == {"eager", "serial", "lanes"}

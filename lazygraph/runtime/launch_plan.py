@@ -234,9 +234,10 @@ class LaunchPlan:
     """A program's replay for one signature of input strides (see the module docstring)."""
 
     def __init__(self, program: CompiledProgram, arena: _Arena, source: str, constants: dict[str, Any],
-                 cpu_lanes: int = 0):
+                 cpu_lanes: int = 0, streams: Sequence[Any] = ()):
         self.program = program
         self.cpu_lanes = cpu_lanes  # worker lanes a replay submits to (lanes.py); 0: the caller does everything
+        self.streams = tuple(streams)  # the CUDA streams of its lanes (lanes.py)
         self.arena = arena
         self.source = source
         filename = f"<lazygraph launch plan {next(_PLAN_NUMBER)}>"
@@ -255,16 +256,16 @@ class LaunchPlan:
             arena = pool.pop()
         except IndexError:  # every arena is in use (or none was made yet): a new one
             arena = self.arena.allocate()
-        if not self.cpu_lanes:
-            try:
-                return self._replay(inputs, scalars, arena)
-            finally:
-                pool.append(arena)
-        run = LaneRun(self.cpu_lanes)
+        run = LaneRun(self.cpu_lanes) if self.cpu_lanes else None
         try:
-            return self._replay(inputs, scalars, arena, run)
+            return self._replay(inputs, scalars, arena) if run is None else self._replay(inputs, scalars, arena, run)
+        except BaseException:
+            for s in self.streams:  # a replay that raised halfway: what its lanes started comes first
+                torch.cuda.current_stream(s.device).wait_stream(s)
+            raise
         finally:
-            run.settle()  # no lane may still read the arena (or anything) once the run is over
+            if run is not None:
+                run.settle()  # no lane may still read the arena (or anything) once the run is over
             pool.append(arena)
 
     def release(self, arena: tuple[torch.Tensor, ...]) -> None:
@@ -439,10 +440,12 @@ class _Writer:
     def plan(self) -> LaunchPlan:
         source = self._source()
         cpu_lanes = 0 if self.cuda else max(self.lanes, default=0)
+        streams = []
         if self.cuda:
             for s in sorted(set(self.lanes) - {0}):  # the plan's own streams, made once
-                self.constants[f"lane{s}"] = torch.cuda.Stream(self.program.schedule.steps[0].writes()[0].device)
-        plan = LaunchPlan(self.program, self.arena, source, self.constants, cpu_lanes)
+                streams.append(torch.cuda.Stream(self.program.schedule.steps[0].writes()[0].device))
+                self.constants[f"lane{s}"] = streams[-1]
+        plan = LaunchPlan(self.program, self.arena, source, self.constants, cpu_lanes, streams)
         plan.release(self.first_arena)  # the first run is over: its arena is free
         return plan
 
