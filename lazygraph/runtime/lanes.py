@@ -318,7 +318,7 @@ def render_cpu(blocks: Sequence[Block], outputs: Sequence[str], make_line: Calla
             fn, comment = _call_of(first.text, reads)
             text = f"{_future(out[0])} = {lane}.submit({', '.join([fn, *args])})  # {comment}"
         else:
-            name = f"step_{k}"
+            name = f"_step{k}"  # launches are named after ops; no op is called _step
             inner = [line.text for line in block.lines] + [f"return {', '.join(out)}" if out else "return None"]
             define = f"def {name}({', '.join(reads)}):  # on {lane}\n" + _nest(inner)
             if len(out) > 1:

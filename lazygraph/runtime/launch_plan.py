@@ -19,6 +19,12 @@ mismatch: no replay, the caller walks again), and checks the strides of the exte
 kernels and views rely on (they follow from the inputs', but torch does not promise it; a
 mismatch raises StridesChanged and the caller walks again).
 
+Lanes: a step the schedule put on lane s != 0 (`Step.stream`) runs there in a replay: on the CPU
+a worker thread (`f12 = lane1.submit(matmul_0, v3, v4)`, `v12 = f12.result()` where the caller
+needs it, `run.join()` before the outputs), on a GPU a CUDA stream with events between lanes.
+The walk itself runs in order; runtime/lanes.py says which steps may leave the caller's lane and
+why no lane reads an arena slot that another one rewrites.
+
 Every call that does device work (a kernel launch, a torch op, a fill or a copy) is a Launch
 that goes through `launcher()` once, when the plan is written: the boundary that
 benchmarks/host_overhead.py replaces to time lazygraph's own host work.
