@@ -18,6 +18,7 @@ pipeline has one (`program.result.order`, from lazygraph.cost_model).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -94,15 +95,19 @@ def measure(n: int = 512, depth: int = 6, repeat: int = 15, dtype: torch.dtype =
     equal = all(torch.equal(x, y) for x, y in zip(outs["serial"], outs["lanes"]))
     error = harness.max_error(outs["lanes"], want)
     times: dict[str, list[float]] = {"eager": [], "serial": [], "lanes": []}
+    cpu = dict.fromkeys(times, 0.0)  # process CPU seconds (all threads): wall far above it = a busy machine
     runs = {"eager": lambda: chains(*inputs, depth=depth), "serial": lambda: serial.run(args),
             "lanes": lambda: lanes.run(args)}
     for r in range(repeat):
         for name in (("serial", "lanes", "eager") if r % 2 == 0 else ("lanes", "serial", "eager")):
+            before = sum(os.times()[:2])
             times[name].append(timed(runs[name], device)[0])
+            cpu[name] += sum(os.times()[:2]) - before
     median = {k: statistics.median(v) for k, v in times.items()}
     return {"n": n, "depth": depth, "repeat": repeat, "device": str(device), "dtype": str(dtype),
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "times": times, "median": median, "ratio": median["lanes"] / median["serial"],
+            "times": times, "median": median,
+            "cpu": {k: v / repeat for k, v in cpu.items()}, "ratio": median["lanes"] / median["serial"],
             "bitwise_equal": equal, "max_error": error, "lanes_from": source,
             "lanes": sorted({s.stream for s in lanes.schedule.steps}), "modelled": modelled(lanes)}
 
@@ -155,13 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = measure(args.n or dims["N"], args.depth or dims["D"], args.repeat, device=device)
     print(f"independent branches: 2 chains of {m['depth']} matmuls {m['n']}x{m['n']} {m['dtype']} on {m['device']}"
           + (f", torch intra-op threads {m['threads']}" if m["threads"] else ""))
-    print(f"  eager                 {m['median']['eager'] * 1e3:8.2f} ms")
-    print(f"  serial (lane 0)       {m['median']['serial'] * 1e3:8.2f} ms")
-    print(f"  out-of-order (lanes)  {m['median']['lanes'] * 1e3:8.2f} ms   {m['ratio']:.2f}x serial  "
-          f"(lanes {m['lanes']}: {m['lanes_from']})")
+    cpu = m["cpu"]
+    print(f"  eager                 {m['median']['eager'] * 1e3:8.2f} ms   (CPU {cpu['eager'] * 1e3:.0f} ms)")
+    print(f"  serial (lane 0)       {m['median']['serial'] * 1e3:8.2f} ms   (CPU {cpu['serial'] * 1e3:.0f} ms)")
+    print(f"  out-of-order (lanes)  {m['median']['lanes'] * 1e3:8.2f} ms   (CPU {cpu['lanes'] * 1e3:.0f} ms)   "
+          f"{m['ratio']:.2f}x serial  (lanes {m['lanes']}: {m['lanes_from']})")
     print(f"  medians of {m['repeat']} interleaved runs each; results bitwise equal: {m['bitwise_equal']}, "
           f"max error vs eager {m['max_error']:.1e}")
     print(f"  {m['modelled']}")
+    print("  CPU: process CPU time per run, all threads; wall time far above it means the machine was busy")
     return 0 if m["bitwise_equal"] else 1
 
 
