@@ -54,6 +54,9 @@ def compiled(fn, inputs, lanes: bool) -> CompiledProgram:
     if lanes:
         lanes_by_output(program.schedule.steps, program.schedule.graph.outputs)
         assert {s.stream for s in program.schedule.steps if s.kind == "extern"} == {1, 2}
+    else:  # whatever a schedule pass chose
+        for s in program.schedule.steps:
+            s.stream = 0
     return program
 
 

@@ -41,7 +41,9 @@ def compiled(fn, inputs, lanes: bool) -> tuple[CompiledProgram, list[int]]:
     graph = lg.graph(*fn(*[lg.lazy(t) for t in inputs]))
     ptrs = [t.data_ptr() for t in inputs]
     program = CompiledProgram(graph, lend_values=False)
-    if lanes:
+    for s in program.schedule.steps:  # whatever a schedule pass chose: all on the caller's lane, or ...
+        s.stream = 0
+    if lanes:  # ... a lane per output
         lanes_by_output(program.schedule.steps, program.schedule.graph.outputs)
     return program, [ptrs.index(n.value.data_ptr()) for n in graph.inputs]
 
