@@ -295,3 +295,58 @@ def test_the_benchmark_reports_serial_and_out_of_order():
     m = branches.measure(n=33, depth=2, repeat=1)
     assert m["bitwise_equal"] and m["max_error"] < 1e-5 and m["lanes"] == [1, 2]
     assert set(m["median"]) == {"eager", "serial", "lanes"}
+
+
+class _FakeStream:
+    """A CUDA stream stand-in that runs everything at once, noting what the plan asks of it."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits for {other.name}")
+
+    def record_event(self):
+        self.log.append(f"{self.name} records")
+        return self.name
+
+    def wait_event(self, event):
+        self.log.append(f"{self.name} waits for an event of {event}")
+
+
+def test_the_cuda_form_of_a_plan_runs_with_stand_in_streams(monkeypatch):
+    """The CUDA source executed on the CPU with streams that run at once: every variable it uses is
+    defined where it is used, the results equal eager, and each wait names a stream that recorded."""
+    import contextlib
+    import types
+
+    inputs = make_inputs(0)
+    program = compiled(branches, inputs, lanes=True)
+    for s in program.schedule.steps:  # x * 2 made on the caller's stream from lane 1's values
+        if s.kind == "kernel" and s.stream == 1 and s.group.program.outputs[0] in program.schedule.graph.outputs:
+            s.stream = 0
+    args = [inputs[i] for i in program.test_order]
+    writer = launch_plan._Writer(program, verify=False, cuda=True)
+    writer.run(args, program.scalar_defaults)
+    source = writer._source()
+    log: list[str] = []
+    streams = {f"lane{s}": _FakeStream(f"lane{s}", log) for s in (1, 2)}
+    caller = _FakeStream("s0", log)
+    cuda = types.SimpleNamespace(current_stream=lambda device: caller, stream=lambda s: contextlib.nullcontext())
+    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    fake_torch.cuda = cuda
+    used_on: list[tuple] = []  # (shape, stream) of each record_stream
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: used_on.append((tuple(t.shape), s.name)),
+                        raising=False)
+    namespace = {**writer.constants, **streams, "torch": fake_torch}
+    exec(compile(source, "cuda_plan", "exec"), namespace)
+    for seed in (1, 2):
+        new = make_inputs(seed)
+        got = namespace["replay"]([new[i] for i in program.test_order], program.scalar_defaults,
+                                  writer.arena.allocate())
+        for g, w in zip(got, branches(*new)):
+            assert_close(g, w)
+    assert "lane1 records" in log and "s0 waits for an event of lane1" in log
+    assert log.index("lane1 records") < log.index("s0 waits for an event of lane1")
+    assert sorted(log[-2:]) == ["s0 waits for lane1", "s0 waits for lane2"]  # the caller waits for every lane
+    assert any(s == "s0" for _, s in used_on)  # lane values handed to the caller: the allocator is told
