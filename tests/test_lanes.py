@@ -350,3 +350,15 @@ def test_the_cuda_form_of_a_plan_runs_with_stand_in_streams(monkeypatch):
     assert log.index("lane1 records") < log.index("s0 waits for an event of lane1")
     assert sorted(log[-2:]) == ["s0 waits for lane1", "s0 waits for lane2"]  # the caller waits for every lane
     assert any(s == "s0" for _, s in used_on)  # lane values handed to the caller: the allocator is told
+
+
+def test_a_lane_computes_in_the_callers_grad_mode():
+    """Grad mode is per thread: a worker must not record autograd history the caller's run would not."""
+    inputs = [torch.randn(17, 23, requires_grad=True), torch.randn(23, 9), torch.randn(19, 5), torch.randn(5, 3)]
+    program = compiled(chains, inputs, lanes=True)
+    with torch.no_grad():
+        run(program, inputs)  # the walk
+        got = run(program, inputs)  # the replay, on the lanes
+    assert not any(g.requires_grad for g in got)
+    for g, w in zip(got, chains(*inputs)):
+        assert_close(g, w.detach())
