@@ -23,7 +23,11 @@ from collections.abc import Sequence
 import torch
 
 from . import harness, report  # harness sets TRITON_INTERPRET before lazygraph loads triton
+from .branches import NAME as BRANCHES
+from .branches import rows as branches_rows
 from .suite import BACKENDS, WORKLOADS
+
+EXTRA_ROWS = {BRANCHES: branches_rows}  # lazygraph against itself (serial vs out-of-order): rows of their own
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 RESULTS_DIR = "benchmark-results"  # under the current directory
@@ -36,7 +40,8 @@ INTERPRETER_NOTE = ("No GPU: lazygraph's kernels run in Triton's interpreter (TR
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=_prog(), description=__doc__.split("\n")[0].split(": ", 1)[1],
                                 epilog="Exit status: 1 when a row is FAIL or error, else 0.")
-    p.add_argument("--workloads", default="all", help=f"comma list of {', '.join(WORKLOADS)} (default all)")
+    p.add_argument("--workloads", default="all",
+                   help=f"comma list of {', '.join([*WORKLOADS, *EXTRA_ROWS])} (default all)")
     p.add_argument("--sizes", default=None,
                    help="small | large, optionally with overrides: 'small,T=64,N=100' (default large on a "
                         "GPU, small on a CPU)")
@@ -95,7 +100,7 @@ def _run(names, dtypes, sizes, device, opts, disabled) -> tuple[list[harness.Res
     """Every workload x dtype under every backend: (results, copy bandwidth, wall time)."""
     t0 = time.perf_counter()
     copy_bw = harness.copy_bandwidth(device)
-    cases = [(WORKLOADS[n], d) for n in names for d in dtypes]
+    cases = [(WORKLOADS[n], d) for n in names if n in WORKLOADS for d in dtypes]
     bar = _progress(len(cases) * len(BACKENDS))
     results: list[harness.Result] = []
     for workload, dname in cases:
@@ -107,6 +112,8 @@ def _run(names, dtypes, sizes, device, opts, disabled) -> tuple[list[harness.Res
         results += harness.run_case(workload, sizes, DTYPES[dname], device, opts, BACKENDS, disabled, tick)
     if bar is not None:
         bar.close()
+    results += [r for n in names if n in EXTRA_ROWS for d in dtypes
+                for r in EXTRA_ROWS[n](sizes, DTYPES[d], device, opts)]
     harness.add_bandwidth(results, copy_bw)
     return results, copy_bw, time.perf_counter() - t0
 
@@ -115,10 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    names = list(WORKLOADS) if args.workloads == "all" else [w.strip() for w in args.workloads.split(",")]
-    unknown = [n for n in names if n not in WORKLOADS]
+    known = [*WORKLOADS, *EXTRA_ROWS]
+    names = known if args.workloads == "all" else [w.strip() for w in args.workloads.split(",")]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"{_prog()}: unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+        raise SystemExit(f"{_prog()}: unknown workloads {unknown}; choose from {known}")
     sizes = args.sizes or ("small" if args.quick or not gpu else "large")
     dtypes = (args.dtypes or ("fp32" if args.quick or not gpu else "fp32,bf16")).split(",")
     bad = [d for d in dtypes if d not in DTYPES]

@@ -19,6 +19,12 @@ mismatch: no replay, the caller walks again), and checks the strides of the exte
 kernels and views rely on (they follow from the inputs', but torch does not promise it; a
 mismatch raises StridesChanged and the caller walks again).
 
+Lanes: a step the schedule put on lane s != 0 (`Step.stream`) runs there in a replay: on the CPU
+a worker thread (`f12 = lane1.submit(matmul_0, v3, v4)`, `v12 = f12.result()` where the caller
+needs it, `run.join()` before the outputs), on a GPU a CUDA stream with events between lanes.
+The walk itself runs in order; runtime/lanes.py says which steps may leave the caller's lane and
+why no lane reads an arena slot that another one rewrites.
+
 Every call that does device work (a kernel launch, a torch op, a fill or a copy) is a Launch
 that goes through `launcher()` once, when the plan is written: the boundary that
 benchmarks/host_overhead.py replaces to time lazygraph's own host work.
@@ -43,6 +49,7 @@ from ..ir import Node, Op, itemsize, numel
 from ..passes.fuse import FusionGroup
 from ..reference import IndexOutOfRange, eval_node, gather_error_message, resolve_aten, run_extern, slice_index
 from .cost import extern_call_key, extern_name
+from .lanes import Block, LaneRun, effective_lanes, render_cpu, render_cuda, reuse_respects_lanes
 
 if TYPE_CHECKING:
     from .fused import CompiledProgram
@@ -155,6 +162,11 @@ def _attention(node: Node) -> Callable:
 class _Line:
     text: str
     reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()  # the variables it defines or (a kernel launch) fills
+
+
+def _line(text: str, reads: Sequence[str] = (), writes: Sequence[str] = ()) -> _Line:
+    return _Line(text, tuple(reads), tuple(writes))
 
 
 @dataclass
@@ -176,8 +188,9 @@ class _Arena:
         return tuple(views)
 
 
-def _arena(program: CompiledProgram) -> _Arena:
-    """Kernel outputs no graph output can alias, with memory-plan slots (an output never takes one)."""
+def _arena(program: CompiledProgram, lanes: Sequence[int], cuda: bool) -> tuple[_Arena, int]:
+    """Kernel outputs no graph output can alias, with memory-plan slots (an output never takes one),
+    and how many of the memory plan's reuses the lanes refused (lanes.reuse_respects_lanes)."""
     schedule, reuse = program.schedule, program.result.memory.reuse
     roots: dict[int, set[int]] = {}  # value id -> kernel outputs it may alias
     for step in schedule.steps:
@@ -187,6 +200,8 @@ def _arena(program: CompiledProgram) -> _Arena:
         elif not _fresh(step.node):
             roots[step.node.id] = set().union(*(roots.get(s.id, set()) for s in step.node.srcs))
     handed_out = set().union(*(roots.get(o.id, set()) for o in schedule.graph.outputs))
+    planned = len(reuse)
+    reuse = reuse_respects_lanes(schedule.steps, lanes, reuse, roots, cuda)
     arena = _Arena()
     for step in schedule.steps:
         if step.kind != "kernel":
@@ -201,7 +216,7 @@ def _arena(program: CompiledProgram) -> _Arena:
                 arena.slot_of[n.id] = len(arena.slots)
                 arena.slots.append((numel(n.shape) * itemsize(n.dtype), n.device))
             arena.nodes.append(n)
-    return arena
+    return arena, planned - len(reuse)
 
 
 # extern ops whose result is always new memory (the reference executor's and the flash kernels')
@@ -224,8 +239,11 @@ _PLAN_NUMBER = itertools.count()
 class LaunchPlan:
     """A program's replay for one signature of input strides (see the module docstring)."""
 
-    def __init__(self, program: CompiledProgram, arena: _Arena, source: str, constants: dict[str, Any]):
+    def __init__(self, program: CompiledProgram, arena: _Arena, source: str, constants: dict[str, Any],
+                 cpu_lanes: int = 0, streams: Sequence[Any] = ()):
         self.program = program
+        self.cpu_lanes = cpu_lanes  # worker lanes a replay submits to (lanes.py); 0: the caller does everything
+        self.streams = tuple(streams)  # the CUDA streams of its lanes (lanes.py)
         self.arena = arena
         self.source = source
         filename = f"<lazygraph launch plan {next(_PLAN_NUMBER)}>"
@@ -244,9 +262,16 @@ class LaunchPlan:
             arena = pool.pop()
         except IndexError:  # every arena is in use (or none was made yet): a new one
             arena = self.arena.allocate()
+        run = LaneRun(self.cpu_lanes) if self.cpu_lanes else None
         try:
-            return self._replay(inputs, scalars, arena)
+            return self._replay(inputs, scalars, arena) if run is None else self._replay(inputs, scalars, arena, run)
+        except BaseException:
+            for s in self.streams:  # a replay that raised halfway: what its lanes started comes first
+                torch.cuda.current_stream(s.device).wait_stream(s)
+            raise
         finally:
+            if run is not None:
+                run.settle()  # no lane may still read the arena (or anything) once the run is over
             pool.append(arena)
 
     def release(self, arena: tuple[torch.Tensor, ...]) -> None:
@@ -263,6 +288,14 @@ class LaunchPlan:
         return pool
 
 
+def cuda_source(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequence[float]) -> str:
+    """The source a CUDA plan of this program would have (streams, events, record_stream), written
+    by a walk wherever the inputs are: to read and test a CUDA plan's lanes on a CPU."""
+    writer = _Writer(program, verify=False, cuda=True)
+    writer.run(inputs, scalars)
+    return writer._source()
+
+
 def walk(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequence[float],
          verify: bool = False) -> tuple[LaunchPlan | None, list[torch.Tensor]]:
     """Run the program's schedule step by step, writing its launch plan on the way: the plan, and
@@ -274,11 +307,17 @@ def walk(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequ
 
 
 class _Writer:
-    def __init__(self, program: CompiledProgram, verify: bool):
+    def __init__(self, program: CompiledProgram, verify: bool, cuda: bool | None = None):
         self.program = program
         self.verify = verify
         self.names = program.names
-        self.arena = _arena(program)
+        steps = program.schedule.steps
+        devices = {n.device for s in steps for n in s.writes()}
+        self.cuda = any(d.startswith("cuda") for d in devices) if cuda is None else cuda
+        # lanes need one device (a stream belongs to one); a program on several runs on the caller's
+        self.lanes = effective_lanes(steps, self.cuda) if len(devices) == 1 else [0] * len(steps)
+        self.arena, self.reuse_refused = _arena(program, self.lanes, self.cuda)
+        self.spans: list[tuple[int, int, int]] = []  # (lane, first line, end) of each step's lines
         self.in_arena = {n.id for n in self.arena.nodes}
         self.lines: list[_Line] = []
         self.constants: dict[str, Any] = {"torch": torch, "empty": torch.empty, "leaf": _leaf,
@@ -322,8 +361,8 @@ class _Writer:
             self.devices[device] = self.const("device", torch.device(device))
         return self.devices[device]
 
-    def emit(self, text: str, reads: Sequence[str] = ()) -> None:
-        self.lines.append(_Line(text, tuple(reads)))
+    def emit(self, text: str, reads: Sequence[str] = (), writes: Sequence[str] = ()) -> None:
+        self.lines.append(_line(text, reads, writes))
 
     def launch(self, name: str, call: Callable, results: tuple[Node, ...] = ()) -> tuple[str, Callable]:
         """Bind a launch; returns the name the plan calls it by (a kernel's own name) and the callable."""
@@ -360,7 +399,7 @@ class _Writer:
             lname, fn = self.launch("full", lambda value: torch.full(shape, value, dtype=dtype, device=device), (n,))
             self.tensor_of_scalar[n.id] = fn(v.value)
             self._count_hidden(n, "fill")
-            self.emit(f"{name} = {lname}({self.var(n)})  # {self.names[n.id]} as a tensor", [self.var(n)])
+            self.emit(f"{name} = {lname}({self.var(n)})  # {self.names[n.id]} as a tensor", [self.var(n)], [name])
         return name, self.tensor_of_scalar[n.id]
 
     # -- the walk --------------------------------------------------------------------------------
@@ -380,12 +419,14 @@ class _Writer:
             self.env[n.id] = t
         plan_memory = p.result.memory
         for i, step in enumerate(p.schedule.steps):
+            start = len(self.lines)
             if step.kind == "kernel":
                 self.kernel(step.group)
             elif step.kind == "extern":
                 self.extern(step.node)
             else:
                 self.view(step.node)
+            self.spans.append((self.lanes[i], start, len(self.lines)))
             for dead in plan_memory.free_after.get(i, ()):
                 self.env.pop(dead, None)
         COUNTERS.update(self.counts)
@@ -393,15 +434,24 @@ class _Writer:
         if self.checked:
             raise_failed_checks(self.checked)
         outputs, self.out_vars = [], []
+        start = len(self.lines)
         for o in p.result.graph.outputs:  # an output may be a runtime scalar
             name, value = self.tensor(o)
             outputs.append(value)
             self.out_vars.append(name)
+        self.spans.append((0, start, len(self.lines)))
         self.first_arena = arena
         return outputs
 
     def plan(self) -> LaunchPlan:
-        plan = LaunchPlan(self.program, self.arena, self._source(), self.constants)
+        source = self._source()
+        cpu_lanes = 0 if self.cuda else max(self.lanes, default=0)
+        streams = []
+        if self.cuda:
+            for s in sorted(set(self.lanes) - {0}):  # the plan's own streams, made once
+                streams.append(torch.cuda.Stream(self.program.schedule.steps[0].writes()[0].device))
+                self.constants[f"lane{s}"] = streams[-1]
+        plan = LaunchPlan(self.program, self.arena, source, self.constants, cpu_lanes, streams)
         plan.release(self.first_arena)  # the first run is over: its arena is free
         return plan
 
@@ -416,7 +466,8 @@ class _Writer:
                 t = torch.empty(o.shape, dtype=o.dtype, device=o.device)
                 self.env[o.id] = t
                 outs.append(t)
-                self.emit(f"{self.var(o)} = empty({tuple(o.shape)}, dtype={o.dtype}, device={self.device(o.device)})")
+                self.emit(f"{self.var(o)} = empty({tuple(o.shape)}, dtype={o.dtype}, device={self.device(o.device)})",
+                          writes=[self.var(o)])
         kernel = self.program.kernel_for(group, ins)
         call = kernel if kernel is not None else _ReferenceGroup(group)
         lname, fn = self.launch(group.name, call)
@@ -432,7 +483,7 @@ class _Writer:
         what = f"{group.name}: " + " ".join(self.names[n.id] for n in group.nodes)
         if kernel is None:
             what += " (no kernel: run by the reference executor)"
-        self.emit(f"{lname}({_tuple(in_vars)}, {_tuple(out_vars)})  # {what}", in_vars + out_vars)
+        self.emit(f"{lname}({_tuple(in_vars)}, {_tuple(out_vars)})  # {what}", in_vars + out_vars, out_vars)
 
     def extern(self, n: Node) -> None:
         srcs = [self.tensor(s) for s in n.srcs]
@@ -446,24 +497,25 @@ class _Writer:
             if not supported(n):
                 self._count_extern(n)  # run by the reference executor: an extern call
             self.emit(f"{out} = {lname}(memo, {', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}",
-                      arg_vars)
+                      arg_vars, [out])
         elif n.op is Op.EXTERN:
             key = _aten_call_key(n)
             raw = self.aten_calls.get(key)
             if raw is None:  # the first output of this call makes it
                 lname, fn = self.launch(n.attrs["target"], _extern_call(n), tuple(self.aten_outputs[key]))
                 raw = self.aten_calls[key] = (f"{out}_call", fn(*args))
-                self.emit(f"{out}_call = {lname}({', '.join(arg_vars)})  # {n.attrs['target']}", arg_vars)
+                self.emit(f"{out}_call = {lname}({', '.join(arg_vars)})  # {n.attrs['target']}", arg_vars,
+                          [f"{out}_call"])
             raw_var, result = raw
             value = _leaf(result, n)
             self._count_extern(n)
-            self.emit(f"{out} = leaf({raw_var}, {self.const('N', n)})  # {self.names[n.id]}", [raw_var])
+            self.emit(f"{out} = leaf({raw_var}, {self.const('N', n)})  # {self.names[n.id]}", [raw_var], [out])
         else:
             call = torch.matmul if n.op is Op.MATMUL else _evaluator(n)
             lname, fn = self.launch(n.op.value, call, (n,))
             value = fn(*args)
             self._count_extern(n)
-            self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}", arg_vars)
+            self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}", arg_vars, [out])
         self.env[n.id] = value
         if n.id in self.stride_sensitive:
             self.emit(f"if {out}.stride() != {tuple(value.stride())}:\n        raise StridesChanged({out!r})", [out])
@@ -501,26 +553,30 @@ class _Writer:
                 self.uses_memo = True
                 self.constants["eval_node"] = eval_node
                 expr = f"eval_node({self.const('N', n)}, [{', '.join(arg_vars)}], memo)"
-            self.emit(f"{out} = {expr}  # {self.names[n.id]} = {n.op.value}", arg_vars)
+            self.emit(f"{out} = {expr}  # {self.names[n.id]} = {n.op.value}", arg_vars, [out])
         else:  # a fill, or a reshape that copies: device work
             self._count_hidden(n, "fill" if n.op in (Op.FULL, Op.IOTA) else "copy")
             lname, fn = self.launch(n.op.value, _evaluator(n), (n,))
             value = fn(*args)
             self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value} (materialised)",
-                      arg_vars)
+                      arg_vars, [out])
         self.env[n.id] = value
 
     # -- the source ------------------------------------------------------------------------------
 
     def _source(self) -> str:
         p, in_vars, s_vars, out_vars = self.program, self.in_vars, self.s_vars, self.out_vars
+        used = sorted(set(self.lanes) - {0})
+        cpu_lanes = bool(used) and not self.cuda
         head = [
             "# Generated by lazygraph: the launch plan of one program. Do not edit: regenerate from the IR.",
             f"# {p.describe()}; {len(self.arena.nodes)} intermediates in {len(self.arena.slots)} arena slots",
-            "",
-            "",
-            "def replay(inputs, scalars, arena):",
         ]
+        if used:
+            kind = "CUDA streams" if self.cuda else "worker threads"
+            head.append(f"# lanes {', '.join(map(str, used))} besides the caller's ({kind}, runtime/lanes.py); "
+                        f"{self.reuse_refused} arena reuses refused across lanes")
+        head += ["", "", f"def replay(inputs, scalars, arena{', run' if cpu_lanes else ''}):"]
         body = []
         if in_vars:
             body.append(_Line(f"{', '.join(in_vars)}, = inputs"))
@@ -534,7 +590,17 @@ class _Writer:
             body.append(_Line(f"{', '.join(self.var(n) for n in self.arena.nodes)}, = arena  # intermediates"))
         if self.uses_memo:
             body.append(_Line("memo = {}  # one launch per attention call, shared by its outputs"))
-        body += self.lines
+        blocks = [Block(lane, self.lines[start:end]) for lane, start, end in self.spans if end > start]
+        if not used:
+            body += self.lines
+        elif self.cuda:
+            device = self.device(self.program.schedule.steps[0].writes()[0].device)
+            body.append(_Line(f"s0 = torch.cuda.current_stream({device})  # the caller's stream"))
+            body += render_cuda(blocks, out_vars, set(s_vars), _line)
+        else:
+            names = ", ".join(f"lane{s}" for s in range(1, max(used) + 1))
+            body.append(_Line(f"{names}, = run.lanes  # a worker thread each: a lane runs its steps in order"))
+            body += render_cpu(blocks, out_vars, _line)
         totals, ops = dict(self.counts), dict(self.extern_ops)
         self.constants.update(COUNTERS=COUNTERS, EXTERN_OPS=EXTERN_OPS, TOTALS=totals, OPS=ops,
                               CHECKED=tuple(self.checked))
@@ -559,7 +625,8 @@ def _with_dels(lines: list[_Line], keep: set[str]) -> list[_Line]:
     out = []
     for i, line in enumerate(lines):
         out.append(line)
-        dead = [v for v in dict.fromkeys(line.reads) if last[v] == i and v not in keep and v.startswith("v")]
+        # values (v12) and futures of values made on other lanes (f12)
+        dead = [v for v in dict.fromkeys(line.reads) if last[v] == i and v not in keep and v[0] in "vf"]
         if dead:
             out.append(_Line(f"del {', '.join(dead)}"))
     return out
