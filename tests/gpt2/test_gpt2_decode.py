@@ -68,7 +68,8 @@ def _decode_both(model: GPT, prompt: torch.Tensor, new_tokens: int):
     """Greedy decoding, eager and compiled; every step's logits of each."""
     logits = {"eager": [], "compiled": []}
     out = {}
-    for name, dec in (("eager", Decoder(model)), ("compiled", Decoder(model, compile=True))):
+    B = prompt.shape[0]
+    for name, dec in (("eager", Decoder(model, B)), ("compiled", Decoder(model, B, compile=True))):
         out[name] = dec.generate(prompt, new_tokens, on_logits=lambda t, n=name: logits[n].append(t.clone()))
     return out, logits, dec
 
@@ -92,11 +93,12 @@ def test_compiled_decode_64_tokens_one_program(reference_backend):
         assert_close(logits["compiled"][t], logits["eager"][t], rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_decode_step_fused_equals_eager(fused_backend):
+@pytest.mark.parametrize("attention,batch", [("explicit", 1), ("sdpa", 2)])
+def test_compiled_decode_step_fused_equals_eager(fused_backend, attention, batch):
     """The same through fused kernels (Triton's interpreter here): logits of every step close to
     eager's, tokens equal, no recompile after the first decode step."""
-    model = _model(block_size=24)
-    prompt = torch.randint(0, 256, (1, 3))
+    model = _model(block_size=24, attention=attention)
+    prompt = torch.randint(0, 256, (batch, 3))
     before = lg.stats()["recompiles"]
     out, logits, dec = _decode_both(model, prompt, 5)
     assert torch.equal(out["compiled"], out["eager"])
