@@ -12,7 +12,8 @@ shapes for every p, and lazygraph.compile replays one program for all of them.
 The cache is a pair of module buffers written in place inside forward: lazygraph.compile captures
 such a write as a buffer update (the program returns the new cache and the replay copies it into
 the buffer), so the cached state stays in the real buffers between calls and eager and compiled
-steps may be mixed. The prompt (prefill) runs through its own compiled module, one program per
+steps may be mixed. That costs a copy of every cache per token; a compile that wrote buffer
+updates in place would save it. The prompt (prefill) runs through its own compiled module, one program per
 prompt length, so the decode module never sees a second signature.
 """
 
@@ -130,7 +131,8 @@ def sampler(temperature: float = 1.0, top_k: int | None = None,
 
 @dataclass
 class DecodeTiming:
-    """Seconds spent in the prompt and in the decode steps (the first decode step apart: it may compile)."""
+    """Seconds spent in the prompt and in the decode steps (the first decode step apart: it may
+    compile). The later steps are timed together, choosing their tokens included."""
 
     prefill_s: float = 0.0
     first_step_s: float = 0.0
@@ -173,34 +175,37 @@ class Decoder:
         self.timing = DecodeTiming()
         if max_new_tokens == 0:
             return idx
+        device = idx.device
+        timing = self.timing
         out = [idx]
         start = time.perf_counter()
-        logits = self.prefill(idx, torch.arange(T, device=idx.device))
-        _wait(idx.device)
-        self.timing.prefill_s = time.perf_counter() - start
+        logits = self.prefill(idx, torch.arange(T, device=device))
+        _wait(device)
+        timing.prefill_s = time.perf_counter() - start
+        # positions advance on the device (a new tensor per step, no copy from the host)
+        pos = torch.full((1,), T, dtype=torch.long, device=device)
         for i in range(max_new_tokens):
             if on_logits is not None:
                 on_logits(logits)
             out.append(pick(logits))
-            if i + 1 < max_new_tokens:
-                logits = self._decode_step(out[-1], T + i, first=i == 0)
+            if i + 1 == max_new_tokens:
+                break
+            if i == 0:  # timed alone: it may trace and build the decode program
+                start = time.perf_counter()
+                logits = self.step(out[-1], pos)
+                _wait(device)
+                timing.first_step_s = time.perf_counter() - start
+                recompiles = lazygraph.stats()["recompiles"]
+                start = time.perf_counter()  # the later steps, timed together (no wait between them)
+            else:
+                pos = pos + 1
+                logits = self.step(out[-1], pos)
+                timing.steps += B
+        if max_new_tokens > 1:
+            _wait(device)
+            timing.steps_s = time.perf_counter() - start
+            timing.recompiles = lazygraph.stats()["recompiles"] - recompiles
         return torch.cat(out, dim=1)
-
-    def _decode_step(self, tokens: torch.Tensor, position: int, first: bool) -> torch.Tensor:
-        """One step (tokens (B, 1) at `position`), timed; the first apart, as it may trace and build."""
-        timing = self.timing
-        recompiles = lazygraph.stats()["recompiles"]
-        start = time.perf_counter()
-        logits = self.step(tokens, torch.tensor([position], device=tokens.device))
-        _wait(tokens.device)
-        took = time.perf_counter() - start
-        if first:
-            timing.first_step_s = took
-        else:
-            timing.steps_s += took
-            timing.steps += tokens.shape[0]
-            timing.recompiles += lazygraph.stats()["recompiles"] - recompiles
-        return logits
 
 
 def _wait(device: torch.device) -> None:
