@@ -316,6 +316,18 @@ class HFGPT2TrainStep(Step):
         return [loss] + grads
 
 
+def _decode_inputs(d, dtype, device, gen):
+    from .decode import decode_inputs  # decode.py imports this module
+
+    return decode_inputs(d, dtype, device, gen)
+
+
+def _decode_step(backend, d, dtype, device):
+    from .decode import DecodeStep
+
+    return DecodeStep(backend, d, dtype, device)
+
+
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("attn_scores", "softmax(scale * scores, causal mask), forward",
              {"small": dict(B=2, H=3, T=17), "large": dict(B=8, H=12, T=1024)},
@@ -340,4 +352,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              {"small": dict(B=2, T=16, L=2, C=32, H=4, V=64),
               "large": dict(B=8, T=1024, L=12, C=768, H=12, V=50257)},
              _hf_gpt2_inputs, make_step=HFGPT2TrainStep),
+    Workload("decode", "decode, tokens/s: GPT-2 with a static KV cache, one token per step (teacher-forced)",
+             {"small": dict(B=1, T=16, L=2, C=64, H=4, V=256),
+              "large": dict(B=1, T=256, L=12, C=768, H=12, V=50257)},
+             _decode_inputs, make_step=_decode_step),
 ]}

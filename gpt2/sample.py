@@ -3,6 +3,7 @@
     python -m gpt2.sample --ckpt ckpt.pt --prompt "A compiler" --max-new-tokens 200
     python -m gpt2.sample --hf path/to/gpt2              # the folder's config.json and tokenizer.json
     python -m gpt2.sample --random --config tiny         # an untrained model: random text, for smoke tests
+    python -m gpt2.sample --random --compile --greedy    # static-cache decoding, eager vs lazygraph.compile
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from .cli import HelpFormatter
 from .data import Tokenizer, get_tokenizer, tokenizer_from_str
+from .decode import Decoder, greedy, sampler
 from .model import GPT, PRESETS, GPTConfig
 
 
@@ -64,6 +66,28 @@ def sample(
     return out[0].tolist()
 
 
+def compare_decoding(model: GPT, ids: list[int], max_new_tokens: int, temperature: float | None,
+                     top_k: int | None, seed: int, compiled: Decoder | None = None) -> dict:
+    """Decode with the static cache eagerly and through lazygraph.compile (`compiled`, or a new one);
+    temperature None is greedy. Returns both token lists, tokens/s and the compiled decoder's
+    recompiles after its first decode step."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+
+    def pick():
+        if temperature is None:
+            return greedy
+        return sampler(temperature, top_k, torch.Generator(device=device).manual_seed(seed))
+
+    eager = Decoder(model)
+    out_eager = eager.generate(idx, max_new_tokens, pick())
+    compiled = compiled or Decoder(model, compile=True)
+    out_compiled = compiled.generate(idx, max_new_tokens, pick())
+    return {"eager": out_eager[0].tolist(), "compiled": out_compiled[0].tolist(),
+            "eager_tokens_per_s": eager.timing.tokens_per_s, "compiled_tokens_per_s": compiled.timing.tokens_per_s,
+            "recompiles_after_first_step": compiled.timing.recompiles, "decoder": compiled}
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(prog="python -m gpt2.sample", description=__doc__.split("\n")[0],
                                 formatter_class=HelpFormatter)
@@ -80,6 +104,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--greedy", action="store_true", help="take the likeliest token (ignores temperature, top-k)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a static key/value cache, eagerly and through lazygraph.compile; print "
+                        "the compiled text and tokens/s of both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     if args.ckpt is None and args.hf is None and not args.random:
@@ -96,6 +124,12 @@ def main(argv: list[str] | None = None) -> list[str]:
         p.error(str(e))
     if not ids:
         p.error(f"the prompt {args.prompt!r} encodes to no tokens with this tokenizer; give another --prompt")
+    if args.compile:
+        block = model.config.block_size
+        if len(ids) + args.max_new_tokens > block:
+            p.error(f"--compile decodes into a static cache of block_size {block} positions: the prompt's "
+                    f"{len(ids)} tokens + --max-new-tokens {args.max_new_tokens} do not fit")
+        return _sample_compiled(model, tok, ids, args)
     texts = []
     for i in range(args.num_samples):
         ids = sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,
@@ -103,6 +137,22 @@ def main(argv: list[str] | None = None) -> list[str]:
         texts.append(tok.decode(ids))
         print(texts[-1])
         print("-" * 40)
+    return texts
+
+
+def _sample_compiled(model: GPT, tok: Tokenizer, ids: list[int], args: argparse.Namespace) -> list[str]:
+    texts, decoder = [], None
+    for i in range(args.num_samples):
+        r = compare_decoding(model, ids, args.max_new_tokens, None if args.greedy else args.temperature,
+                             args.top_k or None, args.seed + i, decoder)
+        decoder = r["decoder"]  # one compiled decoder for every sample: no new programs
+        texts.append(tok.decode(r["compiled"]))
+        print(texts[-1])
+        print("-" * 40)
+        same = "equal to eager" if r["compiled"] == r["eager"] else "DIFFERENT from eager"
+        print(f"decode, tokens/s: eager {r['eager_tokens_per_s']:.1f}, lazygraph.compile "
+              f"{r['compiled_tokens_per_s']:.1f}; recompiles after the first token: "
+              f"{r['recompiles_after_first_step']}; compiled tokens {same}")
     return texts
 
 
