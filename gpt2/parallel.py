@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -192,9 +193,11 @@ def choose_micro_batches(batch_size: int, stages: int, wanted: int = 0) -> int:
 def train_parallel(model: GPT, data: torch.Tensor, *, parallel: str, steps: int, batch_size: int,
                    block_size: int, lr: float = 1e-3, mode: str = "compiled", seed: int = 0,
                    device: str = "cpu", backend: str | None = None, dump_dir: str | None = None,
-                   micro_batches: int = 0, progress: bool = True):
+                   micro_batches: int = 0, progress: bool = True,
+                   optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None):
     """Train `model` (built identically on every rank) for `steps` steps of `batch_size` sequences
-    in all ranks together; returns (TrainResult with the whole batch's loss per step, the Plan)."""
+    in all ranks together; returns (TrainResult with the whole batch's loss per step, the Plan).
+    `optimizer` makes the optimizer of this rank's parameters (default: gpt2's AdamW with `lr`)."""
     from .train import TrainResult
 
     if parallel not in PARALLEL:
@@ -222,7 +225,7 @@ def train_parallel(model: GPT, data: torch.Tensor, *, parallel: str, steps: int,
     else:
         step_fn, params = _pipeline_step(model, chosen, rank, world, m, block_size, mode, backend, rank_dump,
                                          device)
-    opt = make_optimizer(params, lr=lr)
+    opt = optimizer(params) if optimizer is not None else make_optimizer(params, lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches as gpt2.train.train
     result = TrainResult(mode=f"{mode}, {chosen.kind} x{world}")
     begin = time.perf_counter()

@@ -246,7 +246,8 @@ def split_graph(graph: Graph, devices: Sequence[str], *, link_bytes_per_s: float
 
 def apply_split(graph: Graph, plan: StagePlan) -> Graph:
     """The graph with every node on its stage's device and a transfer wherever a value crosses a cut
-    (the place pass inserts them; outputs come back to the device they were recorded on). A shared
-    input is read across the link by its later stages, once each."""
-    inputs = {n.id for n in graph.inputs}  # an input's value stays where it is: place moves it
+    (the place pass inserts them; outputs come back to the device they were recorded on). Inputs
+    keep their node and device (programs feed inputs by node id): one read on another device is
+    transferred, until its owner moves it where plan.device_of puts it (a parameter with its stage)."""
+    inputs = {n.id for n in graph.inputs}
     return place(graph, pins={i: d for i, d in plan.device_of.items() if i not in inputs})
