@@ -93,8 +93,9 @@ def unit_costs(model: GPT, micro_batch: int, block_size: int,
     gap between units: the hidden state forward and its gradient back). The blocks are alike: one is
     recorded for all."""
     n, c = model.config.n_layer, model.config.n_embd
-    idx = torch.zeros(micro_batch, block_size, dtype=torch.long)
-    hidden = torch.zeros(micro_batch, block_size, c)
+    weight = model.lm_head.weight  # the hidden state has the parameters' device and dtype
+    idx = torch.zeros(micro_batch, block_size, dtype=torch.long, device=weight.device)
+    hidden = torch.zeros(micro_batch, block_size, c, dtype=weight.dtype, device=weight.device)
     embed = _recorded_seconds(StageModule(model, 0, 1), idx, None, device)
     block = _recorded_seconds(StageModule(model, 1, 2), hidden, None, device) if n else 0.0
     head = _recorded_seconds(StageModule(model, n + 1, n + 2), hidden, idx, device)
@@ -139,7 +140,7 @@ def plan(model: GPT, world: int, batch_size: int, block_size: int, micro_batches
     time per micro-batch (balanced_split, transfers included) + the tied embedding's gradient sum."""
     costs, cuts = unit_costs(model, batch_size // micro_batches, block_size, device)
     stages = min(world, len(costs))
-    split = st.balanced_split(costs, cuts[:len(costs) - 1], stages, link_bytes_per_s)
+    split = st.balanced_split(costs, cuts, stages, link_bytes_per_s)
     param_bytes = sum(p.nbytes for p in model.parameters())
     tied = model.transformer.wte.weight.nbytes if stages > 1 else 0
     dp = sum(costs) * micro_batches / world + 2 * (world - 1) / world * param_bytes / link_bytes_per_s
@@ -223,8 +224,8 @@ def train_parallel(model: GPT, data: torch.Tensor, *, parallel: str, steps: int,
     if chosen.kind == "dp":
         step_fn, params = _dp_step(model, rank, world, mode, backend)
     else:
-        step_fn, params = _pipeline_step(model, chosen, rank, world, m, block_size, mode, backend, rank_dump,
-                                         device)
+        step_fn, params = _pipeline_step(model, chosen, rank, world, m, (batch_size // m, block_size),
+                                         mode, backend, rank_dump, device)
     opt = optimizer(params) if optimizer is not None else make_optimizer(params, lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches as gpt2.train.train
     result = TrainResult(mode=f"{mode}, {chosen.kind} x{world}")
@@ -260,23 +261,21 @@ def _dp_step(model, rank, world, mode, backend):
     return step, list(model.parameters())
 
 
-def _pipeline_step(model, chosen, rank, world, m, block_size, mode, backend, rank_dump, device):
+def _pipeline_step(model, chosen, rank, world, m, micro_shape, mode, backend, rank_dump, device):
     lo, hi = stage_units(chosen.split, chosen.n_units)[rank]
     module = StageModule(model, lo, hi)
     stage = PipelineStage(compile_stage(module, mode, backend, rank_dump), rank, world, device=device,
-                          recv_shape=(0, block_size, model.config.n_embd))
+                          recv_shape=(*micro_shape, model.config.n_embd))
     # the tied embedding: on the first stage (lookup) and the last (head); its gradient is their sum
     tied = dist.new_group([0, world - 1]) if world > 2 else None
     wte = model.transformer.wte.weight
 
     def step(x, y):
-        mb = x.size(0) // m
-        stage.recv_shape = (mb, block_size, model.config.n_embd)
-        losses = stage.step(m, inputs=list(x.split(mb)) if stage.first else None,
-                            targets=list(y.split(mb)) if stage.last else None, loss_fn=gpt_loss)
+        losses = stage.step(m, inputs=list(x.chunk(m)) if stage.first else None,
+                            targets=list(y.chunk(m)) if stage.last else None, loss_fn=gpt_loss)
         if world > 1 and (stage.first or stage.last):
             dist.all_reduce(wte.grad, group=tied)
-        loss = torch.tensor(sum(losses) / m if stage.last else 0.0)
+        loss = torch.tensor(sum(losses) / m if stage.last else 0.0, device=device)
         dist.broadcast(loss, src=world - 1)  # the last stage knows it: every rank reports it
         return loss.item()
 

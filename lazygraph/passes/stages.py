@@ -142,7 +142,8 @@ def node_flops(n: Node) -> float:
 def node_seconds(n: Node, device: DeviceProfile = H100) -> float:
     """A roofline estimate of one node run by itself: the larger of its flops at peak and the bytes
     it reads and writes (the cost model's operand bytes) at full bandwidth. Views cost nothing.
-    Unfused: a fused kernel moves less, so this overestimates memory-bound work evenly."""
+    Unfused: a fused kernel moves less, so memory-bound work (a loss over a large vocabulary, the
+    pointwise tails of a block) is overestimated, compute-bound matmuls are not."""
     if n.op in MOVEMENT or effective_op(n) is Op.INPUT:
         return 0.0
     moved = sum(operand_bytes(s) for s in n.srcs) + n.nbytes
