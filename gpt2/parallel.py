@@ -104,6 +104,8 @@ def unit_costs(model: GPT, micro_batch: int, block_size: int,
 
 @dataclass
 class Plan:
+    """The modelled steps of data parallel and pipeline over `world` ranks, and the one chosen."""
+
     kind: str  # "dp" or "pipeline"
     world: int
     micro_batches: int
@@ -118,17 +120,20 @@ class Plan:
         lines = [f"parallel plan: {self.kind} over {self.world} ranks (modelled step: data parallel "
                  f"{self.dp_seconds * 1e3:.4f} ms, pipeline {self.pipeline_seconds * 1e3:.4f} ms)"]
         if self.kind == "pipeline":
-            units = [[f"units {lo}..{hi - 1} (0: embeddings, 1..L: blocks, L+1: head and loss)"]
-                     for lo, hi in stage_units(self.split, self.n_units)]
+            units = [[f"units {lo}..{hi - 1}"] for lo, hi in stage_units(self.split, self.n_units)]
             lines.append(st.format_plan([f"rank:{r}" for r in range(len(units))], self.split,
                                         self.micro_batches, units).rstrip())
+            lines.append(f"units: 0 the embeddings, 1..{self.n_units - 2} the blocks, {self.n_units - 1} "
+                         "the final norm, head and loss")
             if rank is not None:
                 lines.append(f"this rank: rank:{rank} runs stage {rank}")
         elif rank is not None:
             lines.append(f"this rank: rank:{rank} runs the whole model on 1/{self.world} of each batch")
         return "\n".join(lines) + "\n"
 
+
 def stage_units(split: st.StageSplit, n_units: int) -> list[tuple[int, int]]:
+    """(first unit, one past the last) of each stage."""
     return list(zip(split.bounds, split.bounds[1:] + [n_units]))
 
 
@@ -216,7 +221,7 @@ def train_parallel(model: GPT, data: torch.Tensor, *, parallel: str, steps: int,
     rank_dump = os.path.join(dump_dir, f"rank-{rank}") if dump_dir else None
     if rank_dump:
         os.makedirs(rank_dump, exist_ok=True)
-        with open(os.path.join(rank_dump, "stages.txt"), "w") as f:
+        with open(os.path.join(rank_dump, st.PLAN_FILE), "w") as f:
             f.write(chosen.text(rank))
     if rank == 0 and progress:
         print(chosen.text(), end="", flush=True)
@@ -288,10 +293,15 @@ def main_parallel(args, model: GPT, train_data: torch.Tensor):
                                   ("--eval-every", args.eval_every)) if v]
     if unsupported:
         raise SystemExit(f"python -m gpt2.train: error: --parallel does not support {', '.join(unsupported)} yet")
+    device = args.device
+    if torch.device(device).type == "cuda":  # one GPU per rank: torchrun's LOCAL_RANK picks it
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+        model.to(device)
     try:
         result, _ = train_parallel(model, train_data, parallel=args.parallel, steps=args.steps,
                                    batch_size=args.batch_size, block_size=args.block_size, lr=args.lr,
-                                   mode=args.mode, seed=args.seed, device=args.device, backend=args.backend,
+                                   mode=args.mode, seed=args.seed, device=device, backend=args.backend,
                                    dump_dir=args.dump_dir, micro_batches=args.micro_batches)
     finally:
         if dist.is_initialized():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -83,6 +84,7 @@ def _env(**extra):
     return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
+@pytest.mark.slow  # two processes: ~20 s of CPU
 def test_pipeline_over_two_processes_equals_one_process(tmp_path):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -112,6 +114,7 @@ def test_pipeline_over_two_processes_equals_one_process(tmp_path):
         assert f"runs stage {r}" in show_text(load_dump(str(tmp_path / f"rank-{r}")))  # `lazygraph show`
 
 
+@pytest.mark.slow  # torchrun and two processes: ~20 s of CPU
 def test_torchrun_gpt2_train_parallel_auto(tmp_path):
     data = tmp_path / "tokens.txt"
     data.write_text("lazygraph places the work; torch moves the bytes. " * 60)
@@ -123,3 +126,12 @@ def test_torchrun_gpt2_train_parallel_auto(tmp_path):
     assert re.search(r"parallel plan: (dp|pipeline) over 2 ranks \(modelled step: data parallel [\d.]+ ms, "
                      r"pipeline [\d.]+ ms\)", run.stdout), run.stdout
     assert re.search(r"done: loss [\d.]+ -> [\d.]+ .*(dp|pipeline) x2\)", run.stdout), run.stdout
+
+
+def test_parallel_without_torchrun_says_how_to_launch(monkeypatch):
+    from gpt2.train import main
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match="needs a torchrun launch"):
+        main(["--parallel", "pipeline", "--steps", "1", "--batch-size", "2", "--block-size", "8"])

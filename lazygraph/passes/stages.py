@@ -36,6 +36,7 @@ class DeviceProfile:
 
 H100 = DeviceProfile("H100 SXM (bf16 dense)", 989e12, 3.35e12)
 CPU_CORE = DeviceProfile("CPU core (fp32)", 50e9, 10e9)
+PLAN_FILE = "stages.txt"  # a dump folder's pipeline plan (`lazygraph show` prints it)
 NVLINK_BYTES_PER_S = 450e9  # H100 NVLink, within a node of 8
 INTER_NODE_BYTES_PER_S = 50e9  # 400 Gb/s InfiniBand, between nodes
 
