@@ -251,3 +251,36 @@ def test_graph_split_of_a_recorded_gpt2_training_step():
     placed = apply_split(g, plan)
     crossing = [n for n in placed.nodes if n.op is Op.TRANSFER and effective_op(n.srcs[0]) is not Op.INPUT]
     assert {n.device for n in crossing} <= {"cuda:1", "cpu"}  # activations go forward; the loss comes back
+
+
+def test_work_recorded_inside_pinned_lands_in_that_stage():
+    x = lg.lazy(torch.randn(16, 16))
+    h = (x @ x).tanh()
+    with lg.pinned("cuda:0"):  # recorded after the even cut would fall, pinned to the first stage
+        h = (h @ x).tanh()
+    out = (h @ x).tanh()
+    g = lg.graph(out)
+    pinned = [n for n in g.nodes if n.attrs.get("pin") == "cuda:0"]
+    assert pinned
+    plan = split_graph(g, ["cuda:0", "cuda:1"])
+    assert all(plan.device_of[n.id] == "cuda:0" for n in pinned)
+    assert plan.stage_nodes[1] and all(n.attrs.get("pin") is None for n in plan.stage_nodes[1])
+
+
+def test_one_stage_pipeline_step_equals_the_whole_batch():
+    """PipelineStage with one stage (no messages): micro-batch gradients sum to the whole batch's."""
+    from lazygraph.pipeline_parallel import PipelineStage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(12, 6), torch.randn(12, 3)
+    loss_fn = torch.nn.functional.mse_loss
+    loss_fn(model(x), y).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    stage = PipelineStage(lg.compile(model, backend="reference"), 0, 1)
+    losses = stage.step(3, inputs=list(x.chunk(3)), targets=list(y.chunk(3)), loss_fn=loss_fn)
+    assert stage.events == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert len(losses) == 3 and sum(losses) / 3 == pytest.approx(loss_fn(model(x), y).item(), rel=1e-6)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
