@@ -202,7 +202,8 @@ def split_graph(graph: Graph, devices: Sequence[str], *, link_bytes_per_s: float
                 micro_batches: int = 1) -> StagePlan:
     """Split `graph` into len(devices) pipeline stages over its topological order (see module doc).
     Inputs are not steps: each runs with every stage that reads it (a parameter read by two stages,
-    a tied embedding, is listed in `shared_inputs`: its gradient is summed over them)."""
+    a tied embedding, is listed in `shared_inputs`: its gradient is summed over them). A node pinned
+    to a device that is no stage's is left out: its cost and its transfers are not modelled."""
     pins = dict(pins or {})
     devices = list(devices)
     stage_of_device = {d: k for k, d in enumerate(devices)}
