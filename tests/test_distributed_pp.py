@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from gpt2.data import get_batch
+from gpt2.data import get_batch, get_tokenizer, load_text
 from gpt2.model import GPTConfig
-from gpt2.train import build_model
+from gpt2.train import build_model, make_config, train
 from lazygraph.report.load import load_dump
 from lazygraph.report.show import show_text
 
@@ -25,7 +25,7 @@ WORKER = """
 import sys, torch
 from gpt2.model import GPTConfig
 from gpt2.parallel import StageModule, stage_units, train_parallel
-from gpt2.train import build_model
+from gpt2.train import build_model, make_config, train
 from lazygraph.report.load import load_dump
 from lazygraph.report.show import show_text
 sys.path.insert(0, "tests")
@@ -126,6 +126,12 @@ def test_torchrun_gpt2_train_parallel_auto(tmp_path):
     assert re.search(r"parallel plan: (dp|pipeline) over 2 ranks \(modelled step: data parallel [\d.]+ ms, "
                      r"pipeline [\d.]+ ms\)", run.stdout), run.stdout
     assert re.search(r"done: loss [\d.]+ -> [\d.]+ .*(dp|pipeline) x2\)", run.stdout), run.stdout
+    # the losses printed (4 decimals) are those of one process on the whole batch (AdamW, eager)
+    printed = [float(v) for v in re.findall(r"step +\d+/2 +loss ([\d.]+)", run.stdout)]
+    tok = get_tokenizer("bytes")
+    model = build_model(make_config("tiny", tok.vocab_size, 16, "explicit"), 0)
+    alone = train(model, load_text(str(data), tok), steps=2, batch_size=4, block_size=16, progress=False)
+    assert_close(torch.tensor(printed), torch.tensor(alone.losses), rtol=0, atol=1e-4)
 
 
 def test_parallel_without_torchrun_says_how_to_launch(monkeypatch):
