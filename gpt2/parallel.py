@@ -251,14 +251,11 @@ def train_parallel(model: GPT, data: torch.Tensor, *, parallel: str, steps: int,
 
 def _dp_step(model, rank, world, mode, backend):
     ddp = data_parallel(model, mode, backend)
-    share = None
 
     def step(x, y):
-        nonlocal share
-        share = x.size(0) // world
-        part = slice(rank * share, (rank + 1) * share)
-        _, loss = ddp(x[part], y[part])
-        loss.backward()  # DDP averages the gradients over the ranks
+        share = x.size(0) // world  # this rank's slice of the batch
+        _, loss = ddp(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+        loss.backward()  # DDP averages the gradients over the ranks: the whole batch's mean
         total = loss.detach().clone()
         dist.all_reduce(total)
         return total.item() / world
