@@ -342,6 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint (--save)")
     p.add_argument("--init-from", default=None, help="start from a Hugging Face GPT-2 folder's weights")
     p.add_argument("--dump-dir", default=None, help="write lazygraph dumps here")
+    p.add_argument("--parallel", default=None, choices=("dp", "pipeline", "auto"),
+                   help="under torchrun: data parallel, pipeline stages, or the one the cost model prefers")
+    p.add_argument("--micro-batches", type=int, default=0, help="pipeline micro-batches (0: chosen)")
     args = p.parse_args(argv)
     try:
         _check_args(args)
@@ -448,6 +451,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
     def save(run: RunState) -> None:
         save_checkpoint(args.save, model, tok, run)
 
+    if args.parallel:  # torchrun -m gpt2.train --parallel ...: gpt2/parallel.py runs it
+        from .parallel import main_parallel
+
+        return main_parallel(args, model, train_data)
     previous_backend = lg.get_backend()
     if args.backend:
         lg.set_backend(args.backend)

@@ -8,6 +8,7 @@ kernels by bytes; then recompiles and graph breaks.
 from __future__ import annotations
 
 import argparse
+import os
 from collections import Counter
 from typing import Any
 
@@ -174,6 +175,10 @@ def _cause(e: dict[str, Any]) -> str:
 def show_text(dump: Dump, run: int | None = None, top: int = 5) -> str:
     runs = dump.selected(run)
     lines = [f"{dump.path}: {len(dump.runs)} graph runs"]
+    plan = os.path.join(dump.path, "stages.txt")  # a pipeline plan (lazygraph.passes.stages)
+    if os.path.isfile(plan):
+        with open(plan, encoding="utf-8") as f:
+            lines += f.read().splitlines()
     for r in runs:
         lines += run_lines(r, top)
     lines += event_lines(dump.events)
