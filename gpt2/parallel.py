@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import lazygraph as lg
+from lazygraph.cost_model import DeviceProfile, profile_for
 from lazygraph.passes import stages as st
 from lazygraph.pipeline_parallel import PipelineStage
 
@@ -72,7 +73,7 @@ def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _recorded_seconds(unit: StageModule, x: torch.Tensor, targets: torch.Tensor | None,
-                      device: st.DeviceProfile) -> float:
+                      device: DeviceProfile) -> float:
     """Modelled seconds of the unit's forward and backward: both recorded lazily (nothing runs) on a
     copy of it, then costed node by node."""
     unit = lg.lazy_module(copy.deepcopy(unit))
@@ -88,7 +89,7 @@ def _recorded_seconds(unit: StageModule, x: torch.Tensor, targets: torch.Tensor 
 
 
 def unit_costs(model: GPT, micro_batch: int, block_size: int,
-               device: st.DeviceProfile) -> tuple[list[float], list[int]]:
+               device: DeviceProfile) -> tuple[list[float], list[int]]:
     """(modelled seconds of each unit's forward and backward for one micro-batch, bytes crossing each
     gap between units: the hidden state forward and its gradient back). The blocks are alike: one is
     recorded for all."""
@@ -138,7 +139,7 @@ def stage_units(split: st.StageSplit, n_units: int) -> list[tuple[int, int]]:
 
 
 def plan(model: GPT, world: int, batch_size: int, block_size: int, micro_batches: int, kind: str,
-         device: st.DeviceProfile, link_bytes_per_s: float) -> Plan:
+         device: DeviceProfile, link_bytes_per_s: float) -> Plan:
     """Both modelled steps and the choice. The rule for auto: the smaller modelled step, where
     data parallel = the whole batch's compute / world + a ring all-reduce of every gradient
     (2 (N-1)/N of the parameter bytes over the link), and pipeline = (M + S - 1) x the slowest stage's
@@ -210,7 +211,7 @@ def train_parallel(model: GPT, data: torch.Tensor, *, parallel: str, steps: int,
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     rank, world = init_distributed(device)
     m = choose_micro_batches(batch_size, world, micro_batches)
-    profile = st.CPU_CORE if torch.device(device).type == "cpu" else st.H100
+    profile = profile_for(str(device))
     link = LOCAL_LINK_BYTES_PER_S if torch.device(device).type == "cpu" else st.NVLINK_BYTES_PER_S
     chosen = plan(model, world, batch_size, block_size, m, parallel, profile, link)
     if chosen.kind == "dp" and batch_size % world:

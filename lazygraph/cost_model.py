@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .ir import MOVEMENT, REDUCE, Node, Op, itemsize, numel
+from .ir import MOVEMENT, REDUCE, Node, Op, effective_op, itemsize, numel
 
 _ATTENTION = (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD)
 
@@ -453,3 +453,17 @@ def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepC
         half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)
         peak = profile.half_matmul_flops if half else profile.flops
     return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / peak) + launch)
+
+
+def node_cost(n: Node, profile: DeviceProfile) -> StepCost:
+    """Modelled cost of one node run by itself, unfused (the stage split costs graphs before fusion):
+    its operands and output at full bandwidth, or its flops at peak, whichever is longer; views and
+    inputs are free; no launch. Fusion moves less, so memory-bound work is overestimated."""
+    if n.op in MOVEMENT or effective_op(n) is Op.INPUT:
+        return StepCost(0, 0, 0.0)
+    nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
+    flops = _extern_flops(n) if n.op is Op.MATMUL or n.op in _ATTENTION else \
+        max((numel(s.shape) for s in n.srcs), default=numel(n.shape))
+    half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)
+    peak = profile.half_matmul_flops if half else profile.flops
+    return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / peak))

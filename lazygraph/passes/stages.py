@@ -7,7 +7,7 @@ slowest stage is fastest, a stage's time being its compute plus the bytes it rec
 over its links. It is exact (the multi-GPU simulator calls it too).
 
 `split_graph` is the graph-level part: node costs from the cost model's operand bytes plus matmul
-and attention flops on a `DeviceProfile`, graph inputs (parameters) placed with every stage that
+and attention flops on a device profile (cost_model.node_cost), graph inputs (parameters) placed with every stage that
 uses them, and `pinned(...)` overrides: a node pinned to one of the stage devices must land in that
 stage; a node pinned elsewhere (bookkeeping on the CPU) stays out of the split. `apply_split` hands
 the result to the place pass, which inserts the transfers where values cross a cut. The `StagePlan`
@@ -20,22 +20,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..cost_model import operand_bytes
-from ..ir import MOVEMENT, Graph, Node, Op, effective_op, numel
+from ..cost_model import PROFILES, DeviceProfile, node_cost
+from ..ir import Graph, Node, Op, effective_op
 from .place import place
 
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What the stage cost model knows of a device: peak matmul rate and memory bandwidth."""
-
-    name: str
-    flops_per_s: float
-    bytes_per_s: float
-
-
-H100 = DeviceProfile("H100 SXM (bf16 dense)", 989e12, 3.35e12)
-CPU_CORE = DeviceProfile("CPU core (fp32)", 50e9, 10e9)
 PLAN_FILE = "stages.txt"  # a dump folder's pipeline plan (`lazygraph show` prints it)
 NVLINK_BYTES_PER_S = 450e9  # H100 NVLink, within a node of 8
 INTER_NODE_BYTES_PER_S = 50e9  # 400 Gb/s InfiniBand, between nodes
@@ -126,29 +114,9 @@ def pipeline_step_seconds(split: StageSplit, micro_batches: int) -> float:
 # the graph-level part
 # ---------------------------------------------------------------------------------------------
 
-def node_flops(n: Node) -> float:
-    """Floating-point operations of one node: 2*M*N*K for a matmul, 4*B*H*T*S*D for attention
-    (2.5x that for its backward), one per element read for pointwise and reductions."""
-    if n.op is Op.MATMUL:
-        return 2.0 * numel(n.shape) * n.srcs[0].shape[-1]
-    if n.op in (Op.ATTENTION, Op.ATTENTION_BWD):
-        q, k = n.srcs[0], n.srcs[1]
-        if n.op is Op.ATTENTION_BWD:
-            q, k = n.srcs[1], n.srcs[2]
-        fwd = 4.0 * numel(q.shape) * k.shape[-2]
-        return fwd if n.op is Op.ATTENTION else 2.5 * fwd
-    return float(max((numel(s.shape) for s in n.srcs), default=numel(n.shape)))
-
-
-def node_seconds(n: Node, device: DeviceProfile = H100) -> float:
-    """A roofline estimate of one node run by itself: the larger of its flops at peak and the bytes
-    it reads and writes (the cost model's operand bytes) at full bandwidth. Views cost nothing.
-    Unfused: a fused kernel moves less, so memory-bound work (a loss over a large vocabulary, the
-    pointwise tails of a block) is overestimated, compute-bound matmuls are not."""
-    if n.op in MOVEMENT or effective_op(n) is Op.INPUT:
-        return 0.0
-    moved = sum(operand_bytes(s) for s in n.srcs) + n.nbytes
-    return max(node_flops(n) / device.flops_per_s, moved / device.bytes_per_s)
+def node_seconds(n: Node, profile: DeviceProfile | None = None) -> float:
+    """A node's modelled seconds run by itself, unfused (cost_model.node_cost; an H100 by default)."""
+    return node_cost(n, profile or PROFILES["h100"]).seconds
 
 
 @dataclass
