@@ -362,3 +362,12 @@ def test_a_lane_computes_in_the_callers_grad_mode():
     assert not any(g.requires_grad for g in got)
     for g, w in zip(got, chains(*inputs)):
         assert_close(g, w.detach())
+
+
+def test_a_lane_call_reading_one_value_twice():
+    """matmul(x, x) on a lane: the step's function takes x once (a duplicate argument is a SyntaxError)."""
+    from lazygraph.runtime.lanes import Block
+    from lazygraph.runtime.launch_plan import _Line
+
+    line = _Line("v10 = matmul_1(v0, v0)", ("v0", "v0"), ("v10",))
+    assert Block(1, [line]).reads() == ["v0"]

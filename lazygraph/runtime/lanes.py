@@ -260,7 +260,9 @@ class Block:
         own: set[str] = set()
         out = []
         for line in self.lines:
-            out += [r for r in line.reads if r not in own and r not in out]
+            for r in line.reads:  # once each: a call may read one value twice (matmul(x, x))
+                if r not in own and r not in out:
+                    out.append(r)
             own.update(line.writes)
         return out
 
