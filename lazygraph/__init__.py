@@ -77,6 +77,9 @@ def stats() -> dict[str, Any]:
         "grad_clones": c["grad_clones"],  # parameter gradients autograd copies (laid out unlike the parameter)
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),
+        "cuda_graph_replays": c["cuda_graph_replays"],  # program runs replayed as one CUDA graph
+        "cuda_graph_captures": c["cuda_graph_captures"],
+        "cuda_graphs_off": dict(counters.CUDA_GRAPHS_OFF),  # reason -> programs on a GPU run without
     }
 
 
