@@ -9,8 +9,8 @@ device; no step reads device values on the host (an extern op with a data-depend
 outside a kernel) or writes an operand in place; and the setting (`state.SETTINGS.cuda_graphs`,
 LAZYGRAPH_CUDA_GRAPHS) is `on`, or `auto` and the cost model counts at least THRESHOLD.launches
 launches each modelled under THRESHOLD.small_us. Checked again at capture: every input is on that
-device, every kernel was built (none runs in the reference executor), no output is a view of an
-input, and the capture itself succeeds. Otherwise the program runs its launch plans as before,
+device, every kernel was built (none runs in the reference executor), and the capture itself
+succeeds. Otherwise the program runs its launch plans as before,
 the reason in its summary, its dump (cuda_graphs.txt) and stats()["cuda_graphs_off"].
 
 A signature is what a capture bakes in: the input strides (the plan's kernels were chosen for
@@ -28,7 +28,9 @@ Buffers of a graph:
 - intermediates: an arena the graph owns, allocated inside the capture (the graph's private pool).
 - outputs: every replay writes the same memory, so a replay hands out copies (each storage copied
   once, each output rebuilt on the copy with its own offset and strides): what a caller holds is
-  never overwritten by the next replay.
+  never overwritten by the next replay. An output that is a view of an input (a compiled forward
+  hands out its token ids for the backward) is handed out as that view of the caller's input, as
+  the launch plan does.
 - runtime checks (index bounds, integer division by zero): the kernels set their flags inside the
   graph; the flags are read after each replay, as a launch plan reads them after each run.
 Replays of one graph take turns: a lock, and an event the next replay's stream waits for.
@@ -249,6 +251,7 @@ class _Graph:
     in_place: dict[int, int]  # input position -> data_ptr the graph reads the input at
     copies: list[tuple[int, torch.Tensor]]  # input position -> static buffer it is copied into
     outputs: list[torch.Tensor]  # written by every replay
+    views: dict[int, tuple[int, int]]  # output position -> (input position, its offset in elements from the input's)
     counts: tuple[Counter, Counter]  # what one run adds to COUNTERS and EXTERN_OPS
     checked: tuple  # kernels whose check flags are read after each replay
     done: Any = None  # event recorded after the last replay's copies
@@ -288,7 +291,10 @@ class CudaGraphs:
             for i, buffer in g.copies:
                 _copy_in(buffer, inputs[i])
             api.replay(g.graph)
-            outputs = _copy_out(g.outputs)
+            outputs = _copy_out(g.outputs, skip=g.views)
+            for k, (i, offset) in g.views.items():
+                o, t = g.outputs[k], inputs[i]
+                outputs[k] = t.as_strided(o.shape, o.stride(), t.storage_offset() + offset)
             g.done = api.record(g.device)
             self.replays += 1
         COUNTERS.update(g.counts[0])
@@ -357,16 +363,13 @@ class CudaGraphs:
                 state.CAPTURING.reset(token)
 
         with _counted_once():
-            self.api.warm_up(device, run)
+            warm = self.api.warm_up(device, run)
+        if warm is None:
+            raise Refused("the static inputs do not have the plan's strides")  # by construction they do
+        views = _views_of_inputs(warm, statics)
         with _counted_once() as counts:
             graph, outputs = self.api.capture(device, run_capturing)
-        if outputs is None:
-            raise Refused("the static inputs do not have the plan's strides")  # by construction they do
-        held = {t.untyped_storage().data_ptr() for t in statics}
-        for k, o in enumerate(outputs):
-            if o.untyped_storage().data_ptr() in held:
-                raise Refused(f"output {k} is a view of an input (a replay would hand out a copy)")
-        return _Graph(graph, device, in_place, copies, list(outputs), counts, plan.checked)
+        return _Graph(graph, device, in_place, copies, list(outputs), views, counts, plan.checked)
 
     def _off(self, reason: str) -> None:
         self.on, self.reason = False, reason
@@ -423,12 +426,33 @@ def _copy_in(buffer: torch.Tensor, t: torch.Tensor) -> None:
         buffer.copy_(t.as_strided((buffer.numel(),), (1,), t.storage_offset()))
 
 
-def _copy_out(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """New memory for a replay's outputs: each storage they live in copied once, each output rebuilt
-    on its copy with its own offset and strides (outputs that shared memory still do)."""
+def _views_of_inputs(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """Outputs that are views of an input: output position -> (input position, the output's offset
+    in elements from the input's first element)."""
+    at = {t.untyped_storage().data_ptr(): i for i, t in enumerate(inputs) if t.numel()}
+    views = {}
+    for k, o in enumerate(outputs):
+        i = at.get(o.untyped_storage().data_ptr()) if o.numel() else None
+        if i is None:
+            continue
+        t = inputs[i]
+        offset = o.storage_offset() - t.storage_offset()
+        if o.dtype != t.dtype or offset < 0:
+            raise Refused(f"output {k} views input {i} at another dtype or before its start")
+        views[k] = (i, offset)
+    return views
+
+
+def _copy_out(outputs: Sequence[torch.Tensor], skip: Any = ()) -> list[torch.Tensor | None]:
+    """New memory for a replay's outputs (but those at positions in `skip`: None): each storage they
+    live in copied once, each output rebuilt on its copy with its own offset and strides (outputs
+    that shared memory still do)."""
     copies: dict[int, torch.Tensor] = {}
-    out = []
-    for o in outputs:
+    out: list[torch.Tensor | None] = []
+    for k, o in enumerate(outputs):
+        if k in skip:
+            out.append(None)
+            continue
         storage = o.untyped_storage()
         key = storage.data_ptr()
         if key not in copies:
