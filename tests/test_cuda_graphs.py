@@ -364,3 +364,15 @@ def test_the_setting_turns_graphs_off(fake, monkeypatch):
     check(p.run(inputs(4)), block, *inputs(4))
     assert fake.calls.count("replay") == 1 and p.cuda_graphs().reason.startswith("off by setting")
     assert lg.stats()["cuda_graphs_off"] == {}
+
+
+def test_a_program_with_a_host_sync_runs_its_plans_and_says_why(fake, monkeypatch):
+    def syncing(step, names):  # as if the matmul were an extern op that reads device values back
+        return "host sync: the matmul" if step.kind == "extern" else None
+
+    monkeypatch.setattr(cuda_graphs, "host_work", syncing)
+    p = program(block, *inputs(0))
+    for seed in range(3):
+        check(p.run(inputs(seed)), block, *inputs(seed))
+    assert fake.calls == [] and lg.stats()["cuda_graphs_off"] == {"host sync: the matmul": 1}
+    assert p.summary()["cuda_graphs"]["reason"] == "host sync: the matmul"

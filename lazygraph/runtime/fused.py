@@ -8,6 +8,10 @@ every later run with the same input strides replays.
 
 If a kernel cannot be generated or compiled, that one group falls back to the reference
 executor, with a warning that names it; the run stays correct.
+
+On a GPU, a program that cuda_graphs.decide accepts replays each signature (input strides,
+runtime scalars) as one CUDA graph from its third run on: the first writes the launch plan, the
+second captures it (cuda_graphs.py). Elsewhere, and where it refuses, the launch plans run alone.
 """
 
 from __future__ import annotations
