@@ -151,6 +151,16 @@ def test_decision_weighs_modelled_time_per_launch():
     assert not d.capture and d.small_launches == 0
 
 
+def test_decision_weighs_the_copies_a_replay_makes(monkeypatch):
+    """Four small launches save 4 x 2 µs; copying out a 4 MiB output costs ~2.5 µs, 16 MiB ~10 µs."""
+    monkeypatch.setattr(cuda_graphs, "launch_times", lambda program: [1.0] * 4)
+    monkeypatch.setattr(cuda_graphs, "THRESHOLD", cuda_graphs.Threshold(small_us=2.0))
+    pretend = FakeCuda().is_cuda
+    assert cuda_graphs.decide(program(lambda x: x * 2, torch.empty(1024, 1024)), "auto", pretend).capture
+    d = cuda_graphs.decide(program(lambda x: x * 2, torch.empty(4096, 1024)), "auto", pretend)
+    assert not d.capture and "10.0 µs of output copies" in d.reason
+
+
 def test_steps_that_read_device_values_on_the_host_are_refused():
     x = ops.input_node(torch.randn(4, 4))
     names = {}

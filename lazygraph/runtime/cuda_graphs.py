@@ -120,11 +120,15 @@ def _decide(program: CompiledProgram, mode: str, is_cuda: Callable[[str], bool])
         why = host_work(step, program.names)
         if why is not None:
             return Decision(False, why, device, fallback=True)
+    t = THRESHOLD
     times = launch_times(program)
-    small = sum(t < THRESHOLD.small_us for t in times)
-    counted = (f"{small} of {len(times)} launches modelled under {THRESHOLD.small_us:g} µs "
-               f"(auto captures from {THRESHOLD.launches})")
-    if mode == "auto" and small < THRESHOLD.launches:
+    small = sum(x < t.small_us for x in times)
+    # a replay copies its outputs out (read + write): the host time saved must pay for that
+    outputs = {o.id: o for o in program.result.graph.outputs}.values()
+    copy_us = 2 * sum(o.nbytes for o in outputs) / t.bandwidth * 1e6
+    counted = (f"{small} of {len(times)} launches modelled under {t.small_us:g} µs, "
+               f"{copy_us:.1f} µs of output copies (auto captures from {t.launches} launches that save more)")
+    if mode == "auto" and (small < t.launches or small * t.small_us <= copy_us):
         return Decision(False, f"auto: not worth it, {counted}", device, len(times), small)
     return Decision(True, f"{mode}: {counted}", device, len(times), small)
 
