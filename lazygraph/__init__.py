@@ -78,6 +78,9 @@ def stats() -> dict[str, Any]:
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),
         "schedule": counters.schedule_stats(),  # order and lanes of the programs built (passes/schedule.py)
+        "cuda_graph_replays": c["cuda_graph_replays"],  # program runs replayed as one CUDA graph
+        "cuda_graph_captures": c["cuda_graph_captures"],
+        "cuda_graphs_off": dict(counters.CUDA_GRAPHS_OFF),  # reason -> programs on a GPU run without
     }
 
 

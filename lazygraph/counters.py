@@ -12,6 +12,8 @@ GRAPH_BREAKS: Counter = Counter()
 EXTERN_OPS: Counter = Counter()
 # "guard: old -> new" -> how many times lazygraph.compile re-traced because that guard failed
 RECOMPILE_REASONS: Counter = Counter()
+# why a program on a GPU runs without CUDA graphs (runtime/cuda_graphs.py) -> programs
+CUDA_GRAPHS_OFF: Counter = Counter()
 
 
 # graphs run by the current thread (never reset): whether a trace ran one must not see other threads
@@ -40,3 +42,4 @@ def reset() -> None:
     GRAPH_BREAKS.clear()
     EXTERN_OPS.clear()
     RECOMPILE_REASONS.clear()
+    CUDA_GRAPHS_OFF.clear()

@@ -27,6 +27,9 @@ TRACER: ContextVar[Any] = ContextVar("lazygraph_tracer", default=None)
 BACKEND: ContextVar[str | None] = ContextVar("lazygraph_backend", default=None)
 # input values lent to the passes while a program is built (passes/attention.py's InputValues)
 LENT_INPUTS: ContextVar[Any] = ContextVar("lazygraph_lent_inputs", default=None)
+# a CUDA graph is being captured: launch plans leave their check flags unread (reading them is a
+# host sync, which a capture forbids); the graph's replays read them (runtime/cuda_graphs.py)
+CAPTURING: ContextVar[bool] = ContextVar("lazygraph_capturing", default=False)
 
 
 # -- process-wide --------------------------------------------------------------------------------
@@ -34,6 +37,18 @@ LENT_INPUTS: ContextVar[Any] = ContextVar("lazygraph_lent_inputs", default=None)
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("0", "")
+
+
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+
+
+def cuda_graph_mode(value: str) -> str:
+    """LAZYGRAPH_CUDA_GRAPHS: auto (the cost model decides), on (wherever capture is possible), off;
+    1/0 are on/off."""
+    mode = {"1": "on", "0": "off", "": "auto"}.get(value.strip().lower(), value.strip().lower())
+    if mode not in CUDA_GRAPH_MODES:
+        raise ValueError(f"lazygraph: CUDA graphs must be one of {CUDA_GRAPH_MODES} (or 1/0), got {value!r}")
+    return mode
 
 
 @dataclass
@@ -49,6 +64,9 @@ class Settings:
     disabled: bool = _flag("LAZYGRAPH_DISABLE")
     # LAZYGRAPH_STREAMS=N: lanes a schedule may use (CUDA streams; CPU worker threads); 0: the device profile's
     streams: int = int(os.environ.get("LAZYGRAPH_STREAMS", "0") or 0)
+    # LAZYGRAPH_CUDA_GRAPHS=auto|on|off: compiled programs on a GPU replayed as CUDA graphs
+    # (runtime/cuda_graphs.py; auto: programs of many small launches)
+    cuda_graphs: str = cuda_graph_mode(os.environ.get("LAZYGRAPH_CUDA_GRAPHS", "auto"))
 
 
 SETTINGS = Settings()

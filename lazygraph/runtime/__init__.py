@@ -10,6 +10,7 @@ The parts of this room:
     launch_plan.py        LaunchPlan: a fused program's replay as generated Python, arguments bound,
                           intermediates in arenas reused across runs
     cost.py               launches and modelled bytes of a schedule, and of eager PyTorch
+    cuda_graphs.py        on a GPU: a fused program's launch plan captured and replayed as CUDA graphs
 """
 
 from __future__ import annotations

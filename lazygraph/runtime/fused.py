@@ -8,6 +8,10 @@ every later run with the same input strides replays.
 
 If a kernel cannot be generated or compiled, that one group falls back to the reference
 executor, with a warning that names it; the run stays correct.
+
+On a GPU, a program that cuda_graphs.decide accepts replays each signature (input strides,
+runtime scalars) as one CUDA graph from its third run on: the first writes the launch plan, the
+second captures it (cuda_graphs.py). Elsewhere, and where it refuses, the launch plans run alone.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from ..ir import Graph
 from ..passes import InputValues, PipelineResult, run_pipeline
 from ..passes.fuse import FusionGroup
 from ..passes.lift_scalars import lift_scalars
+from . import cuda_graphs
 from .cost import extern_launches, schedule_summary
+from .cuda_graphs import CudaGraphs
 from .launch_plan import LaunchPlan, StridesChanged, walk
 
 _MAX_LENT_NUMEL = 1 << 22  # inputs small enough for a pass to inspect (masks, not activations)
@@ -56,6 +62,7 @@ class CompiledProgram:
         self.names = self.schedule.names
         self._kernels: dict[tuple, Any] = {}
         self._plans: list[LaunchPlan] = []  # newest first
+        self._graphs: CudaGraphs | None = None  # decided at the first run (for the setting then)
 
     def _assumptions_hold(self, inputs: Sequence[torch.Tensor]) -> bool:
         """The lent input values this program was specialised on are still what it gets: the same
@@ -82,17 +89,35 @@ class CompiledProgram:
             scalars = self.scalar_defaults
         if state.SETTINGS.verify:  # LAZYGRAPH_VERIFY=1: every kernel checked against the reference
             return walk(self, inputs, scalars, verify=True)[1]
+        graphs = self.cuda_graphs()
+        if not graphs.on:  # on the CPU always: the launch plans alone
+            return self._run_plan(inputs, scalars)[1]
+        outputs = graphs.replay(inputs, scalars)
+        if outputs is None:
+            plan, outputs = self._run_plan(inputs, scalars)
+            graphs.ran(self, plan, inputs, scalars)  # its second run captures the signature
+        return outputs
+
+    def _run_plan(self, inputs: Sequence[torch.Tensor], scalars: Sequence[float]) -> tuple[LaunchPlan, list]:
+        """The launch plan for these inputs' strides (written by a walk the first time) and its outputs."""
         try:
             for plan in self._plans:
                 outputs = plan.run(inputs, scalars)
                 if outputs is not None:
-                    return outputs
+                    return plan, outputs
         except StridesChanged:
             pass  # an extern result came back laid out differently: walk again, for the strides it has now
         plan, outputs = walk(self, inputs, scalars)
         COUNTERS["launch_plans"] += 1
         self._plans = [plan, *self._plans[:_MAX_PLANS - 1]]
-        return outputs
+        return plan, outputs
+
+    def cuda_graphs(self) -> CudaGraphs:
+        """This program's CUDA graphs (cuda_graphs.py), decided anew when the setting changes."""
+        graphs = self._graphs
+        if graphs is None or graphs.mode != state.SETTINGS.cuda_graphs:
+            graphs = self._graphs = cuda_graphs.for_program(self)
+        return graphs
 
     def kernel_for(self, group: FusionGroup, ins: Sequence[Any]):
         """The kernel of `group` for buffers with these strides (a scalar has none), built on first
@@ -116,6 +141,11 @@ class CompiledProgram:
     def kernels(self) -> list:
         return [k for k in self._kernels.values() if k is not None]
 
+    def kernel_fallbacks(self) -> list[str]:
+        """Groups whose kernel could not be built (they run in the reference executor)."""
+        names = {g.id: g.name for g in self.schedule.kernels}
+        return sorted({names[group_id] for (group_id, _), k in self._kernels.items() if k is None})
+
     # -- describing -----------------------------------------------------------------------------
 
     def describe(self) -> str:
@@ -127,7 +157,7 @@ class CompiledProgram:
 
     def summary(self) -> dict[str, Any]:
         info = {**schedule_summary(self.graph, self.schedule, self.result.memory, self.result.order),
-                "passes": [name for name, _ in self.result.stages]}
+                "passes": [name for name, _ in self.result.stages], "cuda_graphs": self._describe_graphs()}
         bodies: dict[str, list[str]] = {}
         for k in self.kernels():
             bodies.setdefault(k.group.name, []).append(k.body.name)  # kernels/BODY.py of each launch
@@ -155,4 +185,10 @@ class CompiledProgram:
         files.update(kernels)
         if self._plans:
             files["launch_plan.py"] = self._plans[0].source  # the replay that launches the kernels
+        files["cuda_graphs.txt"] = "".join(f"{k}: {v}\n" for k, v in self._describe_graphs().items())
         return files
+
+    def _describe_graphs(self) -> dict[str, Any]:
+        if self._graphs is not None:
+            return self._graphs.describe()
+        return CudaGraphs(cuda_graphs.decide(self)).describe()  # not run yet: what it would do

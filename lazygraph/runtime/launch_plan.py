@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import state
 from ..codegen.flash_attention import run_attention_node, supported
 from ..counters import COUNTERS, EXTERN_OPS
 from ..ir import Node, Op, itemsize, numel
@@ -251,6 +252,7 @@ class LaunchPlan:
         namespace = dict(constants)
         exec(compile(source, filename, "exec"), namespace)
         self._replay = namespace["replay"]
+        self.checked = tuple(constants.get("CHECKED", ()))  # kernels whose check flags a run reads
         self._pools: dict[Any, list[tuple[torch.Tensor, ...]]] = {}
         self._cuda = sorted({n.device for n in arena.nodes if n.device.startswith("cuda")})
         self._lock = threading.Lock()
@@ -273,6 +275,11 @@ class LaunchPlan:
             if run is not None:
                 run.settle()  # no lane may still read the arena (or anything) once the run is over
             pool.append(arena)
+
+    def run_in(self, arena: tuple[torch.Tensor, ...], inputs: Sequence[torch.Tensor],
+               scalars: Sequence[float]) -> list[torch.Tensor] | None:
+        """A run with intermediates in `arena` (a CUDA graph owns the arena it was captured with)."""
+        return self._replay(inputs, scalars, arena)
 
     def release(self, arena: tuple[torch.Tensor, ...]) -> None:
         """Take an arena no run uses any more (the first run's) into the pool."""
@@ -675,6 +682,8 @@ def raise_failed_checks(kernels: Sequence[Any]) -> None:
     """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line.
     One look at all flags per run: on a GPU that is the run's only wait for its kernels."""
     flags = [k.flags for k in kernels if k.flags is not None]
+    if state.CAPTURING.get():
+        return  # a CUDA graph being captured: its replays read the flags (cuda_graphs.py)
     if not flags or not bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
         return
     for kernel in kernels:
