@@ -77,6 +77,8 @@ def stats() -> dict[str, Any]:
         "grad_clones": c["grad_clones"],  # parameter gradients autograd copies (laid out unlike the parameter)
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),
+        "collectives": c["collectives"],  # all-reduces, sends, ... started (torch.distributed)
+        "collective_bytes": c["collective_bytes"],  # bytes they were given
     }
 
 

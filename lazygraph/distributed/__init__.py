@@ -1,0 +1,5 @@
+"""Distributed training planned by lazygraph, run by torch.distributed.
+
+    data_parallel.py   compile(model, data_parallel=group): bucketed gradient all-reduces in the
+                       backward graph, each started as soon as its gradients are final
+"""

@@ -1,0 +1,79 @@
+"""Collectives in a launch plan: started asynchronously, waited for where a value is first read.
+
+A collective step starts its torch.distributed work (`async_op=True`) and the plan goes on with
+the next steps; the plan waits for it just before the first step that reads its value, or a
+view of it (a view only aliases the memory: taking one reads nothing), and at the latest before
+the program returns. In the plan's source that reads
+
+    w41 = all_reduce_0(v37, v39)     # %41 = all_reduce: started
+    v41 = w41.value
+    ...                              # the rest of the backward runs meanwhile
+    v41 = w41.wait()                 # %41 final (averaged): first read here
+
+Every rank runs the same program, so collectives on a group start in the same order on all of
+them. reference.Collective is the one implementation of what each collective computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..ir import Node
+from ..reference import Collective
+
+if TYPE_CHECKING:
+    from .launch_plan import _Writer
+
+
+def start(n: Node, *args: torch.Tensor) -> Collective:
+    return Collective(n, args, async_op=True)
+
+
+class InFlight:
+    """A plan writer's collectives that have started and not been waited for, and the values
+    (views) that alias them."""
+
+    def __init__(self, writer: _Writer):
+        self.writer = writer
+        self.started: dict[int, tuple[str, Collective]] = {}  # collective node id -> (handle var, work)
+        self.aliases: dict[int, set[int]] = {}  # value id -> collectives whose memory it views
+
+    def start(self, n: Node, args: Sequence[torch.Tensor], arg_vars: Sequence[str]) -> torch.Tensor:
+        w = self.writer
+        out = w.var(n)
+        handle = "w" + out[1:]
+        lname, fn = w.launch(n.op.value, lambda *a: start(n, *a))
+        work = fn(*args)
+        w.emit(f"{handle} = {lname}({', '.join(arg_vars)})  # {w.names[n.id]} = {n.op.value}: started", arg_vars)
+        w.emit(f"{out} = {handle}.value")
+        self.started[n.id] = (handle, work)
+        self.aliases[n.id] = {n.id}
+        return work.value
+
+    def view(self, n: Node) -> None:
+        """n views its operands' memory: it aliases what they alias."""
+        found = set().union(*(self.aliases.get(s.id, set()) for s in n.srcs))
+        if found:
+            self.aliases[n.id] = found
+
+    def wait_for(self, reads: Sequence[Node]) -> None:
+        """Wait for the collectives whose values (or views of them) a step is about to read."""
+        for r in reads:
+            for c in sorted(self.aliases.get(r.id, ())):
+                self._wait(c, "the next step reads it")
+
+    def wait_all(self) -> None:
+        """Before the program returns: nothing is handed out in flight."""
+        for c in list(self.started):
+            self._wait(c, "before returning")
+
+    def _wait(self, c: int, why: str) -> None:
+        if c not in self.started:
+            return
+        handle, work = self.started.pop(c)
+        w = self.writer
+        work.wait()
+        w.emit(f"{handle}.wait()  # {w.names[c]} final: {why}")
