@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import sys
 import threading
@@ -104,11 +105,11 @@ def compile(model: torch.nn.Module | Callable, *, dump_dir: str | None = None, b
                             backend=backend, dynamic=dynamic)
     module._lg_eager = DISABLED
     if data_parallel is not None and data_parallel is not False:
-        module._lg_dp = DataParallel.over(data_parallel, bucket_cap_mb)
-        module._lg_dp.broadcast(model)
         if DISABLED:
             raise RuntimeError("lazygraph.compile(data_parallel=...) with LAZYGRAPH_DISABLE=1: nothing would "
                                "average the gradients; wrap the model in DistributedDataParallel instead")
+        module._lg_dp = DataParallel.over(data_parallel, bucket_cap_mb)
+        module._lg_dp.broadcast(model)
     return module
 
 
@@ -120,12 +121,17 @@ _FSDP_UNSUPPORTED = (
     "with lazygraph.compile(model, data_parallel=group) or DistributedDataParallel(lazygraph.compile(model)).")
 
 
-def _fully_sharded(m: torch.nn.Module) -> bool:
+@functools.cache
+def _fsdp_module() -> type:
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(m, FSDPModule)
+    except ImportError:  # torch built without distributed: nothing is ever an FSDPModule
+        return type("NoFSDPModule", (), {})
+    return FSDPModule
+
+
+def _fully_sharded(m: torch.nn.Module) -> bool:
+    return isinstance(m, _fsdp_module())
 
 
 class _FunctionModule(torch.nn.Module):
@@ -1000,6 +1006,8 @@ class CompiledModule(torch.nn.Module):
         root = self._lg_dump_dir or dumps.current_dir()
         if root is None:
             return
+        if self._lg_dp is not None:  # every rank writes its own programs, none over another's
+            root = os.path.join(root, f"rank{self._lg_dp.rank}")
         path = os.path.join(root, f"compile-{state.next_dump_number('compile'):04d}")
         for name, graph, prog in (("forward", fwd, progs.forward), ("backward", bwd, progs.backward)):
             if graph is not None:

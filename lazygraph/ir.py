@@ -104,8 +104,9 @@ class Op(enum.Enum):
     # torch runs it (fallback); attrs: target (aten op name), args (non-tensor arguments), index
     EXTERN = "extern"
     # collectives, run by torch.distributed; attrs: group (a process group's name, see
-    # reference.process_group_name), size (its number of ranks). Side effects: never merged,
-    # dropped while an output needs them, fused or reordered across each other.
+    # reference.process_group_name), size (its number of ranks). They talk to other ranks: no pass
+    # merges (CSE) or fuses them, and every rank runs them in one order (the same program). Like
+    # any node, one is kept only while an output needs it: a graph keeps its sends among its outputs.
     ALL_REDUCE = "all_reduce"  # (x, ...) -> the operands flattened, concatenated, reduced; attrs: reduce (sum|avg)
     REDUCE_SCATTER = "reduce_scatter"  # (x) -> this rank's 1/size of x reduced over the group, along axis 0
     ALL_GATHER = "all_gather"  # (x) -> every rank's x concatenated along axis 0, in rank order

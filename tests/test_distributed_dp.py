@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, scenarios:
     try:
         if "compiled" in scenarios:
             model = _model(seed=rank)  # every rank its own init: compile broadcasts rank 0's
-            dump = os.path.join(out, f"dump{rank}")
+            dump = os.path.join(out, "dump")  # one folder: each rank writes dump/rank<N>/
             # tiny buckets: several all-reduces in the backward
             compiled = lg.compile(model, data_parallel=dist.group.WORLD, bucket_cap_mb=2e-3, dump_dir=dump)
             launches: list = []
@@ -98,7 +98,8 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, scenarios:
             result["compiled"] = _train(model, step, part)
             result["launches"], result["marks"] = launches, marks
             result["stats"] = lg.stats()
-            graphs = [os.path.join(r, f) for r, _, fs in os.walk(dump) for f in fs if f == "graph.txt"]
+            mine = os.path.join(dump, f"rank{rank}")
+            graphs = [os.path.join(r, f) for r, _, fs in os.walk(mine) for f in fs if f == "graph.txt"]
             result["backward_graph"] = "".join(open(g).read() for g in graphs if "backward" in g)
         if "ddp" in scenarios:
             from torch.nn.parallel import DistributedDataParallel

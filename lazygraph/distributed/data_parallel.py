@@ -12,6 +12,19 @@ every pass rebuilds with), and fusion keeps that order for its steps. The bucket
 therefore made the first outputs, in bucket order: each all-reduce lands right after the last
 step its bucket needs, before the rest of the backward, and the launch plan waits for it only
 at the end (runtime/collectives.py). The caller maps the outputs back with the returned order.
+Every rank must trace the same graph (the same shapes, no rank-dependent control flow): ranks
+running different programs would start different collectives, and wait for each other forever.
+
+Composition with torch's wrappers:
+- `DistributedDataParallel(compile(model))` trains as eager DDP does (tested), but without its
+  overlap: DDP's reducer starts a bucket's all-reduce from the hooks autograd runs as it stores
+  each gradient, and a compiled module's backward is one autograd Function that hands out every
+  gradient at once, after its whole backward program. So DDP's all-reduces all run after the
+  backward, adding their time to every step instead of hiding it behind the backward's compute.
+  `compile(model, data_parallel=group)` is the overlapped form of the same training.
+- FSDP2 (`fully_shard`) on or inside a compiled module raises, saying why (compiler.py): FSDP2
+  swaps sharded DTensor parameters for unsharded ones around each module's forward and
+  reduce-scatters in per-module backward hooks; a compiled module traces plain parameters once.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ class DataParallel:
     group: str
     size: int
     bucket_bytes: int
+    rank: int  # this process's global rank (its dumps go to rank<N>/)
 
     @classmethod
     def over(cls, group: Any, bucket_cap_mb: float = 25.0) -> DataParallel:
@@ -46,7 +60,7 @@ class DataParallel:
         name = process_group_name(group)
         if bucket_cap_mb <= 0:
             raise ValueError(f"lazygraph.compile: bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
-        return cls(name, dist.get_world_size(process_group(name)), int(bucket_cap_mb * 2**20))
+        return cls(name, dist.get_world_size(process_group(name)), int(bucket_cap_mb * 2**20), dist.get_rank())
 
     def broadcast(self, module: torch.nn.Module) -> None:
         """Give every rank the first rank's parameters and buffers (DistributedDataParallel does

@@ -34,15 +34,14 @@ def start(n: Node, *args: torch.Tensor) -> Collective:
 
 class InFlight:
     """A plan writer's collectives that have started and not been waited for, and the values
-    (views) that alias them."""
+    (views) that alias them. The writer is passed to each call, never kept: a reference cycle
+    would keep the first run's values alive, and autograd copies a gradient someone else holds."""
 
-    def __init__(self, writer: _Writer):
-        self.writer = writer
+    def __init__(self):
         self.started: dict[int, tuple[str, Collective]] = {}  # collective node id -> (handle var, work)
         self.aliases: dict[int, set[int]] = {}  # value id -> collectives whose memory it views
 
-    def start(self, n: Node, args: Sequence[torch.Tensor], arg_vars: Sequence[str]) -> torch.Tensor:
-        w = self.writer
+    def start(self, w: _Writer, n: Node, args: Sequence[torch.Tensor], arg_vars: Sequence[str]) -> torch.Tensor:
         out = w.var(n)
         handle = "w" + out[1:]
         lname, fn = w.launch(n.op.value, lambda *a: start(n, *a))
@@ -59,21 +58,20 @@ class InFlight:
         if found:
             self.aliases[n.id] = found
 
-    def wait_for(self, reads: Sequence[Node]) -> None:
+    def wait_for(self, w: _Writer, reads: Sequence[Node]) -> None:
         """Wait for the collectives whose values (or views of them) a step is about to read."""
         for r in reads:
             for c in sorted(self.aliases.get(r.id, ())):
-                self._wait(c, "the next step reads it")
+                self._wait(w, c, "the next step reads it")
 
-    def wait_all(self) -> None:
+    def wait_all(self, w: _Writer) -> None:
         """Before the program returns: nothing is handed out in flight."""
         for c in list(self.started):
-            self._wait(c, "before returning")
+            self._wait(w, c, "before returning")
 
-    def _wait(self, c: int, why: str) -> None:
+    def _wait(self, w: _Writer, c: int, why: str) -> None:
         if c not in self.started:
             return
         handle, work = self.started.pop(c)
-        w = self.writer
         work.wait()
         w.emit(f"{handle}.wait()  # {w.names[c]} final: {why}")

@@ -300,7 +300,7 @@ class _Writer:
                 self.aten_outputs.setdefault(_aten_call_key(s.node), []).append(s.node)
         self.const_count: Counter = Counter()
         self.devices: dict[str, str] = {}
-        self.in_flight = InFlight(self)  # collectives started, not yet waited for
+        self.in_flight = InFlight()  # collectives started, not yet waited for
 
     # -- names and constants ---------------------------------------------------------------------
 
@@ -382,7 +382,7 @@ class _Writer:
             self.env[n.id] = t
         plan_memory = p.result.memory
         for i, step in enumerate(p.schedule.steps):
-            self.in_flight.wait_for(step.reads() if step.kind != "view" else ())
+            self.in_flight.wait_for(self, step.reads() if step.kind != "view" else ())
             if step.kind == "kernel":
                 self.kernel(step.group)
             elif step.kind == "extern":
@@ -393,7 +393,7 @@ class _Writer:
                 self.env.pop(dead, None)
         COUNTERS.update(self.counts)
         EXTERN_OPS.update(self.extern_ops)
-        self.in_flight.wait_all()
+        self.in_flight.wait_all(self)
         if self.checked:
             raise_failed_checks(self.checked)
         outputs, self.out_vars = [], []
@@ -444,7 +444,7 @@ class _Writer:
         arg_vars = [name for name, _ in srcs]
         out = self.var(n)
         if n.op in COLLECTIVES:
-            self.env[n.id] = self.in_flight.start(n, args, arg_vars)
+            self.env[n.id] = self.in_flight.start(self, n, args, arg_vars)
             return
         if n.op in (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD):
             self.uses_memo = True
@@ -510,7 +510,7 @@ class _Writer:
                 expr = f"eval_node({self.const('N', n)}, [{', '.join(arg_vars)}], memo)"
             self.emit(f"{out} = {expr}  # {self.names[n.id]} = {n.op.value}", arg_vars)
         else:  # a fill, or a reshape that copies: device work
-            self.in_flight.wait_for(n.srcs)  # a copy reads
+            self.in_flight.wait_for(self, n.srcs)  # a copy reads
             self._count_hidden(n, "fill" if n.op in (Op.FULL, Op.IOTA) else "copy")
             lname, fn = self.launch(n.op.value, _evaluator(n), (n,))
             value = fn(*args)
