@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lazygraph as lg
+from lazygraph.ir import Op
 
 STEPS = 2  # the second replays the programs the first built
 BATCH, T = 4, 7  # the whole batch: split evenly over 2 or 4 ranks; an odd length
@@ -57,7 +58,8 @@ def _train(model, step_model, part=slice(None)):
 
 
 def _record_launches(names: list):
-    """Every launch a plan makes, by name, in the order it runs (the launch-plan boundary)."""
+    """Every launch a plan makes, by name, in the order it runs (the launch-plan boundary); returns
+    what puts the boundary back."""
     from lazygraph.runtime import launch_plan
 
     original = launch_plan.launcher
@@ -72,6 +74,7 @@ def _record_launches(names: list):
         return run
 
     launch_plan.launcher = launcher
+    return lambda: setattr(launch_plan, "launcher", original)
 
 
 def _worker(rank: int, world: int, port: int, out: str, backend: str, scenarios: tuple):
@@ -87,7 +90,7 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, scenarios:
             # tiny buckets: several all-reduces in the backward
             compiled = lg.compile(model, data_parallel=dist.group.WORLD, bucket_cap_mb=2e-3, dump_dir=dump)
             launches: list = []
-            _record_launches(launches)
+            stop_recording = _record_launches(launches)
             marks = []
 
             def step(x, y):
@@ -96,6 +99,7 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, scenarios:
 
             lg.reset_stats()
             result["compiled"] = _train(model, step, part)
+            stop_recording()
             result["launches"], result["marks"] = launches, marks
             result["stats"] = lg.stats()
             mine = os.path.join(dump, f"rank{rank}")
@@ -111,6 +115,8 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, scenarios:
                 warnings.simplefilter("error")  # no eager fallback: the compiled programs ran
                 result["ddp"] = _train(model, ddp, part)
             result["ddp_traces"] = compiled._lg_count
+        if "collectives" in scenarios:
+            result["collectives"] = _collectives(rank, world)
         if "fsdp" in scenarios:
             from torch.distributed.fsdp import fully_shard
 
@@ -127,6 +133,26 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, scenarios:
     finally:
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+def _collectives(rank: int, world: int) -> list:
+    """Each collective op over the ranks, as one program run asynchronously (twice: the walk, then
+    the launch plan's replay); rank r's x is arange + r, and rank 0 sends -x to rank 1."""
+    from lazygraph import ops
+    from lazygraph.ir import Graph, all_gather, all_reduce, recv, reduce_scatter, send
+    from lazygraph.reference import process_group_name
+    from lazygraph.runtime import build_program
+
+    group = process_group_name()
+    xv = torch.arange(world * 3, dtype=torch.float32).reshape(world, 3) + rank
+    x = ops.input_node(xv, "x")
+    outs = [all_reduce([x], group, world, "avg"), reduce_scatter(x, group, world), all_gather(x, group, world)]
+    if rank == 0:
+        outs.append(send(ops.unary(Op.NEG, x), 1, group, world))
+    elif rank == 1:
+        outs.append(recv(xv.shape, xv.dtype, "cpu", 0, group, world))
+    program = build_program(Graph.from_outputs(outs), "auto")
+    return [program.run([xv]) for _ in range(2)]
 
 
 def _free_port() -> int:
@@ -153,7 +179,7 @@ def _assert_trains_like(got, want):
 
 
 def test_compiled_data_parallel_and_ddp_over_2_ranks_train_as_one_process_and_fsdp2_raises(tmp_path, single_process):
-    ranks = _spawn(tmp_path, 2, "auto", ("compiled", "ddp", "fsdp"))
+    ranks = _spawn(tmp_path, 2, "auto", ("compiled", "ddp", "fsdp", "collectives"))
     for rank, r in enumerate(ranks):
         _assert_trains_like(r["compiled"], single_process)
         _assert_trains_like(r["ddp"], single_process)
@@ -170,6 +196,14 @@ def test_compiled_data_parallel_and_ddp_over_2_ranks_train_as_one_process_and_fs
         assert len(reduces) >= 2, backward
         assert reduces[0] < compute[-1], f"rank {rank}: every all-reduce after the backward's compute: {backward}"
     assert ranks[0]["launches"] == ranks[1]["launches"]  # the same collectives, in the same order
+    base = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    x = [base, base + 1]  # each rank's input
+    for rank, r in enumerate(ranks):
+        for got in r["collectives"]:
+            torch.testing.assert_close(got[0], (x[0] + x[1]) / 2)
+            torch.testing.assert_close(got[1], (x[0] + x[1])[rank:rank + 1])
+            torch.testing.assert_close(got[2], torch.cat(x))
+            torch.testing.assert_close(got[3], -x[0])  # rank 0: what it sent; rank 1: what it received
 
 
 def test_compiled_data_parallel_over_4_ranks_trains_as_one_process(tmp_path, single_process):
