@@ -5,10 +5,11 @@ the next steps; the plan waits for it just before the first step that reads its 
 view of it (a view only aliases the memory: taking one reads nothing), and at the latest before
 the program returns. In the plan's source that reads
 
-    w41 = all_reduce_0(v37, v39)     # %41 = all_reduce: started
-    v41 = w41.value
-    ...                              # the rest of the backward runs meanwhile
-    v41 = w41.wait()                 # %41 final (averaged): first read here
+    w189 = all_reduce_3(v112, v116, v139)  # %189 = all_reduce: started
+    v189 = w189.value
+    v190 = v189[index5]  # %190 = slice            (a gradient: a view of the bucket, no wait)
+    ...                                            (the rest of the backward runs meanwhile)
+    w189.wait()  # %189 final: before returning    (averaged: gloo has no average, so sum / size)
 
 Every rank runs the same program, so collectives on a group start in the same order on all of
 them. reference.Collective is the one implementation of what each collective computes.
