@@ -134,6 +134,16 @@ def _fully_sharded(m: torch.nn.Module) -> bool:
     return isinstance(m, _fsdp_module())
 
 
+def _wrapped_by_ddp(m: torch.nn.Module) -> bool:
+    """Whether `m` runs as the module of DistributedDataParallel's forward now."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel._get_active_ddp_module()
+    except (ImportError, AttributeError):  # no distributed build, or a torch without the hook
+        return False
+    return ddp is not None and ddp.module is m
+
+
 class _FunctionModule(torch.nn.Module):
     """A plain function as a module. A bound method's module is registered, so its parameters
     are traced as parameters (gradients reach them)."""
@@ -875,6 +885,10 @@ class CompiledModule(torch.nn.Module):
                + (f"; backward {p.backward.describe()}" if p.backward is not None else ""))
         for op, line in tr.breaks:
             _debug(f"graph break in {self._name()} at {line}: {op} has a data-dependent output shape")
+        if _wrapped_by_ddp(self):
+            _debug(f"{self._name()} runs under DistributedDataParallel, whose all-reduces start only after this "
+                   "module's whole backward program (it hands out every gradient at once); "
+                   "lazygraph.compile(model, data_parallel=group) overlaps them with the backward instead")
         for r in tracer.reads:
             _debug(f"{self._name()} read a tensor value at {r.describe()}: {r.result!r}"
                    + ("" if tr.read_guard is None else "; guarded before each replay"))
