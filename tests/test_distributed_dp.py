@@ -178,6 +178,7 @@ def _assert_trains_like(got, want):
         torch.testing.assert_close(got[1][k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow  # spawns processes: each imports torch and lazygraph (about 3 s of CPU)
 def test_compiled_data_parallel_and_ddp_over_2_ranks_train_as_one_process_and_fsdp2_raises(tmp_path, single_process):
     ranks = _spawn(tmp_path, 2, "auto", ("compiled", "ddp", "fsdp", "collectives"))
     for rank, r in enumerate(ranks):
@@ -206,6 +207,7 @@ def test_compiled_data_parallel_and_ddp_over_2_ranks_train_as_one_process_and_fs
             torch.testing.assert_close(got[3], -x[0])  # rank 0: what it sent; rank 1: what it received
 
 
+@pytest.mark.slow  # spawns processes: each imports torch and lazygraph (about 3 s of CPU)
 def test_compiled_data_parallel_over_4_ranks_trains_as_one_process(tmp_path, single_process):
     for r in _spawn(tmp_path, 4, "reference", ("compiled",)):
         _assert_trains_like(r["compiled"], single_process)
