@@ -137,3 +137,13 @@ def test_data_parallel_needs_an_initialized_group(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         lg.compile(_MLP(), data_parallel=True)
+
+
+def test_process_groups_are_named_by_their_ranks(world):
+    assert world == "world"
+    one, other = dist.new_group([0]), dist.new_group([0])
+    assert process_group_name(one) == "group[0]"
+    assert process_group_name(other) == "group[0]#1"  # another group over the same ranks
+    assert process_group_name(one) == "group[0]"
+    _, _, x, _ = _inputs()
+    assert "group='group[0]#1'" in Graph.from_outputs([all_reduce([x], process_group_name(other), 1)]).text()
