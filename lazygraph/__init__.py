@@ -81,6 +81,8 @@ def stats() -> dict[str, Any]:
         "cuda_graph_replays": c["cuda_graph_replays"],  # program runs replayed as one CUDA graph
         "cuda_graph_captures": c["cuda_graph_captures"],
         "cuda_graphs_off": dict(counters.CUDA_GRAPHS_OFF),  # reason -> programs on a GPU run without
+        "collectives": c["collectives"],  # all-reduces, sends, ... started (torch.distributed)
+        "collective_bytes": c["collective_bytes"],  # bytes they were given
     }
 
 

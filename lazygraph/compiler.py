@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import sys
 import threading
@@ -54,6 +55,7 @@ from . import dumps, ops, state
 from .capture import LazyTensor, is_internal, lazy, lazy_mode, node_of
 from .capture.arguments import const_inputs
 from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
+from .distributed.data_parallel import DataParallel, all_reduce_gradients, unpermute
 from .ir import Graph, Node, Op, is_runtime_scalar, runtime_scalars
 from .passes import InputValues, after_partition, run_graph_stages
 from .passes.partition import partition
@@ -72,9 +74,15 @@ DISABLED = state.SETTINGS.disabled
 
 
 def compile(model: torch.nn.Module | Callable, *, dump_dir: str | None = None, backend: str = "auto",
-            dynamic: bool = False) -> CompiledModule | Callable:
+            dynamic: bool = False, data_parallel: Any = None, bucket_cap_mb: float = 25.0) -> CompiledModule | Callable:
     """A module that runs `model` (a module or a function) through lazygraph programs; parameters
-    are shared, not copied."""
+    are shared, not copied.
+
+    data_parallel: a torch.distributed process group (or True: the default group) to train data
+    parallel over: every rank calls the module on its part of the batch, and the backward averages
+    the parameters' gradients over the group with all-reduces in the backward graph, in buckets of
+    at most bucket_cap_mb, each started as soon as its gradients are final (distributed/
+    data_parallel.py). The parameters and buffers are broadcast from the group's first rank now."""
     if backend not in BACKENDS:
         raise ValueError(f"lazygraph.compile: backend must be one of {BACKENDS}, got {backend!r} "
                          "(to run eagerly, call the model itself or set LAZYGRAPH_DISABLE=1)")
@@ -84,6 +92,8 @@ def compile(model: torch.nn.Module | Callable, *, dump_dir: str | None = None, b
         raise TypeError(f"lazygraph.compile: dump_dir must be a path, got {dump_dir!r}")
     if isinstance(model, CompiledModule):
         model = model._orig_mod
+    if isinstance(model, torch.nn.Module) and any(_fully_sharded(m) for m in model.modules()):
+        raise RuntimeError(_FSDP_UNSUPPORTED)
     if not isinstance(model, torch.nn.Module):
         if not callable(model):
             raise TypeError(f"lazygraph.compile: expected a torch.nn.Module or a function, got "
@@ -94,7 +104,44 @@ def compile(model: torch.nn.Module | Callable, *, dump_dir: str | None = None, b
     module = CompiledModule(model, dump_dir=None if dump_dir is None else os.fspath(dump_dir),
                             backend=backend, dynamic=dynamic)
     module._lg_eager = DISABLED
+    if data_parallel is not None and data_parallel is not False:
+        if DISABLED:
+            raise RuntimeError("lazygraph.compile(data_parallel=...) with LAZYGRAPH_DISABLE=1: nothing would "
+                               "average the gradients; wrap the model in DistributedDataParallel instead")
+        module._lg_dp = DataParallel.over(data_parallel, bucket_cap_mb)
+        module._lg_dp.broadcast(model)
     return module
+
+
+_FSDP_UNSUPPORTED = (
+    "lazygraph.compile does not support FSDP2 (fully_shard) on or inside a compiled module: FSDP2 swaps each "
+    "module's sharded DTensor parameters for unsharded ones around its forward and reduce-scatters the gradients "
+    "in per-module backward hooks, while a compiled module traces plain parameters once and returns every "
+    "gradient from one backward program, so FSDP's hooks would not see what they expect. Train data parallel "
+    "with lazygraph.compile(model, data_parallel=group) or DistributedDataParallel(lazygraph.compile(model)).")
+
+
+@functools.cache
+def _fsdp_module() -> type:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed: nothing is ever an FSDPModule
+        return type("NoFSDPModule", (), {})
+    return FSDPModule
+
+
+def _fully_sharded(m: torch.nn.Module) -> bool:
+    return isinstance(m, _fsdp_module())
+
+
+def _wrapped_by_ddp(m: torch.nn.Module) -> bool:
+    """Whether `m` runs as the module of DistributedDataParallel's forward now."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel._get_active_ddp_module()
+    except (ImportError, AttributeError):  # no distributed build, or a torch without the hook
+        return False
+    return ddp is not None and ddp.module is m
 
 
 class _FunctionModule(torch.nn.Module):
@@ -413,6 +460,8 @@ class _Programs:
     backend: str = "auto"
     # absent tangents (joint positions) -> the backward built with zeros for them
     without: dict[frozenset, tuple[Program, list, list]] = field(default_factory=dict)
+    # data parallel: backward program output k is the gradient at position bwd_order[k]
+    bwd_order: list[int] | None = None
 
     def backward_for(self, absent: frozenset) -> tuple[Program, list[tuple[str, int]], list[tuple[str, Any]]]:
         """(program, its inputs, its scalars) when no gradient flows into the outputs whose tangents
@@ -536,6 +585,8 @@ class _Joint(torch.autograd.Function):
             else:
                 inputs.append(v)
         grads = _run(program, inputs, _scalars(bwd_scalars, tr))
+        if p.bwd_order is not None:
+            grads = unpermute(grads, p.bwd_order)
         out = tuple(None if j is None else grads[j] for j in tr.grad_of)
         for g, strides in zip(out, ctx.prim_strides):
             if g is not None and any(n > 1 and a != b for n, a, b in zip(g.shape, g.stride(), strides)):
@@ -583,10 +634,12 @@ def _run_forward(tr: _Trace, p: _Programs, seeds: list, prims) -> list[torch.Ten
 
 @after_partition()  # the programs built here run the pipeline's stages after the graph-level ones
 def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[int],
-           lend: dict[int, torch.Tensor], backend: str) -> _Programs:
+           lend: dict[int, torch.Tensor], backend: str, dp: DataParallel | None = None,
+           dp_grads: tuple[int, ...] = ()) -> _Programs:
     """Programs for a value-free joint graph. Runtime scalars are lifted to inputs before any pass
     (a fold must not depend on this call's values) and put back as scalars of each program;
-    `lend` (joint-input position -> value) lends values a pass may specialise on."""
+    `lend` (joint-input position -> value) lends values a pass may specialise on. With `dp`, the
+    gradients at backward outputs `dp_grads` (the parameters') are averaged over its group."""
     from .passes.lift_scalars import lift_scalars
 
     inputs = joint.inputs
@@ -604,13 +657,17 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
         free = {inputs[k].id for k in free_pos} | set(full_of)
         part = partition(g, num_fwd, [inputs[k] for k in tangent_pos], free)
         fwd_graph, fwd_scalars = _unlift(part.forward, full_of)
-        bwd_graph, bwd_scalars = _unlift(part.backward, full_of)
+        backward, bwd_order = part.backward, None
+        if dp is not None and dp_grads:
+            backward, bwd_order = all_reduce_gradients(backward, dp_grads, dp)
+        bwd_graph, bwd_scalars = _unlift(backward, full_of)
         placeholder = {p.id: i for i, p in enumerate(part.placeholders)}
         bwd_inputs = [("saved", placeholder[n.id]) if n.id in placeholder else ("joint", pos[n.id])
                       for n in bwd_graph.inputs]
         progs = _Programs(get_program(fwd_graph, backend), get_program(bwd_graph, backend),
                           [pos[n.id] for n in fwd_graph.inputs], bwd_inputs, part.outputs_at, part.saved_at,
-                          fwd_scalars, bwd_scalars, summary=part.summary(), report=part.report(), backend=backend)
+                          fwd_scalars, bwd_scalars, summary=part.summary(), report=part.report(), backend=backend,
+                          bwd_order=bwd_order)
     else:
         fwd_graph, fwd_scalars = _unlift(g, full_of)
         progs = _Programs(get_program(fwd_graph, backend), None, [pos[n.id] for n in fwd_graph.inputs], [],
@@ -619,7 +676,7 @@ def _build(joint: Graph, num_fwd: int, tangent_pos: list[int], free_pos: list[in
         v = lent.values[i]
         progs.assumed[pos[i]] = [v.clone(), v.data_ptr(), v._version]
     if progs.assumed:
-        progs.rebuild = lambda: _build(joint, num_fwd, tangent_pos, free_pos, {}, backend)
+        progs.rebuild = lambda: _build(joint, num_fwd, tangent_pos, free_pos, {}, backend, dp, dp_grads)
     progs.graphs = (fwd_graph, bwd_graph if len(joint.outputs) > num_fwd else None)
     progs.stages = stages
     return progs
@@ -682,6 +739,7 @@ class CompiledModule(torch.nn.Module):
         self._lg_dump_dir = dump_dir
         self._lg_dynamic = dynamic
         self._lg_eager = False  # LAZYGRAPH_DISABLE
+        self._lg_dp: DataParallel | None = None  # compile(data_parallel=...)
         self._lg_traces: dict[tuple, list[_Trace] | _Eager] = {}
         self._lg_seen: list[list[tuple[str, Any]]] = []  # the guards of every cached signature
         self._lg_by_structure: dict[tuple, _Programs] = {}
@@ -725,6 +783,8 @@ class CompiledModule(torch.nn.Module):
     # -- calls ----------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
+        if _fully_sharded(self):  # fully_shard(compiled) after compile()
+            raise RuntimeError(_FSDP_UNSUPPORTED)
         if self._lg_eager:
             return self._orig_mod(*args, **kwargs)
         flat, unflatten, structure = _flatten((args, kwargs))
@@ -825,6 +885,10 @@ class CompiledModule(torch.nn.Module):
                + (f"; backward {p.backward.describe()}" if p.backward is not None else ""))
         for op, line in tr.breaks:
             _debug(f"graph break in {self._name()} at {line}: {op} has a data-dependent output shape")
+        if _wrapped_by_ddp(self):
+            _debug(f"{self._name()} runs under DistributedDataParallel, whose all-reduces start only after this "
+                   "module's whole backward program (it hands out every gradient at once); "
+                   "lazygraph.compile(model, data_parallel=group) overlaps them with the backward instead")
         for r in tracer.reads:
             _debug(f"{self._name()} read a tensor value at {r.describe()}: {r.result!r}"
                    + ("" if tr.read_guard is None else "; guarded before each replay"))
@@ -919,7 +983,7 @@ class CompiledModule(torch.nn.Module):
         sources = [source_of(n) for n in joint.inputs]
         tr = _Trace(sources, out_leaves, out_unflatten, num_outputs, differentiable, updates, grad_of,
                     fresh_seeds=not self._lg_dynamic, scalars=runtime_scalars(joint), breaks=tracer.breaks)
-        tr.programs = self._compile(joint, tr, len(uniq), len(params) + len(buffers))
+        tr.programs = self._compile(joint, tr, len(uniq), len(params) + len(buffers), len(params))
         tr.unreplayable = tracer.unreplayable()
         if tracer.reads and tr.unreplayable is None and not self._lg_dynamic:
             guard = _read_guard(tracer, source_of, tracer.backend)
@@ -929,10 +993,10 @@ class CompiledModule(torch.nn.Module):
                 tr.read_guard = guard
         return tr
 
-    def _compile(self, joint: Graph, tr: _Trace, num_fwd: int, num_module_prims: int) -> _Programs:
+    def _compile(self, joint: Graph, tr: _Trace, num_fwd: int, num_module_prims: int, num_params: int) -> _Programs:
         backend = self._backend()
         kinds = tuple(kind for kind, _ in tr.sources)
-        key = (backend, joint.structural_hash(), kinds, num_fwd, tuple(tr.grad_of))
+        key = (backend, joint.structural_hash(), kinds, num_fwd, tuple(tr.grad_of), self._lg_dp)
         hit = self._lg_by_structure.get(key)
         if hit is not None:
             return hit
@@ -945,7 +1009,9 @@ class CompiledModule(torch.nn.Module):
             t = v if kind == "const" else joint.inputs[k].value if kind == "primal" else None
             if t is not None and t.numel() <= _MAX_LENT_NUMEL:
                 lend[k] = t
-        progs = _build(joint.clone(), num_fwd, tangent_pos, free_pos, lend, backend)
+        # data parallel: the parameters' gradients (not the inputs') are averaged over the group
+        dp_grads = tuple(j for j in tr.grad_of[:num_params] if j is not None) if self._lg_dp else ()
+        progs = _build(joint.clone(), num_fwd, tangent_pos, free_pos, lend, backend, self._lg_dp, dp_grads)
         self._lg_by_structure[key] = progs
         self._write_dump(joint, *progs.graphs, progs)
         return progs
@@ -954,6 +1020,8 @@ class CompiledModule(torch.nn.Module):
         root = self._lg_dump_dir or dumps.current_dir()
         if root is None:
             return
+        if self._lg_dp is not None:  # every rank writes its own programs, none over another's
+            root = os.path.join(root, f"rank{self._lg_dp.rank}")
         path = os.path.join(root, f"compile-{state.next_dump_number('compile'):04d}")
         for name, graph, prog in (("forward", fwd, progs.forward), ("backward", bwd, progs.backward)):
             if graph is not None:

@@ -103,6 +103,15 @@ class Op(enum.Enum):
     TRANSFER = "transfer"  # copy to another device
     # torch runs it (fallback); attrs: target (aten op name), args (non-tensor arguments), index
     EXTERN = "extern"
+    # collectives, run by torch.distributed; attrs: group (a process group's name, see
+    # reference.process_group_name), size (its number of ranks). They talk to other ranks: no pass
+    # merges (CSE) or fuses them, and every rank runs them in one order (the same program). Like
+    # any node, one is kept only while an output needs it: a graph keeps its sends among its outputs.
+    ALL_REDUCE = "all_reduce"  # (x, ...) -> the operands flattened, concatenated, reduced; attrs: reduce (sum|avg)
+    REDUCE_SCATTER = "reduce_scatter"  # (x) -> this rank's 1/size of x reduced over the group, along axis 0
+    ALL_GATHER = "all_gather"  # (x) -> every rank's x concatenated along axis 0, in rank order
+    SEND = "send"  # (x) -> x (the value sent); attrs: peer (global rank)
+    RECV = "recv"  # () -> the value rank `peer` sends
 
 
 UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.SIN, Op.COS, Op.TANH, Op.ERF, Op.ABS,
@@ -114,6 +123,7 @@ POINTWISE = UNARY | BINARY | {Op.WHERE, Op.CAST}
 REDUCE = frozenset({Op.SUM, Op.PROD, Op.AMAX, Op.AMIN, Op.ARGMAX, Op.ARGMIN})
 MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.PAD})
 LEAF = frozenset({Op.INPUT, Op.FULL, Op.IOTA})
+COLLECTIVES = frozenset({Op.ALL_REDUCE, Op.REDUCE_SCATTER, Op.ALL_GATHER, Op.SEND, Op.RECV})
 # ops whose result is bool whatever their inputs
 BOOL_RESULT = COMPARE | {Op.NOT, Op.ISNAN}
 
@@ -626,7 +636,8 @@ def graphs_equal(a: Graph, b: Graph) -> bool:
 
 _ARITY = {**{o: 1 for o in UNARY}, **{o: 2 for o in BINARY}, Op.WHERE: 3, Op.CAST: 1, Op.MATMUL: 2,
           **{o: 1 for o in REDUCE}, **{o: 1 for o in MOVEMENT}, Op.GATHER: 2, Op.SCATTER_ADD: 3,
-          Op.TRANSFER: 1, Op.INPUT: 0, Op.FULL: 0, Op.IOTA: 0, Op.RAND: 1}
+          Op.TRANSFER: 1, Op.INPUT: 0, Op.FULL: 0, Op.IOTA: 0, Op.RAND: 1, Op.REDUCE_SCATTER: 1,
+          Op.ALL_GATHER: 1, Op.SEND: 1, Op.RECV: 0}
 
 
 def verify(graph: Graph) -> None:
@@ -658,9 +669,65 @@ def verify(graph: Graph) -> None:
             assert all(a == b or a == 1 for a, b in zip(src.shape, n.shape)), f"{where}: bad expand"
         if op is Op.PERMUTE:
             assert sorted(n.attrs["dims"]) == list(range(n.ndim)), f"{where}: bad permutation"
+        if op in COLLECTIVES:
+            _verify_collective(n, where)
         seen.add(n.id)
     for o in graph.outputs:
         assert o.id in seen, f"output {o!r} not in graph"
+
+
+def _verify_collective(n: Node, where: str) -> None:
+    assert isinstance(n.attrs.get("group"), str) and n.attrs.get("size", 0) >= 1, f"{where}: needs group and size"
+    size, src = n.attrs["size"], n.srcs[0] if n.srcs else None
+    if n.op is Op.ALL_REDUCE:
+        assert n.srcs and numel(n.shape) == sum(numel(s.shape) for s in n.srcs), f"{where}: all_reduce numel"
+        assert all(s.dtype == n.dtype for s in n.srcs), f"{where}: all_reduce operands of another dtype"
+        assert n.attrs.get("reduce") in ("sum", "avg"), f"{where}: reduce must be sum or avg"
+    elif n.op is Op.REDUCE_SCATTER:
+        assert src.shape[0] == n.shape[0] * size and src.shape[1:] == n.shape[1:], f"{where}: reduce_scatter shape"
+    elif n.op is Op.ALL_GATHER:
+        assert n.shape[0] == src.shape[0] * size and src.shape[1:] == n.shape[1:], f"{where}: all_gather shape"
+    elif n.op is Op.SEND:
+        assert src.shape == n.shape, f"{where}: send returns its operand"
+    if n.op in (Op.SEND, Op.RECV):
+        assert isinstance(n.attrs.get("peer"), int), f"{where}: needs peer"
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives: constructors (the group is named; reference.process_group_name registers it)
+# ---------------------------------------------------------------------------------------------
+
+
+def _collective(op: Op, srcs: Sequence[Node], shape: Shape, like: Node, group: str, size: int,
+                **attrs: Any) -> Node:
+    return Node(op, tuple(srcs), tuple(shape), like.dtype, like.device, {"group": group, "size": size, **attrs},
+                like.source)
+
+
+def all_reduce(xs: Sequence[Node], group: str, size: int, reduce: str = "sum") -> Node:
+    """One collective over several tensors (a bucket): the result is their flat concatenation,
+    reduced; a single operand keeps its shape."""
+    shape = xs[0].shape if len(xs) == 1 else (sum(numel(x.shape) for x in xs),)
+    return _collective(Op.ALL_REDUCE, xs, shape, xs[-1], group, size, reduce=reduce)
+
+
+def reduce_scatter(x: Node, group: str, size: int, reduce: str = "sum") -> Node:
+    if not x.shape or x.shape[0] % size:
+        raise ValueError(f"reduce_scatter: axis 0 of {list(x.shape)} does not split into {size} ranks")
+    return _collective(Op.REDUCE_SCATTER, (x,), (x.shape[0] // size, *x.shape[1:]), x, group, size, reduce=reduce)
+
+
+def all_gather(x: Node, group: str, size: int) -> Node:
+    return _collective(Op.ALL_GATHER, (x,), (x.shape[0] * size, *x.shape[1:]), x, group, size)
+
+
+def send(x: Node, peer: int, group: str, size: int) -> Node:
+    return _collective(Op.SEND, (x,), x.shape, x, group, size, peer=peer)
+
+
+def recv(shape: Shape, dtype: torch.dtype, device: str, peer: int, group: str, size: int,
+         source: str | None = None) -> Node:
+    return Node(Op.RECV, (), tuple(shape), dtype, device, {"group": group, "size": size, "peer": peer}, source)
 
 
 def iter_ops(graph: Graph) -> Iterable[Op]:

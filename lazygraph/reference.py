@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .ir import DTYPES_BY_NAME, Graph, Node, Op, effective_op, is_runtime_scalar, numel
+from .counters import COUNTERS
+from .ir import COLLECTIVES, DTYPES_BY_NAME, Graph, Node, Op, effective_op, is_runtime_scalar, numel
 from .layout import with_strides
 
 _UNARY: dict[Op, Callable] = {
@@ -362,6 +363,9 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
         return philox_uniform(seed, offsets).reshape(n.shape).to(n.dtype)
     if op is Op.TRANSFER:
         return args[0].to(n.device)
+    if op in COLLECTIVES:
+        issued = Collective(n, args, async_op=False)
+        return issued.wait()
     if op in (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD):
         return attention_value(n, args, memo, attention_forward, attention_backward, "attn")
     if op is Op.EXTERN:
@@ -375,6 +379,85 @@ def eval_node(n: Node, args: list[torch.Tensor], memo: dict) -> torch.Tensor:
                 res = torch.zeros(n.shape, dtype=n.dtype, device=n.device)
         return res
     raise NotImplementedError(f"reference executor: no rule for {op.value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives: torch.distributed does the work; the IR names the process group
+# ---------------------------------------------------------------------------------------------
+
+_GROUPS: dict[str, Any] = {}  # name -> torch.distributed ProcessGroup (groups live as long as the run)
+
+
+def process_group_name(group: Any = None) -> str:
+    """The name an IR collective prints for `group` (None: the default group), registered so the
+    executors find the group again: "world", or "group[0,2]" by its global ranks."""
+    import torch.distributed as dist
+
+    if group is None or group is dist.group.WORLD:
+        group, name = dist.group.WORLD, "world"
+    else:
+        name = "group" + str(dist.get_process_group_ranks(group)).replace(" ", "")
+    base, k = name, 1
+    while _GROUPS.get(name, group) is not group:  # another group over the same ranks
+        name, k = f"{base}#{k}", k + 1
+    _GROUPS[name] = group
+    return name
+
+
+def process_group(name: str) -> Any:
+    group = _GROUPS.get(name)
+    if group is None:
+        raise RuntimeError(f"lazygraph: collective on process group {name!r}, which this process has not "
+                           "registered (reference.process_group_name)")
+    return group
+
+
+class Collective:
+    """One collective node's work: started by torch.distributed on construction (asynchronously
+    with async_op), its value final after wait(). The value is new memory, never an operand's: a
+    later step may reuse an operand's buffer while the collective is in flight."""
+
+    def __init__(self, n: Node, args: Sequence[torch.Tensor], async_op: bool):
+        import torch.distributed as dist
+
+        self.node, self.finished = n, False
+        group, op = process_group(n.attrs["group"]), n.op
+        kw = dict(group=group, async_op=async_op)
+        COUNTERS["collectives"] += 1
+        COUNTERS["collective_bytes"] += sum(a.numel() * a.element_size() for a in args)
+        if op is Op.ALL_REDUCE:
+            self.value = torch.cat([a.reshape(-1) for a in args]) if len(args) > 1 else \
+                args[0].clone(memory_format=torch.contiguous_format)
+            self.work = dist.all_reduce(self.value, op=dist.ReduceOp.SUM, **kw)
+        elif op is Op.REDUCE_SCATTER:
+            # gloo has no reduce-scatter: an all-reduce, of which this rank keeps its part
+            self.full = args[0].contiguous().clone()
+            self.work = dist.all_reduce(self.full, op=dist.ReduceOp.SUM, **kw)
+            rank = dist.get_rank(group)
+            self.value = self.full[rank * n.shape[0]:(rank + 1) * n.shape[0]]
+        elif op is Op.ALL_GATHER:
+            self.value = torch.empty(n.shape, dtype=n.dtype, device=args[0].device)
+            self.work = dist.all_gather(list(self.value.chunk(n.attrs["size"])), args[0].contiguous(), **kw)
+        elif op is Op.SEND:
+            self.value = args[0].contiguous().clone()  # the buffer in flight: nobody else writes it
+            self.work = dist.isend(self.value, n.attrs["peer"], group=group) if async_op else \
+                dist.send(self.value, n.attrs["peer"], group=group)
+        else:
+            self.value = torch.empty(n.shape, dtype=n.dtype, device=n.device)
+            self.work = dist.irecv(self.value, n.attrs["peer"], group=group) if async_op else \
+                dist.recv(self.value, n.attrs["peer"], group=group)
+        if not hasattr(self.work, "wait"):  # a synchronous call returns None (or a rank)
+            self.work = None
+
+    def wait(self) -> torch.Tensor:
+        """The value, once the collective has finished (averaged, for reduce='avg')."""
+        if not self.finished:
+            if self.work is not None:
+                self.work.wait()
+            if self.node.attrs.get("reduce") == "avg":  # sum then divide: gloo has no ReduceOp.AVG
+                self.value.div_(self.node.attrs["size"])
+            self.finished = True
+        return self.value.view(self.node.shape)
 
 
 def _leaves(x) -> list:

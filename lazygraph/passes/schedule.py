@@ -46,6 +46,7 @@ import networkx as nx
 from .. import state
 from ..cost_model import DeviceProfile, extern_launches, extern_name, is_seeded, profile_for, releases_gil, step_cost
 from ..counters import COUNTERS
+from ..ir import COLLECTIVES
 from .fuse import Schedule, Step
 from .memory import buffer_uses, step_preds
 
@@ -196,7 +197,12 @@ def schedule_steps(sched: Schedule, lanes: int | None = None) -> tuple[Schedule,
     info.recorded_peak_bytes = peak_bytes(recorded, uses)
 
     order, lane = recorded, [0] * len(steps)
-    if available > 1 and len(kinds) > 1:
+    collectives = [i for i, st in enumerate(steps) if st.kind == "extern" and st.node.op in COLLECTIVES]
+    if collectives:
+        # every rank must start its collectives in one order, each as soon as data parallel placed it
+        # (right after its bucket's last producer): the recorded order on the caller's lane
+        info.why(f"{len(collectives)} collectives: recording order, one lane")
+    elif available > 1 and len(kinds) > 1:
         info.why(f"steps on several device types ({', '.join(sorted(kinds))}): one lane")
     elif available > 1:
         order, lane, modelled = _lane_schedule(steps, dag, cost, bottom, first, available, profile, labels, info)
@@ -210,7 +216,7 @@ def schedule_steps(sched: Schedule, lanes: int | None = None) -> tuple[Schedule,
             info.why(f"one lane: lanes would model {_us(modelled)} us against {_us(info.serial)} us, a gain "
                      f"below {MIN_GAIN:.0%} or a hand-off ({_us(profile.handoff)} us)")
             order, lane = recorded, [0] * len(steps)
-    if info.objective != "critical path":
+    if info.objective != "critical path" and not collectives:
         greedy, reasons = _memory_order(dag, uses, labels)
         peak = peak_bytes(greedy, uses)
         if peak < info.recorded_peak_bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..ir import MOVEMENT, POINTWISE, Graph, Node, Op
+from ..ir import COLLECTIVES, MOVEMENT, POINTWISE, Graph, Node, Op
 from .pattern import Binds, Fired, P, Rule, RuleSet, const, var
 from .rewrite import copy_with, rebuild
 
@@ -93,8 +93,8 @@ def simplify(graph: Graph, log: list[Fired] | None = None) -> Graph:
 
 
 def _cse(n: Node, seen: dict[tuple, Node], log: list[Fired] | None) -> Node:
-    if n.op in (Op.INPUT, Op.EXTERN) or n.value is not None:
-        return n  # externs may have effects (RNG) and inputs are distinct buffers
+    if n.op in (Op.INPUT, Op.EXTERN) or n.op in COLLECTIVES or n.value is not None:
+        return n  # externs and collectives may have effects (RNG, messages); inputs are distinct buffers
     key = (n.op, tuple(s.id for s in n.srcs), n.shape, n.dtype, n.device, repr(sorted(n.attrs.items())))
     hit = seen.get(key)
     if hit is not None:

@@ -46,9 +46,10 @@ import torch
 from .. import state
 from ..codegen.flash_attention import run_attention_node, supported
 from ..counters import COUNTERS, EXTERN_OPS
-from ..ir import Node, Op, itemsize, numel
+from ..ir import COLLECTIVES, Node, Op, itemsize, numel
 from ..passes.fuse import FusionGroup
 from ..reference import IndexOutOfRange, eval_node, gather_error_message, resolve_aten, run_extern, slice_index
+from .collectives import InFlight
 from .cost import extern_call_key, extern_name
 from .lanes import Block, LaneRun, effective_lanes, render_cpu, render_cuda, reuse_respects_lanes
 
@@ -345,6 +346,7 @@ class _Writer:
                 self.aten_outputs.setdefault(_aten_call_key(s.node), []).append(s.node)
         self.const_count: Counter = Counter()
         self.devices: dict[str, str] = {}
+        self.in_flight = InFlight()  # collectives started, not yet waited for
 
     # -- names and constants ---------------------------------------------------------------------
 
@@ -426,6 +428,7 @@ class _Writer:
             self.env[n.id] = t
         plan_memory = p.result.memory
         for i, step in enumerate(p.schedule.steps):
+            self.in_flight.wait_for(self, step.reads() if step.kind != "view" else ())
             start = len(self.lines)
             if step.kind == "kernel":
                 self.kernel(step.group)
@@ -438,6 +441,7 @@ class _Writer:
                 self.env.pop(dead, None)
         COUNTERS.update(self.counts)
         EXTERN_OPS.update(self.extern_ops)
+        self.in_flight.wait_all(self)
         if self.checked:
             raise_failed_checks(self.checked)
         outputs, self.out_vars = [], []
@@ -497,6 +501,9 @@ class _Writer:
         args = [v for _, v in srcs]
         arg_vars = [name for name, _ in srcs]
         out = self.var(n)
+        if n.op in COLLECTIVES:
+            self.env[n.id] = self.in_flight.start(self, n, args, arg_vars)
+            return
         if n.op in (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD):
             self.uses_memo = True
             lname, fn = self.launch(n.op.value, _attention(n), (n,))
@@ -562,12 +569,14 @@ class _Writer:
                 expr = f"eval_node({self.const('N', n)}, [{', '.join(arg_vars)}], memo)"
             self.emit(f"{out} = {expr}  # {self.names[n.id]} = {n.op.value}", arg_vars, [out])
         else:  # a fill, or a reshape that copies: device work
+            self.in_flight.wait_for(self, n.srcs)  # a copy reads
             self._count_hidden(n, "fill" if n.op in (Op.FULL, Op.IOTA) else "copy")
             lname, fn = self.launch(n.op.value, _evaluator(n), (n,))
             value = fn(*args)
             self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value} (materialised)",
                       arg_vars, [out])
         self.env[n.id] = value
+        self.in_flight.view(n)
 
     # -- the source ------------------------------------------------------------------------------
 
