@@ -1,0 +1,99 @@
+"""Training step, async: a tiny GPT-2 trained lazily, `loss.item()` read every 10 steps, with
+`lazygraph.sync()` after each step (synchronous) vs `lazygraph.sync(wait=False)` (asynchronous: the
+worker thread runs step k while the caller records step k+1).
+
+    python -m benchmarks.async_step [--steps 20] [--rounds 3] [--backend reference|auto]
+
+Both loops train the same model from the same weights on the same batches and must give bitwise the
+same losses (checked). Rounds alternate synchronous and asynchronous, so a shared machine's noise
+falls on both; each figure is the fastest round (noise only ever adds time). Compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Any
+
+
+def _loop(model, steps: int, read_every: int, wait: bool, batch: int, block: int) -> tuple[float, list[float]]:
+    """Seconds for `steps` training steps (every value computed when it returns), and the losses read."""
+    import torch
+
+    import lazygraph as lg
+    from gpt2.model import make_optimizer
+
+    opt = make_optimizer(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, model.config.vocab_size, (batch, block), generator=gen) for _ in range(steps)]
+    read: list[float] = []
+    start = time.perf_counter()
+    for step, x in enumerate(batches):
+        _, loss = model(x, torch.roll(x, -1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lg.sync(wait=wait)
+        if (step + 1) % read_every == 0:
+            read.append(loss.item())
+    lg.sync()  # the last steps' work too, if they were not read
+    return time.perf_counter() - start, read
+
+
+def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str = "reference",
+            batch: int = 4, block: int = 32) -> dict[str, Any]:
+    """Fastest synchronous and asynchronous loop of `rounds` alternating rounds (after one untimed
+    round of each that builds the programs)."""
+    import torch
+
+    import lazygraph as lg
+    from gpt2.model import GPT, GPTConfig
+
+    previous = lg.get_backend()
+    lg.set_backend(backend)
+    try:
+        torch.manual_seed(0)
+        template = GPT(GPTConfig.tiny(block_size=block))
+        times: dict[str, list[float]] = {"sync": [], "async": []}
+        losses: dict[str, list[float]] = {}
+        for r in range(rounds + 1):
+            for mode in ("sync", "async"):
+                seconds, read = _loop(lg.lazy_module(copy.deepcopy(template)), steps, read_every,
+                                      wait=mode == "sync", batch=batch, block=block)
+                if r:  # round 0 builds the programs
+                    times[mode].append(seconds)
+                if losses.setdefault(mode, read) != read:
+                    raise AssertionError(f"{mode} losses changed between rounds: {losses[mode]} vs {read}")
+    finally:
+        lg.set_backend(previous)
+    sync_s, async_s = min(times["sync"]), min(times["async"])
+    return {"backend": backend, "steps": steps, "read_every": read_every, "rounds": rounds,
+            "sync_s": sync_s, "async_s": async_s, "ratio": async_s / sync_s,
+            "equal": losses["sync"] == losses["async"], "losses": losses["async"]}
+
+
+def row(m: dict[str, Any]) -> str:
+    return (f"| training step, async (tiny GPT-2, {m['backend']}, item() every {m['read_every']}) | "
+            f"{1e3 * m['sync_s'] / m['steps']:.1f} ms | {1e3 * m['async_s'] / m['steps']:.1f} ms | "
+            f"{m['ratio']:.2f}x | {'yes' if m['equal'] else 'NO'} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.async_step", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="training steps per loop")
+    p.add_argument("--read-every", type=int, default=10, help="loss.item() every N steps")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of each loop (alternating)")
+    p.add_argument("--backend", default="reference", choices=("reference", "triton", "auto"),
+                   help="lazygraph backend (auto: fused Triton kernels, interpreted on a CPU)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=32)
+    args = p.parse_args(argv)
+    m = measure(args.steps, args.read_every, args.rounds, args.backend, args.batch_size, args.block_size)
+    print("| row | sync, per step | async, per step | async / sync | same losses |")
+    print("|---|---|---|---|---|")
+    print(row(m))
+
+
+if __name__ == "__main__":
+    main()
