@@ -24,8 +24,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 from . import counters, dumps, state
 from .capture import LazyTensor, lazy_mode, pending_graph, to_eager
 from .capture import lazy as _lazy
-from .capture import materialize as _materialize
 from .capture import lazy_module as _lazy_module
+from .capture import materialize as _materialize
 from .capture.subclass_checks import install as _install_subclass_checks
 from .compiler import compile, explain
 from .export_onnx import OnnxExportError, export_onnx
@@ -92,6 +92,7 @@ def stats() -> dict[str, Any]:
         "recompiles": c["recompiles"],
         "recompile_reasons": dict(counters.RECOMPILE_REASONS),
         "async_graphs": c["async_graphs"],  # graphs handed to the executor (sync(wait=False), or read in flight)
+        "async_waits": c["async_waits"],  # reads that blocked until a graph handed off earlier had run
     }
 
 

@@ -6,6 +6,7 @@ did not wait for that graph.
 """
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -162,8 +163,9 @@ def test_input_written_after_hand_off_is_an_error(closed_gate, reference_backend
         lg.to_eager(y)
 
 
-def _train(steps: int, read_every: int, wait: bool) -> tuple[list[float], list[torch.Tensor]]:
-    """Tiny GPT-2, AdamW, recorded lazily; loss.item() only every `read_every` steps (and at the end)."""
+def _train(steps: int, read_every: int, wait: bool) -> tuple[list[float], list[torch.Tensor], int]:
+    """Tiny GPT-2, AdamW, recorded lazily; loss.item() only every `read_every` steps (and at the end).
+    Also returns how many reads blocked on a graph in flight during the loop."""
     torch.manual_seed(0)
     model = lg.lazy_module(GPT(GPTConfig.tiny(n_layer=1, n_embd=32, block_size=16)))
     opt = make_optimizer(model.parameters(), lr=1e-3)
@@ -179,17 +181,52 @@ def _train(steps: int, read_every: int, wait: bool) -> tuple[list[float], list[t
         losses.append(loss)
         if (step + 1) % read_every == 0:
             values.append(loss.item())
+    waits = lg.stats()["async_waits"]
     values += [t.item() for t in losses]
-    return values, [lg.to_eager(p).clone() for p in model.parameters()]
+    return values, [lg.to_eager(p).clone() for p in model.parameters()], waits
 
 
-def test_training_async_is_bitwise_the_synchronous_run(reference_backend):
-    sync_losses, sync_params = _train(20, read_every=5, wait=True)
-    assert lg.stats()["async_graphs"] == 0
-    async_losses, async_params = _train(20, read_every=5, wait=False)
-    assert lg.stats()["async_graphs"] == 20
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_name, steps", [("reference", 20), ("auto", 3)])  # auto: fused, interpreted
+def test_training_async_is_bitwise_the_synchronous_run(backend_name, steps):
+    previous = lg.get_backend()
+    lg.set_backend(backend_name)
+    try:
+        sync_losses, sync_params, _ = _train(steps, read_every=5, wait=True)
+        assert lg.stats()["async_graphs"] == 0
+        async_losses, async_params, waits = _train(steps, read_every=5, wait=False)
+    finally:
+        lg.set_backend(previous)
+    assert lg.stats()["async_graphs"] == steps
+    assert waits <= steps // 5  # blocked only where it read a loss, never inside a step
     assert async_losses == sync_losses  # bitwise: the same floats
     assert len(async_params) == len(sync_params)
     for a, s in zip(async_params, sync_params):
         assert torch.equal(a, s)
     assert sync_losses[-1] < sync_losses[0]  # it trains
+
+
+def test_compiled_module_reads_a_value_in_flight(closed_gate, reference_backend):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    compiled = lg.compile(lin)
+    x = torch.randn(4, 5)
+    y = gate(lg.lazy(x)) * 2
+    h = lg.sync(y, wait=False)
+    opener = threading.Timer(0.05, GATE_OPEN.set)  # opens while the compiled call waits for y
+    opener.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to eager: the trace read y's value
+        out = compiled(y)
+    opener.join()
+    assert h.done()
+    assert_close(lg.to_eager(out), lin(x * 2))
+
+
+def test_async_step_benchmark_reports_both_loops():
+    from benchmarks.async_step import measure, row
+
+    m = measure(steps=2, read_every=1, rounds=1, batch=2, block=8)
+    assert m["equal"] and len(m["losses"]) == 2
+    assert m["sync_s"] > 0 and m["async_s"] > 0
+    assert "training step, async" in row(m)

@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .. import runtime, state
+from ..counters import COUNTERS
 from ..ir import Graph, Node, Op
 from ..runtime.executor import WORKER, Handle, Job, raise_unseen
 from .arguments import flat_tensors
@@ -48,10 +49,11 @@ def realize(nodes: Sequence[Node], backend: str | None = None, wait: bool = True
     pending: dict[int, Node] = {}
     jobs: list[Job] = []
     for n in nodes:
-        if n.value is None:
+        v = n.value  # read once: the worker may put the real value in meanwhile
+        if v is None:
             pending[n.id] = n
-        elif type(n.value) is InFlight:
-            jobs.append(n.value.job)
+        elif type(v) is InFlight:
+            jobs.append(v.job)
     tracer = state.TRACER.get()
     if tracer is not None:
         wait = True  # a trace reads values now
@@ -63,6 +65,8 @@ def realize(nodes: Sequence[Node], backend: str | None = None, wait: bool = True
             jobs.append(job)
     if wait:
         for j in jobs:
+            if not j.done():
+                COUNTERS["async_waits"] += 1
             j.wait()
     return jobs
 
@@ -106,9 +110,18 @@ def _run(graph: Graph, backend: str | None, wait: bool) -> Job | None:
     return job
 
 
-# the Node fields _private_copy copies: a new field must be copied there too
-assert {f.name for f in dataclasses.fields(Node)} == {
-    "op", "srcs", "shape", "dtype", "device", "attrs", "source", "value", "captured_version", "id", "fingerprint"}
+# the Node fields _copy_node passes to the constructor (ten times cheaper than dataclasses.replace,
+# and paid on the caller's time); with any other set of fields it uses replace
+_FIELDS = ("op", "srcs", "shape", "dtype", "device", "attrs", "source", "value", "captured_version", "id",
+           "fingerprint")
+_FAST_COPY = tuple(f.name for f in dataclasses.fields(Node)) == _FIELDS
+
+
+def _copy_node(n: Node, srcs: tuple) -> Node:
+    if _FAST_COPY:
+        return Node(n.op, srcs, n.shape, n.dtype, n.device, dict(n.attrs), n.source, None, n.captured_version,
+                    n.id, n.fingerprint)
+    return dataclasses.replace(n, srcs=srcs, attrs=dict(n.attrs))
 
 
 def _private_copy(graph: Graph) -> Graph:
@@ -116,11 +129,7 @@ def _private_copy(graph: Graph) -> Graph:
     into leaves while the worker runs the copy. Leaves are shared: their values are only read."""
     new: dict[int, Node] = {}
     for n in graph.nodes:
-        if n.value is not None:
-            new[n.id] = n
-        else:  # the constructor, not dataclasses.replace: ten times cheaper, on the caller's time
-            new[n.id] = Node(n.op, tuple(new[s.id] for s in n.srcs), n.shape, n.dtype, n.device, dict(n.attrs),
-                             n.source, None, n.captured_version, n.id, n.fingerprint)
+        new[n.id] = n if n.value is not None else _copy_node(n, tuple(new[s.id] for s in n.srcs))
     return Graph([new[n.id] for n in graph.nodes], [new[o.id] for o in graph.outputs])
 
 
@@ -153,7 +162,8 @@ def sync(*tensors: torch.Tensor, wait: bool = True) -> Handle | None:
 
 def in_flight(graph: Graph) -> list[Job]:
     """The jobs still computing (or that failed to compute) inputs of the graph."""
-    return [n.value.job for n in graph.inputs if type(n.value) is InFlight]
+    values = [n.value for n in graph.inputs]  # each read once: the worker may fill them meanwhile
+    return [v.job for v in values if type(v) is InFlight]
 
 
 def wait_for(tensors: Sequence[torch.Tensor]) -> None:
