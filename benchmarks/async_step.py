@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 
-def _loop(model, steps: int, read_every: int, wait: bool, batch: int, block: int) -> tuple[float, list[float]]:
+def _loop(model, steps: int, read_every: int, wait: bool, batch: int, block: int,
+          device: str) -> tuple[float, list[float]]:
     """Seconds for `steps` training steps (every value computed when it returns), and the losses read."""
     import torch
 
@@ -26,7 +27,8 @@ def _loop(model, steps: int, read_every: int, wait: bool, batch: int, block: int
 
     opt = make_optimizer(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, model.config.vocab_size, (batch, block), generator=gen) for _ in range(steps)]
+    batches = [torch.randint(0, model.config.vocab_size, (batch, block), generator=gen).to(device)
+               for _ in range(steps)]
     read: list[float] = []
     start = time.perf_counter()
     for step, x in enumerate(batches):
@@ -38,11 +40,13 @@ def _loop(model, steps: int, read_every: int, wait: bool, batch: int, block: int
         if (step + 1) % read_every == 0:
             read.append(loss.item())
     lg.sync()  # the last steps' work too, if they were not read
+    if batches[0].is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start, read
 
 
 def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str = "reference",
-            batch: int = 4, block: int = 32) -> dict[str, Any]:
+            batch: int = 4, block: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Fastest synchronous and asynchronous loop of `rounds` alternating rounds (after one untimed
     round of each that builds the programs)."""
     import torch
@@ -54,13 +58,13 @@ def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str
     lg.set_backend(backend)
     try:
         torch.manual_seed(0)
-        template = GPT(GPTConfig.tiny(block_size=block))
+        template = GPT(GPTConfig.tiny(block_size=block)).to(device)
         times: dict[str, list[float]] = {"sync": [], "async": []}
         losses: dict[str, list[float]] = {}
         for r in range(rounds + 1):
             for mode in ("sync", "async"):
                 seconds, read = _loop(lg.lazy_module(copy.deepcopy(template)), steps, read_every,
-                                      wait=mode == "sync", batch=batch, block=block)
+                                      wait=mode == "sync", batch=batch, block=block, device=device)
                 if r:  # round 0 builds the programs
                     times[mode].append(seconds)
                 if losses.setdefault(mode, read) != read:
@@ -68,13 +72,13 @@ def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str
     finally:
         lg.set_backend(previous)
     sync_s, async_s = min(times["sync"]), min(times["async"])
-    return {"backend": backend, "steps": steps, "read_every": read_every, "rounds": rounds,
+    return {"backend": backend, "device": device, "steps": steps, "read_every": read_every, "rounds": rounds,
             "sync_s": sync_s, "async_s": async_s, "ratio": async_s / sync_s,
             "equal": losses["sync"] == losses["async"], "losses": losses["async"]}
 
 
 def row(m: dict[str, Any]) -> str:
-    return (f"| training step, async (tiny GPT-2, {m['backend']}, item() every {m['read_every']}) | "
+    return (f"| training step, async (tiny GPT-2, {m['device']}, {m['backend']}, item() every {m['read_every']}) | "
             f"{1e3 * m['sync_s'] / m['steps']:.1f} ms | {1e3 * m['async_s'] / m['steps']:.1f} ms | "
             f"{m['ratio']:.2f}x | {'yes' if m['equal'] else 'NO'} |")
 
@@ -88,11 +92,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="lazygraph backend (auto: fused Triton kernels, interpreted on a CPU)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    m = measure(args.steps, args.read_every, args.rounds, args.backend, args.batch_size, args.block_size)
-    print("| row | sync, per step | async, per step | async / sync | same losses |")
-    print("|---|---|---|---|---|")
-    print(row(m))
+    print(table(measure(args.steps, args.read_every, args.rounds, args.backend, args.batch_size, args.block_size,
+                        args.device)), end="")
+
+
+def table(m: dict[str, Any]) -> str:
+    return ("| row | sync, per step | async, per step | async / sync | same losses |\n|---|---|---|---|---|\n"
+            + row(m) + "\n")
 
 
 if __name__ == "__main__":

@@ -224,9 +224,9 @@ def test_compiled_module_reads_a_value_in_flight(closed_gate, reference_backend)
 
 
 def test_async_step_benchmark_reports_both_loops():
-    from benchmarks.async_step import measure, row
+    from benchmarks.async_step import measure, table
 
     m = measure(steps=2, read_every=1, rounds=1, batch=2, block=8)
     assert m["equal"] and len(m["losses"]) == 2
     assert m["sync_s"] > 0 and m["async_s"] > 0
-    assert "training step, async" in row(m)
+    assert "training step, async" in table(m)

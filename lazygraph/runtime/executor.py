@@ -3,7 +3,9 @@ while the caller goes on recording (JAX's async dispatch).
 
 One worker, one queue: jobs run in the order they were handed off, so a graph recorded on values of
 a graph still running is handed off after it and runs after it. Each job runs in a copy of its
-submitter's context (backend, pins: state.py's context variables), as the submitter would have run it.
+submitter's context (backend, pins: state.py's context variables) and on its current CUDA stream (a
+thread's own), as the submitter would have run it. On a GPU a job is done when its work is launched
+(and its checks read); reads then wait on the stream, as eager's do.
 
 A job that raises keeps its error: waiting on the job raises it (a read of one of its values does
 that), a job that depends on it fails with the same error, and `sync()` / `Handle.wait()` raise it
@@ -19,6 +21,8 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable
+
+import torch
 
 from ..counters import COUNTERS
 
@@ -99,6 +103,7 @@ class _Worker:
 
     def submit(self, job: Job) -> None:
         context = contextvars.copy_context()
+        stream = torch.cuda.current_stream() if torch.cuda.is_initialized() else None
         COUNTERS["async_graphs"] += 1
         if threading.current_thread() is self._thread:  # a job handing off another: run it in place
             context.run(job._run)
@@ -111,7 +116,7 @@ class _Worker:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="lazygraph-executor", daemon=True)
                 self._thread.start()
-        self._queue.put((context, job))
+        self._queue.put((context, stream, job))
         if oldest is not None:
             oldest._done.wait()  # back-pressure only: its error waits for a read or a sync
 
@@ -127,8 +132,12 @@ class _Worker:
 
     def _loop(self) -> None:
         while True:
-            context, job = self._queue.get()
-            context.run(job._run)
+            context, stream, job = self._queue.get()
+            if stream is None:
+                context.run(job._run)
+            else:
+                with torch.cuda.stream(stream):
+                    context.run(job._run)
 
 
 WORKER = _Worker()
