@@ -26,8 +26,9 @@ from .tensor import LIVE, LazyTensor, node_of
 
 
 class InFlight:
-    """The value of a node whose graph was handed off and has not finished: which job computes it.
-    Not a tensor, so a read that skipped the wait fails loudly instead of seeing stale memory."""
+    """The value of a node whose graph was handed off and has not run yet: which job computes it. If
+    the job fails the marker stays, and every read raises the job's error. Not a tensor, so code that
+    reads a value without waiting fails loudly instead of reading memory that is not there."""
 
     __slots__ = ("job",)
 
@@ -141,9 +142,9 @@ def _fill(outputs: Sequence[Node], values: Sequence[torch.Tensor]) -> None:
 
 def sync(*tensors: torch.Tensor, wait: bool = True) -> Handle | None:
     """Run all pending work of `tensors` (all live lazy tensors if none are given) as one graph.
-    wait=False hands it to the executor and returns a Handle at once. With wait, it also waits for
-    the work handed off before (all of it when no tensors are given) and raises any error of a
-    handed-off graph that nobody has seen yet."""
+    wait=False hands it to the executor and returns a Handle at once. With wait, it returns when the
+    values are there (with no tensors: when everything handed off before has run too) and raises the
+    error of a handed-off graph that nobody has seen yet, if there is one."""
     if tensors:
         nodes = [node_of(t) for t in flat_tensors(tensors, []) if isinstance(t, LazyTensor)]
     else:
