@@ -48,7 +48,7 @@ def _loop(model, steps: int, read_every: int, wait: bool, batch: int, block: int
 
 
 def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str = "reference",
-            batch: int = 4, block: int = 32, device: str = "cpu") -> dict[str, Any]:
+            batch: int = 8, block: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Fastest synchronous and asynchronous loop of `rounds` alternating rounds (after one untimed
     round of each that builds the programs)."""
     import torch
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of each loop (alternating)")
     p.add_argument("--backend", default="reference", choices=("reference", "triton", "auto"),
                    help="lazygraph backend (auto: fused Triton kernels, interpreted on a CPU)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (gpt2.train's default)")
+    p.add_argument("--block-size", type=int, default=32, help="tokens per sequence (gpt2.train's default)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     print(table(measure(args.steps, args.read_every, args.rounds, args.backend, args.batch_size, args.block_size,
