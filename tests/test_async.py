@@ -5,8 +5,12 @@ opens it), never through timing: a read that returns while a later graph is stil
 did not wait for that graph.
 """
 
+import os
+import subprocess
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +234,36 @@ def test_async_step_benchmark_reports_both_loops():
     assert m["equal"] and len(m["losses"]) == 2
     assert m["sync_s"] > 0 and m["async_s"] > 0
     assert "training step, async" in table(m)
+
+
+def test_hand_off_waits_when_too_many_graphs_are_in_flight(closed_gate, reference_backend):
+    from lazygraph.runtime.executor import MAX_IN_FLIGHT
+
+    lg.sync(gate(lg.lazy(torch.randn(3))), wait=False)  # the oldest, held at the gate
+    ys = []
+    for i in range(MAX_IN_FLIGHT - 1):  # these queue behind it; their hand-offs return at once
+        ys.append(lg.lazy(torch.full((2,), float(i))) * 2)
+        lg.sync(ys[-1], wait=False)
+    assert "gate passed" not in EVENTS
+    opener = threading.Timer(0.05, GATE_OPEN.set)
+    opener.start()
+    lg.sync(lg.lazy(torch.ones(2)) + 1, wait=False)  # one too many: returns once the oldest has run
+    assert "gate passed" in EVENTS
+    opener.join()
+    assert [y.tolist() for y in ys] == [[2.0 * i] * 2 for i in range(MAX_IN_FLIGHT - 1)]
+
+
+def test_error_nobody_saw_is_printed_at_exit(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F, lazygraph as lg\n"
+        "lg.set_backend('reference')\n"
+        "i = (lg.lazy(torch.tensor([0, 5])) + 3) - 3\n"
+        "out = F.embedding(i, lg.lazy(torch.randn(4, 3)))\n"
+        "lg.sync(out, wait=False)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(lg.__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path), env=env)
+    assert done.returncode == 0
+    assert "an asynchronous graph failed and nobody read its values" in done.stderr
+    assert "recorded at fails.py:4" in done.stderr
