@@ -56,6 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help=f"output folder (default ./{RESULTS_DIR}/<date>-<device> in the current directory)")
     p.add_argument("--no-plots", action="store_true", help="write the table and JSON only (no matplotlib needed)")
+    p.add_argument("--async-step", action="store_true",
+                   help="add the row 'training step, async': tiny GPT-2, sync vs async (benchmarks.async_step)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return p.parse_args(argv)
 
@@ -168,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_threads": None if gpu else 1,
     }
     table = report.markdown_table(results)
+    if args.async_step:
+        from . import async_step
+
+        table += "\n" + async_step.table(async_step.measure(backend="auto" if gpu else "reference", device=device.type))
     header = f"# lazygraph benchmarks: {meta['device']}, {meta['date']}\n\n"
     if interpreted:
         header += f"**{INTERPRETER_NOTE}**\n\n"

@@ -22,22 +22,24 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from . import counters, dumps, state
-from .capture import LazyTensor, lazy_mode, pending_graph, sync, to_eager
+from .capture import LazyTensor, lazy_mode, pending_graph, to_eager
 from .capture import lazy as _lazy
 from .capture import lazy_module as _lazy_module
+from .capture import materialize as _materialize
 from .capture.subclass_checks import install as _install_subclass_checks
 from .compiler import compile, explain
 from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
 from .ops import device_name
 from .runtime import BACKENDS, build_program, get_backend, set_backend
+from .runtime.executor import Handle
 
 if get_backend() not in BACKENDS:
     raise ValueError(f"LAZYGRAPH_BACKEND must be one of {BACKENDS}, got {get_backend()!r}")
 
 __all__ = ["lazy", "lazy_mode", "is_lazy", "graph", "sync", "to_eager", "stats", "reset_stats", "dump",
            "lazy_module", "pinned", "set_backend", "get_backend", "Graph", "Node", "Op", "parse", "LazyTensor",
-           "export_onnx", "OnnxExportError", "compile", "explain"]
+           "export_onnx", "OnnxExportError", "compile", "explain", "Handle"]
 
 
 def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
@@ -48,6 +50,18 @@ def lazy(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
 
 def is_lazy(t: Any) -> bool:
     return isinstance(t, LazyTensor)
+
+
+def sync(*tensors: torch.Tensor, wait: bool = True) -> Handle | None:
+    """Run the pending work of `tensors` (of every live lazy tensor if none are given) as one graph.
+
+    wait=False hands the graph to a worker thread and returns a Handle at once (`done()`, `wait()`):
+    the caller records the next step meanwhile, and reading a value (`item()`, `print`, `to_eager`)
+    waits only for the graph that produces it. Graphs run in the order they were handed off. An
+    error of such a graph is raised by the next read of one of its values, or the next sync() or
+    wait(). With wait=True (the default), sync returns when the values are there, and also waits
+    for the graphs handed off earlier (all of them when no tensors are given)."""
+    return _materialize.sync(*tensors, wait=wait)
 
 
 def graph(*tensors: torch.Tensor) -> Graph:
@@ -83,6 +97,8 @@ def stats() -> dict[str, Any]:
         "cuda_graphs_off": dict(counters.CUDA_GRAPHS_OFF),  # reason -> programs on a GPU run without
         "collectives": c["collectives"],  # all-reduces, sends, ... started (torch.distributed)
         "collective_bytes": c["collective_bytes"],  # bytes they were given
+        "async_graphs": c["async_graphs"],  # graphs handed to the executor (sync(wait=False), or read in flight)
+        "async_waits": c["async_waits"],  # reads that blocked until a graph handed off earlier had run
     }
 
 
@@ -97,6 +113,7 @@ def dump(tensors: Sequence[torch.Tensor] | torch.Tensor | None = None, dir: str 
         dumps.set_dir(dir)
         return dir
     ts = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    _materialize.wait_for(ts)  # the program is built for the input values' strides
     g = pending_graph(*ts)
     path = dumps.run_dir(dir or dumps.current_dir() or "lazygraph_dump")
     return dumps.write_run(g, build_program(g, get_backend()), path)

@@ -54,6 +54,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from . import dumps, ops, state
 from .capture import LazyTensor, is_internal, lazy, lazy_mode, node_of
 from .capture.arguments import const_inputs
+from .capture.materialize import wait_for
 from .counters import COUNTERS, RECOMPILE_REASONS, graph_ran
 from .distributed.data_parallel import DataParallel, all_reduce_gradients, unpermute
 from .ir import Graph, Node, Op, is_runtime_scalar, runtime_scalars
@@ -788,6 +789,9 @@ class CompiledModule(torch.nn.Module):
         if self._lg_eager:
             return self._orig_mod(*args, **kwargs)
         flat, unflatten, structure = _flatten((args, kwargs))
+        lazy_args = [a for a in flat if isinstance(a, LazyTensor)]
+        if lazy_args:  # values handed off with sync(wait=False): the trace and the replay read them
+            wait_for(lazy_args)
         if self._lg_dynamic:
             tr = self._trace(flat, unflatten)
             return tr.result if isinstance(tr, _Eager) else self._replay(tr, flat)

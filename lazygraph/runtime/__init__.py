@@ -11,6 +11,7 @@ The parts of this room:
                           intermediates in arenas reused across runs
     cost.py               launches and modelled bytes of a schedule, and of eager PyTorch
     cuda_graphs.py        on a GPU: a fused program's launch plan captured and replayed as CUDA graphs
+    executor.py           asynchronous dispatch: the worker thread that runs handed-off graphs in order
 """
 
 from __future__ import annotations
@@ -25,24 +26,31 @@ from .cost import eager_cost, extern_launches
 from .reference_program import Program
 
 
-def _check_inputs(graph: Graph) -> None:
+def check_inputs(graph: Graph, handed_off: str | None = None) -> None:
+    """Raise if a captured input changed since it was captured. `handed_off`: the user's line
+    where lazygraph.sync(wait=False) handed the graph off; the same check ran then, so a change
+    seen now was made after it."""
+    after = "" if handed_off is None else (
+        f" It was written after lazygraph.sync(wait=False) handed the graph off at {handed_off}: wait() on "
+        "the handle, or read a value of the graph, before writing it.")
     for n in graph.inputs:
         if n.captured_version is not None and n.value._version != n.captured_version:
             raise RuntimeError(
                 f"lazygraph: a tensor captured by a lazy op ({n.source or 'unknown line'}) was modified in "
                 "place before the pending graph ran; its old value is gone. clone() it before using it "
-                "in lazy ops, or make it lazy with lazygraph.lazy() first.")
+                "in lazy ops, or make it lazy with lazygraph.lazy() first." + after)
         if n.fingerprint is not None and fingerprint(n.value) != n.fingerprint:
             raise RuntimeError(
                 f"lazygraph: a CPU tensor captured by a lazy op ({n.source or 'unknown line'}) was written "
                 "behind torch's back (through numpy or .data) before the pending graph ran; the ops "
                 "recorded before the write would read the new value. clone() it before writing, or call "
-                "lazygraph.sync() first.")
+                "lazygraph.sync() first." + after)
 
 
-def execute(graph: Graph, backend: str | None = None) -> list[torch.Tensor]:
+def execute(graph: Graph, backend: str | None = None, handed_off: str | None = None) -> list[torch.Tensor]:
+    """Run the graph now, on this thread; `handed_off` as in check_inputs."""
     backend = backend or get_backend()
-    _check_inputs(graph)
+    check_inputs(graph, handed_off)
     hits = COUNTERS["cache_hits"]
     program = get_program(graph, backend)
     graph_ran()
@@ -78,5 +86,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "CompiledProgram", "Program", "build_program", "clear_cache", "eager_cost", "execute",
+__all__ = ["BACKENDS", "CompiledProgram", "Program", "build_program", "check_inputs", "clear_cache", "eager_cost",
+           "execute",
            "extern_launches", "get_backend", "get_program", "set_backend", "using_backend"]
