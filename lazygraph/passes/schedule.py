@@ -209,6 +209,7 @@ def schedule_steps(sched: Schedule, lanes: int | None = None) -> tuple[Schedule,
         gain = info.serial - modelled
         if len(set(lane)) > 1 and gain > max(profile.handoff, MIN_GAIN * info.serial):
             info.objective = "critical path"
+            order = _submit_early(order, lane, dag)
             info.reasons.insert(0, f"{len(set(lane))} lanes: modelled {_us(modelled)} us against "
                                    f"{_us(info.serial)} us on one")
         else:
@@ -300,6 +301,25 @@ def _lane_schedule(steps, dag, cost, bottom, first, lanes, profile, labels, info
             if waiting[j] == 0:
                 heapq.heappush(ready, (-bottom[j], j))
     return order, lane, max(end, default=0.0)
+
+
+def _submit_early(order: Sequence[int], lane: Sequence[int], dag: nx.DiGraph) -> list[int]:
+    """The same steps, each step for another lane issued as soon as its dependencies are: the caller
+    issues steps in list order and runs its own at once, so a lane step listed after a caller step
+    would wait for it needlessly. Among ready steps: other lanes' first, then list order."""
+    pos = {s: k for k, s in enumerate(order)}
+    waiting = {s: dag.in_degree(s) for s in order}
+    ready = [((lane[s] == 0, pos[s]), s) for s in order if waiting[s] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, s = heapq.heappop(ready)
+        out.append(s)
+        for t in dag.successors(s):
+            waiting[t] -= 1
+            if waiting[t] == 0:
+                heapq.heappush(ready, ((lane[t] == 0, pos[t]), t))
+    return out
 
 
 def _memory_order(dag: nx.DiGraph, uses, labels: Sequence[str]) -> tuple[list[int], list[str]]:
