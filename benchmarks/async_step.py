@@ -48,16 +48,19 @@ def _loop(model, steps: int, read_every: int, wait: bool, batch: int, block: int
 
 
 def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str = "reference",
-            batch: int = 8, block: int = 32, device: str = "cpu") -> dict[str, Any]:
+            batch: int = 8, block: int = 32, device: str = "cpu", threads: int = 1) -> dict[str, Any]:
     """Fastest synchronous and asynchronous loop of `rounds` alternating rounds (after one untimed
-    round of each that builds the programs)."""
+    round of each that builds the programs). `threads`: torch's intra-op threads on a CPU (1: one
+    core records while the other computes; torch's default would give both cores to each op)."""
     import torch
 
     import lazygraph as lg
     from gpt2.model import GPT, GPTConfig
 
-    previous = lg.get_backend()
+    previous, previous_threads = lg.get_backend(), torch.get_num_threads()
     lg.set_backend(backend)
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
         template = GPT(GPTConfig.tiny(block_size=block)).to(device)
@@ -76,8 +79,10 @@ def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str
                     raise AssertionError(f"{mode} losses changed between rounds: {losses[mode]} vs {read}")
     finally:
         lg.set_backend(previous)
+        torch.set_num_threads(previous_threads)
     sync_s, async_s = min(times["sync"]), min(times["async"])
-    return {"backend": backend, "device": device, "steps": steps, "read_every": read_every, "rounds": rounds,
+    return {"backend": backend, "device": device, "batch": batch, "block": block, "steps": steps,
+            "read_every": read_every, "rounds": rounds,
             "sync_s": sync_s, "async_s": async_s, "ratio": async_s / sync_s,
             "sync_cpu_s": min(cpu["sync"]), "async_cpu_s": min(cpu["async"]),
             "equal": losses["sync"] == losses["async"], "losses": losses["async"]}
@@ -85,7 +90,8 @@ def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str
 
 def row(m: dict[str, Any]) -> str:
     per_step = lambda key: f"{1e3 * m[key] / m['steps']:.1f} ms"  # noqa: E731
-    return (f"| training step, async (tiny GPT-2, {m['device']}, {m['backend']}, item() every {m['read_every']}) | "
+    return (f"| training step, async (tiny GPT-2, B={m['batch']} T={m['block']}, {m['device']}, {m['backend']}, "
+            f"item() every {m['read_every']}) | "
             f"{per_step('sync_s')} | {per_step('async_s')} | {m['ratio']:.2f}x | "
             f"{per_step('sync_cpu_s')} / {per_step('async_cpu_s')} | {'yes' if m['equal'] else 'NO'} |")
 
@@ -100,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (gpt2.train's default)")
     p.add_argument("--block-size", type=int, default=32, help="tokens per sequence (gpt2.train's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on a CPU (0: torch's default)")
     args = p.parse_args(argv)
     print(table(measure(args.steps, args.read_every, args.rounds, args.backend, args.batch_size, args.block_size,
-                        args.device)), end="")
+                        args.device, args.threads)), end="")
 
 
 def table(m: dict[str, Any]) -> str:
