@@ -31,6 +31,7 @@ MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and 
 POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
 SPLIT_ABOVE = 1 << 16  # a whole-tensor reduction bigger than this is split across programs
 SPLIT_CHUNK = 4096  # elements per program of a split reduction (one register block on a GPU)
+COLUMN_GROUP = 4  # column reductions per kernel: a transformer layer's backward has 4 (2 biases, 2 norms)
 
 
 @dataclass
@@ -206,7 +207,7 @@ class _Fuser:
     # -- legality --------------------------------------------------------------------------------
 
     def _merged_space(self, a: FusionGroup, b: FusionGroup) -> Space:
-        if a.space.axes and b.space.axes and a.space != b.space:
+        if a.space.axes and b.space.axes and a.space.canonical != b.space.canonical:
             # a full reduction of one value per row of the other (the mean of per-row losses) runs
             # in the other's kernel: each program reduces its rows, the last one combines them
             for x, y in ((a, b), (b, a)):
@@ -226,21 +227,24 @@ class _Fuser:
 
     def _unit_preds(self) -> list[list[int]]:
         """The units each unit reads, directly or through folded movement ops."""
-        folded: dict[int, set[int]] = {}  # a folded movement op -> the units it reads through
+        folded: dict[int, set[int]] = {}  # a movement op -> the units it reads through
         preds = []
         for n in self.graph.nodes:
             if effective_op(n) is not n.op:
                 continue
+            # a kernel folds every movement op it reads, view steps included: it reads the
+            # buffer under the view, so it never waits for the (free) view step itself
+            in_kernel = n.id in self.kernel_ids or n.id in self.inline_ids
             ps = set()
             for s in n.srcs:
-                if s.id in self.unit_of:
+                if s.id in self.unit_of and not (in_kernel and s.id in self.view_steps):
                     ps.add(self.unit_of[s.id])
                 else:
                     ps |= folded.get(s.id, set())
+            if n.op in FREE_OPS:
+                folded[n.id] = ps
             if n.id in self.unit_of:
                 preds.append(sorted(ps))
-            else:
-                folded[n.id] = ps
         return preds
 
     def _cycle_through(self, a: FusionGroup, b: FusionGroup) -> Node | None:
@@ -333,8 +337,8 @@ class _Fuser:
             seen.add(s.id)
             if s.id in self.kernel_ids:
                 out.append(s)
-            elif s.op in FREE_OPS and s.id not in self.view_steps and effective_op(s) is s.op:
-                stack.extend(s.srcs)
+            elif s.op in FREE_OPS and effective_op(s) is s.op:
+                stack.extend(s.srcs)  # folded, or a view step the kernel folds all the same
         return out
 
     def vertical(self) -> None:
@@ -362,18 +366,39 @@ class _Fuser:
             if g.program is None:  # its verdict came from the cache; finish() keeps this program
                 g.program = Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
             for buf in g.program.buffers:
-                by_key.setdefault((buf.id, g.space), []).append(g)
+                by_key.setdefault((buf.id, g.space.canonical), []).append(g)
         for (buf_id, _), groups in by_key.items():
             for other in groups[1:]:
-                a, b = self.group_of[groups[0].nodes[0].id], self.group_of[other.nodes[0].id]
-                if a is b:
+                self._try_horizontal(groups[0], other, self.graph.nodes[self.order[buf_id]].nbytes)
+
+    def columns(self) -> None:
+        """Column reductions (over the leading rows: bias and norm-weight gradients) over one space
+        share a kernel even without a common buffer: one launch walks the rows for all of them.
+        Taken in graph order, at most COLUMN_GROUP at a time, so a kernel does not hold the
+        inputs of far-apart layers alive."""
+        open_: dict[tuple, tuple[FusionGroup, int]] = {}  # canonical space -> (group, members)
+        for g in sorted(self.groups.values(), key=lambda g: self.order[g.nodes[0].id]):
+            if not _is_column_reduction(g.space):
+                continue
+            key = g.space.canonical
+            if key in open_:
+                first, count = open_[key]
+                first = self.group_of[first.nodes[0].id]
+                if count < COLUMN_GROUP and self._try_horizontal(first, g, 0):
+                    open_[key] = (first, count + 1)
                     continue
-                ok, reason, merged = self.can_fuse(a, b)
-                self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], ok, reason,
-                                               self.graph.nodes[self.order[buf_id]].nbytes if ok else 0,
-                                               "fuse" if ok else "keep apart", kind="horizontal"))
-                if ok:
-                    self._merge(a, b, merged)
+            open_[key] = (g, 1)
+
+    def _try_horizontal(self, a: FusionGroup, b: FusionGroup, saved: int) -> bool:
+        a, b = self.group_of[a.nodes[0].id], self.group_of[b.nodes[0].id]
+        if a is b:
+            return False
+        ok, reason, merged = self.can_fuse(a, b)
+        self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], ok, reason,
+                                       saved if ok else 0, "fuse" if ok else "keep apart", kind="horizontal"))
+        if ok:
+            self._merge(a, b, merged)
+        return ok
 
     def finish(self) -> Schedule:
         for g in self.groups.values():
@@ -454,6 +479,12 @@ def _reads_only_buffers(n: Node, kernel_ids: set[int]) -> bool:
         n = n.srcs[0]
 
 
+def _is_column_reduction(space: Space) -> bool:
+    """Reduced over leading rows, keeping the trailing columns: [rows, columns] reduce [0]."""
+    blocks, reduced, chunk = space.canonical
+    return reduced and not chunk and [r for _, r in blocks] == [True, False]
+
+
 def _reduces_everything(space: Space) -> bool:
     return all(i in space.axes or d == 1 for i, d in enumerate(space.shape))
 
@@ -473,4 +504,5 @@ def fuse(graph: Graph, enabled: bool = True) -> Schedule:
     if enabled:
         f.vertical()
         f.horizontal()
+        f.columns()
     return f.finish()

@@ -72,6 +72,22 @@ class Space:
     def row_shape(self) -> tuple[int, ...]:
         return tuple(1 if i in self.axes else d for i, d in enumerate(self.shape))
 
+    @property
+    def canonical(self) -> tuple:
+        """The space up to size-1 axes and merges of neighbouring axes that are both reduced or
+        both kept: spaces with one canonical form visit each element at the same (row, reduced
+        index) pair, so [B, T, C] reduced over [0, 1] and [B*T, C] reduced over [0] are one space."""
+        blocks: list[list] = []
+        for i, d in enumerate(self.shape):
+            if d == 1:
+                continue
+            reduced = i in self.axes
+            if blocks and blocks[-1][1] == reduced:
+                blocks[-1][0] *= d
+            else:
+                blocks.append([d, reduced])
+        return tuple(map(tuple, blocks)), bool(self.axes), self.chunk
+
     def __str__(self) -> str:
         split = f" split {self.rows} x {self.chunk}" if self.chunk else ""
         return f"{list(self.shape)} reduce {list(self.axes)}{split}" if self.axes else f"{list(self.shape)}"
@@ -182,21 +198,7 @@ class Lowering:
         self.cur: Phase | None = None
         self.checks: list[tuple[Node, str]] = []
         self._check_index: dict[tuple[int, str], int] = {}
-        rx = unravel("x", tuple(space.row_dims))
-        # split: row x holds elements x * chunk + r of the flattened reduced axes (codegen masks the tail)
-        rr = unravel(f"(x * {space.chunk} + r)" if space.chunk else "r", tuple(space.red_dims))
-        self.row_coords: list[str] = []
-        self.full_coords: list[str] = []
-        ix = ir = 0
-        for i in range(len(space.shape)):
-            if i in space.axes:
-                self.full_coords.append(rr[ir])
-                self.row_coords.append("0")
-                ir += 1
-            else:
-                self.full_coords.append(rx[ix])
-                self.row_coords.append(rx[ix])
-                ix += 1
+        self.row_coords, self.full_coords = _coords(space)
 
     # -- statements ----------------------------------------------------------------------------
 
@@ -388,10 +390,8 @@ class Lowering:
             if not self._in_grid:
                 raise NotFusable("a value reduced over the whole grid is read back inside the grid")
             return self._grid_reduced[n.id]
-        expected = tuple(self.row_coords)
-        if n.srcs[0].shape != self.space.shape or tuple(n.attrs["axes"]) != self.space.axes:
-            raise NotFusable(f"{n.op.value} over {list(n.attrs['axes'])} of {list(n.srcs[0].shape)} is a "
-                             f"different iteration space from {self.space}")
+        own = self._own_space(n)
+        expected = tuple(self.row_coords) if own == self.space else tuple(_coords(own)[0])
         if tuple(coords) != expected:
             raise NotFusable("a movement op changes which row a reduced value is read at")
         if n.id not in self._reduced:
@@ -399,6 +399,21 @@ class Lowering:
         return self._reduced[n.id]
 
     # -- the program ----------------------------------------------------------------------------
+
+    def _own_space(self, red: Node) -> Space:
+        """The space red reduces over: this kernel's, or one of the same canonical form (a bias
+        gradient over [B*T, C] beside a norm weight's over [B, T, C]), whose elements are visited
+        at the same (row, reduced index) pairs."""
+        own = Space(tuple(red.srcs[0].shape), tuple(sorted(red.attrs["axes"])), self.space.chunk)
+        if own != self.space and own.canonical != self.space.canonical:
+            raise NotFusable(f"{red.op.value} over {list(red.attrs['axes'])} of {list(red.srcs[0].shape)} is a "
+                             f"different iteration space from {self.space}")
+        return own
+
+    def _reduced_coords(self, red: Node) -> tuple[str, ...]:
+        """Where red's operand is read at this kernel's (row, reduced index)."""
+        own = self._own_space(red)
+        return tuple(self.full_coords) if own == self.space else tuple(_coords(own)[1])
 
     def is_grid_reduction(self, n: Node) -> bool:
         """A reduction of a per-row value over every row (the mean of a per-row loss)."""
@@ -428,7 +443,7 @@ class Lowering:
                 self._full_memo = {}
             pending = []
             for red in (r for r in reductions if levels[r.id] == level):
-                src = self.value(red.srcs[0], tuple(self.full_coords))
+                src = self.value(red.srcs[0], self._reduced_coords(red))
                 acc = self._emit(FULL, "acc_init", (red.op,), red.dtype, red)
                 self._emit(FULL, "acc_update", (red.op, acc, src), red.dtype, red, var=False)
                 pending.append((red, acc))
@@ -482,6 +497,25 @@ class Lowering:
         self._in_grid = False
         return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent,
                            list(self._inlined.values()), grid_reductions, self._grid, self.checks)
+
+
+def _coords(space: Space) -> tuple[list[str], list[str]]:
+    """(row coordinates, element coordinates) of a space's axes at row x and reduced index r."""
+    rx = unravel("x", tuple(space.row_dims))
+    # split: row x holds elements x * chunk + r of the flattened reduced axes (codegen masks the tail)
+    rr = unravel(f"(x * {space.chunk} + r)" if space.chunk else "r", tuple(space.red_dims))
+    row, full = [], []
+    ix = ir = 0
+    for i in range(len(space.shape)):
+        if i in space.axes:
+            full.append(rr[ir])
+            row.append("0")
+            ir += 1
+        else:
+            full.append(rx[ix])
+            row.append(rx[ix])
+            ix += 1
+    return row, full
 
 
 def _nonzero_constant(n: Node) -> bool:
