@@ -31,7 +31,7 @@ MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and 
 POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
 SPLIT_ABOVE = 1 << 16  # a whole-tensor reduction bigger than this is split across programs
 SPLIT_CHUNK = 4096  # elements per program of a split reduction (one register block on a GPU)
-COLUMN_GROUP = 4  # column reductions per kernel: a transformer layer's backward has 4 (2 biases, 2 norms)
+COLUMN_GROUP = 6  # column reductions per kernel: a transformer layer's backward has up to 6 (2 biases, 2 norms)
 
 
 @dataclass
@@ -43,6 +43,10 @@ class FusionGroup:
     stored: list[Node] = field(default_factory=list)
     program: LoopProgram | None = None
     name: str = ""
+    part_of: dict[int, int] = field(default_factory=dict)  # packed space: node id -> its part
+
+    def lowering(self, space: Space, stored: list[Node], inline: set[int]) -> Lowering:
+        return Lowering(self.nodes, space, stored, inline=inline, part_of=self.part_of)
 
     @property
     def kind(self) -> str:
@@ -283,7 +287,7 @@ class _Fuser:
         answer = self._lowered.get(key)
         if answer is None:
             try:
-                g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
+                g.program = g.lowering(g.space, g.stored, self.inline_ids).lower()
                 answer = (None, len(g.program.buffers))
             except NotFusable as e:
                 answer = (str(e), 0)
@@ -309,7 +313,7 @@ class _Fuser:
                 rows.append((kind, self._described(n), tuple(index[s.id] for s in n.srcs)))
             else:
                 rows.append(("buffer", n.shape, n.dtype, bool(n.attrs.get("scalar"))))
-        return g.space, tuple(rows), tuple(index[n.id] for n in g.stored)
+        return g.space, tuple(rows), tuple((index[n.id], g.part_of.get(n.id)) for n in g.stored)
 
     def _described(self, n: Node) -> str:
         """A node's own fields as text (exact for float attrs, where -0.0 == 0.0), once per node."""
@@ -364,7 +368,7 @@ class _Fuser:
             if not g.space.axes:
                 continue
             if g.program is None:  # its verdict came from the cache; finish() keeps this program
-                g.program = Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
+                g.program = g.lowering(g.space, self.stored(g), self.inline_ids).lower()
             for buf in g.program.buffers:
                 by_key.setdefault((buf.id, g.space.canonical), []).append(g)
         for (buf_id, _), groups in by_key.items():
@@ -389,6 +393,39 @@ class _Fuser:
                     continue
             open_[key] = (g, 1)
 
+    def pack(self) -> None:
+        """Kernels that only convert dtypes (the bf16 copies of fp32 weights before their matmuls,
+        the fp32 copies of bf16 weight gradients after theirs) have nothing to fuse with: a matmul
+        is on either side. Independent ones run side by side in one launch, each over its own
+        rows of a packed space, in graph order while the kernel's parameters allow."""
+        open_: FusionGroup | None = None
+        for g in sorted(self.groups.values(), key=lambda g: self.order[g.nodes[0].id]):
+            if g.space.axes or not all(n.op is Op.CAST for n in g.nodes):
+                continue
+            if open_ is not None and self._try_pack(self.group_of[open_.nodes[0].id], g):
+                continue
+            open_ = g
+
+    def _try_pack(self, a: FusionGroup, b: FusionGroup) -> bool:
+        if a.device != b.device:
+            return False
+        via = self._cycle_through(a, b)
+        parts = a.space.segments or (a.space.rows,)
+        nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
+        merged = FusionGroup(min(a.id, b.id), nodes, Space((a.space.rows + b.space.rows,), (), 0,
+                                                           parts + (b.space.rows,)), a.device)
+        merged.part_of = {**({n.id: 0 for n in a.nodes} if not a.part_of else a.part_of),
+                          **{n.id: len(parts) for n in b.nodes}}
+        merged.stored = self.stored(merged)
+        why_not, buffers = (None, 0) if via is not None else self._lowers(merged)
+        ok = via is None and why_not is None and buffers + len(merged.stored) <= MAX_BUFFERS
+        reason = "ok" if ok else why_not or ("would create a cycle" if via is not None else "too many inputs")
+        self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], ok, reason, 0,
+                                       "fuse" if ok else "keep apart", kind="packed"))
+        if ok:
+            self._merge(a, b, merged)
+        return ok
+
     def _try_horizontal(self, a: FusionGroup, b: FusionGroup, saved: int) -> bool:
         a, b = self.group_of[a.nodes[0].id], self.group_of[b.nodes[0].id]
         if a is b:
@@ -404,7 +441,7 @@ class _Fuser:
         for g in self.groups.values():
             g.stored = self.stored(g)
             if g.program is None or [n.id for n in g.program.outputs] != [n.id for n in g.stored]:
-                g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
+                g.program = g.lowering(g.space, g.stored, self.inline_ids).lower()
             self._split(g)
         steps = self._order_steps()
         for i, g in enumerate(s.group for s in steps if s.kind == "kernel"):
@@ -422,7 +459,7 @@ class _Fuser:
             return
         split = Space(sp.shape, sp.axes, chunk=SPLIT_CHUNK)
         try:
-            g.program = Lowering(g.nodes, split, g.stored, inline=self.inline_ids).lower()
+            g.program = g.lowering(split, g.stored, self.inline_ids).lower()
             g.space = split
         except NotFusable:
             pass  # e.g. the total is read back per element (softmax of everything): one program
@@ -481,7 +518,7 @@ def _reads_only_buffers(n: Node, kernel_ids: set[int]) -> bool:
 
 def _is_column_reduction(space: Space) -> bool:
     """Reduced over leading rows, keeping the trailing columns: [rows, columns] reduce [0]."""
-    blocks, reduced, chunk = space.canonical
+    blocks, reduced, chunk, _ = space.canonical
     return reduced and not chunk and [r for _, r in blocks] == [True, False]
 
 
@@ -505,4 +542,5 @@ def fuse(graph: Graph, enabled: bool = True) -> Schedule:
         f.vertical()
         f.horizontal()
         f.columns()
+        f.pack()
     return f.finish()

@@ -47,6 +47,9 @@ class Space:
     shape: tuple[int, ...]
     axes: tuple[int, ...]
     chunk: int = 0
+    # packed: independent pointwise parts side by side; shape is (sum of parts,) and part j owns
+    # rows [sum(segments[:j]), sum(segments[:j + 1])) (several small kernels in one launch)
+    segments: tuple[int, ...] = ()
 
     @property
     def row_dims(self) -> list[int]:
@@ -86,9 +89,11 @@ class Space:
                 blocks[-1][0] *= d
             else:
                 blocks.append([d, reduced])
-        return tuple(map(tuple, blocks)), bool(self.axes), self.chunk
+        return tuple(map(tuple, blocks)), bool(self.axes), self.chunk, self.segments
 
     def __str__(self) -> str:
+        if self.segments:
+            return f"packed {len(self.segments)} parts [{sum(self.segments)}]"
         split = f" split {self.rows} x {self.chunk}" if self.chunk else ""
         return f"{list(self.shape)} reduce {list(self.axes)}{split}" if self.axes else f"{list(self.shape)}"
 
@@ -175,8 +180,9 @@ class Lowering:
     """Walks a group's nodes at coordinates and collects the statements of one kernel."""
 
     def __init__(self, nodes: list[Node], space: Space, stored: list[Node], max_red_block: int = 4096,
-                 inline: frozenset[int] | set[int] = frozenset()):
+                 inline: frozenset[int] | set[int] = frozenset(), part_of: dict[int, int] | None = None):
         self.members = {n.id for n in nodes}
+        self.part_of = part_of or {}  # packed space: stored node id -> the part (segment) it is in
         self.inline = inline  # cheap ops over buffers that every reader recomputes
         self._inlined: dict[int, Node] = {}
         self.nodes = nodes
@@ -400,6 +406,17 @@ class Lowering:
 
     # -- the program ----------------------------------------------------------------------------
 
+    def _store_part(self, n: Node) -> None:
+        """A packed space's stored value: at the rows of its part only, read there alone."""
+        j = self.part_of.get(n.id)
+        if j is None or numel(n.shape) != self.space.segments[j]:
+            raise NotFusable(f"{n.op.value}{list(n.shape)} does not fill a part of the packed space {self.space}")
+        start = sum(self.space.segments[:j])
+        inside = f"(x >= {start}) & (x < {start + self.space.segments[j]})"
+        coords = tuple(unravel(f"(x - {start})" if start else "x", n.shape))
+        v = self.value(n, coords, inside)
+        self._emit(ROW, "store", (self.stored.index(n), coords, v, inside), n.dtype, n, var=False)
+
     def _own_space(self, red: Node) -> Space:
         """The space red reduces over: this kernel's, or one of the same canonical form (a bias
         gradient over [B*T, C] beside a norm weight's over [B, T, C]), whose elements are visited
@@ -435,6 +452,8 @@ class Lowering:
             self._grid_ids |= {r.id for r in reductions}
         if reductions and not self.space.axes:
             raise NotFusable("reduction in a pointwise space")
+        if self.space.segments and (reductions or grid_reductions):
+            raise NotFusable("a packed space holds pointwise parts only")
         levels = _levels(reductions, self.members)
         for level in sorted(set(levels.values())):
             self.cur = Phase()
@@ -463,6 +482,9 @@ class Lowering:
             k = numel(n.shape)
             if (grid_reductions or self.space.chunk) and k == 1 and _depends_on(n, self._grid_ids, self.members):
                 grid_stored.append(n)
+                continue
+            if self.space.segments:
+                self._store_part(n)
                 continue
             if k == self.space.rows:
                 coords = tuple(unravel("x", n.shape))
