@@ -112,3 +112,35 @@ def test_dependent_casts_are_not_packed():
     s = fuse(g)
     assert len(s.kernels) == 2
     assert [(d.kind, d.legal) for d in s.decisions] == [("packed", False)]
+
+
+def test_a_scaled_slice_of_a_bias_add_packs_with_it():
+    # qkv = x @ w + b is stored whole (k and v are read as views by the next matmuls); q * c reads
+    # only its slice, so it cannot share the loop: it runs as a second part of the same launch,
+    # recomputing the bias add at its rows
+    x, w, b = torch.randn(6, 5), torch.randn(5, 12), torch.randn(12)
+    k2 = torch.randn(6, 4)
+
+    def attn_in(x, w, b, k2):
+        qkv = x @ w + b
+        q, k, v = qkv.split(4, dim=1)
+        return q * 0.37, k.t() @ k2, v.t() @ k2
+
+    s = _run(attn_in, x, w, b, k2)
+    assert s["triton_kernels"] == 1 and s["extern_calls"] == 3
+
+
+def test_a_producer_read_only_by_a_smaller_consumer_is_recomputed_there():
+    # exp over [6, 12] read only as its [6, 4] slice: one launch over the slice's rows
+    x = torch.randn(6, 12)
+    s = _run(lambda x: (torch.exp(x)[:, 1:5] * 3.0,), x)
+    assert s["triton_kernels"] == 1
+    g = parse("\n".join([
+        "%0 = input() : f32[6, 12] @cpu",
+        "%1 = exp(%0) : f32[6, 12] @cpu",
+        "%2 = slice(%1, starts=(0, 1), steps=(1, 1)) : f32[6, 4] @cpu",
+        "%3 = neg(%2) : f32[6, 4] @cpu",
+        "return (%3)",
+    ]))
+    (k,) = fuse(g).kernels
+    assert k.space.rows == 24

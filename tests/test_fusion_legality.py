@@ -100,7 +100,8 @@ class _SearchingFuser(_Fuser):
                 nexts += [w for m in g.nodes for w in self.users[m.id]]
             for w in nexts:
                 # a kernel folds a view step it reads: the view is work only for extern readers
-                folds = w.id in self.kernel_ids or w.id in self.inline_ids
+                folds = w.id in self.kernel_ids or w.id in self.inline_ids or \
+                    (w.op in FREE_OPS and w.id not in self.view_steps)
                 via = through_work or work or (u.id in self.view_steps and not folds)
                 if w.id in members:
                     if via:

@@ -237,8 +237,10 @@ class _Fuser:
             if effective_op(n) is not n.op:
                 continue
             # a kernel folds every movement op it reads, view steps included: it reads the
-            # buffer under the view, so it never waits for the (free) view step itself
-            in_kernel = n.id in self.kernel_ids or n.id in self.inline_ids
+            # buffer under the view, so it never waits for the (free) view step itself. A folded
+            # movement op is read by kernels only (else it would be a view step)
+            in_kernel = n.id in self.kernel_ids or n.id in self.inline_ids or \
+                (n.op in FREE_OPS and n.id not in self.unit_of)
             ps = set()
             for s in n.srcs:
                 if s.id in self.unit_of and not (in_kernel and s.id in self.view_steps):
@@ -394,37 +396,62 @@ class _Fuser:
             open_[key] = (g, 1)
 
     def pack(self) -> None:
-        """Kernels that only convert dtypes (the bf16 copies of fp32 weights before their matmuls,
-        the fp32 copies of bf16 weight gradients after theirs) have nothing to fuse with: a matmul
-        is on either side. Independent ones run side by side in one launch, each over its own
-        rows of a packed space, in graph order while the kernel's parameters allow."""
+        """Pointwise kernels that cannot be one loop run side by side in one launch, each over its
+        own rows of a packed space (a part evaluates the others' nodes it reads at its own
+        coordinates, so a part may read another: nothing is read back from memory):
+        - a pointwise consumer of a pointwise producer whose values it does not cover (q * scale
+          of the q slice of a bias add over q, k and v);
+        - kernels that only convert dtypes (the bf16 copies of fp32 weights before their matmuls,
+          the fp32 copies of bf16 weight gradients after theirs), which have nothing to fuse
+          with, a matmul on either side: in graph order while the kernel's parameters allow."""
+        for c in self.graph.nodes:
+            if c.id in self.kernel_ids and not self.group_of[c.id].space.axes:
+                for p in sorted(self._producers(c), key=lambda n: self.order[n.id]):
+                    a, b = self.group_of[p.id], self.group_of[c.id]
+                    # same-sized groups were refused for reasons packing does not lift (a cycle)
+                    if a is not b and not a.space.axes and not b.space.segments and a.space.rows != b.space.rows:
+                        self._try_pack(a, b)
         open_: FusionGroup | None = None
         for g in sorted(self.groups.values(), key=lambda g: self.order[g.nodes[0].id]):
-            if g.space.axes or not all(n.op is Op.CAST for n in g.nodes):
+            if g.space.axes or g.space.segments or not all(n.op is Op.CAST for n in g.nodes):
                 continue
             if open_ is not None and self._try_pack(self.group_of[open_.nodes[0].id], g):
                 continue
             open_ = g
 
     def _try_pack(self, a: FusionGroup, b: FusionGroup) -> bool:
-        if a.device != b.device:
+        """Pack b, a pointwise group, as a new part beside a's parts."""
+        if a.device != b.device or b.space.segments:
             return False
+        merged, why_not = None, None
         via = self._cycle_through(a, b)
-        parts = a.space.segments or (a.space.rows,)
-        nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
-        merged = FusionGroup(min(a.id, b.id), nodes, Space((a.space.rows + b.space.rows,), (), 0,
-                                                           parts + (b.space.rows,)), a.device)
-        merged.part_of = {**({n.id: 0 for n in a.nodes} if not a.part_of else a.part_of),
-                          **{n.id: len(parts) for n in b.nodes}}
-        merged.stored = self.stored(merged)
-        why_not, buffers = (None, 0) if via is not None else self._lowers(merged)
-        ok = via is None and why_not is None and buffers + len(merged.stored) <= MAX_BUFFERS
-        reason = "ok" if ok else why_not or ("would create a cycle" if via is not None else "too many inputs")
-        self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], ok, reason, 0,
-                                       "fuse" if ok else "keep apart", kind="packed"))
-        if ok:
+        if via is not None:
+            why_not = f"would create a cycle (a path between them runs through {self.names[via.id]} {via.op.value})"
+        else:
+            merged = self._packed(a, b)
+            why_not, buffers = self._lowers(merged)
+            if why_not is None and buffers + len(merged.stored) > MAX_BUFFERS:
+                why_not = f"too many inputs ({buffers} buffers)"
+        self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], why_not is None,
+                                       why_not or "ok", 0, "keep apart" if why_not else "fuse", kind="packed"))
+        if why_not is None:
             self._merge(a, b, merged)
-        return ok
+        return why_not is None
+
+    def _packed(self, a: FusionGroup, b: FusionGroup) -> FusionGroup:
+        """a's parts and b side by side. A part left storing nothing (a producer only its packed
+        consumer reads, which recomputes it) is dropped."""
+        sizes = list(a.space.segments or (a.space.rows,)) + [b.space.rows]
+        part_of = {**(a.part_of or {n.id: 0 for n in a.nodes}), **{n.id: len(sizes) - 1 for n in b.nodes}}
+        nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
+        merged = FusionGroup(min(a.id, b.id), nodes, Space((sum(sizes),), ()), a.device)
+        merged.stored = self.stored(merged)
+        kept = sorted({part_of[n.id] for n in merged.stored})
+        renumber = {j: i for i, j in enumerate(kept)}
+        segments = tuple(sizes[j] for j in kept)
+        merged.space = Space((sum(segments),), (), 0, segments)
+        merged.part_of = {n: renumber[j] for n, j in part_of.items() if j in renumber}
+        return merged
 
     def _try_horizontal(self, a: FusionGroup, b: FusionGroup, saved: int) -> bool:
         a, b = self.group_of[a.nodes[0].id], self.group_of[b.nodes[0].id]
