@@ -131,16 +131,19 @@ def test_a_scaled_slice_of_a_bias_add_packs_with_it():
 
 
 def test_a_producer_read_only_by_a_smaller_consumer_is_recomputed_there():
-    # exp over [6, 12] read only as its [6, 4] slice: one launch over the slice's rows
+    # exp(x) * x over [6, 12] read only as its [6, 4] slice: one launch over the slice's rows
     x = torch.randn(6, 12)
-    s = _run(lambda x: (torch.exp(x)[:, 1:5] * 3.0,), x)
+    s = _run(lambda x: ((torch.exp(x) * x)[:, 1:5] * 3.0,), x)
     assert s["triton_kernels"] == 1
     g = parse("\n".join([
         "%0 = input() : f32[6, 12] @cpu",
         "%1 = exp(%0) : f32[6, 12] @cpu",
-        "%2 = slice(%1, starts=(0, 1), steps=(1, 1)) : f32[6, 4] @cpu",
-        "%3 = neg(%2) : f32[6, 4] @cpu",
-        "return (%3)",
+        "%2 = mul(%1, %0) : f32[6, 12] @cpu",
+        "%3 = slice(%2, starts=(0, 1), steps=(1, 1)) : f32[6, 4] @cpu",
+        "%4 = neg(%3) : f32[6, 4] @cpu",
+        "return (%4)",
     ]))
-    (k,) = fuse(g).kernels
-    assert k.space.rows == 24
+    s = fuse(g)
+    (k,) = s.kernels
+    assert k.space.segments == (24,) and [n.id for n in k.stored] == [g.outputs[0].id]
+    assert [(d.kind, d.legal) for d in s.decisions][-1] == ("packed", True)
