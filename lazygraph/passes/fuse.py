@@ -5,8 +5,16 @@ graph order, each edge is a fusion candidate. `can_fuse` is a small pure functio
 legal or not, with the reason, and the fusion report records every answer (the decisions are
 data). Legal means: same device, no cycle through work outside the two groups, and the merged
 group lowers to one loop program (same iteration space, reductions read only at the kernel's
-own rows, stored values cover the space; see loops.py). Afterwards, reductions over the same
-space that read the same buffer are merged side by side (horizontal fusion).
+own rows, stored values cover the space; see loops.py). Afterwards, side by side (horizontal
+fusion): reductions over the same space that read the same buffer; column reductions over one
+space (a layer's bias and norm-weight gradients), a few at a time; and pointwise kernels that
+cannot share a loop (a consumer reading a slice of its producer, dtype conversions between
+matmuls) as parts of one packed launch, each over its own rows. Spaces compare by their
+canonical form, so [B, T, C] reduced over [0, 1] is [B*T, C] reduced over [0].
+
+A kernel folds every movement op it reads, including one that also runs as a view step for an
+extern reader: it never waits for that view, so a bias gradient fuses with the pointwise work
+whose rows a matmul reads through a reshape.
 
 Both checks are cheap enough to ask a thousand times: reachability between units of work is
 computed once and kept exact as groups merge (reach.py), and the lowering verdict is kept per
