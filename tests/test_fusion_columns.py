@@ -147,3 +147,40 @@ def test_a_producer_read_only_by_a_smaller_consumer_is_recomputed_there():
     (k,) = s.kernels
     assert k.space.segments == (24,) and [n.id for n in k.stored] == [g.outputs[0].id]
     assert [(d.kind, d.legal) for d in s.decisions][-1] == ("packed", True)
+
+
+def test_reshape_coordinates_map_run_by_run_and_exactly():
+    # [B*T, C] -> [B, T, C] splits the row coordinate only (no unravel of one index over all);
+    # every element lands where a full ravel/unravel puts it, over random factorisations
+    import itertools
+    import random
+
+    from lazygraph.ir import Node, Op
+    from lazygraph.passes.loops import Lowering
+
+    def shape_of(n, rng):
+        dims = []
+        while n > 1:
+            d = rng.choice([k for k in range(2, n + 1) if n % k == 0])
+            dims.append(d)
+            n //= d
+        for _ in range(rng.randint(0, 2)):
+            dims.insert(rng.randint(0, len(dims)), 1)
+        return tuple(dims) or (1,)
+
+    def coords(out_shape, in_shape):
+        src = Node(Op.INPUT, (), in_shape, torch.float32, "cpu", {}, None)
+        n = Node(Op.RESHAPE, (src,), out_shape, torch.float32, "cpu", {}, None)
+        return Lowering._reshape_coords(None, n, tuple(f"c{i}" for i in range(len(out_shape))))
+
+    split = coords((12, 5), (3, 4, 5))
+    assert "c1" not in split[0] + split[1] and split[2].strip("()") == "c1"
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.choice([1, 6, 12, 24, 60])
+        a, b = shape_of(n, rng), shape_of(n, rng)
+        inner = coords(a, b)
+        for idx in itertools.product(*[range(d) for d in a]):
+            lin = torch.arange(n).reshape(a)[idx].item()
+            want = [int(w) for w in torch.unravel_index(torch.tensor(lin), b)]
+            assert [eval(c, {}, {f"c{i}": v for i, v in enumerate(idx)}) for c in inner] == want, (a, b, idx)

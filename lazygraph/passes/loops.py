@@ -331,7 +331,17 @@ class Lowering:
         if out_big == in_big:  # only size-1 axes added or removed: coordinates carry over
             it = iter(c for c, d in zip(coords, n.shape) if d != 1)
             return tuple("0" if d == 1 else next(it) for d in src.shape)
-        return tuple(unravel(f"({ravel(list(coords), n.shape)})", src.shape))
+        groups = _reshape_groups(n.shape, src.shape)
+        if groups is None:
+            return tuple(unravel(f"({ravel(list(coords), n.shape)})", src.shape))
+        # each run of axes with equal products maps on its own: [B*T, C] -> [B, T, C] splits the
+        # first coordinate and keeps C's, instead of unravelling one index over everything
+        inner = ["0"] * len(src.shape)
+        for outs, ins in groups:
+            lin = ravel([coords[i] for i in outs], tuple(n.shape[i] for i in outs))
+            for i, c in zip(ins, unravel(lin if len(outs) == 1 else f"({lin})", tuple(src.shape[i] for i in ins))):
+                inner[i] = c
+        return tuple(inner)
 
     def _pad(self, n: Node, coords, extra_mask, ctx) -> str:
         a = n.attrs
@@ -519,6 +529,32 @@ class Lowering:
         self._in_grid = False
         return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent,
                            list(self._inlined.values()), grid_reductions, self._grid, self.checks)
+
+
+def _reshape_groups(out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+                    ) -> list[tuple[list[int], list[int]]] | None:
+    """The axes of a reshape in runs of equal products: ([output axes], [input axes]) per run,
+    in order; None for an empty or 0-d tensor."""
+    if not out_shape or not in_shape or 0 in out_shape or 0 in in_shape:
+        return None
+    groups = []
+    i = j = 0
+    while i < len(out_shape) and j < len(in_shape):
+        outs, ins, po, pi = [i], [j], out_shape[i], in_shape[j]
+        i, j = i + 1, j + 1
+        while po != pi:
+            if po < pi:
+                po *= out_shape[i]
+                outs.append(i)
+                i += 1
+            else:
+                pi *= in_shape[j]
+                ins.append(j)
+                j += 1
+        groups.append((outs, ins))
+    groups[-1][0].extend(range(i, len(out_shape)))  # trailing size-1 axes
+    groups[-1][1].extend(range(j, len(in_shape)))
+    return groups
 
 
 def _coords(space: Space) -> tuple[list[str], list[str]]:
