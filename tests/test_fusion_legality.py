@@ -92,18 +92,22 @@ class _SearchingFuser(_Fuser):
             if (u.id, through_work) in seen:
                 continue
             seen.add((u.id, through_work))
-            through_work = through_work or u.op not in FREE_OPS or u.id in self.view_steps
+            work = u.op not in FREE_OPS
             nexts = list(self.users[u.id])
             g = self.group_of.get(u.id)
             if g is not None and id(g) not in groups_seen:
                 groups_seen.add(id(g))
                 nexts += [w for m in g.nodes for w in self.users[m.id]]
             for w in nexts:
+                # a kernel folds a view step it reads: the view is work only for extern readers
+                folds = w.id in self.kernel_ids or w.id in self.inline_ids or \
+                    (w.op in FREE_OPS and w.id not in self.view_steps)
+                via = through_work or work or (u.id in self.view_steps and not folds)
                 if w.id in members:
-                    if through_work:
+                    if via:
                         return u
                     continue
-                stack.append((w, through_work))
+                stack.append((w, via))
         return None
 
 

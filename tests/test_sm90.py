@@ -36,6 +36,10 @@ CASES = {
     "nan_amax_strided": (lambda x: x.t().amax(1) - x.amin(), lambda: (torch.randn(9, 5),)),
     "fp64_fixed_element": (lambda x, y: torch.log_softmax(x, -1) * y[1], lambda: (torch.randn(4, 7).double(),
                                                                                    torch.randn(3).double())),
+    "packed_casts": (lambda x, w1, w2: (x @ w1.bfloat16()) @ w2.bfloat16(),
+                     lambda: (torch.randn(4, 7).bfloat16(), torch.randn(7, 5), torch.randn(5, 3))),
+    "column_group": (lambda dy, xh, dz: (dy * xh).sum((0, 1)) + dy.sum((0, 1)) * dz.sum(0),
+                     lambda: (torch.randn(3, 5, 11), torch.randn(3, 5, 11), torch.randn(15, 11))),
 }
 
 
@@ -69,7 +73,7 @@ def test_one_kernel_of_each_kind_builds_for_sm90():
         assert ks, f"{name}: no kernels"
         kernels += ks
     sources = "\n".join(k.source for k in kernels)
-    for needle in ("tl.rand(", "for r0 in range(", "tl.bfloat16", "ws_ptr", "float(\"nan\")"):
+    for needle in ("tl.rand(", "for r0 in range(", "tl.bfloat16", "ws_ptr", "float(\"nan\")", "(x >= "):
         assert needle in sources, needle  # every kind really is in the set
     # both targets' bodies of each launch (build_for_target would key them by the one launch name)
     ptx = codegen_triton.build_bodies([(k.body, k.signature()) for k in kernels])

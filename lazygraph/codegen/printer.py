@@ -193,14 +193,15 @@ class Printer:
             op, acc = a
             return f"{s.var} = {_reduce(op, acc, 1, s.dtype)}[:, None]"
         if k == "store":
-            idx, coords, v = a
+            idx, coords, v = a[:3]
+            within = f" & ({a[3]})" if len(a) > 3 else ""  # a packed kernel's part: its own rows
             node = self.p.outputs[idx]
             off = self.offset(coords, node.shape, contiguous_strides(node.shape), s.ctx)
             if node.dtype == torch.bfloat16 and self.bf16_by_hand:
                 v = f"({_bf16_rne(v)})"
             if s.ctx == GRID:
                 return f"tl.store(out_ptr{idx} + ({off}), {v}.to({TL_TYPES[node.dtype]}))"
-            mask = "xmask & rmask" if s.ctx == FULL else "xmask"
+            mask = ("xmask & rmask" if s.ctx == FULL else "xmask") + within
             return f"tl.store(out_ptr{idx} + ({off}), {v}.to({TL_TYPES[node.dtype]}), mask={mask})"
         raise ValueError(f"codegen: unknown statement {k}")
 

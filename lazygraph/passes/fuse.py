@@ -5,8 +5,16 @@ graph order, each edge is a fusion candidate. `can_fuse` is a small pure functio
 legal or not, with the reason, and the fusion report records every answer (the decisions are
 data). Legal means: same device, no cycle through work outside the two groups, and the merged
 group lowers to one loop program (same iteration space, reductions read only at the kernel's
-own rows, stored values cover the space; see loops.py). Afterwards, reductions over the same
-space that read the same buffer are merged side by side (horizontal fusion).
+own rows, stored values cover the space; see loops.py). Afterwards, side by side (horizontal
+fusion): reductions over the same space that read the same buffer; column reductions over one
+space (a layer's bias and norm-weight gradients), a few at a time; and pointwise kernels that
+cannot share a loop (a consumer reading a slice of its producer, dtype conversions between
+matmuls) as parts of one packed launch, each over its own rows. Spaces compare by their
+canonical form, so [B, T, C] reduced over [0, 1] is [B*T, C] reduced over [0].
+
+A kernel folds every movement op it reads, including one that also runs as a view step for an
+extern reader: it never waits for that view, so a bias gradient fuses with the pointwise work
+whose rows a matmul reads through a reshape.
 
 Both checks are cheap enough to ask a thousand times: reachability between units of work is
 computed once and kept exact as groups merge (reach.py), and the lowering verdict is kept per
@@ -31,6 +39,7 @@ MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and 
 POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
 SPLIT_ABOVE = 1 << 16  # a whole-tensor reduction bigger than this is split across programs
 SPLIT_CHUNK = 4096  # elements per program of a split reduction (one register block on a GPU)
+COLUMN_GROUP = 6  # column reductions per kernel: a transformer layer's backward has up to 6 (2 biases, 2 norms)
 
 
 @dataclass
@@ -42,6 +51,10 @@ class FusionGroup:
     stored: list[Node] = field(default_factory=list)
     program: LoopProgram | None = None
     name: str = ""
+    part_of: dict[int, int] = field(default_factory=dict)  # packed space: node id -> its part
+
+    def lowering(self, space: Space, stored: list[Node], inline: set[int]) -> Lowering:
+        return Lowering(self.nodes, space, stored, inline=inline, part_of=self.part_of)
 
     @property
     def kind(self) -> str:
@@ -206,7 +219,7 @@ class _Fuser:
     # -- legality --------------------------------------------------------------------------------
 
     def _merged_space(self, a: FusionGroup, b: FusionGroup) -> Space:
-        if a.space.axes and b.space.axes and a.space != b.space:
+        if a.space.axes and b.space.axes and a.space.canonical != b.space.canonical:
             # a full reduction of one value per row of the other (the mean of per-row losses) runs
             # in the other's kernel: each program reduces its rows, the last one combines them
             for x, y in ((a, b), (b, a)):
@@ -226,21 +239,26 @@ class _Fuser:
 
     def _unit_preds(self) -> list[list[int]]:
         """The units each unit reads, directly or through folded movement ops."""
-        folded: dict[int, set[int]] = {}  # a folded movement op -> the units it reads through
+        folded: dict[int, set[int]] = {}  # a movement op -> the units it reads through
         preds = []
         for n in self.graph.nodes:
             if effective_op(n) is not n.op:
                 continue
+            # a kernel folds every movement op it reads, view steps included: it reads the
+            # buffer under the view, so it never waits for the (free) view step itself. A folded
+            # movement op is read by kernels only (else it would be a view step)
+            in_kernel = n.id in self.kernel_ids or n.id in self.inline_ids or \
+                (n.op in FREE_OPS and n.id not in self.unit_of)
             ps = set()
             for s in n.srcs:
-                if s.id in self.unit_of:
+                if s.id in self.unit_of and not (in_kernel and s.id in self.view_steps):
                     ps.add(self.unit_of[s.id])
                 else:
                     ps |= folded.get(s.id, set())
+            if n.op in FREE_OPS:
+                folded[n.id] = ps
             if n.id in self.unit_of:
                 preds.append(sorted(ps))
-            else:
-                folded[n.id] = ps
         return preds
 
     def _cycle_through(self, a: FusionGroup, b: FusionGroup) -> Node | None:
@@ -279,7 +297,7 @@ class _Fuser:
         answer = self._lowered.get(key)
         if answer is None:
             try:
-                g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
+                g.program = g.lowering(g.space, g.stored, self.inline_ids).lower()
                 answer = (None, len(g.program.buffers))
             except NotFusable as e:
                 answer = (str(e), 0)
@@ -305,7 +323,7 @@ class _Fuser:
                 rows.append((kind, self._described(n), tuple(index[s.id] for s in n.srcs)))
             else:
                 rows.append(("buffer", n.shape, n.dtype, bool(n.attrs.get("scalar"))))
-        return g.space, tuple(rows), tuple(index[n.id] for n in g.stored)
+        return g.space, tuple(rows), tuple((index[n.id], g.part_of.get(n.id)) for n in g.stored)
 
     def _described(self, n: Node) -> str:
         """A node's own fields as text (exact for float attrs, where -0.0 == 0.0), once per node."""
@@ -333,8 +351,8 @@ class _Fuser:
             seen.add(s.id)
             if s.id in self.kernel_ids:
                 out.append(s)
-            elif s.op in FREE_OPS and s.id not in self.view_steps and effective_op(s) is s.op:
-                stack.extend(s.srcs)
+            elif s.op in FREE_OPS and effective_op(s) is s.op:
+                stack.extend(s.srcs)  # folded, or a view step the kernel folds all the same
         return out
 
     def vertical(self) -> None:
@@ -360,26 +378,105 @@ class _Fuser:
             if not g.space.axes:
                 continue
             if g.program is None:  # its verdict came from the cache; finish() keeps this program
-                g.program = Lowering(g.nodes, g.space, self.stored(g), inline=self.inline_ids).lower()
+                g.program = g.lowering(g.space, self.stored(g), self.inline_ids).lower()
             for buf in g.program.buffers:
-                by_key.setdefault((buf.id, g.space), []).append(g)
+                by_key.setdefault((buf.id, g.space.canonical), []).append(g)
         for (buf_id, _), groups in by_key.items():
             for other in groups[1:]:
-                a, b = self.group_of[groups[0].nodes[0].id], self.group_of[other.nodes[0].id]
-                if a is b:
+                self._try_horizontal(groups[0], other, self.graph.nodes[self.order[buf_id]].nbytes)
+
+    def columns(self) -> None:
+        """Column reductions (over the leading rows: bias and norm-weight gradients) over one space
+        share a kernel even without a common buffer: one launch walks the rows for all of them.
+        Taken in graph order, at most COLUMN_GROUP at a time, so a kernel does not hold the
+        inputs of far-apart layers alive."""
+        open_: dict[tuple, tuple[FusionGroup, int]] = {}  # canonical space -> (group, members)
+        for g in sorted(self.groups.values(), key=lambda g: self.order[g.nodes[0].id]):
+            if not _is_column_reduction(g.space):
+                continue
+            key = g.space.canonical
+            if key in open_:
+                first, count = open_[key]
+                first = self.group_of[first.nodes[0].id]
+                if count < COLUMN_GROUP and self._try_horizontal(first, g, 0):
+                    open_[key] = (first, count + 1)
                     continue
-                ok, reason, merged = self.can_fuse(a, b)
-                self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], ok, reason,
-                                               self.graph.nodes[self.order[buf_id]].nbytes if ok else 0,
-                                               "fuse" if ok else "keep apart", kind="horizontal"))
-                if ok:
-                    self._merge(a, b, merged)
+            open_[key] = (g, 1)
+
+    def pack(self) -> None:
+        """Pointwise kernels that cannot be one loop run side by side in one launch, each over its
+        own rows of a packed space (a part evaluates the others' nodes it reads at its own
+        coordinates, so a part may read another: nothing is read back from memory):
+        - a pointwise consumer of a pointwise producer whose values it does not cover (q * scale
+          of the q slice of a bias add over q, k and v);
+        - kernels that only convert dtypes (the bf16 copies of fp32 weights before their matmuls,
+          the fp32 copies of bf16 weight gradients after theirs), which have nothing to fuse
+          with, a matmul on either side: in graph order while the kernel's parameters allow."""
+        for c in self.graph.nodes:
+            if c.id in self.kernel_ids and not self.group_of[c.id].space.axes:
+                for p in sorted(self._producers(c), key=lambda n: self.order[n.id]):
+                    a, b = self.group_of[p.id], self.group_of[c.id]
+                    # same-sized groups were refused for reasons packing does not lift (a cycle)
+                    if a is not b and not a.space.axes and not b.space.segments and a.space.rows != b.space.rows:
+                        self._try_pack(a, b)
+        open_: FusionGroup | None = None
+        for g in sorted(self.groups.values(), key=lambda g: self.order[g.nodes[0].id]):
+            if g.space.axes or g.space.segments or not all(n.op is Op.CAST for n in g.nodes):
+                continue
+            if open_ is not None and self._try_pack(self.group_of[open_.nodes[0].id], g):
+                continue
+            open_ = g
+
+    def _try_pack(self, a: FusionGroup, b: FusionGroup) -> bool:
+        """Pack b, a pointwise group, as a new part beside a's parts."""
+        if a.device != b.device or b.space.segments:
+            return False
+        merged, why_not = None, None
+        via = self._cycle_through(a, b)
+        if via is not None:
+            why_not = f"would create a cycle (a path between them runs through {self.names[via.id]} {via.op.value})"
+        else:
+            merged = self._packed(a, b)
+            why_not, buffers = self._lowers(merged)
+            if why_not is None and buffers + len(merged.stored) > MAX_BUFFERS:
+                why_not = f"too many inputs ({buffers} buffers)"
+        self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], why_not is None,
+                                       why_not or "ok", 0, "keep apart" if why_not else "fuse", kind="packed"))
+        if why_not is None:
+            self._merge(a, b, merged)
+        return why_not is None
+
+    def _packed(self, a: FusionGroup, b: FusionGroup) -> FusionGroup:
+        """a's parts and b side by side. A part left storing nothing (a producer only its packed
+        consumer reads, which recomputes it) is dropped."""
+        sizes = list(a.space.segments or (a.space.rows,)) + [b.space.rows]
+        part_of = {**(a.part_of or {n.id: 0 for n in a.nodes}), **{n.id: len(sizes) - 1 for n in b.nodes}}
+        nodes = sorted(a.nodes + b.nodes, key=lambda n: self.order[n.id])
+        merged = FusionGroup(min(a.id, b.id), nodes, Space((sum(sizes),), ()), a.device)
+        merged.stored = self.stored(merged)
+        kept = sorted({part_of[n.id] for n in merged.stored})
+        renumber = {j: i for i, j in enumerate(kept)}
+        segments = tuple(sizes[j] for j in kept)
+        merged.space = Space((sum(segments),), (), 0, segments)
+        merged.part_of = {n: renumber[j] for n, j in part_of.items() if j in renumber}
+        return merged
+
+    def _try_horizontal(self, a: FusionGroup, b: FusionGroup, saved: int) -> bool:
+        a, b = self.group_of[a.nodes[0].id], self.group_of[b.nodes[0].id]
+        if a is b:
+            return False
+        ok, reason, merged = self.can_fuse(a, b)
+        self.decisions.append(Decision(self.names[a.nodes[-1].id], self.names[b.nodes[-1].id], ok, reason,
+                                       saved if ok else 0, "fuse" if ok else "keep apart", kind="horizontal"))
+        if ok:
+            self._merge(a, b, merged)
+        return ok
 
     def finish(self) -> Schedule:
         for g in self.groups.values():
             g.stored = self.stored(g)
             if g.program is None or [n.id for n in g.program.outputs] != [n.id for n in g.stored]:
-                g.program = Lowering(g.nodes, g.space, g.stored, inline=self.inline_ids).lower()
+                g.program = g.lowering(g.space, g.stored, self.inline_ids).lower()
             self._split(g)
         steps = self._order_steps()
         for i, g in enumerate(s.group for s in steps if s.kind == "kernel"):
@@ -397,7 +494,7 @@ class _Fuser:
             return
         split = Space(sp.shape, sp.axes, chunk=SPLIT_CHUNK)
         try:
-            g.program = Lowering(g.nodes, split, g.stored, inline=self.inline_ids).lower()
+            g.program = g.lowering(split, g.stored, self.inline_ids).lower()
             g.space = split
         except NotFusable:
             pass  # e.g. the total is read back per element (softmax of everything): one program
@@ -454,6 +551,12 @@ def _reads_only_buffers(n: Node, kernel_ids: set[int]) -> bool:
         n = n.srcs[0]
 
 
+def _is_column_reduction(space: Space) -> bool:
+    """Reduced over leading rows, keeping the trailing columns: [rows, columns] reduce [0]."""
+    blocks, reduced, chunk, _ = space.canonical
+    return reduced and not chunk and [r for _, r in blocks] == [True, False]
+
+
 def _reduces_everything(space: Space) -> bool:
     return all(i in space.axes or d == 1 for i, d in enumerate(space.shape))
 
@@ -473,4 +576,6 @@ def fuse(graph: Graph, enabled: bool = True) -> Schedule:
     if enabled:
         f.vertical()
         f.horizontal()
+        f.columns()
+        f.pack()
     return f.finish()

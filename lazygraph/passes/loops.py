@@ -47,6 +47,9 @@ class Space:
     shape: tuple[int, ...]
     axes: tuple[int, ...]
     chunk: int = 0
+    # packed: independent pointwise parts side by side; shape is (sum of parts,) and part j owns
+    # rows [sum(segments[:j]), sum(segments[:j + 1])) (several small kernels in one launch)
+    segments: tuple[int, ...] = ()
 
     @property
     def row_dims(self) -> list[int]:
@@ -72,7 +75,25 @@ class Space:
     def row_shape(self) -> tuple[int, ...]:
         return tuple(1 if i in self.axes else d for i, d in enumerate(self.shape))
 
+    @property
+    def canonical(self) -> tuple:
+        """The space up to size-1 axes and merges of neighbouring axes that are both reduced or
+        both kept: spaces with one canonical form visit each element at the same (row, reduced
+        index) pair, so [B, T, C] reduced over [0, 1] and [B*T, C] reduced over [0] are one space."""
+        blocks: list[list] = []
+        for i, d in enumerate(self.shape):
+            if d == 1:
+                continue
+            reduced = i in self.axes
+            if blocks and blocks[-1][1] == reduced:
+                blocks[-1][0] *= d
+            else:
+                blocks.append([d, reduced])
+        return tuple(map(tuple, blocks)), bool(self.axes), self.chunk, self.segments
+
     def __str__(self) -> str:
+        if self.segments:
+            return f"packed {len(self.segments)} parts [{sum(self.segments)}]"
         split = f" split {self.rows} x {self.chunk}" if self.chunk else ""
         return f"{list(self.shape)} reduce {list(self.axes)}{split}" if self.axes else f"{list(self.shape)}"
 
@@ -159,8 +180,9 @@ class Lowering:
     """Walks a group's nodes at coordinates and collects the statements of one kernel."""
 
     def __init__(self, nodes: list[Node], space: Space, stored: list[Node], max_red_block: int = 4096,
-                 inline: frozenset[int] | set[int] = frozenset()):
+                 inline: frozenset[int] | set[int] = frozenset(), part_of: dict[int, int] | None = None):
         self.members = {n.id for n in nodes}
+        self.part_of = part_of or {}  # packed space: stored node id -> the part (segment) it is in
         self.inline = inline  # cheap ops over buffers that every reader recomputes
         self._inlined: dict[int, Node] = {}
         self.nodes = nodes
@@ -182,21 +204,7 @@ class Lowering:
         self.cur: Phase | None = None
         self.checks: list[tuple[Node, str]] = []
         self._check_index: dict[tuple[int, str], int] = {}
-        rx = unravel("x", tuple(space.row_dims))
-        # split: row x holds elements x * chunk + r of the flattened reduced axes (codegen masks the tail)
-        rr = unravel(f"(x * {space.chunk} + r)" if space.chunk else "r", tuple(space.red_dims))
-        self.row_coords: list[str] = []
-        self.full_coords: list[str] = []
-        ix = ir = 0
-        for i in range(len(space.shape)):
-            if i in space.axes:
-                self.full_coords.append(rr[ir])
-                self.row_coords.append("0")
-                ir += 1
-            else:
-                self.full_coords.append(rx[ix])
-                self.row_coords.append(rx[ix])
-                ix += 1
+        self.row_coords, self.full_coords = _coords(space)
 
     # -- statements ----------------------------------------------------------------------------
 
@@ -323,7 +331,17 @@ class Lowering:
         if out_big == in_big:  # only size-1 axes added or removed: coordinates carry over
             it = iter(c for c, d in zip(coords, n.shape) if d != 1)
             return tuple("0" if d == 1 else next(it) for d in src.shape)
-        return tuple(unravel(f"({ravel(list(coords), n.shape)})", src.shape))
+        groups = _reshape_groups(n.shape, src.shape)
+        if groups is None:
+            return tuple(unravel(f"({ravel(list(coords), n.shape)})", src.shape))
+        # each run of axes with equal products maps on its own: [B*T, C] -> [B, T, C] splits the
+        # first coordinate and keeps C's, instead of unravelling one index over everything
+        inner = ["0"] * len(src.shape)
+        for outs, ins in groups:
+            lin = ravel([coords[i] for i in outs], tuple(n.shape[i] for i in outs))
+            for i, c in zip(ins, unravel(lin if len(outs) == 1 else f"({lin})", tuple(src.shape[i] for i in ins))):
+                inner[i] = c
+        return tuple(inner)
 
     def _pad(self, n: Node, coords, extra_mask, ctx) -> str:
         a = n.attrs
@@ -388,10 +406,8 @@ class Lowering:
             if not self._in_grid:
                 raise NotFusable("a value reduced over the whole grid is read back inside the grid")
             return self._grid_reduced[n.id]
-        expected = tuple(self.row_coords)
-        if n.srcs[0].shape != self.space.shape or tuple(n.attrs["axes"]) != self.space.axes:
-            raise NotFusable(f"{n.op.value} over {list(n.attrs['axes'])} of {list(n.srcs[0].shape)} is a "
-                             f"different iteration space from {self.space}")
+        own = self._own_space(n)
+        expected = tuple(self.row_coords) if own == self.space else tuple(_coords(own)[0])
         if tuple(coords) != expected:
             raise NotFusable("a movement op changes which row a reduced value is read at")
         if n.id not in self._reduced:
@@ -399,6 +415,32 @@ class Lowering:
         return self._reduced[n.id]
 
     # -- the program ----------------------------------------------------------------------------
+
+    def _store_part(self, n: Node) -> None:
+        """A packed space's stored value: at the rows of its part only, read there alone."""
+        j = self.part_of.get(n.id)
+        if j is None or numel(n.shape) != self.space.segments[j]:
+            raise NotFusable(f"{n.op.value}{list(n.shape)} does not fill a part of the packed space {self.space}")
+        start = sum(self.space.segments[:j])
+        inside = f"(x >= {start}) & (x < {start + self.space.segments[j]})"
+        coords = tuple(unravel(f"(x - {start})" if start else "x", n.shape))
+        v = self.value(n, coords, inside)
+        self._emit(ROW, "store", (self.stored.index(n), coords, v, inside), n.dtype, n, var=False)
+
+    def _own_space(self, red: Node) -> Space:
+        """The space red reduces over: this kernel's, or one of the same canonical form (a bias
+        gradient over [B*T, C] beside a norm weight's over [B, T, C]), whose elements are visited
+        at the same (row, reduced index) pairs."""
+        own = Space(tuple(red.srcs[0].shape), tuple(sorted(red.attrs["axes"])), self.space.chunk)
+        if own != self.space and own.canonical != self.space.canonical:
+            raise NotFusable(f"{red.op.value} over {list(red.attrs['axes'])} of {list(red.srcs[0].shape)} is a "
+                             f"different iteration space from {self.space}")
+        return own
+
+    def _reduced_coords(self, red: Node) -> tuple[str, ...]:
+        """Where red's operand is read at this kernel's (row, reduced index)."""
+        own = self._own_space(red)
+        return tuple(self.full_coords) if own == self.space else tuple(_coords(own)[1])
 
     def is_grid_reduction(self, n: Node) -> bool:
         """A reduction of a per-row value over every row (the mean of a per-row loss)."""
@@ -420,6 +462,8 @@ class Lowering:
             self._grid_ids |= {r.id for r in reductions}
         if reductions and not self.space.axes:
             raise NotFusable("reduction in a pointwise space")
+        if self.space.segments and (reductions or grid_reductions):
+            raise NotFusable("a packed space holds pointwise parts only")
         levels = _levels(reductions, self.members)
         for level in sorted(set(levels.values())):
             self.cur = Phase()
@@ -428,7 +472,7 @@ class Lowering:
                 self._full_memo = {}
             pending = []
             for red in (r for r in reductions if levels[r.id] == level):
-                src = self.value(red.srcs[0], tuple(self.full_coords))
+                src = self.value(red.srcs[0], self._reduced_coords(red))
                 acc = self._emit(FULL, "acc_init", (red.op,), red.dtype, red)
                 self._emit(FULL, "acc_update", (red.op, acc, src), red.dtype, red, var=False)
                 pending.append((red, acc))
@@ -448,6 +492,9 @@ class Lowering:
             k = numel(n.shape)
             if (grid_reductions or self.space.chunk) and k == 1 and _depends_on(n, self._grid_ids, self.members):
                 grid_stored.append(n)
+                continue
+            if self.space.segments:
+                self._store_part(n)
                 continue
             if k == self.space.rows:
                 coords = tuple(unravel("x", n.shape))
@@ -482,6 +529,51 @@ class Lowering:
         self._in_grid = False
         return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent,
                            list(self._inlined.values()), grid_reductions, self._grid, self.checks)
+
+
+def _reshape_groups(out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+                    ) -> list[tuple[list[int], list[int]]] | None:
+    """The axes of a reshape in runs of equal products: ([output axes], [input axes]) per run,
+    in order; None for an empty or 0-d tensor."""
+    if not out_shape or not in_shape or 0 in out_shape or 0 in in_shape:
+        return None
+    groups = []
+    i = j = 0
+    while i < len(out_shape) and j < len(in_shape):
+        outs, ins, po, pi = [i], [j], out_shape[i], in_shape[j]
+        i, j = i + 1, j + 1
+        while po != pi:
+            if po < pi:
+                po *= out_shape[i]
+                outs.append(i)
+                i += 1
+            else:
+                pi *= in_shape[j]
+                ins.append(j)
+                j += 1
+        groups.append((outs, ins))
+    groups[-1][0].extend(range(i, len(out_shape)))  # trailing size-1 axes
+    groups[-1][1].extend(range(j, len(in_shape)))
+    return groups
+
+
+def _coords(space: Space) -> tuple[list[str], list[str]]:
+    """(row coordinates, element coordinates) of a space's axes at row x and reduced index r."""
+    rx = unravel("x", tuple(space.row_dims))
+    # split: row x holds elements x * chunk + r of the flattened reduced axes (codegen masks the tail)
+    rr = unravel(f"(x * {space.chunk} + r)" if space.chunk else "r", tuple(space.red_dims))
+    row, full = [], []
+    ix = ir = 0
+    for i in range(len(space.shape)):
+        if i in space.axes:
+            full.append(rr[ir])
+            row.append("0")
+            ir += 1
+        else:
+            full.append(rx[ix])
+            row.append(rx[ix])
+            ix += 1
+    return row, full
 
 
 def _nonzero_constant(n: Node) -> bool:
