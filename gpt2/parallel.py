@@ -170,11 +170,11 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 
 def data_parallel(model: nn.Module, mode: str, backend: str | None) -> nn.Module:
-    """The data-parallel wrapper, in one place: DistributedDataParallel around the compiled model.
-    When lazygraph.compile(model, data_parallel=group) lands, compiled mode switches to it here."""
+    """The data-parallel model: compiled, lazygraph's own (gradient buckets all-reduced inside the
+    backward graph, each started as soon as its gradients are final); eager, DistributedDataParallel."""
     if mode == "compiled":
-        model = lg.compile(model, **({"backend": backend} if backend else {}))
-    elif mode != "eager":
+        return lg.compile(model, data_parallel=True, **({"backend": backend} if backend else {}))
+    if mode != "eager":
         raise SystemExit(f"--parallel dp runs --mode eager or compiled, not {mode}")
     return nn.parallel.DistributedDataParallel(model)
 
@@ -256,7 +256,7 @@ def _dp_step(model, rank, world, mode, backend):
     def step(x, y):
         share = x.size(0) // world  # this rank's slice of the batch
         _, loss = ddp(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
-        loss.backward()  # DDP averages the gradients over the ranks: the whole batch's mean
+        loss.backward()  # gradients averaged over the ranks (all-reduce): the whole batch's mean
         total = loss.detach().clone()
         dist.all_reduce(total)
         return total.item() / world
