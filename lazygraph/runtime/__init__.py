@@ -16,6 +16,8 @@ The parts of this room:
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .. import dumps, state
@@ -54,12 +56,40 @@ def execute(graph: Graph, backend: str | None = None, handed_off: str | None = N
     hits = COUNTERS["cache_hits"]
     program = get_program(graph, backend)
     graph_ran()
-    outputs = program.run([n.value for n in graph.inputs], runtime_scalars(graph))
+    inputs, scalars = [n.value for n in graph.inputs], runtime_scalars(graph)
+    try:
+        outputs = program.run(inputs, scalars)
+    except RuntimeError as error:
+        fresh = _named_for(graph, inputs, scalars, error)
+        if fresh is error:
+            raise
+        raise fresh  # noqa: B904 - fresh carries its own cause (the torch error under it)
     if dumps.enabled():
         dumps.write_run(graph, program)
     if state.SETTINGS.debug:
         _debug_print(graph, program, cached=COUNTERS["cache_hits"] > hits)
     return outputs
+
+
+def _named_for(graph: Graph, inputs: list, scalars: list, error: RuntimeError) -> RuntimeError:
+    """A cached program was built from the first graph of this structure, so an error naming a recorded
+    line names that graph's line. Rerun this graph with the reference executor (the oracle; errors are
+    rare, so this costs nothing in a normal run) to raise the error with this graph's lines."""
+    from ..ir import COLLECTIVES
+    from ..reference import run_graph
+
+    named = re.findall(r"recorded at ([^)\s]+)", str(error))
+    if not named or set(named) <= {n.source for n in graph.nodes}:
+        return error  # no line named, or only this graph's lines
+    if any(n.op in COLLECTIVES for n in graph.nodes):
+        return error  # a rerun would start the collectives again
+    try:
+        run_graph(graph, inputs, scalars)
+    except type(error) as fresh:
+        return fresh
+    except Exception:  # noqa: BLE001 - the reference fails otherwise: the program's error stands
+        return error
+    return error
 
 
 def _debug_print(graph: Graph, program: Program, cached: bool) -> None:
