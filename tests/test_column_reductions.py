@@ -10,7 +10,6 @@ import torch
 
 import lazygraph as lg
 from lazygraph import codegen_triton
-from lazygraph.codegen.templates import launch
 from lazygraph.ir import contiguous_strides
 from lazygraph.runtime import CompiledProgram
 
@@ -112,11 +111,21 @@ def test_split_results_do_not_change_between_runs():
     torch.testing.assert_close(first.double(), a.double().sum(0) * 3.0, rtol=1e-5, atol=1e-4)
 
 
-def test_a_stored_producer_keeps_one_program_per_column_block():
-    # the producer is needed elsewhere (stored per element): no split, still column tiles
-    a, b = torch.randn(1031, 77), torch.randn(1031, 77)
+def test_a_stored_producer_is_stored_by_each_split_over_its_rows():
+    # the bias gradient's producer is also read elsewhere (by a matmul): every split stores its
+    # own rows of it, the last program of a column block the column sums (rows > the 4096 of a
+    # persistent reduction, so the phases loop)
+    a, b = torch.randn(4099, 33), torch.randn(4099, 33)
     fn = lambda a, b: (torch.sigmoid(a) * b, (torch.sigmoid(a) * b).sum(0))  # noqa: E731
     _check(fn, a, b)
-    for k in _kernels(fn, (a, b)):
-        if k.group.program.space.axes:
-            assert launch(k.group.program, codegen_triton.INTERPRETER).splits == 1
+    (k,) = _kernels(fn, (a, b))
+    assert k.launch.splits > 1 and k.source.count("for r0 in range(split") == 2
+
+
+def test_a_value_reading_the_totals_per_element_is_not_split():
+    # a - a.sum(0) needs every row's total before any row is stored: one program per column block
+    a = torch.randn(4099, 33)
+    fn = lambda a: a * 2.0 - a.sum(0)  # noqa: E731
+    _check(fn, a)
+    (k,) = _kernels(fn, (a,))
+    assert k.launch.columns and k.launch.splits == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from .printer import PTR_TYPES, Printer, param_name
 from .target import GPU, INTERPRETER, Target, block_sizes, pow2
 
 _NAME = "KERNEL_NAME"  # the function name while the digest that names it is taken
+_TOKEN = re.compile(r"[A-Za-z_]\w*")
 
 # Column reductions (sums over the leading rows of [R, C]: bias and norm-weight gradients) get
 # their own tiling: a program owns BLOCK_C contiguous columns (loads coalesced along C) and walks
@@ -61,7 +63,7 @@ def column_reduction(prog: LoopProgram) -> bool:
     sp = prog.space
     blocks = sp.canonical[0]
     if (sp.chunk or sp.segments or prog.grid_reductions or len(blocks) != 2
-            or not blocks[0][1] or blocks[1][1] or sp.red == 0):
+            or not blocks[0][1] or blocks[1][1] or sp.rows * sp.red == 0):
         return False
     # a persistent program may reuse per-element values across phases; looped, it may not
     return not prog.persistent or all(not ph.body for ph in prog.phases[1:])
@@ -69,6 +71,30 @@ def column_reduction(prog: LoopProgram) -> bool:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _mentions(st: Stmt, names: set[str]) -> bool:
+    return any(tok in names for tok in _TOKEN.findall(" ".join(map(str, st.args))))
+
+
+def totals_readers(prog: LoopProgram) -> set[str]:
+    """Variables of the store phase that read the reductions' totals (directly or through others)."""
+    totals = {st.var for st in prog.phases[0].after}
+    for st in [*prog.phases[-1].before, *prog.phases[-1].body]:
+        if st.var and _mentions(st, totals):
+            totals.add(st.var)
+    return totals
+
+
+def _splittable(prog: LoopProgram) -> bool:
+    """Rows can be split over programs: one level of floating reductions whose partials are exact
+    in fp32, and no per-element value stored after them reads a total (those stores run per split,
+    over its own rows; the per-column ones in the last program of the column block)."""
+    if len(prog.phases) != 2 or not all(st.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                        for st in prog.phases[0].after):
+        return False
+    totals = totals_readers(prog)
+    return not any(_mentions(st, totals) for st in prog.phases[1].body)
 
 
 def launch(prog: LoopProgram, target: Target) -> Launch:
@@ -81,13 +107,7 @@ def launch(prog: LoopProgram, target: Target) -> Launch:
     xblock = min(widest, pow2(cols))
     rblock = max(1, min(pow2(rows), target.max_tile // xblock, min_rows))
     blocks = _cdiv(cols, xblock)
-    splits = 1
-    # split over the rows only where the partials are exact in fp32 and nothing per element
-    # reads the totals back (the store phase runs in the last program of a column block)
-    if (len(prog.phases) == 2 and not prog.phases[1].body
-            and all(s.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                    for s in prog.phases[0].after)):
-        splits = max(1, min(want // blocks, _cdiv(rows, min_rows)))
+    splits = max(1, min(want // blocks, _cdiv(rows, min_rows))) if _splittable(prog) else 1
     split_rows = _cdiv(_cdiv(rows, splits), rblock) * rblock  # a whole number of row blocks
     splits = _cdiv(rows, split_rows)
     return Launch(xblock, rblock, blocks * splits, True, splits, split_rows)
@@ -181,7 +201,7 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target)
         body.append(f"rmask = {_rmask(sp)}")
     for i, ph in enumerate(prog.phases):
         if lc.splits > 1 and i == 1:
-            body += _combine_splits(prog, pr, lc)
+            body += _split_stores(prog, pr, rows, lc)
             break
         body += [pr.stmt(s) for s in ph.before]
         if not ph.body:
@@ -210,13 +230,21 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target)
     return "\n".join(lines) + "\n"
 
 
-def _combine_splits(prog: LoopProgram, pr: Printer, lc: Launch) -> list[str]:
-    """A split column program after its rows: store this split's partials (workspace [splits,
-    reductions, C], fp32); the last program of the column block to finish adds them up in split
-    order and runs the store phase for its columns."""
+def _split_stores(prog: LoopProgram, pr: Printer, rows: str, lc: Launch) -> list[str]:
+    """The store phase of a split column program. Values that do not read a total are stored by
+    every split over its own rows (per-element producers read by others, e.g. by a matmul). Then
+    it stores its partials (workspace [splits, reductions, C], fp32); the last program of the
+    column block to finish adds them up in split order and stores the per-column results."""
+    sp, store = prog.space, prog.phases[1]
+    totals = totals_readers(prog)
+    out = [pr.stmt(st) for st in store.before if not _mentions(st, totals)]
+    if store.body:
+        out.append(f"for r0 in {rows}:")
+        inner = [f"r = r0 + tl.arange(0, {lc.rblock})[None, :]", f"rmask = {_rmask(sp)}"]
+        out += ["    " + s for s in inner + [pr.stmt(st) for st in store.body]]
     partials = prog.phases[0].after
-    n, cols = len(partials), prog.space.rows
-    out = [f"tl.store(ws_ptr + (split * {n} + {j}) * {cols} + x, {s.var}, mask=xmask)"
+    n, cols = len(partials), sp.rows
+    out += [f"tl.store(ws_ptr + (split * {n} + {j}) * {cols} + x, {s.var}, mask=xmask)"
            for j, s in enumerate(partials)]
     out += ["tl.debug_barrier()",  # the counter's atomic orders the partials' stores before it
             "finished = tl.atomic_add(cnt_ptr + cblock, 1)",
@@ -228,7 +256,7 @@ def _combine_splits(prog: LoopProgram, pr: Printer, lc: Launch) -> list[str]:
         out += [f"    {s.var} = tl.load(ws_ptr + {j} * {cols} + x, mask=xmask, other=0)",
                 f"    for i in range(1, {lc.splits}):",
                 f"        {s.var} = {comb.format(s.var, part)}"]
-    out += ["    " + pr.stmt(s) for s in prog.phases[1].before]
+    out += ["    " + pr.stmt(st) for st in store.before if _mentions(st, totals)]
     out.append("    tl.store(cnt_ptr + cblock, 0)  # ready for the next launch")
     return out
 
