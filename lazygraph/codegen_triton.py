@@ -29,8 +29,8 @@ import torch
 
 from .codegen import aot
 from .codegen.cache import cache_dir, cached_file, kernel_path, load_kernel, triton_version
-from .codegen.target import GPU, INTERPRETER, Target, block_sizes, interpreting, launching, quiet_interpreter
-from .codegen.templates import KernelBody, kernel_body, signature
+from .codegen.target import GPU, INTERPRETER, Target, interpreting, launching, quiet_interpreter
+from .codegen.templates import KernelBody, kernel_body, launch, signature
 from .codegen.uses import body_with_uses
 from .ir import contiguous_strides
 from .passes.fuse import FusionGroup
@@ -47,8 +47,9 @@ class Kernel:
         self.strides = [tuple(s) for s in strides]
         self.target = target or Target.current()
         self.body = kernel_body(group.program, self.strides, self.target)
-        self.xblock, self.rblock = block_sizes(group.program, self.target)
-        self.grid = (max(1, -(-group.program.space.rows // self.xblock)),)
+        self.launch = launch(group.program, self.target)
+        self.xblock, self.rblock = self.launch.xblock, self.launch.rblock
+        self.grid = (self.launch.programs,)
         self.path = kernel_path(self.body)
         if self.target is INTERPRETER and not interpreting():
             raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off "
@@ -58,7 +59,7 @@ class Kernel:
             quiet_interpreter()
         if RECORD_GPU_SOURCES:
             gpu = self.body if self.target is GPU else kernel_body(group.program, self.strides, GPU)
-            record_for_build(gpu, self.signature())
+            record_for_build(gpu, signature(group.program, launch(group.program, GPU)))
 
     @property
     def source(self) -> str:
@@ -68,11 +69,10 @@ class Kernel:
         if self.group.program.space.rows == 0:
             return
         prog = self.group.program
-        if prog.grid_reductions:
+        if prog.grid_reductions or self.launch.splits > 1:
             device = outputs[0].device
             if getattr(self, "_ws", None) is None or self._ws.device != device:
-                self._ws = torch.empty(self.grid[0] * len(prog.grid_reductions), dtype=torch.float32, device=device)
-                self._cnt = torch.zeros(1, dtype=torch.int32, device=device)
+                self._ws, self._cnt = self._workspace(device)
             outputs = [*outputs, self._ws, self._cnt]
         if prog.checks:
             outputs = [*outputs, self._flags(outputs[0].device)]
@@ -86,6 +86,17 @@ class Kernel:
             with launching(), np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 self._fn[self.grid](*inputs, *outputs)
+
+    def _workspace(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 partials and the zeroed counters of finished programs: per program and grid
+        reduction, or for a split column reduction [splits, reductions, columns] and per column block."""
+        prog, lc = self.group.program, self.launch
+        if lc.splits > 1:
+            size, counters = lc.splits * len(prog.phases[0].after) * prog.space.rows, lc.column_blocks
+        else:
+            size, counters = self.grid[0] * len(prog.grid_reductions), 1
+        return (torch.empty(size, dtype=torch.float32, device=device),
+                torch.zeros(counters, dtype=torch.int32, device=device))
 
     def _flags(self, device: torch.device) -> torch.Tensor:
         if getattr(self, "_err", None) is None or self._err.device != device:
@@ -108,7 +119,7 @@ class Kernel:
         return failed
 
     def signature(self) -> dict[str, str]:
-        return signature(self.group.program)
+        return signature(self.group.program, self.launch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ CASES = {
                      lambda: (torch.randn(4, 7).bfloat16(), torch.randn(7, 5), torch.randn(5, 3))),
     "column_group": (lambda dy, xh, dz: (dy * xh).sum((0, 1)) + dy.sum((0, 1)) * dz.sum(0),
                      lambda: (torch.randn(3, 5, 11), torch.randn(3, 5, 11), torch.randn(15, 11))),
+    # rows split over programs per column block (deterministic partials, a counter per block)
+    "column_split": (lambda a, b: ((a * b).sum(0), a.amax(0)), lambda: (torch.randn(600, 200), torch.randn(600, 200))),
 }
 
 
@@ -73,7 +75,8 @@ def test_one_kernel_of_each_kind_builds_for_sm90():
         assert ks, f"{name}: no kernels"
         kernels += ks
     sources = "\n".join(k.source for k in kernels)
-    for needle in ("tl.rand(", "for r0 in range(", "tl.bfloat16", "ws_ptr", "float(\"nan\")", "(x >= "):
+    for needle in ("tl.rand(", "for r0 in range(", "tl.bfloat16", "ws_ptr", "float(\"nan\")", "(x >= ",
+                   "cnt_ptr + cblock"):
         assert needle in sources, needle  # every kind really is in the set
     # both targets' bodies of each launch (build_for_target would key them by the one launch name)
     ptx = codegen_triton.build_bodies([(k.body, k.signature()) for k in kernels])

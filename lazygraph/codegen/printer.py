@@ -110,11 +110,9 @@ class Printer:
         dense = all(s == c for s, c, d in zip(strides, contiguous_strides(tuple(shape)), shape) if d != 1)
         if dense and numel(shape) > 1 and list(coords) == unravel("x", tuple(shape)):
             return "x"  # the row index walks this buffer in order
-        terms = []
-        for c, d, s in zip(coords, shape, strides):
-            if d == 1 or c == "0" or s == 0:
-                continue
-            terms.append(f"({c})" if s == 1 else f"({c}) * {s}")
+        terms = [f"({c})" if s == 1 else f"({c}) * {s}"
+                 for c, s in _fold_digits([(c, s) for c, d, s in zip(coords, shape, strides)
+                                           if d != 1 and c != "0" and s != 0])]
         block = "tl.zeros([1, 1], tl.int32)" if ctx == GRID else "x * 0"
         if not terms:  # a block of pointers, even for a scalar
             return block
@@ -245,6 +243,51 @@ class Printer:
                 return f"{v}.to({TL_TYPES[dtype]}).to(tl.float32)"
             return f"{v}.to({compute_type(dtype)})"
         raise ValueError(f"codegen: no Triton form for {op.value}")
+
+
+def _balanced(e: str) -> bool:
+    depth = 0
+    for ch in e:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _digit(c: str) -> tuple[str, int, int | None]:
+    """c as ((base // div) % mod) (mod None: unbounded): unravel()'s forms of one coordinate."""
+    div, mod = 1, None
+    m = re.fullmatch(r"\((.+) % (\d+)\)", c)
+    if m and _balanced(m.group(1)):
+        c, mod = m.group(1), int(m.group(2))
+    m = re.fullmatch(r"\((.+) // (\d+)\)", c)
+    if m and _balanced(m.group(1)):
+        c, div = m.group(1), int(m.group(2))
+    return c, div, mod
+
+
+def _fold_digits(terms: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """(coordinate, stride) terms with the digits of one index merged back: when a buffer's axes
+    are laid out as the index was unravelled over them, ((e // d) % m) * s + (e // (d * m)) * s * m
+    is (e // d) * s. A column reduction over [B, T, C] reads its rows at r * C, with no integer
+    division per element (indices are never negative, so the identity is exact)."""
+    digits = [[*_digit(c), s] for c, s in terms]
+    merged = True
+    while merged:
+        merged = False
+        for lo in digits:
+            hi = next((h for h in digits if h is not lo and h[0] == lo[0] and lo[2] is not None
+                       and h[1] == lo[1] * lo[2] and h[3] == lo[3] * lo[2]), None)
+            if hi is not None:
+                lo[2] = None if hi[2] is None else lo[2] * hi[2]
+                digits.remove(hi)
+                merged = True
+                break
+    out = []
+    for base, div, mod, s in digits:
+        e = base if div == 1 else f"({base} // {div})"
+        out.append((e if mod is None else f"({e} % {mod})", s))
+    return out
 
 
 def param_name(prog: LoopProgram, i: int) -> str:

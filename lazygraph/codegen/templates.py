@@ -15,18 +15,102 @@ a body computes (IR nodes, buffers, source lines) is listed beside it, in the du
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..ir import numel
+from ..ir import Op, numel
 from ..passes.loops import LoopProgram, Stmt
 from .printer import PTR_TYPES, Printer, param_name
-from .target import INTERPRETER, Target, block_sizes
+from .target import GPU, INTERPRETER, Target, block_sizes, pow2
 
 _NAME = "KERNEL_NAME"  # the function name while the digest that names it is taken
+_TOKEN = re.compile(r"[A-Za-z_]\w*")
+
+# Column reductions (sums over the leading rows of [R, C]: bias and norm-weight gradients) get
+# their own tiling: a program owns BLOCK_C contiguous columns (loads coalesced along C) and walks
+# a slice of the rows. Per target: (widest column block, rows a split walks at least, programs
+# wanted in all). The interpreter pays per program, so it gets few and wide ones.
+_COLUMNS = {GPU: (128, 256, 264), INTERPRETER: (1024, 512, 16)}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a body is launched: its block sizes and number of programs. A column program runs
+    `splits` programs per block of columns, each over `split_rows` rows; with splits > 1 each
+    writes fp32 partials to a workspace and the last of its column block adds them up in split
+    order (deterministic: the order does not depend on which program finishes last)."""
+
+    xblock: int
+    rblock: int
+    programs: int
+    columns: bool = False
+    splits: int = 1
+    split_rows: int = 0
+
+    @property
+    def column_blocks(self) -> int:
+        return self.programs // self.splits
+
+
+def column_reduction(prog: LoopProgram) -> bool:
+    """A program the column tiling prints: reductions over the leading axes of a [R, C] space, and
+    after the reductions only per-column work (or a program whose phases were lowered to loop)."""
+    sp = prog.space
+    blocks = sp.canonical[0]
+    if (sp.chunk or sp.segments or prog.grid_reductions or len(blocks) != 2
+            or not blocks[0][1] or blocks[1][1] or sp.rows * sp.red == 0):
+        return False
+    # a persistent program may reuse per-element values across phases; looped, it may not
+    return not prog.persistent or all(not ph.body for ph in prog.phases[1:])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _mentions(st: Stmt, names: set[str]) -> bool:
+    return any(tok in names for tok in _TOKEN.findall(" ".join(map(str, st.args))))
+
+
+def totals_readers(prog: LoopProgram) -> set[str]:
+    """Variables of the store phase that read the reductions' totals (directly or through others)."""
+    totals = {st.var for st in prog.phases[0].after}
+    for st in [*prog.phases[-1].before, *prog.phases[-1].body]:
+        if st.var and _mentions(st, totals):
+            totals.add(st.var)
+    return totals
+
+
+def _splittable(prog: LoopProgram) -> bool:
+    """Rows can be split over programs: one level of floating reductions whose partials are exact
+    in fp32, and no per-element value stored after them reads a total (those stores run per split,
+    over its own rows; the per-column ones in the last program of the column block)."""
+    if len(prog.phases) != 2 or not all(st.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                        for st in prog.phases[0].after):
+        return False
+    totals = totals_readers(prog)
+    return not any(_mentions(st, totals) for st in prog.phases[1].body)
+
+
+def launch(prog: LoopProgram, target: Target) -> Launch:
+    sp = prog.space
+    if not column_reduction(prog):
+        xblock, rblock = block_sizes(prog, target)
+        return Launch(xblock, rblock, max(1, -(-sp.rows // xblock)))
+    widest, min_rows, want = _COLUMNS[target]
+    cols, rows = sp.rows, sp.red
+    xblock = min(widest, pow2(cols))
+    rblock = max(1, min(pow2(rows), target.max_tile // xblock, min_rows))
+    blocks = _cdiv(cols, xblock)
+    splits = max(1, min(want // blocks, _cdiv(rows, min_rows))) if _splittable(prog) else 1
+    split_rows = _cdiv(_cdiv(rows, splits), rblock) * rblock  # a whole number of row blocks
+    splits = _cdiv(rows, split_rows)
+    return Launch(xblock, rblock, blocks * splits, True, splits, split_rows)
 
 
 @dataclass(frozen=True)
@@ -79,16 +163,18 @@ def _rmask(sp) -> str:
 
 
 def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target) -> str:
-    xblock, rblock = block_sizes(prog, target)
+    lc = launch(prog, target)
+    xblock, rblock = lc.xblock, lc.rblock
     sp = prog.space
-    nprog = max(1, -(-sp.rows // xblock))
-    pr = Printer(prog, strides, xblock, rblock, nprog, bf16_by_hand=target is INTERPRETER)
+    if lc.columns:
+        prog = dataclasses.replace(prog, persistent=False)  # a column program always loops over rows
+    pr = Printer(prog, strides, xblock, rblock, lc.programs, bf16_by_hand=target is INTERPRETER)
     # int64 index math when any element offset could pass int32: sizes, and strided views of big buffers
     reach = [sum((d - 1) * abs(st) for d, st in zip(b.shape, strides[i]) if d > 0)
              for i, b in enumerate(prog.buffers) if not b.attrs.get("scalar")]
     big = max([numel(b.shape) for b in prog.buffers + prog.outputs] + reach + [sp.rows * sp.red, 1])
     use64 = big * 2 >= 2**31
-    params = list(signature(prog))
+    params = list(signature(prog, lc))
     lines = [
         "# Generated by lazygraph. Do not edit: regenerate from the IR (its uses are listed in the dumps).",
         "import triton",
@@ -100,12 +186,23 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target)
     ]
     body = []
     pid = "tl.program_id(0).to(tl.int64)" if use64 else "tl.program_id(0)"
-    body.append(f"x = {pid} * {xblock} + tl.arange(0, {xblock})[:, None]")
+    rows = f"range(0, {sp.red}, {rblock})"
+    if lc.splits > 1:  # program = split * column_blocks + column block
+        body.append(f"pid = {pid}")
+        body.append(f"cblock = pid % {lc.column_blocks}")
+        body.append(f"split = pid // {lc.column_blocks}")
+        body.append(f"x = cblock * {xblock} + tl.arange(0, {xblock})[:, None]")
+        rows = f"range(split * {lc.split_rows}, split * {lc.split_rows} + {lc.split_rows}, {rblock})"
+    else:
+        body.append(f"x = {pid} * {xblock} + tl.arange(0, {xblock})[:, None]")
     body.append(f"xmask = x < {sp.rows}")
     if sp.axes and prog.persistent:
         body.append(f"r = tl.arange(0, {rblock})[None, :]")
         body.append(f"rmask = {_rmask(sp)}")
-    for ph in prog.phases:
+    for i, ph in enumerate(prog.phases):
+        if lc.splits > 1 and i == 1:
+            body += _split_stores(prog, pr, rows, lc)
+            break
         body += [pr.stmt(s) for s in ph.before]
         if not ph.body:
             body += [pr.stmt(s) for s in ph.after]
@@ -116,7 +213,7 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target)
         if prog.persistent:
             body += [pr.stmt(s) for s in loop]
         else:
-            body.append(f"for r0 in range(0, {sp.red}, {rblock}):")
+            body.append(f"for r0 in {rows}:")
             inner = [f"r = r0 + tl.arange(0, {rblock})[None, :]", f"rmask = {_rmask(sp)}"]
             inner += [pr.stmt(s) for s in loop]
             body += ["    " + s for s in inner]
@@ -125,7 +222,7 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target)
         # the last program to finish sees every partial (the counter's atomic orders the stores)
         body.append("tl.debug_barrier()")
         body.append("finished = tl.atomic_add(cnt_ptr, 1)")
-        body.append(f"if finished == {nprog - 1}:")
+        body.append(f"if finished == {lc.programs - 1}:")
         for st in prog.grid:
             body += ["    " + line for line in pr.stmt(st).split("\n")]
         body.append("    tl.store(cnt_ptr, 0)  # ready for the next launch")
@@ -133,18 +230,50 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target)
     return "\n".join(lines) + "\n"
 
 
-def signature(prog: LoopProgram) -> dict[str, str]:
+def _split_stores(prog: LoopProgram, pr: Printer, rows: str, lc: Launch) -> list[str]:
+    """The store phase of a split column program. Values that do not read a total are stored by
+    every split over its own rows (per-element producers read by others, e.g. by a matmul). Then
+    it stores its partials (workspace [splits, reductions, C], fp32); the last program of the
+    column block to finish adds them up in split order and stores the per-column results."""
+    sp, store = prog.space, prog.phases[1]
+    totals = totals_readers(prog)
+    out = [pr.stmt(st) for st in store.before if not _mentions(st, totals)]
+    if store.body:
+        out.append(f"for r0 in {rows}:")
+        inner = [f"r = r0 + tl.arange(0, {lc.rblock})[None, :]", f"rmask = {_rmask(sp)}"]
+        out += ["    " + s for s in inner + [pr.stmt(st) for st in store.body]]
+    partials = prog.phases[0].after
+    n, cols = len(partials), sp.rows
+    out += [f"tl.store(ws_ptr + (split * {n} + {j}) * {cols} + x, {s.var}, mask=xmask)"
+           for j, s in enumerate(partials)]
+    out += ["tl.debug_barrier()",  # the counter's atomic orders the partials' stores before it
+            "finished = tl.atomic_add(cnt_ptr + cblock, 1)",
+            f"if finished == {lc.splits - 1}:"]
+    for j, s in enumerate(partials):
+        comb = {Op.SUM: "{0} + {1}", Op.AMAX: "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+                Op.AMIN: "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"}[s.args[0]]
+        part = f"tl.load(ws_ptr + (i * {n} + {j}) * {cols} + x, mask=xmask, other=0)"
+        out += [f"    {s.var} = tl.load(ws_ptr + {j} * {cols} + x, mask=xmask, other=0)",
+                f"    for i in range(1, {lc.splits}):",
+                f"        {s.var} = {comb.format(s.var, part)}"]
+    out += ["    " + pr.stmt(st) for st in store.before if _mentions(st, totals)]
+    out.append("    tl.store(cnt_ptr + cblock, 0)  # ready for the next launch")
+    return out
+
+
+def signature(prog: LoopProgram, lc: Launch | None = None) -> dict[str, str]:
     """Parameter name -> Triton type, in parameter order. Not part of the body's text: two launches
     of one body may pass pointers of different dtypes (a cast from i32 or from i64), which Triton
     specialises per launch, and an ahead-of-time build keys on the body and this signature."""
     sig = {param_name(prog, i): ("fp64" if b.dtype == torch.float64 else "fp32") if b.attrs.get("scalar")
            else PTR_TYPES[b.dtype] for i, b in enumerate(prog.buffers)}
     sig.update({f"out_ptr{i}": PTR_TYPES[o.dtype] for i, o in enumerate(prog.outputs)})
-    if prog.grid_reductions:
-        sig.update({"ws_ptr": "*fp32", "cnt_ptr": "*i32"})  # per-program partials, a counter of finished programs
+    if prog.grid_reductions or (lc is not None and lc.splits > 1):
+        # per-program partials, a counter of finished programs (per column block when split)
+        sig.update({"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
     if prog.checks:
         sig["err_ptr"] = "*i32"  # one int32 flag per runtime check (CompiledProgram raises on them)
     return sig
 
 
-__all__ = ["KernelBody", "kernel_body", "signature"]
+__all__ = ["KernelBody", "Launch", "kernel_body", "launch", "column_reduction", "signature"]
