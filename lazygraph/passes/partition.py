@@ -140,6 +140,23 @@ def _extern_operands(joint: Graph, fwd_needed: dict[int, Node], after_tangent: s
     return kept
 
 
+def _root(n: Node) -> Node:
+    """The value a chain of views of n shows."""
+    while n.op in _VIEWS and n.value is None:
+        n = n.srcs[0]
+    return n
+
+
+def _written_anyway(joint: Graph, fwd_outs: Sequence[Node]) -> set[int]:
+    """Ids of the values the forward has in memory whatever is saved: leaves and the forward's
+    outputs (the caller gets them). Saving one of them costs no write; any other value saved may
+    be an extra store of the forward. (Matmul results are in memory too, but counting them free
+    makes the cut recompute residual streams from them, which reads more in the backward.)"""
+    out = {_root(o).id for o in fwd_outs}
+    out.update(n.id for n in joint.nodes if n.value is not None or effective_op(n) is Op.INPUT or n.op in LEAF)
+    return out
+
+
 def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node],
               free: Collection[int] = ()) -> Partition:
     """Split `joint` (outputs: forward outputs, then gradients) into forward and backward graphs.
@@ -162,6 +179,7 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
     # tangent-dependent nodes can only run in the backward
     after_tangent = _tangent_dependent(joint.nodes, tangent_ids)
     kept = _extern_operands(joint, fwd_needed, after_tangent)
+    in_memory = _written_anyway(joint, fwd_outs)
 
     g = nx.DiGraph()
     g.add_node("source")
@@ -176,8 +194,12 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
             leaf = effective_op(n) is Op.INPUT
             if leaf or n.id in kept or (n.id in fwd_needed and effective_op(n) not in RECOMPUTABLE):
                 g.add_edge("source", i)
-            # ties go to values the forward computes anyway (saving them adds no forward work)
-            g.add_edge(i, o, capacity=0 if n.id in free else n.nbytes + (n.id not in fwd_needed))
+            # saving costs the bytes kept alive, plus their write when the forward would not
+            # otherwise write them (so a cross-entropy over returned logits saves the logits and
+            # its log-sum-exp rows, not the log-softmax it fuses away); ties go to values the
+            # forward computes anyway
+            cost = n.nbytes * (1 if _root(n).id in in_memory else 2) + (n.id not in fwd_needed)
+            g.add_edge(i, o, capacity=0 if n.id in free else cost)
         if n.value is None and n.id not in kept:
             for s in n.srcs:
                 if s.id in bwd_needed:
