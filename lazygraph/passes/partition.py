@@ -7,7 +7,8 @@ on a tangent could be computed in the forward and saved, or recomputed in the ba
 something else that is saved. A minimum cut over bytes picks the cheapest set to save:
 
     source -> every primal leaf, and every non-recomputable node the forward computes anyway
-    node_in -> node_out   capacity = the node's bytes (what saving it costs)
+    node_in -> node_out   capacity = the node's bytes (what saving it costs), twice that when
+                          the forward would not otherwise store it (its write comes on top)
     node_out -> user_in   infinite (a value cannot be cut from its users)
     tangent-dependent node_in -> sink   (it can only run in the backward)
 
@@ -113,14 +114,19 @@ def _tangent_dependent(nodes: Sequence[Node], tangent_ids: set[int]) -> set[int]
     return out
 
 
+def _root(n: Node) -> Node:
+    """The value a chain of views of n shows."""
+    while n.op in _VIEWS and n.value is None:
+        n = n.srcs[0]
+    return n
+
+
 def _viewed(n: Node) -> Node:
     """The value a chain of views of n shows, if the forward computes it: saved instead of the
     view, it keeps the same memory alive, and the forward's kernels fuse through the view (a view
     the program returns runs as a step of its own, which they cannot). The backward redoes the
     views for free."""
-    r = n
-    while r.op in _VIEWS and r.value is None:
-        r = r.srcs[0]
+    r = _root(n)
     return n if effective_op(r) is Op.INPUT or r.op in LEAF else r
 
 
@@ -138,13 +144,6 @@ def _extern_operands(joint: Graph, fwd_needed: dict[int, Node], after_tangent: s
             if s.value is None and s.op in POINTWISE and s.id not in after_tangent:
                 kept.add(s.id)
     return kept
-
-
-def _root(n: Node) -> Node:
-    """The value a chain of views of n shows."""
-    while n.op in _VIEWS and n.value is None:
-        n = n.srcs[0]
-    return n
 
 
 def _written_anyway(joint: Graph, fwd_outs: Sequence[Node]) -> set[int]:
