@@ -7,7 +7,8 @@ on a tangent could be computed in the forward and saved, or recomputed in the ba
 something else that is saved. A minimum cut over bytes picks the cheapest set to save:
 
     source -> every primal leaf, and every non-recomputable node the forward computes anyway
-    node_in -> node_out   capacity = the node's bytes (what saving it costs)
+    node_in -> node_out   capacity = the node's bytes (what saving it costs), twice that when
+                          the forward would not otherwise store it (its write comes on top)
     node_out -> user_in   infinite (a value cannot be cut from its users)
     tangent-dependent node_in -> sink   (it can only run in the backward)
 
@@ -113,14 +114,19 @@ def _tangent_dependent(nodes: Sequence[Node], tangent_ids: set[int]) -> set[int]
     return out
 
 
+def _root(n: Node) -> Node:
+    """The value a chain of views of n shows."""
+    while n.op in _VIEWS and n.value is None:
+        n = n.srcs[0]
+    return n
+
+
 def _viewed(n: Node) -> Node:
     """The value a chain of views of n shows, if the forward computes it: saved instead of the
     view, it keeps the same memory alive, and the forward's kernels fuse through the view (a view
     the program returns runs as a step of its own, which they cannot). The backward redoes the
     views for free."""
-    r = n
-    while r.op in _VIEWS and r.value is None:
-        r = r.srcs[0]
+    r = _root(n)
     return n if effective_op(r) is Op.INPUT or r.op in LEAF else r
 
 
@@ -138,6 +144,16 @@ def _extern_operands(joint: Graph, fwd_needed: dict[int, Node], after_tangent: s
             if s.value is None and s.op in POINTWISE and s.id not in after_tangent:
                 kept.add(s.id)
     return kept
+
+
+def _written_anyway(joint: Graph, fwd_outs: Sequence[Node]) -> set[int]:
+    """Ids of the values the forward has in memory whatever is saved: leaves and the forward's
+    outputs (the caller gets them). Saving one of them costs no write; any other value saved may
+    be an extra store of the forward. (Matmul results are in memory too, but counting them free
+    makes the cut recompute residual streams from them, which reads more in the backward.)"""
+    out = {_root(o).id for o in fwd_outs}
+    out.update(n.id for n in joint.nodes if n.value is not None or effective_op(n) is Op.INPUT or n.op in LEAF)
+    return out
 
 
 def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node],
@@ -162,6 +178,7 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
     # tangent-dependent nodes can only run in the backward
     after_tangent = _tangent_dependent(joint.nodes, tangent_ids)
     kept = _extern_operands(joint, fwd_needed, after_tangent)
+    in_memory = _written_anyway(joint, fwd_outs)
 
     g = nx.DiGraph()
     g.add_node("source")
@@ -176,8 +193,12 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
             leaf = effective_op(n) is Op.INPUT
             if leaf or n.id in kept or (n.id in fwd_needed and effective_op(n) not in RECOMPUTABLE):
                 g.add_edge("source", i)
-            # ties go to values the forward computes anyway (saving them adds no forward work)
-            g.add_edge(i, o, capacity=0 if n.id in free else n.nbytes + (n.id not in fwd_needed))
+            # saving costs the bytes kept alive, plus their write when the forward would not
+            # otherwise write them (so a cross-entropy over returned logits saves the logits and
+            # its log-sum-exp rows, not the log-softmax it fuses away); ties go to values the
+            # forward computes anyway
+            cost = n.nbytes * (1 if _root(n).id in in_memory else 2) + (n.id not in fwd_needed)
+            g.add_edge(i, o, capacity=0 if n.id in free else cost)
         if n.value is None and n.id not in kept:
             for s in n.srcs:
                 if s.id in bwd_needed:

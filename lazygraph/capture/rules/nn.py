@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ... import ops
@@ -49,9 +51,16 @@ def _softmax_backward(grad, y, dim, input_dtype):
     return ops.cast(ops.binary(Op.SUB, gy, ops.binary(Op.MUL, y, ops.expand(s, y.shape))), input_dtype)
 
 
+# nll_loss_backward's [N, C] one-hot gradient -> its row sums ([N, 1]: the one value of each row),
+# so a cross-entropy's log-softmax backward does not loop over every class to find it
+_ONE_HOT_ROW_SUMS: weakref.WeakKeyDictionary[Node, Node] = weakref.WeakKeyDictionary()
+
+
 @rule(aten._log_softmax_backward_data.default)
 def _log_softmax_backward(grad, y, dim, input_dtype):
-    s = ops.reduce(Op.SUM, grad, (dim,))
+    s = _ONE_HOT_ROW_SUMS.get(grad) if wrap_dim(dim, grad.ndim) == grad.ndim - 1 else None
+    if s is None:
+        s = ops.reduce(Op.SUM, grad, (dim,))
     p = ops.unary(Op.EXP, y)
     return ops.cast(ops.binary(Op.SUB, grad, ops.binary(Op.MUL, p, ops.expand(s, p.shape))), input_dtype)
 
@@ -92,8 +101,10 @@ def _nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, tota
     if reduction == 1:
         g = ops.binary(Op.DIV, g, ops.cast(ops.reshape(total_weight, (1,)), g.dtype))
     g = ops.binary(Op.MUL, ops.unary(Op.NEG, ops.expand(g, (n,))), w)  # -w[t] * g; 0 where ignored
-    g = ops.expand(ops.reshape(g, (n, 1)), flat_shape)
+    g_row = ops.reshape(g, (n, 1))
+    g = ops.expand(g_row, flat_shape)
     out = ops.where(onehot, g, ops.scalar_like(0, g), logp.dtype)
+    _ONE_HOT_ROW_SUMS[out] = ops.where(ops.reshape(valid, (n, 1)), g_row, ops.scalar_like(0, g_row), logp.dtype)
     return ops.reshape(out, logp.shape)
 
 
