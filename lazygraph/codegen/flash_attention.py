@@ -30,6 +30,9 @@ All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), ha
 feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
 of two (>= 16) and masked. Without CUDA the same kernels run in Triton's interpreter (lazygraph
 sets TRITON_INTERPRET=1), one launch at a time (codegen.target.serialised).
+
+The @triton.jit kernels live in flash_kernels.py, which imports only Triton: the sm_90 builders
+(codegen/aot.py) load that file without importing torch or lazygraph. This module launches them.
 """
 
 from __future__ import annotations
@@ -309,7 +312,8 @@ def sm90_jobs(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: 
         warps = _blocks(torch.device("cuda"), head_dim, name.endswith("bwd"), f32=dtype == "fp32")[2]
         key = hashlib.sha256(f"{text}\0{json.dumps(sig)}\0{json.dumps(consts)}\0{warps}\0cuda{arch}\0"
                              f"{triton_version()}".encode()).hexdigest()[:20]
-        # cost: each takes several times a generated kernel's build, so the builders start with them
+        # cost: a cold build takes several times a generated kernel's (CPU seconds, sm_90, D = 64:
+        # fp32 forward 3.4, backward 7.2; bf16 1.0, 1.7; a generated body 0.1-1.6): built first
         jobs.append({"file": path, "name": name, "signature": sig, "constexprs": consts, "num_warps": warps,
                      "cost": 10, "out": os.path.join(cache_dir(), "sm_builds", f"{name}-{key}.json")})
     return jobs
