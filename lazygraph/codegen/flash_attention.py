@@ -62,11 +62,14 @@ def _blocks(device: torch.device, dmax: int, backward: bool, f32: bool = False) 
     keep its numpy work small; on a GPU, 64-wide tiles (narrower in the backward at D = 128,
     which holds k, v, dk, dv in registers). Exact fp32 dots run as FMAs, not on tensor cores:
     half as many query rows per tile, whose unrolled FMA code ptxas builds about 2-3x quicker
-    (cold sm_90 at D = 64: forward 15.7 -> 5.4 s, backward 12.8 -> 7.3 s of CPU)."""
+    (cold sm_90 at D = 64: forward 15.7 -> 5.4 s, backward 12.8 -> 7.3 s of CPU), and 8 warps: with
+    4, each thread holds twice the accumulators and ptxas spills (sm_90, D = 64, its -v: backward
+    21 KB of spill stores, forward 2.9 KB; with 8 warps 1.2 KB and 36 B) and the build takes twice
+    as long (backward 7.2 -> 3.5 s of CPU). Same tiles, same products and sums."""
     if device.type != "cuda":
         return 32, 32, 4
     if f32 and dmax <= 64:
-        return (32, 64, 4) if backward else (64, 64, 4)
+        return (32, 64, 8) if backward else (64, 64, 8)
     if backward:
         return (64, 64, 8) if dmax <= 64 else (32, 64, 8)
     return (128, 64, 8) if dmax <= 64 else (64, 64, 4)
@@ -313,7 +316,7 @@ def sm90_jobs(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: 
         key = hashlib.sha256(f"{text}\0{json.dumps(sig)}\0{json.dumps(consts)}\0{warps}\0cuda{arch}\0"
                              f"{triton_version()}".encode()).hexdigest()[:20]
         # cost: a cold build takes several times a generated kernel's (CPU seconds, sm_90, D = 64:
-        # fp32 forward 3.4, backward 7.2; bf16 1.0, 1.7; a generated body 0.1-1.6): built first
+        # fp32 forward ~1.7, backward 3.5; bf16 1.0, 1.7; a generated body 0.1-1.6): built first
         jobs.append({"file": path, "name": name, "signature": sig, "constexprs": consts, "num_warps": warps,
                      "cost": 10, "out": os.path.join(cache_dir(), "sm_builds", f"{name}-{key}.json")})
     return jobs
