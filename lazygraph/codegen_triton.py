@@ -141,6 +141,12 @@ def build_bodies(items: Iterable[tuple[KernelBody, dict[str, str]]], arch: int =
                  jobs: int | None = None) -> list[str]:
     """PTX for sm_`arch` of each (body, signature), built once per distinct pair and cached on disk
     by body, signature, target and Triton version."""
+    return [r["ptx"] for r in aot.build(body_jobs(items, arch, warp_size), arch, warp_size, jobs)]
+
+
+def body_jobs(items: Iterable[tuple[KernelBody, dict[str, str]]], arch: int = 90, warp_size: int = 32
+              ) -> list[dict]:
+    """The AOT builder's jobs for build_bodies (to build them in one pool with other kernels)."""
     todo = []
     for body, sig in items:
         path = kernel_path(body)
@@ -149,7 +155,7 @@ def build_bodies(items: Iterable[tuple[KernelBody, dict[str, str]]], arch: int =
                              .encode()).hexdigest()[:20]
         todo.append({"file": path, "name": body.name, "signature": sig,
                      "out": os.path.join(cache_dir(), "sm_builds", f"{body.name}-{key}.json")})
-    return [r["ptx"] for r in aot.build(todo, arch, warp_size, jobs)]
+    return todo
 
 
 def build_for_target(kernels: Sequence[Kernel], arch: int = 90, warp_size: int = 32,
@@ -191,4 +197,4 @@ def kernel_files(groups: Sequence[FusionGroup], ran: Sequence[Kernel], names: di
 
 
 __all__ = ["Kernel", "KernelBody", "kernel_body", "build_for_target", "build_bodies", "kernel_files", "Target",
-           "GPU", "INTERPRETER"]
+           "GPU", "INTERPRETER", "body_jobs"]

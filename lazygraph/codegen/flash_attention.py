@@ -30,6 +30,9 @@ All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), ha
 feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
 of two (>= 16) and masked. Without CUDA the same kernels run in Triton's interpreter (lazygraph
 sets TRITON_INTERPRET=1), one launch at a time (codegen.target.serialised).
+
+The @triton.jit kernels live in flash_kernels.py, which imports only Triton: the sm_90 builders
+(codegen/aot.py) load that file without importing torch or lazygraph. This module launches them.
 """
 
 from __future__ import annotations
@@ -41,234 +44,14 @@ from collections.abc import Sequence
 
 import torch
 import triton
-import triton.language as tl
 
 from ..counters import COUNTERS
 from ..ir import Node, Op
 from ..reference import attention_args, attention_value, kv_group
-from . import aot
+from . import aot, flash_kernels
 from .cache import cache_dir, triton_version
+from .flash_kernels import flash_attention_bwd, flash_attention_fwd
 from .target import serialised
-
-
-@triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    """a @ b accumulated in fp32; F32: products in IEEE fp32 (fp32 inputs: no TF32 rounding)."""
-    if F32:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(a, b)
-    return r
-
-
-@triton.jit
-def _keys_end(TK, DIAG, pid_m, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """Row r sees keys c <= r + DIAG: a query block can stop after its last row's last key."""
-    end = TK
-    if CAUSAL:
-        end = tl.maximum(tl.minimum(TK, (pid_m + 1) * BLOCK_M + DIAG), 0)
-    return end
-
-
-@triton.jit
-def _queries_start(DIAG, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """The first row that sees key c is c - DIAG: a key block can start at that row's block."""
-    start = 0
-    if CAUSAL:
-        start = tl.maximum(pid_n * BLOCK_N - DIAG, 0) // BLOCK_M * BLOCK_M
-    return start
-
-
-@triton.jit
-def _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr):
-    """The mask's values for this tile in fp32: a vector over keys (MASK 1) or a tile (MASK 2)."""
-    if MASK == 1:
-        b = tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    else:
-        b = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    return b
-
-
-@triton.jit
-def _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
-    """The scores under the mask: none (MASK 0), one value per key shared by every query row (1: a
-    padding mask, read as a vector), or one per (row, key) (2: read as a tile). The mask is added,
-    or with REPLACE it replaces the score wherever it is not 0 (masked_fill's fill, exactly)."""
-    if MASK:
-        b = _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
-        if REPLACE:
-            s = tl.where(b == 0.0, s, b)
-        else:
-            s = s + b
-    return s
-
-
-@triton.jit
-def _mask_grad(ds, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
-    """A replaced score has no gradient (masked_fill's backward): ds is 0 where the mask is not 0."""
-    if REPLACE:
-        b = _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
-        ds = tl.where(b == 0.0, ds, 0.0)
-    return ds
-
-
-@triton.jit
-def flash_attention_fwd(
-    Q, K, V, Out, Lse, M,
-    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
-    sm_b, sm_h, sm_t, sm_s,
-    H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
-    DROPOUT: tl.constexpr, F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
-    # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
-    # where fully masked causal blocks are skipped and lengths never recompile
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols0 = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < TQ
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :] * sq_d,
-                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    hk = h // GROUP  # grouped-query attention: GROUP query heads share one key/value head
-    k_base = K + b * sk_b + hk * sk_h
-    v_base = V + b * sv_b + hk * sv_h
-    m_base = M + b * sm_b + h * sm_h
-    LOG2E: tl.constexpr = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # (an expression, not an `if`: Triton 3.6's interpreter turns a variable assigned under `if`
-    # into a tensor, which cannot bound a loop)
-    for start_n in range(0, LOOP_END or _keys_end(TK, DIAG, pid_m, BLOCK_M, CAUSAL), BLOCK_N):
-        cols = start_n + cols0
-        col_ok = cols < TK
-        k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d,
-                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
-        s = _dot(q, tl.trans(k), F32) * scale  # natural units: eager adds the mask to these
-        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
-        ok = col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: keep exp2 finite
-        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:  # the normaliser uses every probability; only the values see the dropped ones
-            offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
-            keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None] * sv_t + dv[None, :] * sv_d,
-                    mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
-        m_i = m_new
-    # fully masked rows: out 0, lse -inf (sdpa); with EMPTY_NAN out and lse NaN (eager's softmax)
-    has = l_i > 0.0
-    empty = float("nan") if EMPTY_NAN else 0.0
-    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], empty)
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :] * so_d,
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-    if MASK:  # (max, sum) per row: a row masked by a huge finite value (HF's finfo.min padding)
-        # has max ~ -3.4e38, where max + log(sum) loses log(sum); the backward needs both
-        tl.store(Lse + (bh * TQ + rows) * 2, m_i, mask=row_ok)
-        tl.store(Lse + (bh * TQ + rows) * 2 + 1, l_i, mask=row_ok)
-    else:
-        tl.store(Lse + bh * TQ + rows, lse, mask=row_ok)
-
-
-@triton.jit
-def flash_attention_bwd(
-    Q, K, V, Out, DOut, Lse, DQ, DK, DV_, M,
-    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
-    sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
-    H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
-    DROPOUT: tl.constexpr, F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
-    # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
-    # where fully masked causal blocks are skipped and lengths never recompile
-):
-    """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32, per query head: the
-    caller sums a group's heads) for one key block."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows0 = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    col_ok = cols < TK
-    d_ok = d[None, :] < D
-    dv_ok = dv[None, :] < DV
-    hk = h // GROUP
-    k = tl.load(K + b * sk_b + hk * sk_h + cols[:, None] * sk_t + d[None, :] * sk_d,
-                mask=col_ok[:, None] & d_ok, other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_t + dv[None, :] * sv_d,
-                mask=col_ok[:, None] & dv_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    q_base = Q + b * sq_b + h * sq_h
-    o_base = Out + b * so_b + h * so_h
-    do_base = DOut + b * sdo_b + h * sdo_h
-    m_base = M + b * sm_b + h * sm_h
-    lo = 0 if LOOP_END else _queries_start(DIAG, pid_n, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_m in range(lo, LOOP_END or TQ, BLOCK_M):
-        rows = start_m + rows0
-        row_ok = rows < TQ
-        q = tl.load(q_base + rows[:, None] * sq_t + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdo_t + dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok,
-                     other=0.0)
-        o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok,
-                    other=0.0)
-        if MASK:
-            row_max = tl.load(Lse + (bh * TQ + rows) * 2, mask=row_ok, other=0.0)
-            row_sum = tl.load(Lse + (bh * TQ + rows) * 2 + 1, mask=row_ok, other=1.0)
-            has = row_sum > 0.0
-            lse = tl.where(has, row_max, 0.0)  # p = exp(s - max) / sum below
-            inv = tl.where(has, 1.0 / tl.where(has, row_sum, 1.0), float("nan") if EMPTY_NAN else 0.0)
-        else:
-            lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
-            has = (lse > float("-inf")) | EMPTY_NAN
-            inv = tl.full([BLOCK_M], 1.0, tl.float32)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        s = _dot(q, tl.trans(k), F32) * scale
-        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
-        # fully masked rows: p = 0, or with EMPTY_NAN NaN (lse is NaN there), poisoning dk and dv as in eager
-        ok = (row_ok & (has | EMPTY_NAN))[:, None] & col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
-        p = tl.where(ok, tl.exp(s - lse[:, None]) * inv[:, None], 0.0)
-        dp = _dot(do, tl.trans(v), F32)
-        if DROPOUT:
-            offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
-            keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            pd = p
-        ds = _mask_grad(p * (dp - delta[:, None]), m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
-        # keys past TK have p = 0, but 0 * (dp - delta) is NaN in a NaN row: it must not reach dq
-        ds = tl.where(col_ok[None, :], ds, 0.0)
-        dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
-        dq = _dot(ds.to(k.dtype), k, F32)
-        tl.atomic_add(DQ + (bh * TQ + rows[:, None]) * D + d[None, :], dq * scale,
-                      mask=row_ok[:, None] & d_ok)
-    tl.store(DK + (bh * TK + cols[:, None]) * D + d[None, :], dk * scale, mask=col_ok[:, None] & d_ok)
-    tl.store(DV_ + (bh * TK + cols[:, None]) * DV + dv[None, :], dvacc, mask=col_ok[:, None] & dv_ok)
-
 
 # ---------------------------------------------------------------------------------------------
 # launch wrappers
@@ -279,11 +62,14 @@ def _blocks(device: torch.device, dmax: int, backward: bool, f32: bool = False) 
     keep its numpy work small; on a GPU, 64-wide tiles (narrower in the backward at D = 128,
     which holds k, v, dk, dv in registers). Exact fp32 dots run as FMAs, not on tensor cores:
     half as many query rows per tile, whose unrolled FMA code ptxas builds about 2-3x quicker
-    (cold sm_90 at D = 64: forward 15.7 -> 5.4 s, backward 12.8 -> 7.3 s of CPU)."""
+    (cold sm_90 at D = 64: forward 15.7 -> 5.4 s, backward 12.8 -> 7.3 s of CPU), and 8 warps: with
+    4, each thread holds twice the accumulators and ptxas spills (sm_90, D = 64, its -v: backward
+    21 KB of spill stores, forward 2.9 KB; with 8 warps 1.2 KB and 36 B) and the build takes twice
+    as long (backward 7.2 -> 3.5 s of CPU). Same tiles, same products and sums."""
     if device.type != "cuda":
         return 32, 32, 4
     if f32 and dmax <= 64:
-        return (32, 64, 4) if backward else (64, 64, 4)
+        return (32, 64, 8) if backward else (64, 64, 8)
     if backward:
         return (64, 64, 8) if dmax <= 64 else (32, 64, 8)
     return (128, 64, 8) if dmax <= 64 else (64, 64, 4)
@@ -514,24 +300,35 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
             ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
 
 
-def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: dict | None = None
-               ) -> dict[str, dict]:
-    """Both kernels built for sm_`arch` by the one AOT builder (codegen/aot.py), cached on disk by
-    this file's text, the specialisation and the target: name -> {"ptx": text, "shared": bytes
-    of shared memory a launch needs}. By default every feature is on (causal, a mask tile,
-    dropout); `variant` overrides constexprs (e.g. {"MASK": 0, "DROPOUT": False}) to build the
-    specialisation a model launches."""
-    with open(__file__) as f:
+def sm90_jobs(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: dict | None = None
+              ) -> list[dict]:
+    """The AOT builder's jobs (codegen/aot.py) for both kernels, with the launches' num_warps, cached
+    on disk by the kernels' file, the specialisation and the target. By default every feature is on
+    (causal, a mask tile, dropout); `variant` overrides constexprs (e.g. {"MASK": 0, "DROPOUT": False})
+    to build the specialisation a model launches."""
+    path = flash_kernels.__file__
+    with open(path) as f:
         text = f.read()
     jobs = []
     for name, sig, consts in _build_specs(dtype, head_dim):
         consts = {**consts, **(variant or {})}
-        key = hashlib.sha256(f"{text}\0{json.dumps(sig)}\0{json.dumps(consts)}\0cuda{arch}\0{triton_version()}"
-                             .encode()).hexdigest()[:20]
-        jobs.append({"module": __name__, "name": name, "signature": sig, "constexprs": consts,
-                     "out": os.path.join(cache_dir(), "sm_builds", f"{name}-{key}.json")})
+        warps = _blocks(torch.device("cuda"), head_dim, name.endswith("bwd"), f32=dtype == "fp32")[2]
+        key = hashlib.sha256(f"{text}\0{json.dumps(sig)}\0{json.dumps(consts)}\0{warps}\0cuda{arch}\0"
+                             f"{triton_version()}".encode()).hexdigest()[:20]
+        # cost: a cold build takes several times a generated kernel's (CPU seconds, sm_90, D = 64:
+        # fp32 forward ~1.7, backward 3.5; bf16 1.0, 1.7; a generated body 0.1-1.6): built first
+        jobs.append({"file": path, "name": name, "signature": sig, "constexprs": consts, "num_warps": warps,
+                     "cost": 10, "out": os.path.join(cache_dir(), "sm_builds", f"{name}-{key}.json")})
+    return jobs
+
+
+def build_sm90(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: dict | None = None
+               ) -> dict[str, dict]:
+    """Both kernels built for sm_`arch` (see sm90_jobs): name -> {"ptx": text, "shared": bytes of
+    shared memory a launch needs}."""
+    jobs = sm90_jobs(dtype, head_dim, arch, variant)
     return {job["name"]: built for job, built in zip(jobs, aot.build(jobs, arch))}
 
 
-__all__ = ["attention_forward", "attention_backward", "run_attention_node", "build_sm90",
+__all__ = ["attention_forward", "attention_backward", "run_attention_node", "build_sm90", "sm90_jobs",
            "flash_attention_fwd", "flash_attention_bwd"]

@@ -1,0 +1,227 @@
+"""The flash-attention Triton kernels (see flash_attention.py for the math and the launches).
+
+This module imports only Triton: the sm_90 builders (codegen/aot.py) load it by its file, without
+importing lazygraph or torch, whose import costs each builder seconds.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """a @ b accumulated in fp32; F32: products in IEEE fp32 (fp32 inputs: no TF32 rounding)."""
+    if F32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _keys_end(TK, DIAG, pid_m, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Row r sees keys c <= r + DIAG: a query block can stop after its last row's last key."""
+    end = TK
+    if CAUSAL:
+        end = tl.maximum(tl.minimum(TK, (pid_m + 1) * BLOCK_M + DIAG), 0)
+    return end
+
+
+@triton.jit
+def _queries_start(DIAG, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The first row that sees key c is c - DIAG: a key block can start at that row's block."""
+    start = 0
+    if CAUSAL:
+        start = tl.maximum(pid_n * BLOCK_N - DIAG, 0) // BLOCK_M * BLOCK_M
+    return start
+
+
+@triton.jit
+def _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr):
+    """The mask's values for this tile in fp32: a vector over keys (MASK 1) or a tile (MASK 2)."""
+    if MASK == 1:
+        b = tl.load(m_base + cols * sm_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        b = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_s,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    return b
+
+
+@triton.jit
+def _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
+    """The scores under the mask: none (MASK 0), one value per key shared by every query row (1: a
+    padding mask, read as a vector), or one per (row, key) (2: read as a tile). The mask is added,
+    or with REPLACE it replaces the score wherever it is not 0 (masked_fill's fill, exactly)."""
+    if MASK:
+        b = _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
+        if REPLACE:
+            s = tl.where(b == 0.0, s, b)
+        else:
+            s = s + b
+    return s
+
+
+@triton.jit
+def _mask_grad(ds, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK: tl.constexpr, REPLACE: tl.constexpr):
+    """A replaced score has no gradient (masked_fill's backward): ds is 0 where the mask is not 0."""
+    if REPLACE:
+        b = _load_mask(m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK)
+        ds = tl.where(b == 0.0, ds, 0.0)
+    return ds
+
+
+@triton.jit
+def flash_attention_fwd(
+    Q, K, V, Out, Lse, M,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
+    sm_b, sm_h, sm_t, sm_s,
+    H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
+    DROPOUT: tl.constexpr, F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
+    # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
+    # where fully masked causal blocks are skipped and lengths never recompile
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols0 = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < TQ
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :] * sq_d,
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    hk = h // GROUP  # grouped-query attention: GROUP query heads share one key/value head
+    k_base = K + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
+    m_base = M + b * sm_b + h * sm_h
+    LOG2E: tl.constexpr = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    # (an expression, not an `if`: Triton 3.6's interpreter turns a variable assigned under `if`
+    # into a tensor, which cannot bound a loop)
+    for start_n in range(0, LOOP_END or _keys_end(TK, DIAG, pid_m, BLOCK_M, CAUSAL), BLOCK_N):
+        cols = start_n + cols0
+        col_ok = cols < TK
+        k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d,
+                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        s = _dot(q, tl.trans(k), F32) * scale  # natural units: eager adds the mask to these
+        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: keep exp2 finite
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normaliser uses every probability; only the values see the dropped ones
+            offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
+            keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + dv[None, :] * sv_d,
+                    mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+    # fully masked rows: out 0, lse -inf (sdpa); with EMPTY_NAN out and lse NaN (eager's softmax)
+    has = l_i > 0.0
+    empty = float("nan") if EMPTY_NAN else 0.0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], empty)
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :] * so_d,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    if MASK:  # (max, sum) per row: a row masked by a huge finite value (HF's finfo.min padding)
+        # has max ~ -3.4e38, where max + log(sum) loses log(sum); the backward needs both
+        tl.store(Lse + (bh * TQ + rows) * 2, m_i, mask=row_ok)
+        tl.store(Lse + (bh * TQ + rows) * 2 + 1, l_i, mask=row_ok)
+    else:
+        tl.store(Lse + bh * TQ + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def flash_attention_bwd(
+    Q, K, V, Out, DOut, Lse, DQ, DK, DV_, M,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
+    sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
+    H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
+    DROPOUT: tl.constexpr, F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
+    # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
+    # where fully masked causal blocks are skipped and lengths never recompile
+):
+    """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32, per query head: the
+    caller sums a group's heads) for one key block."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows0 = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < TK
+    d_ok = d[None, :] < D
+    dv_ok = dv[None, :] < DV
+    hk = h // GROUP
+    k = tl.load(K + b * sk_b + hk * sk_h + cols[:, None] * sk_t + d[None, :] * sk_d,
+                mask=col_ok[:, None] & d_ok, other=0.0)
+    v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_t + dv[None, :] * sv_d,
+                mask=col_ok[:, None] & dv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    q_base = Q + b * sq_b + h * sq_h
+    o_base = Out + b * so_b + h * so_h
+    do_base = DOut + b * sdo_b + h * sdo_h
+    m_base = M + b * sm_b + h * sm_h
+    lo = 0 if LOOP_END else _queries_start(DIAG, pid_n, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_m in range(lo, LOOP_END or TQ, BLOCK_M):
+        rows = start_m + rows0
+        row_ok = rows < TQ
+        q = tl.load(q_base + rows[:, None] * sq_t + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdo_t + dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok,
+                     other=0.0)
+        o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok,
+                    other=0.0)
+        if MASK:
+            row_max = tl.load(Lse + (bh * TQ + rows) * 2, mask=row_ok, other=0.0)
+            row_sum = tl.load(Lse + (bh * TQ + rows) * 2 + 1, mask=row_ok, other=1.0)
+            has = row_sum > 0.0
+            lse = tl.where(has, row_max, 0.0)  # p = exp(s - max) / sum below
+            inv = tl.where(has, 1.0 / tl.where(has, row_sum, 1.0), float("nan") if EMPTY_NAN else 0.0)
+        else:
+            lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
+            has = (lse > float("-inf")) | EMPTY_NAN
+            inv = tl.full([BLOCK_M], 1.0, tl.float32)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        s = _dot(q, tl.trans(k), F32) * scale
+        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
+        # fully masked rows: p = 0, or with EMPTY_NAN NaN (lse is NaN there), poisoning dk and dv as in eager
+        ok = (row_ok & (has | EMPTY_NAN))[:, None] & col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
+        p = tl.where(ok, tl.exp(s - lse[:, None]) * inv[:, None], 0.0)
+        dp = _dot(do, tl.trans(v), F32)
+        if DROPOUT:
+            offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
+            keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
+            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            pd = p
+        ds = _mask_grad(p * (dp - delta[:, None]), m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
+        # keys past TK have p = 0, but 0 * (dp - delta) is NaN in a NaN row: it must not reach dq
+        ds = tl.where(col_ok[None, :], ds, 0.0)
+        dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
+        dq = _dot(ds.to(k.dtype), k, F32)
+        tl.atomic_add(DQ + (bh * TQ + rows[:, None]) * D + d[None, :], dq * scale,
+                      mask=row_ok[:, None] & d_ok)
+    tl.store(DK + (bh * TK + cols[:, None]) * D + d[None, :], dk * scale, mask=col_ok[:, None] & d_ok)
+    tl.store(DV_ + (bh * TK + cols[:, None]) * DV + dv[None, :], dvacc, mask=col_ok[:, None] & dv_ok)
