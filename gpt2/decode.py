@@ -93,21 +93,15 @@ class CachedGPT(nn.Module):
 def _cached_attention(attn: CausalSelfAttention, x: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor,
                       cache: KVCache) -> torch.Tensor:
     """CausalSelfAttention.forward with the keys and values taken from (and written to) the cache."""
-    B, T, C = x.size()
-    hd = C // attn.n_head
-    q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
-    q = q.view(B, T, attn.n_head, hd).transpose(1, 2)
-    k = k.view(B, T, attn.n_head, hd).transpose(1, 2)
-    v = v.view(B, T, attn.n_head, hd).transpose(1, 2)
+    q, k, v = attn.split_heads(x)
     k, v = cache.update(pos, k, v)
     if attn.attention == "sdpa":
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     else:
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
         att = att.masked_fill(~visible, float("-inf"))
         y = F.softmax(att, dim=-1) @ v
-    y = y.transpose(1, 2).contiguous().view(B, T, C)
-    return attn.resid_dropout(attn.c_proj(y))
+    return attn.merge_heads(y)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

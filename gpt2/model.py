@@ -89,14 +89,22 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of x: (B, T, C) -> three (B, nh, T, hd)."""
         B, T, C = x.size()
-        hd = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hd)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)
-        k = k.view(B, T, self.n_head, hd).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hd).transpose(1, 2)
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, nh, T, hd) -> the block's output (B, T, C): heads re-assembled, projected."""
+        B, _, T, _ = y.size()
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.size(1)
+        hd = self.n_embd // self.n_head
+        q, k, v = self.split_heads(x)
 
         if self.attention == "sdpa":
             y = F.scaled_dot_product_attention(
@@ -108,9 +116,7 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att, dim=-1)
             att = self.attn_dropout(att)
             y = att @ v
-
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
-        return self.resid_dropout(self.c_proj(y))
+        return self.merge_heads(y)
 
 
 class MLP(nn.Module):
