@@ -13,6 +13,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
+def reference_backend():
+    """Run graphs with the reference executor: tests of capture check capture, not codegen
+    (request it, or `pytestmark = pytest.mark.usefixtures("reference_backend")`)."""
+    previous = lazygraph.get_backend()
+    lazygraph.set_backend("reference")
+    yield
+    lazygraph.set_backend(previous)
+
+
+@pytest.fixture
 def fused_backend():
     """The default backend (fused Triton kernels) for this test, whatever the session uses."""
     previous = lazygraph.get_backend()

@@ -21,22 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
-
-import lazygraph as lg
-
-
-@pytest.fixture
-def reference_backend():
-    """Run graphs with the reference executor: tests of capture check capture, not codegen
-    (import this fixture into a test module and mark it autouse there, or request it)."""
-    previous = lg.get_backend()
-    lg.set_backend("reference")
-    yield
-    lg.set_backend(previous)
 
 # -- the choices a soup makes, from hypothesis (shrinkable) or from random.Random --------------
 

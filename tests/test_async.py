@@ -50,12 +50,6 @@ def closed_gate():
     WORKER.drain()
 
 
-@pytest.fixture
-def reference_backend():
-    previous = lg.get_backend()
-    lg.set_backend("reference")
-    yield
-    lg.set_backend(previous)
 
 
 def test_handle_semantics(closed_gate, reference_backend):

@@ -11,7 +11,6 @@ import torch
 
 import lazygraph as lg
 from lazygraph.ir import graphs_equal, parse
-from tests.strategies import reference_backend  # noqa: F401 (the fixture pytestmark uses)
 
 dump_module = lg.dumps
 # dumps of the reference program; the compiled program's extra files have their own tests

@@ -14,7 +14,6 @@ from lazygraph import ir
 from lazygraph.ir import Node, Op, graphs_equal, parse
 from tests.strategies import (
     random_soup,
-    reference_backend,  # noqa: F401 (the fixture pytestmark uses)
 )
 
 # these tests check capture: the reference executor runs the graphs (fusion has its own tests)

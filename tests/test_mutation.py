@@ -11,7 +11,6 @@ import torch
 from torch.testing import assert_close
 
 import lazygraph as lg
-from tests.strategies import reference_backend  # noqa: F401 (the fixture pytestmark uses)
 
 # these tests check capture: the reference executor runs the graphs (fusion has its own tests)
 pytestmark = pytest.mark.usefixtures("reference_backend")

@@ -9,7 +9,6 @@ from tests.strategies import (
     Soup,
     assert_same,
     random_soup,
-    reference_backend,  # noqa: F401 (the fixture pytestmark uses)
     soups,
 )
 

@@ -13,7 +13,6 @@ import torch
 from torch.testing import assert_close
 
 import lazygraph as lg
-from tests.strategies import reference_backend  # noqa: F401 (the fixture pytestmark uses)
 
 # capture tests: the reference executor runs the graphs (the LSTM tests use the default backend)
 pytestmark = pytest.mark.usefixtures("reference_backend")

@@ -25,12 +25,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def reference_backend():
-    previous = lg.get_backend()
-    lg.set_backend("reference")
-    yield
-    lg.set_backend(previous)
 
 
 @pytest.mark.parametrize("attention", ["explicit", "sdpa"])
