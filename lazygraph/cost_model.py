@@ -433,6 +433,12 @@ def _kernel_flops(group) -> int:
     return total
 
 
+def _peak_flops(n: Node, profile: DeviceProfile) -> float:
+    """A call's peak rate: 16-bit matmuls and attention on tensor cores, the rest at float32's."""
+    half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)
+    return profile.half_matmul_flops if half else profile.flops
+
+
 def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepCost:
     """Modelled bytes, flops and time of one schedule step (passes.fuse.Step), with launch_bytes'
     byte model. A view is free. Of the steps of one call (an aten op's several outputs, attention's
@@ -450,8 +456,7 @@ def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepC
             return StepCost(n.nbytes, 0, n.nbytes / profile.bandwidth)
         nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
         flops, launch = _extern_flops(n), profile.extern_launch
-        half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)
-        peak = profile.half_matmul_flops if half else profile.flops
+        peak = _peak_flops(n, profile)
     return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / peak) + launch)
 
 
@@ -464,6 +469,4 @@ def node_cost(n: Node, profile: DeviceProfile) -> StepCost:
     nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
     flops = _extern_flops(n) if n.op is Op.MATMUL or n.op in _ATTENTION else \
         max((numel(s.shape) for s in n.srcs), default=numel(n.shape))
-    half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)
-    peak = profile.half_matmul_flops if half else profile.flops
-    return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / peak))
+    return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / _peak_flops(n, profile)))
