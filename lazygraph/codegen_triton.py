@@ -76,9 +76,8 @@ class Kernel:
             outputs = [*outputs, self._ws, self._cnt]
         if prog.checks:
             outputs = [*outputs, self._flags(outputs[0].device)]
-        num_warps = 8 if self.xblock * self.rblock >= 4096 and self.target is GPU else 4
         if self.target is GPU:
-            self._fn[self.grid](*inputs, *outputs, num_warps=num_warps)
+            self._fn[self.grid](*inputs, *outputs, num_warps=self.body.num_warps)
         else:
             import numpy as np
 
@@ -151,9 +150,9 @@ def body_jobs(items: Iterable[tuple[KernelBody, dict[str, str]]], arch: int = 90
     for body, sig in items:
         path = kernel_path(body)
         cached_file(path, body.source)
-        key = hashlib.sha256(f"{body.source}\0{json.dumps(sig)}\0cuda{arch}/{warp_size}\0{triton_version()}"
-                             .encode()).hexdigest()[:20]
-        todo.append({"file": path, "name": body.name, "signature": sig,
+        key = hashlib.sha256(f"{body.source}\0{json.dumps(sig)}\0{body.num_warps}\0cuda{arch}/{warp_size}\0"
+                             f"{triton_version()}".encode()).hexdigest()[:20]
+        todo.append({"file": path, "name": body.name, "signature": sig, "num_warps": body.num_warps,
                      "out": os.path.join(cache_dir(), "sm_builds", f"{body.name}-{key}.json")})
     return todo
 

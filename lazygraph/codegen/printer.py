@@ -162,6 +162,10 @@ class Printer:
             if self.p.persistent:
                 return f"{acc} = tl.where(xmask & rmask, {v}, {init})"
             return f"{acc} = tl.where(xmask & rmask, {new}, {acc})"
+        if k == "online_sum":  # a running sum of exp(a - max), rescaled as the lane's max grows
+            _, acc, e_old, e_new, m_new = a
+            live = f'xmask & rmask & ({m_new} != float("-inf"))'
+            return f"{acc} = tl.where({live}, {acc} * {e_old} + {e_new}, {acc})"
         if k == "grid_partial":  # this program's share of a reduction over all rows
             op, v, j = a
             init = _init_value(op, s.dtype)

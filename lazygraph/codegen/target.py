@@ -39,6 +39,10 @@ GPU = Target("cuda", 1024, 4096)
 INTERPRETER = Target("interpreter", 16384, 65536)
 
 
+# RBLOCK of a row walked in a loop (rows longer than loops.PERSISTENT_MAX_RED)
+LOOP_RBLOCK = 1024
+
+
 def pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -47,7 +51,7 @@ def block_sizes(program: LoopProgram, target: Target) -> tuple[int, int]:
     sp = program.space
     if not sp.axes:
         return min(target.max_pointwise_block, pow2(sp.rows)), 1
-    rblock = pow2(sp.red) if program.persistent else min(1024, pow2(sp.red))
+    rblock = pow2(sp.red) if program.persistent else min(LOOP_RBLOCK, pow2(sp.red))
     xblock = max(1, min(pow2(sp.rows), target.max_tile // rblock))
     return xblock, rblock
 

@@ -113,12 +113,20 @@ def launch(prog: LoopProgram, target: Target) -> Launch:
     return Launch(xblock, rblock, blocks * splits, True, splits, split_rows)
 
 
+def num_warps(lc: Launch, target: Target) -> int:
+    """Warps a launch runs with: 8 on a GPU for tiles of 4096 elements or more (a big row block's
+    registers spread over 256 threads), else 4. The launch and the sm_90 build both read it from
+    the body, so what is built ahead of time is what runs."""
+    return 8 if target is GPU and lc.xblock * lc.rblock >= 4096 else 4
+
+
 @dataclass(frozen=True)
 class KernelBody:
     """A kernel's canonical source: everything Triton compiles, nothing about who launches it."""
 
     name: str  # the @triton.jit function: e.g. exp_sub_sum_3fa2c1d0e9
     source: str
+    num_warps: int = 4  # compiled for and launched with (a function of the source's block sizes)
 
     @property
     def key(self) -> str:
@@ -127,9 +135,10 @@ class KernelBody:
 
 def kernel_body(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target) -> KernelBody:
     """The body of a loop program for buffers with the given strides, as `target` runs it."""
-    text = _source(prog, strides, target)
+    lc = launch(prog, target)
+    text = _source(prog, strides, target, lc)
     name = f"{_label(prog)}_{hashlib.sha256(text.encode()).hexdigest()[:10]}"
-    return KernelBody(name, text.replace(f"def {_NAME}(", f"def {name}(", 1))
+    return KernelBody(name, text.replace(f"def {_NAME}(", f"def {name}(", 1), num_warps(lc, target))
 
 
 def _statements(prog: LoopProgram) -> Iterator[Stmt]:
@@ -144,7 +153,7 @@ def _label(prog: LoopProgram) -> str:
     """The ops a body computes, in order (a reader's and a profiler's name for it)."""
     ops: list[str] = []
     for s in _statements(prog):
-        if s.kind in ("op", "acc_update", "grid_partial"):
+        if s.kind in ("op", "acc_update", "online_sum", "grid_partial"):
             op = s.args[0].value
         elif s.kind == "rand":
             op = "rand"
@@ -162,8 +171,7 @@ def _rmask(sp) -> str:
     return f"r < {sp.red}"
 
 
-def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target) -> str:
-    lc = launch(prog, target)
+def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target, lc: Launch) -> str:
     xblock, rblock = lc.xblock, lc.rblock
     sp = prog.space
     if lc.columns:
@@ -276,4 +284,4 @@ def signature(prog: LoopProgram, lc: Launch | None = None) -> dict[str, str]:
     return sig
 
 
-__all__ = ["KernelBody", "Launch", "kernel_body", "launch", "column_reduction", "signature"]
+__all__ = ["KernelBody", "Launch", "kernel_body", "launch", "column_reduction", "num_warps", "signature"]

@@ -33,6 +33,8 @@ FUSIBLE_REDUCE = frozenset({Op.SUM, Op.AMAX, Op.AMIN})
 KERNEL_OPS = POINTWISE | FUSIBLE_REDUCE | {Op.GATHER, Op.RAND, Op.CAT, Op.PAD}
 # never materialized on their own: folded into whoever reads them
 FREE_OPS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.FULL, Op.IOTA})
+# reduced extents up to this fit one block ("persistent": loaded once, no loops)
+PERSISTENT_MAX_RED = 4096
 
 
 class NotFusable(Exception):
@@ -101,7 +103,7 @@ class Space:
 @dataclass
 class Stmt:
     """`var = kind(args)`; kinds: load, param, const, index, cond, op, rand, acc_init, acc_update,
-    acc_final, store."""
+    online_sum, acc_final, store."""
 
     var: str | None
     kind: str
@@ -179,7 +181,7 @@ def ravel(coords: list[str], shape: tuple[int, ...]) -> str:
 class Lowering:
     """Walks a group's nodes at coordinates and collects the statements of one kernel."""
 
-    def __init__(self, nodes: list[Node], space: Space, stored: list[Node], max_red_block: int = 4096,
+    def __init__(self, nodes: list[Node], space: Space, stored: list[Node], max_red_block: int | None = None,
                  inline: frozenset[int] | set[int] = frozenset(), part_of: dict[int, int] | None = None):
         self.members = {n.id for n in nodes}
         self.part_of = part_of or {}  # packed space: stored node id -> the part (segment) it is in
@@ -190,7 +192,7 @@ class Lowering:
         self.stored = stored
         self.buffers: list[Node] = []
         self._buffer_index: dict[int, int] = {}
-        self.persistent = space.red <= max_red_block
+        self.persistent = space.red <= (PERSISTENT_MAX_RED if max_red_block is None else max_red_block)
         self._n = 0
         self._var_ctx: dict[str, str] = {}
         self._in_grid = False
@@ -205,6 +207,7 @@ class Lowering:
         self.checks: list[tuple[Node, str]] = []
         self._check_index: dict[tuple[int, str], int] = {}
         self.row_coords, self.full_coords = _coords(space)
+        self._sink: list[Stmt] | None = None  # where statements go while a loop is finalized
 
     # -- statements ----------------------------------------------------------------------------
 
@@ -217,7 +220,9 @@ class Lowering:
         if v:
             self._var_ctx[v] = ctx
         stmt = Stmt(v, kind, args, ctx, dtype, node)
-        if self._in_grid:
+        if self._sink is not None:
+            self._sink.append(stmt)
+        elif self._in_grid:
             stmt.ctx = GRID
             self._grid.append(stmt)
         elif ctx == ROW:
@@ -448,6 +453,76 @@ class Lowering:
         return (bool(self.space.axes) and self.space.rows > 1 and numel(src.shape) == self.space.rows
                 and numel(n.shape) == 1 and src.shape != self.space.shape and n.dtype.is_floating_point)
 
+    # -- online softmax: sum(exp(a - max(a))) in the loop of the max ------------------------------
+
+    def _online_sums(self, reductions: list[Node]) -> dict[int, Node]:
+        """amax id -> the sum(exp(a - amax(a))) over the same rows, for pairs one loop computes with
+        a running max and a running sum rescaled as the max grows, reading each row once instead of
+        twice (softmax, log_softmax, cross-entropy). Only for rows walked in a loop (a persistent row
+        is loaded once anyway) reduced over trailing axes (a column program splits its rows over
+        programs and adds up partials, which a rescaled sum is not), in fp32. Anything else keeps a
+        loop per level."""
+        sp = self.space
+        blocks = sp.canonical[0]
+        if self.persistent or sp.chunk or sp.segments or not blocks or not blocks[-1][1]:
+            return {}
+        f32 = torch.float32
+        maxes = {r.id: r for r in reductions if r.op is Op.AMAX and r.dtype == f32 and r.srcs[0].dtype == f32}
+        found: dict[int, Node] = {}
+        for sm in reductions:
+            e = sm.srcs[0]
+            if sm.op is not Op.SUM or sm.dtype != f32 or e.op is not Op.EXP or e.dtype != f32:
+                continue
+            d = e.srcs[0]
+            if d.op is not Op.SUB or d.dtype != f32 or not {e.id, d.id} <= self.members:
+                continue
+            a, m = d.srcs
+            while m.op in (Op.EXPAND, Op.RESHAPE):
+                m = m.srcs[0]
+            mx = maxes.get(m.id)
+            if mx is None or mx.srcs[0].id != a.id or mx.id in found:
+                continue
+            if self._own_space(mx) == sp and self._own_space(sm) == sp:
+                found[mx.id] = sm
+        return found
+
+    def _substituted(self, n: Node, coords: tuple[str, ...], values: dict[tuple, str], totals: dict[int, str]) -> str:
+        """n at coords with some values replaced: memo entries (node id, coords, mask) -> variable and
+        reductions' totals. Nothing evaluated meanwhile stays memoized for the ordinary values."""
+        memos, reduced = (self._row_memo, self._full_memo), dict(self._reduced)
+        self._row_memo, self._full_memo = dict(self._row_memo), {**self._full_memo, **values}
+        self._reduced.update(totals)
+        try:
+            return self.value(n, coords)
+        finally:
+            (self._row_memo, self._full_memo), self._reduced = memos, reduced
+
+    def _online_update(self, mx: Node, m_acc: str, a: str, sm: Node) -> str:
+        """In mx's loop, per lane: s = s * exp(m_old - m_new) + exp(a - m_new) (sm's own expression,
+        evaluated at m_new, and at a = m_old for the factor). A lane whose max is still -inf has seen
+        only -inf (or nothing): its sum stays 0 rather than exp(-inf - -inf) = NaN."""
+        coords = tuple(self.full_coords)
+        s_acc = self._emit(FULL, "acc_init", (Op.SUM,), sm.dtype, sm)
+        m_new = self._emit(FULL, "op", (Op.MAX, m_acc, a), mx.dtype, mx)
+        e_new = self._substituted(sm.srcs[0], coords, {}, {mx.id: m_new})
+        e_old = self._substituted(sm.srcs[0], coords, {(mx.srcs[0].id, coords, None): m_acc}, {mx.id: m_new})
+        self._emit(FULL, "online_sum", (Op.SUM, s_acc, e_old, e_new, m_new), sm.dtype, sm, var=False)
+        return s_acc
+
+    def _online_final(self, mx: Node, m_acc: str, sm: Node, s_acc: str) -> str:
+        """After the loop: the lanes' sums brought to the row's max, sum(s * exp(m_lane - max)).
+        A row of -inf has max -inf and sums NaN, as exp(-inf - -inf) makes it in two passes."""
+        coords = tuple(self.full_coords)
+        self._sink = self.cur.after
+        try:
+            factor = self._substituted(sm.srcs[0], coords, {(mx.srcs[0].id, coords, None): m_acc}, {})
+            lanes = self._emit(FULL, "op", (Op.MUL, s_acc, factor), sm.dtype, sm)
+        finally:
+            self._sink = None
+        out = self._var()
+        self.cur.after.append(Stmt(out, "acc_final", (Op.SUM, lanes), ROW, sm.dtype, sm))
+        return out
+
     def lower(self) -> LoopProgram:
         reductions = [n for n in self.nodes if n.op in FUSIBLE_REDUCE]
         grid_reductions = [n for n in reductions if self.is_grid_reduction(n)]
@@ -465,15 +540,21 @@ class Lowering:
         if self.space.segments and (reductions or grid_reductions):
             raise NotFusable("a packed space holds pointwise parts only")
         levels = _levels(reductions, self.members)
+        online = self._online_sums(reductions)  # amax id -> the sum that joins its loop
+        for mx_id, sm in online.items():
+            levels[sm.id] = levels[mx_id]
+        joined = {sm.id for sm in online.values()}
         for level in sorted(set(levels.values())):
             self.cur = Phase()
             self.phases.append(self.cur)
             if not self.persistent:
                 self._full_memo = {}
-            pending = []
-            for red in (r for r in reductions if levels[r.id] == level):
+            pending, running = [], []
+            for red in (r for r in reductions if levels[r.id] == level and r.id not in joined):
                 src = self.value(red.srcs[0], self._reduced_coords(red))
                 acc = self._emit(FULL, "acc_init", (red.op,), red.dtype, red)
+                if red.id in online:  # before the max moves on: the sum rescales from the old one
+                    running.append((red, acc, online[red.id], self._online_update(red, acc, src, online[red.id])))
                 self._emit(FULL, "acc_update", (red.op, acc, src), red.dtype, red, var=False)
                 pending.append((red, acc))
             for red, acc in pending:
@@ -483,6 +564,8 @@ class Lowering:
                     split[red.id] = out  # one chunk's share; the last program combines them
                 else:
                     self._reduced[red.id] = out
+            for mx, m_acc, sm, s_acc in running:
+                self._reduced[sm.id] = self._online_final(mx, m_acc, sm, s_acc)
         self.cur = Phase()
         self.phases.append(self.cur)
         if not self.persistent:
@@ -631,4 +714,4 @@ def dtype_ok(dtype: torch.dtype) -> bool:
 
 
 __all__ = ["Space", "Stmt", "Phase", "LoopProgram", "Lowering", "NotFusable", "KERNEL_OPS", "FREE_OPS",
-           "FUSIBLE_REDUCE", "unravel", "ravel"]
+           "FUSIBLE_REDUCE", "PERSISTENT_MAX_RED", "unravel", "ravel"]

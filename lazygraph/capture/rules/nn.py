@@ -78,6 +78,8 @@ def _nll_loss_forward(logp, target, weight, reduction, ignore_index):
     picked = ops.gather(flat_logp, 1, ops.reshape(safe_t, (n, 1)))
     picked = ops.reshape(picked, (n,))
     losses = ops.binary(Op.MUL, ops.unary(Op.NEG, picked), w)
+    # an ignored row's loss is 0, also where its stand-in target's logit is -inf (-inf * 0 is NaN)
+    losses = ops.where(valid, losses, ops.scalar_like(0, losses), losses.dtype)
     count = ops.reshape(ops.reduce(Op.SUM, w, (0,)), ())  # eager's total_weight
     if reduction == 0:  # none
         return (losses if target.ndim == 1 else ops.reshape(losses, ())), ops.full(0, (), logp.dtype, logp.device)
