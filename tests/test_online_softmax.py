@@ -85,6 +85,9 @@ def _rows(n: int, v: int, dtype: torch.dtype, special: bool) -> torch.Tensor:
         x[0, v - 1] = float("-inf")  # the masked tail's block too
         x[1, ::3] = float("-inf")
         x[3] = float("-inf")  # a row of -inf: NaN, as eager and the two-pass kernel give
+        if n > 5:
+            x[4, v // 2] = float("inf")  # NaN rows, as in eager
+            x[5, v // 3] = float("nan")
     return x.to(dtype)
 
 
@@ -101,10 +104,10 @@ CASES = [(37, torch.float32), (1000, torch.float32), (37, torch.bfloat16), (1000
 @pytest.mark.parametrize("special", [False, True], ids=["finite", "inf_rows"])
 @pytest.mark.parametrize("v,dtype", CASES, ids=lambda c: str(c))
 def test_online_softmax_equals_eager(small_blocks, v, dtype, special):
-    x = _rows(4, v, dtype, special)
+    x = _rows(6, v, dtype, special)
     for fn in FNS.values():
         _check(fn, x)
-    t = torch.tensor([1, v - 1, -100, 3])  # row 2 ignored
+    t = torch.tensor([1, v - 1, -100, 3, 2, 0])  # row 2 ignored
     _check(_ce(t, reduction="none"), x)
     _check(_ce(t[:3]), x[:3])  # the mean over the rows that count (row 3 of -inf would make it NaN)
     _check(_ce(torch.tensor([1, 4, 4]), ignore_index=4, reduction="sum"), x[:3])

@@ -13,6 +13,10 @@ Triton. Lowering also decides legality: if a reduction would be read at rows oth
 kernel's own (a movement op scrambles the row mapping), or a stored value does not cover the
 space, lowering raises `NotFusable` with the reason, and the fusion pass records it.
 
+A looped row is walked once per reduction level, except a softmax's max and sum: m = max(a) and
+s = sum(exp(a - m)) share one loop (a running max and a running sum rescaled as it grows, per
+lane), so softmax, log_softmax and cross-entropy read each row once for their statistics.
+
 Contexts: a value is either per row (`row`, shape [XBLOCK, 1]) or per element (`full`, shape
 [XBLOCK, RBLOCK]); pointwise groups only have rows.
 """
