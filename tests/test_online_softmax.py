@@ -47,8 +47,11 @@ def _row_loops(fn, *tensors) -> list[int]:
 
 
 def _ce(target_rows, **kw):
-    return lambda x: F.cross_entropy(x, lg.lazy(target_rows), **kw) if isinstance(x, lg.LazyTensor) \
-        else F.cross_entropy(x, target_rows, **kw)
+    """Cross-entropy against target_rows (lazy when the logits are)."""
+    def fn(x):
+        t = lg.lazy(target_rows) if isinstance(x, lg.LazyTensor) else target_rows
+        return F.cross_entropy(x, t, **kw)
+    return fn
 
 
 FNS = {
@@ -61,7 +64,7 @@ FNS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_reduction_loop_over_the_row(small_blocks, dtype):
     """Cross-entropy reads each row once; softmax and log_softmax once for max and sum, once more
-    to store their per-element output (two passes before: one for the max, one for the sum)."""
+    to store their per-element output (a separate loop each for the max and the sum before: 2 and 3)."""
     x = torch.randn(3, 37).to(dtype)
     t = torch.tensor([0, 5, 36])
     assert _row_loops(_ce(t), x) == [1]
