@@ -423,8 +423,9 @@ def _extern_flops(n: Node) -> int:
     if n.op is Op.MATMUL:
         return _matmul_flops(n)
     if _is_matmul_call(n):  # addmm(bias, mat1, mat2): mat1 is the second argument
-        mat1 = n.srcs[n.attrs["args"][1][1]]
-        return 2 * numel(n.shape) * mat1.shape[-1]
+        mat1 = n.attrs["args"][1]
+        if isinstance(mat1, tuple) and mat1[0] == "$t":
+            return 2 * numel(n.shape) * n.srcs[mat1[1]].shape[-1]
     if n.op in _ATTENTION:
         return _attention_flops(n)
     target = str(n.attrs.get("target", ""))

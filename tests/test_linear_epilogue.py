@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lazygraph as lg
-from lazygraph.cost_model import add_costs, program_cost
+from lazygraph.cost_model import add_costs, node_cost, profile_for, program_cost
 from lazygraph.ir import Op, parse
 from lazygraph.passes import run_pipeline, simplify
 from lazygraph.passes.linear import ADDMM, EMBEDDING_BACKWARD, INDEX_ADD, linear_pass
@@ -81,7 +81,7 @@ def test_batched_matmul_is_baddbmm():
            target=ADDMM[3])
 
 
-@pytest.mark.parametrize("case", ["product-read-twice", "full-matrix", "integer", "column-bias", "claimed"])
+@pytest.mark.parametrize("case", ["product-read-twice", "full-matrix", "integer", "column-bias", "constant", "claimed"])
 def test_does_not_fire(case):
     x, w = torch.randn(6, 4), torch.randn(4, 5)
     if case == "product-read-twice":  # the product must be written anyway: the add stays in a kernel
@@ -93,11 +93,21 @@ def test_does_not_fire(case):
                       torch.ones(5, dtype=torch.int64))
     elif case == "column-bias":  # broadcast over columns, not rows
         g, _ = _graph(lambda x, w, c: x @ w + c, x, w, torch.randn(6, 1))
+    elif case == "constant":  # a call would read it filled in memory; a kernel has it for free
+        g, _ = _graph(lambda x, w: x @ w + 2.5, x, torch.randn(4, 1))
     else:  # a matmul another pass claimed (the matmul-template pass marks it with an attribute)
         g, _ = _graph(lambda x, w, b: x @ w + b, x, w, torch.randn(5))
         next(n for n in g.nodes if n.op is Op.MATMUL).attrs["epilogue"] = "template"
     g = simplify(g)  # as the pipeline runs it first: the two products are one (CSE)
     assert linear_pass(g) is g
+
+
+def test_cost_model_counts_the_call_as_a_matmul():
+    x, w, b = torch.randn(7, 3), torch.randn(5, 3), torch.randn(5)
+    g, _ = _graph(lambda x, w, b: F.linear(x, w, b), x, w, b)
+    call, = [n for n in linear_pass(g).nodes if n.op is Op.EXTERN]
+    cost = node_cost(call, profile_for("cuda"))
+    assert cost.flops == 2 * 7 * 5 * 3 and cost.bytes == 4 * (7 * 3 + 5 * 3 + 5 + 7 * 5)
 
 
 def test_text_form_parses_and_runs():

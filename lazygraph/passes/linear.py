@@ -124,9 +124,17 @@ def _linear(add: Node, users: dict[int, list[Node]]) -> _Linear | None:
         bias = add.srcs[other]
         if bias.op is Op.EXPAND and bias.value is None:
             bias = bias.srcs[0]
-        if bias.dtype == add.dtype and bias.ndim and bias.shape[-1] == n_cols and numel(bias.shape) == n_cols:
+        if bias.dtype == add.dtype and bias.ndim and bias.shape[-1] == n_cols and numel(bias.shape) == n_cols \
+                and not _constant(bias):
             return _Linear(m, bias)
     return None
+
+
+def _constant(x: Node) -> bool:
+    """A constant or lifted scalar: in a kernel it is free, for a call the runtime would fill it."""
+    while x.op in MOVEMENT and x.value is None:
+        x = x.srcs[0]
+    return effective_op(x) in (Op.FULL, Op.IOTA) or bool(x.attrs.get("scalar"))
 
 
 def _checked_rows(graph: Graph) -> set[tuple[int, int]]:
