@@ -89,8 +89,8 @@ def test_does_not_fire(case):
     elif case == "full-matrix":  # not a bias: a [M, N] operand
         g, _ = _graph(lambda x, w, c: x @ w + c, x, w, torch.randn(6, 5))
     elif case == "integer":  # addmm is for floats on every device
-        g, _ = _graph(lambda x, w, b: x @ w + b, torch.ones(6, 4, dtype=torch.int64), torch.ones(4, 5, dtype=torch.int64),
-                      torch.ones(5, dtype=torch.int64))
+        ones = [torch.ones(s, dtype=torch.int64) for s in ((6, 4), (4, 5), (5,))]
+        g, _ = _graph(lambda x, w, b: x @ w + b, *ones)
     elif case == "column-bias":  # broadcast over columns, not rows
         g, _ = _graph(lambda x, w, c: x @ w + c, x, w, torch.randn(6, 1))
     elif case == "constant":  # a call would read it filled in memory; a kernel has it for free

@@ -58,7 +58,7 @@ def linear_pass(graph: Graph, log: list[Fired] | None = None) -> Graph:
     for n in graph.nodes:
         if n.value is not None:
             continue
-        plan = _linear(n, users) if n.op is Op.ADD else _embedding(n, users, checked) if n.op is Op.SCATTER_ADD \
+        plan = _linear(n, users) if n.op is Op.ADD else _embedding(n, checked) if n.op is Op.SCATTER_ADD \
             else None
         if plan is not None:
             plans[n.id] = plan
@@ -155,7 +155,7 @@ def _column(index: Node) -> Node | None:
     return col if col.ndim == 2 and col.shape[1] == 1 and col.shape[0] == index.shape[0] else None
 
 
-def _embedding(s: Node, users: dict[int, list[Node]], checked: set[tuple[int, int]]) -> _Embedding | None:
+def _embedding(s: Node, checked: set[tuple[int, int]]) -> _Embedding | None:
     """scatter_add of whole rows into a zero table along axis 0, over a range-checked index."""
     base, index, grad = s.srcs
     if s.attrs["axis"] != 0 or s.ndim != 2 or not s.dtype.is_floating_point or grad.shape != index.shape:
