@@ -411,9 +411,21 @@ def _attention_flops(n: Node) -> int:
     return per_product * (5 if n.op is Op.ATTENTION_BWD else 2)
 
 
+# aten calls that are a matmul plus an epilogue (passes/linear.py's addmm): flops and peak as a matmul's
+_MATMUL_TARGETS = frozenset({"aten.addmm.default", "aten.baddbmm.default"})
+
+
+def _is_matmul_call(n: Node) -> bool:
+    return n.op is Op.EXTERN and n.attrs.get("target") in _MATMUL_TARGETS
+
+
 def _extern_flops(n: Node) -> int:
     if n.op is Op.MATMUL:
         return _matmul_flops(n)
+    if _is_matmul_call(n):  # addmm(bias, mat1, mat2): mat1 is the second argument
+        mat1 = n.attrs["args"][1]
+        if isinstance(mat1, tuple) and mat1[0] == "$t":
+            return 2 * numel(n.shape) * n.srcs[mat1[1]].shape[-1]
     if n.op in _ATTENTION:
         return _attention_flops(n)
     target = str(n.attrs.get("target", ""))
@@ -435,7 +447,8 @@ def _kernel_flops(group) -> int:
 
 def _peak_flops(n: Node, profile: DeviceProfile) -> float:
     """A call's peak rate: 16-bit matmuls and attention on tensor cores, the rest at float32's."""
-    half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION)
+    half = n.dtype in (torch.float16, torch.bfloat16) and (n.op is Op.MATMUL or n.op in _ATTENTION
+                                                           or _is_matmul_call(n))
     return profile.half_matmul_flops if half else profile.flops
 
 
@@ -467,6 +480,6 @@ def node_cost(n: Node, profile: DeviceProfile) -> StepCost:
     if n.op in MOVEMENT or effective_op(n) is Op.INPUT:
         return StepCost(0, 0, 0.0)
     nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
-    flops = _extern_flops(n) if n.op is Op.MATMUL or n.op in _ATTENTION else \
+    flops = _extern_flops(n) if n.op is Op.MATMUL or n.op in _ATTENTION or _is_matmul_call(n) else \
         max((numel(s.shape) for s in n.srcs), default=numel(n.shape))
     return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / _peak_flops(n, profile)))

@@ -49,14 +49,15 @@ def test_compiled_tiny_gpt2_grads_equal_eager_without_hidden_copies_or_clones(fu
     assert s["flash_attention"] == 4
     assert s["hidden_copies"] == 0, s  # head split and merge are views
     assert s["grad_clones"] == 0
-    # what ran outside kernels (the embedding gradients' zero bases) is what the cost model predicts
+    # nothing ran outside kernels, as the cost model predicts (the embedding gradients' zero tables
+    # are part of their calls: passes/linear.py)
     p = compiled._lg_last.programs
     (bwd, bwd_inputs, _), = p.without.values()
     layouts: list = []
     predicted = program_cost(p.forward, outputs=layouts)
     saved = {i: layouts[p.saved_at[k]] for i, (kind, k) in zip(bwd.input_ids, bwd_inputs) if kind == "saved"}
     predicted = add_costs(predicted, program_cost(bwd, saved))
-    assert predicted["hidden_copies"] == 0 and predicted["hidden_fills"] == s["hidden_fills"] > 0
+    assert predicted["hidden_copies"] == 0 and predicted["hidden_fills"] == s["hidden_fills"] == 0
     assert predicted["hidden_bytes"] == s["hidden_bytes"]
     # autograd stored the very tensors the program produced: no parameter gradient was cloned
     assert {p.grad.data_ptr() for p in model.parameters()} <= set(produced)

@@ -126,8 +126,8 @@ def test_compile_runs_each_stage_once_per_step(monkeypatch, fused_backend):
     monkeypatch.setattr(passes, "PIPELINE", [(name, counted(name, fn)) for name, fn in passes.PIPELINE])
     lg.reset_stats()
     compiled_step(CausalSelfAttention(), torch.randn(2, 5, 16))
-    # simplify, attention and heads once, on the joint graph; place once per half
-    assert sorted(ran) == ["attention", "heads", "place", "place", "simplify"], ran
+    # simplify, attention, heads and linear once, on the joint graph; place once per half
+    assert sorted(ran) == ["attention", "heads", "linear", "place", "place", "simplify"], ran
     assert lg.stats()["flash_attention"] >= 2  # forward and backward took the flash kernels
 
 
@@ -148,10 +148,11 @@ def test_a_compile_dump_shows_what_each_pass_changed(tmp_path, capsys, fused_bac
     (run,) = os.listdir(tmp_path)
     stages = {half: sorted(os.listdir(tmp_path / run / half / "passes")) for half in ("joint", "forward", "backward")}
     assert stages["joint"] == ["00-captured.dot", "00-captured.txt", "01-simplify.dot", "01-simplify.txt",
-                               "02-attention.dot", "02-attention.txt", "03-heads.dot", "03-heads.txt"]
+                               "02-attention.dot", "02-attention.txt", "03-heads.dot", "03-heads.txt",
+                               "04-linear.dot", "04-linear.txt"]
     for half in ("forward", "backward"):
-        assert [f for f in stages[half] if f.endswith(".txt")] == ["04-partition.txt", "05-place.txt", "06-fuse.txt",
-                                                                   "07-schedule.txt"]
+        assert [f for f in stages[half] if f.endswith(".txt")] == ["05-partition.txt", "06-place.txt", "07-fuse.txt",
+                                                                   "08-schedule.txt"]
     joint = f"{run}/joint"
     heads = {f: (tmp_path / joint / "passes" / f).read_text().splitlines()[0] for f in stages["joint"]
              if f.endswith(".txt")}

@@ -1,7 +1,7 @@
 """The pass pipeline, defined once: graph passes, then fusion into a schedule and a memory plan.
 
-    captured graph -> simplify -> attention -> place -> fuse (kernels and extern calls)
-                      \\___ graph-level ___/        -> schedule (order, lanes) -> memory plan
+    captured graph -> simplify -> attention -> heads -> linear -> place -> fuse (kernels and extern calls)
+                      \\_________ graph-level _________/         -> schedule (order, lanes) -> memory plan
 
 The graph-level stages need the whole graph: `compile` runs them on the joint graph of forward and
 backward (attention and its backward are matched together), partitions it, and each half then
@@ -28,6 +28,7 @@ from ..ir import Graph, Node, effective_op, verify
 from .attention import InputValues, attention_pass, lend_input_values
 from .fuse import Decision, FusionGroup, Schedule, Step, fuse
 from .heads import split_heads
+from .linear import linear_pass
 from .memory import MemoryPlan, plan_memory
 from .pattern import Fired, fired_counts
 from .place import place
@@ -45,8 +46,8 @@ def _attention_stage(graph: Graph, log: list[Fired] | None = None) -> Graph:
 
 
 PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", _attention_stage),
-                                         ("heads", split_heads), ("place", place)]
-GRAPH_LEVEL = 3  # PIPELINE[:GRAPH_LEVEL] need the whole graph: compile runs them before partition
+                                         ("heads", split_heads), ("linear", linear_pass), ("place", place)]
+GRAPH_LEVEL = 4  # PIPELINE[:GRAPH_LEVEL] need the whole graph: compile runs them before partition
 
 
 @dataclass
