@@ -21,8 +21,10 @@ computed once and kept exact as groups merge (reach.py), and the lowering verdic
 group signature, so the same block in every layer of a model is lowered once.
 
 Movement ops, constants and iota are never scheduled by themselves: they fold into the index
-expressions of whoever reads them. Matmuls, attention, scatter-add and torch fallbacks are
-extern steps; a movement op feeding one runs as a torch view.
+expressions of whoever reads them. A cheap op over buffers read only by kernels, or a short chain
+of them loading no more than its value (a norm's (x - mean) * rstd), is recomputed by each
+reader. Matmuls, attention, scatter-add and torch fallbacks are extern steps; a movement op
+feeding one runs as a torch view.
 """
 
 from __future__ import annotations
@@ -223,13 +225,12 @@ class _Fuser:
             if s.id in self.inline_ids:
                 ops += 1
                 stack.extend(s.srcs)
-            elif not _reads_only_buffers(s, self.kernel_ids):
+            elif s.id in self.kernel_ids:
                 return None
-            else:
-                while s.op in FREE_OPS and s.id not in self.kernel_ids and effective_op(s) is s.op and s.srcs:
-                    s = s.srcs[0]  # the buffer under the movement
-                if s.op not in (Op.FULL, Op.IOTA) and numel(s.shape) >= numel(n.shape):
-                    loads[s.id] = s.nbytes
+            elif s.op in FREE_OPS and effective_op(s) is s.op:
+                stack.extend(s.srcs)  # movement, looked through; a constant reads nothing
+            elif not s.attrs.get("scalar") and numel(s.shape) >= numel(n.shape):
+                loads[s.id] = s.nbytes
         return ops, sum(loads.values())
 
     def _sinks(self, n: Node) -> set[int]:

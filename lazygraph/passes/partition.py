@@ -8,7 +8,8 @@ something else that is saved. A minimum cut over bytes picks the cheapest set to
 
     source -> every primal leaf, and every non-recomputable node the forward computes anyway
     node_in -> node_out   capacity = the node's bytes (what saving it costs), twice that when
-                          the forward would not otherwise store it (its write comes on top)
+                          the forward would not otherwise store it (its write comes on top; a
+                          value read on both sides of a matmul, a residual stream, is stored)
     node_out -> user_in   infinite (a value cannot be cut from its users)
     tangent-dependent node_in -> sink   (it can only run in the backward)
 
