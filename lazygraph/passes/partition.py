@@ -159,6 +159,12 @@ def _written_anyway(joint: Graph, fwd_outs: Sequence[Node], fwd_needed: dict[int
     return out
 
 
+def _is_buffer(n: Node) -> bool:
+    """n is a leaf, a matmul's or extern call's result, or a view of one."""
+    n = _root(n)
+    return n.value is not None or n.op in LEAF or n.op in _UNFUSED
+
+
 def _read_across_extern(joint: Graph, fwd_needed: dict[int, Node]) -> set[int]:
     """Ids of the forward's pointwise values v read by a forward node u that also depends on v
     through a matmul or extern call: v's kernel runs before the call and u's after it, so v is
@@ -185,6 +191,8 @@ def _read_across_extern(joint: Graph, fwd_needed: dict[int, Node]) -> set[int]:
     for v in nodes:
         if v.value is not None or v.op not in POINTWISE or not below[v.id]:
             continue
+        if all(_is_buffer(s) for s in v.srcs):
+            continue  # one op over buffers: each kernel reading it recomputes it (passes.fuse)
         readers, stack = [], list(users.get(v.id, ()))
         while stack:  # the nodes reading v, through views and other movement ops
             u = stack.pop()
