@@ -213,9 +213,9 @@ class _Fuser:
         return chain is not None and chain[0] <= MAX_RECOMPUTED_CHAIN and chain[1] <= n.nbytes
 
     def _recomputed_chain(self, n: Node) -> tuple[int, int] | None:
-        """The ops of n's tree of recomputed ops over buffers and the bytes of the distinct buffers
-        of n's size it loads (broadcast row statistics, scalars and constants are small beside
-        them); None if it reads any other kernel work."""
+        """The ops (casts aside) of n's tree of recomputed ops over buffers and the bytes of the
+        distinct buffers of n's size it loads (broadcast row statistics, scalars and constants are
+        small beside them); None if it reads any other kernel work."""
         ops, loads, stack, seen = 1, {}, list(n.srcs), set()
         while stack:
             s = stack.pop()
@@ -223,7 +223,7 @@ class _Fuser:
                 continue
             seen.add(s.id)
             if s.id in self.inline_ids:
-                ops += 1
+                ops += s.op is not Op.CAST  # a conversion costs nothing beside the loads
                 stack.extend(s.srcs)
             elif s.id in self.kernel_ids:
                 return None
