@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
@@ -86,18 +87,19 @@ def _norm_backward(dy, x, mean, rstd, w):
     """A layer norm's backward from its saved row statistics, with the bf16 output gradient cast
     to fp32 as autocast leaves it: the input gradient (row sums) and the weight and bias
     gradients (column sums over the same rows)."""
-    g = dy.float()
-    xhat = (x - mean) * rstd
+    g, r = dy.float(), rstd.float()
+    xhat = (x.float() - mean.float()) * r
     gw = g * w
-    dx = (gw * C - gw.sum(-1, keepdim=True) - xhat * (gw * xhat).sum(-1, keepdim=True)) * (rstd / C)
+    dx = (gw * C - gw.sum(-1, keepdim=True) - xhat * (gw * xhat).sum(-1, keepdim=True)) * (r / C)
     return dx, (g * xhat).sum((0, 1)), g.sum((0, 1))
 
 
-def test_norm_weight_gradient_recomputes_the_normalized_rows_beside_the_row_kernel(fused_backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # autocast, bf16 parameters
+def test_norm_weight_gradient_recomputes_the_normalized_rows_beside_the_row_kernel(fused_backend, dtype):
     torch.manual_seed(2)
     dy = torch.randn(B, T, C).to(torch.bfloat16)
-    x, w = torch.randn(B, T, C), torch.randn(C)
-    mean, rstd = torch.randn(B, T, 1), torch.rand(B, T, 1) + 0.5
+    x, w = torch.randn(B, T, C).to(dtype), torch.randn(C)
+    mean, rstd = torch.randn(B, T, 1).to(dtype), (torch.rand(B, T, 1) + 0.5).to(dtype)
     outs = _norm_backward(*[lazy(t) for t in (dy, x, mean, rstd, w)])
     schedule = run_pipeline(Graph.from_outputs([node_of(o) for o in outs])).schedule
     # a row kernel (dx) and a column kernel (both column sums); nothing else is written: the
