@@ -131,14 +131,16 @@ def test_a_scaled_slice_of_a_bias_add_packs_with_it():
 
 
 def test_a_producer_read_only_by_a_smaller_consumer_is_recomputed_there():
-    # exp(x) * x over [6, 12] read only as its [6, 4] slice: one launch over the slice's rows
-    x = torch.randn(6, 12)
-    s = _run(lambda x: ((torch.exp(x) * x)[:, 1:5] * 3.0,), x)
+    # exp(x) * y over [6, 12] read only as its [6, 4] slice: one launch over the slice's rows
+    # (two buffers: each reader recomputing the product would load more than the product itself)
+    x, y = torch.randn(6, 12), torch.randn(6, 12)
+    s = _run(lambda x, y: ((torch.exp(x) * y)[:, 1:5] * 3.0,), x, y)
     assert s["triton_kernels"] == 1
     g = parse("\n".join([
         "%0 = input() : f32[6, 12] @cpu",
+        "%5 = input() : f32[6, 12] @cpu",
         "%1 = exp(%0) : f32[6, 12] @cpu",
-        "%2 = mul(%1, %0) : f32[6, 12] @cpu",
+        "%2 = mul(%1, %5) : f32[6, 12] @cpu",
         "%3 = slice(%2, starts=(0, 1), steps=(1, 1)) : f32[6, 4] @cpu",
         "%4 = neg(%3) : f32[6, 4] @cpu",
         "return (%4)",

@@ -21,8 +21,10 @@ computed once and kept exact as groups merge (reach.py), and the lowering verdic
 group signature, so the same block in every layer of a model is lowered once.
 
 Movement ops, constants and iota are never scheduled by themselves: they fold into the index
-expressions of whoever reads them. Matmuls, attention, scatter-add and torch fallbacks are
-extern steps; a movement op feeding one runs as a torch view.
+expressions of whoever reads them. A cheap op over buffers read only by kernels, or a short chain
+of them loading no more than its value (a norm's (x - mean) * rstd), is recomputed by each
+reader. Matmuls, attention, scatter-add and torch fallbacks are extern steps; a movement op
+feeding one runs as a torch view.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and 
 POW_EXPONENTS = (2, 3, 0.5, -0.5, 1, -1, -2)
 SPLIT_ABOVE = 1 << 16  # a whole-tensor reduction bigger than this is split across programs
 SPLIT_CHUNK = 4096  # elements per program of a split reduction (one register block on a GPU)
+MAX_RECOMPUTED_CHAIN = 4  # ops of a chain over buffers that each kernel reading it recomputes
 COLUMN_GROUP = 6  # column reductions per kernel: a transformer layer's backward has up to 6 (2 biases, 2 norms)
 
 
@@ -156,8 +159,12 @@ class _Fuser:
         self._find_view_steps()
         self.sinks = {n.id: self._sinks(n) for n in graph.nodes}
         # A single cheap op over buffers (~mask, x * scale of an input) read only by kernels is
-        # recomputed by each of them rather than given a kernel and a buffer of its own.
-        self.inline_ids = {n.id for n in graph.nodes if self._recompute(n)}
+        # recomputed by each of them rather than given a kernel and a buffer of its own; so is a
+        # short chain of them that loads no more than its value would (a norm's (x - mean) * rstd).
+        self.inline_ids: set[int] = set()
+        for n in graph.nodes:
+            if self._recompute(n):
+                self.inline_ids.add(n.id)
         self.kernel_ids -= self.inline_ids
         self.group_of: dict[int, FusionGroup] = {}
         self.groups: dict[int, FusionGroup] = {}
@@ -196,7 +203,35 @@ class _Fuser:
             return False
         if not self.sinks[n.id] or not self.sinks[n.id] <= self.kernel_ids:
             return False
-        return all(_reads_only_buffers(s, self.kernel_ids) for s in n.srcs)
+        if all(_reads_only_buffers(s, self.kernel_ids) for s in n.srcs):
+            return True
+        # a chain over recomputed ops: stored, n costs a write and its readers' loads; recomputed,
+        # each reader loads the chain's buffers instead, so only when they are no bigger than n.
+        # Its readers then need not run after the kernel that would have stored it (a column
+        # reduction of norm-weight gradients beside the row kernel of the norm's backward)
+        chain = self._recomputed_chain(n)
+        return chain is not None and chain[0] <= MAX_RECOMPUTED_CHAIN and chain[1] <= n.nbytes
+
+    def _recomputed_chain(self, n: Node) -> tuple[int, int] | None:
+        """The ops (casts aside) of n's tree of recomputed ops over buffers and the bytes of the
+        distinct buffers of n's size it loads (broadcast row statistics, scalars and constants are
+        small beside them); None if it reads any other kernel work."""
+        ops, loads, stack, seen = 1, {}, list(n.srcs), set()
+        while stack:
+            s = stack.pop()
+            if s.id in seen:
+                continue
+            seen.add(s.id)
+            if s.id in self.inline_ids:
+                ops += s.op is not Op.CAST  # a conversion costs nothing beside the loads
+                stack.extend(s.srcs)
+            elif s.id in self.kernel_ids:
+                return None
+            elif s.op in FREE_OPS and effective_op(s) is s.op:
+                stack.extend(s.srcs)  # movement, looked through; a constant reads nothing
+            elif not s.attrs.get("scalar") and numel(s.shape) >= numel(n.shape):
+                loads[s.id] = s.nbytes
+        return ops, sum(loads.values())
 
     def _sinks(self, n: Node) -> set[int]:
         """Kernel or extern nodes (and view steps) that read n, looking through folded movement ops."""

@@ -8,7 +8,8 @@ something else that is saved. A minimum cut over bytes picks the cheapest set to
 
     source -> every primal leaf, and every non-recomputable node the forward computes anyway
     node_in -> node_out   capacity = the node's bytes (what saving it costs), twice that when
-                          the forward would not otherwise store it (its write comes on top)
+                          the forward would not otherwise store it (its write comes on top; a
+                          value read on both sides of a matmul, a residual stream, is stored)
     node_out -> user_in   infinite (a value cannot be cut from its users)
     tangent-dependent node_in -> sink   (it can only run in the backward)
 
@@ -146,13 +147,61 @@ def _extern_operands(joint: Graph, fwd_needed: dict[int, Node], after_tangent: s
     return kept
 
 
-def _written_anyway(joint: Graph, fwd_outs: Sequence[Node]) -> set[int]:
-    """Ids of the values the forward has in memory whatever is saved: leaves and the forward's
-    outputs (the caller gets them). Saving one of them costs no write; any other value saved may
-    be an extra store of the forward. (Matmul results are in memory too, but counting them free
-    makes the cut recompute residual streams from them, which reads more in the backward.)"""
+def _written_anyway(joint: Graph, fwd_outs: Sequence[Node], fwd_needed: dict[int, Node]) -> set[int]:
+    """Ids of the values the forward has in memory whatever is saved: leaves, the forward's
+    outputs (the caller gets them) and values read on both sides of a matmul or extern call
+    (`_read_across_extern`). Saving one of them costs no write; any other value saved may be an
+    extra store of the forward. (Matmul results are in memory too, but counting them free makes
+    the cut recompute residual streams from them, which reads more in the backward.)"""
     out = {_root(o).id for o in fwd_outs}
     out.update(n.id for n in joint.nodes if n.value is not None or effective_op(n) is Op.INPUT or n.op in LEAF)
+    out |= _read_across_extern(joint, fwd_needed)
+    return out
+
+
+def _is_buffer(n: Node) -> bool:
+    """n is a leaf, a matmul's or extern call's result, or a view of one."""
+    n = _root(n)
+    return n.value is not None or n.op in LEAF or n.op in _UNFUSED
+
+
+def _read_across_extern(joint: Graph, fwd_needed: dict[int, Node]) -> set[int]:
+    """Ids of the forward's pointwise values v read by a forward node u that also depends on v
+    through a matmul or extern call: v's kernel runs before the call and u's after it, so v is
+    written to memory. A residual stream is the example: x feeds the norm before the attention and
+    MLP matmuls and the add after them. Sets of the calls reaching each node (as bit masks) make
+    this one pass down and one pass up the graph."""
+    nodes = [n for n in joint.nodes if n.id in fwd_needed]
+    bit = {n.id: 1 << i for i, n in enumerate(k for k in nodes if k.value is None and k.op in _UNFUSED)}
+    above: dict[int, int] = {}  # node id -> the calls it depends on
+    for n in nodes:
+        above[n.id] = bit.get(n.id, 0)
+        for s in n.srcs:
+            above[n.id] |= above.get(s.id, 0)
+    users: dict[int, list[Node]] = {}
+    for n in nodes:
+        for s in n.srcs:
+            users.setdefault(s.id, []).append(n)
+    below: dict[int, int] = {}  # node id -> the calls depending on it
+    for n in reversed(nodes):
+        below[n.id] = 0
+        for u in users.get(n.id, ()):
+            below[n.id] |= below[u.id] | bit.get(u.id, 0)
+    out = set()
+    for v in nodes:
+        if v.value is not None or v.op not in POINTWISE or not below[v.id]:
+            continue
+        if all(_is_buffer(s) for s in v.srcs):
+            continue  # one op over buffers: each kernel reading it recomputes it (passes.fuse)
+        readers, stack = [], list(users.get(v.id, ()))
+        while stack:  # the nodes reading v, through views and other movement ops
+            u = stack.pop()
+            if u.op in MOVEMENT and u.value is None:
+                stack.extend(users.get(u.id, ()))
+            else:
+                readers.append(u)
+        if any(u.id not in bit and above[u.id] & below[v.id] for u in readers):
+            out.add(v.id)
     return out
 
 
@@ -178,7 +227,7 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
     # tangent-dependent nodes can only run in the backward
     after_tangent = _tangent_dependent(joint.nodes, tangent_ids)
     kept = _extern_operands(joint, fwd_needed, after_tangent)
-    in_memory = _written_anyway(joint, fwd_outs)
+    in_memory = _written_anyway(joint, fwd_outs, fwd_needed)
 
     g = nx.DiGraph()
     g.add_node("source")
@@ -195,9 +244,12 @@ def partition(joint: Graph, num_forward_outputs: int, tangents: Collection[Node]
                 g.add_edge("source", i)
             # saving costs the bytes kept alive, plus their write when the forward would not
             # otherwise write them (so a cross-entropy over returned logits saves the logits and
-            # its log-sum-exp rows, not the log-softmax it fuses away); ties go to values the
+            # its log-sum-exp rows, not the log-softmax it fuses away). Ties go to values in
+            # memory anyway (the cut does not count the backward's recompute: a residual stream
+            # rebuilt from bf16 terms is written and read again there), then to values the
             # forward computes anyway
-            cost = n.nbytes * (1 if _root(n).id in in_memory else 2) + (n.id not in fwd_needed)
+            written = _root(n).id in in_memory
+            cost = n.nbytes * (1 if written else 2) + 2 * (not written) + (n.id not in fwd_needed)
             g.add_edge(i, o, capacity=0 if n.id in free else cost)
         if n.value is None and n.id not in kept:
             for s in n.srcs:
