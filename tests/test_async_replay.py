@@ -163,3 +163,13 @@ def test_replay_can_be_turned_off(monkeypatch):
     for _ in range(3):
         program.run(inputs, scalars)
     assert program.replay is None
+
+
+def test_big_graph_replays_in_python(monkeypatch):
+    from lazygraph.runtime import reference_replay
+
+    monkeypatch.setattr(reference_replay, "MAX_SCRIPTED_NODES", 3)
+    x = lg.lazy(torch.randn(4, 5))
+    graph, inputs, scalars = graph_of((x * 2).exp().sum(1))
+    assert len(graph) > 3
+    check_both_ways(graph, inputs, scalars, scripted=False)

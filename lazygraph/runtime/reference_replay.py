@@ -37,6 +37,9 @@ from ..ir import Graph, Node, Op, effective_op, is_runtime_scalar, numel
 from ..reference import _BINARY, _UNARY, eval_node, last_uses, run_graph
 
 _NUMBER = itertools.count()
+# graphs up to this many nodes are scripted: compiling costs about 0.25 ms a node, and TorchScript's
+# optimizing executor crashed (a segfault, not an exception) on a first run of 8000 lines here
+MAX_SCRIPTED_NODES = 4000
 _REDUCTIONS = {Op.SUM: "sum", Op.AMAX: "amax", Op.AMIN: "amin", Op.ARGMAX: "argmax", Op.ARGMIN: "argmin"}
 
 
@@ -196,6 +199,8 @@ class Replay:
 
     def _script(self, graph: Graph):
         """The TorchScript function of the replay, or None where a node has no line of its own."""
+        if len(graph.nodes) > MAX_SCRIPTED_NODES:
+            return None
         source, _, complete = write_replay(graph, script=True)
         if not complete:
             return None
