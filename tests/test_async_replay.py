@@ -15,7 +15,6 @@ from lazygraph.reference import IndexOutOfRange, run_graph
 from lazygraph.runtime import reference_program
 from lazygraph.runtime.reference_program import Program
 from lazygraph.runtime.reference_replay import Replay, unread
-
 from tests.strategies import random_soup
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
