@@ -3,7 +3,7 @@
 worker thread runs step k while the caller records step k+1).
 
     python -m benchmarks.async_step [--steps 20] [--rounds 3] [--backend reference|auto]
-                                    [--shapes 8x32,32x128] [--no-replay]
+                                    [--shapes 8x32,32x128] [--no-replay] [--replay-cost]
 
 Both loops train the same model from the same weights on the same batches and must give bitwise the
 same losses (checked). Rounds alternate synchronous and asynchronous, so a shared machine's noise
@@ -81,15 +81,18 @@ def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str
         template = GPT(GPTConfig.tiny(block_size=block)).to(device)
         times: dict[str, list[float]] = {"sync": [], "async": []}
         cpu: dict[str, list[float]] = {"sync": [], "async": []}  # process CPU seconds, every thread
+        caller: list[float] = []  # the async loop's recording thread's CPU seconds: its critical path
         losses: dict[str, list[float]] = {}
         for r in range(rounds + 1):
             for mode in ("sync", "async"):
-                cpu0 = time.process_time()
+                cpu0, thread0 = time.process_time(), time.thread_time()
                 seconds, read = _loop(lg.lazy_module(copy.deepcopy(template)), steps, read_every,
                                       wait=mode == "sync", batch=batch, block=block, device=device)
                 if r:  # round 0 builds the programs
                     times[mode].append(seconds)
                     cpu[mode].append(time.process_time() - cpu0)
+                    if mode == "async":
+                        caller.append(time.thread_time() - thread0)
                 if losses.setdefault(mode, read) != read:
                     raise AssertionError(f"{mode} losses changed between rounds: {losses[mode]} vs {read}")
     finally:
@@ -100,7 +103,7 @@ def measure(steps: int = 20, read_every: int = 10, rounds: int = 3, backend: str
     return {"backend": backend, "device": device, "batch": batch, "block": block, "steps": steps,
             "read_every": read_every, "rounds": rounds, "replay": replay,
             "sync_s": sync_s, "async_s": async_s, "ratio": async_s / sync_s,
-            "sync_cpu_s": min(cpu["sync"]), "async_cpu_s": min(cpu["async"]),
+            "sync_cpu_s": min(cpu["sync"]), "async_cpu_s": min(cpu["async"]), "async_caller_cpu_s": min(caller),
             "equal": losses["sync"] == losses["async"], "losses": losses["async"]}
 
 
@@ -110,7 +113,8 @@ def row(m: dict[str, Any]) -> str:
     return (f"| training step, async (tiny GPT-2, B={m['batch']} T={m['block']}, {m['device']}, {how}, "
             f"item() every {m['read_every']}) | "
             f"{per_step('sync_s')} | {per_step('async_s')} | {m['ratio']:.2f}x | "
-            f"{per_step('sync_cpu_s')} / {per_step('async_cpu_s')} | {'yes' if m['equal'] else 'NO'} |")
+            f"{per_step('sync_cpu_s')} / {per_step('async_cpu_s')} | {per_step('async_caller_cpu_s')} | "
+            f"{'yes' if m['equal'] else 'NO'} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,8 +130,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="reference programs run node by node every time (before they had replays)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on a CPU (0: torch's default)")
+    p.add_argument("--replay-cost", action="store_true",
+                   help="instead: execution CPU per node of one step's graph, node by node vs the replays")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.replay_cost:
+        print(replay_cost_table(*[replay_cost(batch, block) for batch, block in shapes]), end="")
+        return
     print(table(*[measure(args.steps, args.read_every, args.rounds, args.backend, batch, block, args.device,
                           args.threads, replay=not args.no_replay) for batch, block in shapes]), end="")
 
@@ -145,9 +154,65 @@ def suite_table(backend: str, device: str) -> str:
 
 
 def table(*ms: dict[str, Any]) -> str:
-    # CPU time (both threads) says what wall time cannot on a busy machine: how much work each loop did
-    return ("| row | sync, per step | async, per step | async / sync | CPU per step, sync / async | same losses |\n"
-            "|---|---|---|---|---|---|\n" + "".join(row(m) + "\n" for m in ms))
+    # CPU time (both threads) says what wall time cannot on a busy machine: how much work each loop did;
+    # the async caller's CPU is the async loop's critical path where a second core is free
+    return ("| row | sync, per step | async, per step | async / sync | CPU per step, sync / async "
+            "| async caller's CPU per step | same losses |\n"
+            "|---|---|---|---|---|---|---|\n" + "".join(row(m) + "\n" for m in ms))
+
+
+def replay_cost(batch: int = 8, block: int = 32, repeats: int = 9) -> dict[str, Any]:
+    """Execution CPU time of one tiny GPT-2 training step's graph (forward, backward, AdamW) on the
+    reference backend: node by node (reference.run_graph), the Python replay, the scripted replay.
+    Thread CPU, fastest of `repeats`, one intra-op thread."""
+    import torch
+
+    import lazygraph as lg
+    from gpt2.model import GPT, GPTConfig, make_optimizer
+    from lazygraph.ir import runtime_scalars
+    from lazygraph.reference import run_graph
+    from lazygraph.runtime.reference_replay import Replay
+
+    previous, previous_threads = lg.get_backend(), torch.get_num_threads()
+    lg.set_backend("reference")
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = lg.lazy_module(GPT(GPTConfig.tiny(block_size=block)))
+        opt = make_optimizer(model.parameters(), lr=1e-3)
+        x = torch.randint(0, model.config.vocab_size, (batch, block), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):  # the second step has the optimizer's state: the graph every later step runs
+            lg.sync()
+            _, loss = model(x, torch.roll(x, -1, 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        pending = lg.graph(loss, *model.parameters(), *state)
+        graph, inputs, scalars = pending.clone(), [n.value for n in pending.inputs], runtime_scalars(pending)
+        lg.sync()
+        python, scripted = Replay(graph, script=False), Replay(graph)
+        runs = {"run_graph": lambda: run_graph(graph, inputs, scalars),
+                "Python replay": lambda: python.run(inputs, scalars),
+                "scripted replay": lambda: scripted.run(inputs, scalars)}
+        best = {}
+        for name, run in runs.items():
+            for _ in range(repeats):
+                start = time.thread_time()
+                run()
+                best[name] = min(best.get(name, float("inf")), time.thread_time() - start)
+    finally:
+        lg.set_backend(previous)
+        torch.set_num_threads(previous_threads)
+    return {"batch": batch, "block": block, "nodes": len(graph), "seconds": best}
+
+
+def replay_cost_table(*ms: dict[str, Any]) -> str:
+    names = list(ms[0]["seconds"])
+    head = "| step graph | " + " | ".join(f"{n}, per node" for n in names) + " |\n"
+    rows = "".join(f"| tiny GPT-2, B={m['batch']} T={m['block']} ({m['nodes']} nodes) | "
+                   + " | ".join(f"{1e6 * m['seconds'][n] / m['nodes']:.1f} us" for n in names) + " |\n" for m in ms)
+    return head + "|---|" + "---|" * len(names) + "\n" + rows
 
 
 if __name__ == "__main__":

@@ -172,3 +172,11 @@ def test_big_graph_replays_in_python(monkeypatch):
     graph, inputs, scalars = graph_of((x * 2).exp().sum(1))
     assert len(graph) > 3
     check_both_ways(graph, inputs, scalars, scripted=False)
+
+
+def test_replay_cost_benchmark_times_the_three_ways():
+    from benchmarks.async_step import replay_cost, replay_cost_table
+
+    m = replay_cost(batch=2, block=8, repeats=1)
+    assert m["nodes"] > 300 and set(m["seconds"]) == {"run_graph", "Python replay", "scripted replay"}
+    assert "tiny GPT-2, B=2 T=8" in replay_cost_table(m)
