@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.async_step:
         from . import async_step
 
-        table += "\n" + async_step.table(async_step.measure(backend="auto" if gpu else "reference", device=device.type))
+        table += "\n" + async_step.suite_table(backend="auto" if gpu else "reference", device=device.type)
     header = f"# lazygraph benchmarks: {meta['device']}, {meta['date']}\n\n"
     if interpreted:
         header += f"**{INTERPRETER_NOTE}**\n\n"

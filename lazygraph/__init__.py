@@ -99,6 +99,8 @@ def stats() -> dict[str, Any]:
         "collective_bytes": c["collective_bytes"],  # bytes they were given
         "async_graphs": c["async_graphs"],  # graphs handed to the executor (sync(wait=False), or read in flight)
         "async_waits": c["async_waits"],  # reads that blocked until a graph handed off earlier had run
+        # reference-backend runs through a program's replay (runtime/reference_replay.py), not node by node
+        "reference_replays": c["reference_replays"],
     }
 
 

@@ -130,7 +130,7 @@ def _private_copy(graph: Graph) -> Graph:
     into leaves while the worker runs the copy. Leaves are shared: their values are only read."""
     new: dict[int, Node] = {}
     for n in graph.nodes:
-        new[n.id] = n if n.value is not None else _copy_node(n, tuple(new[s.id] for s in n.srcs))
+        new[n.id] = n if n.value is not None else _copy_node(n, tuple([new[s.id] for s in n.srcs]))
     return Graph([new[n.id] for n in graph.nodes], [new[o.id] for o in graph.outputs])
 
 

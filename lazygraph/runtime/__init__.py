@@ -5,7 +5,9 @@ structure from the cache, runs it, and dumps or prints what LAZYGRAPH_DUMP / LAZ
 The parts of this room:
 
     cache.py              backend choice and the program cache (by structural hash)
-    reference_program.py  Program: the graph run node by node by the reference executor
+    reference_program.py  Program: the graph run node by node by the reference executor, then replayed
+    reference_replay.py   Replay: a reference program's graph as straight-line torch calls (TorchScript
+                          where every node has a line: a run that holds no GIL), bitwise run_graph's
     fused.py              CompiledProgram: passes, fusion, kernels per strides; describe and dump
     launch_plan.py        LaunchPlan: a fused program's replay as generated Python, arguments bound,
                           intermediates in arenas reused across runs
