@@ -29,6 +29,7 @@ import torch
 
 from .codegen import aot
 from .codegen.cache import cache_dir, cached_file, kernel_path, load_kernel, triton_version
+from .codegen.matmul_template import is_template, template_body
 from .codegen.target import GPU, INTERPRETER, Target, interpreting, launching, quiet_interpreter
 from .codegen.templates import KernelBody, kernel_body, launch, signature
 from .codegen.uses import body_with_uses
@@ -186,7 +187,8 @@ def kernel_files(groups: Sequence[FusionGroup], ran: Sequence[Kernel], names: di
         launches = [(k.body, k.strides, True) for k in ran_by_group.get(id(g), [])]
         if not launches:
             strides = [contiguous_strides(b.shape) for b in g.program.buffers]
-            launches = [(kernel_body(g.program, strides, Target.current()), strides, False)]
+            make = template_body if is_template(g) else kernel_body
+            launches = [(make(g.program, strides, Target.current()), strides, False)]
         for body, strides, did_run in launches:
             bodies[body.name] = body
             uses.setdefault(body.name, []).append((g, strides, did_run))

@@ -28,6 +28,7 @@ from ..ir import Graph, Node, effective_op, verify
 from .attention import InputValues, attention_pass, lend_input_values
 from .fuse import Decision, FusionGroup, Schedule, Step, fuse
 from .heads import split_heads
+from .matmul_fusion import matmul_fusion
 from .memory import MemoryPlan, plan_memory
 from .pattern import Fired, fired_counts
 from .place import place
@@ -45,7 +46,7 @@ def _attention_stage(graph: Graph, log: list[Fired] | None = None) -> Graph:
 
 
 PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", _attention_stage),
-                                         ("heads", split_heads), ("place", place)]
+                                         ("heads", split_heads), ("matmul_fusion", matmul_fusion), ("place", place)]
 GRAPH_LEVEL = 3  # PIPELINE[:GRAPH_LEVEL] need the whole graph: compile runs them before partition
 
 
