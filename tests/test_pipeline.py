@@ -126,8 +126,8 @@ def test_compile_runs_each_stage_once_per_step(monkeypatch, fused_backend):
     monkeypatch.setattr(passes, "PIPELINE", [(name, counted(name, fn)) for name, fn in passes.PIPELINE])
     lg.reset_stats()
     compiled_step(CausalSelfAttention(), torch.randn(2, 5, 16))
-    # simplify, attention and heads once, on the joint graph; place once per half
-    assert sorted(ran) == ["attention", "heads", "place", "place", "simplify"], ran
+    # simplify, attention and heads once, on the joint graph; matmul_fusion and place once per half
+    assert sorted(ran) == ["attention", "heads", "matmul_fusion", "matmul_fusion", "place", "place", "simplify"], ran
     assert lg.stats()["flash_attention"] >= 2  # forward and backward took the flash kernels
 
 
@@ -150,8 +150,8 @@ def test_a_compile_dump_shows_what_each_pass_changed(tmp_path, capsys, fused_bac
     assert stages["joint"] == ["00-captured.dot", "00-captured.txt", "01-simplify.dot", "01-simplify.txt",
                                "02-attention.dot", "02-attention.txt", "03-heads.dot", "03-heads.txt"]
     for half in ("forward", "backward"):
-        assert [f for f in stages[half] if f.endswith(".txt")] == ["04-partition.txt", "05-place.txt", "06-fuse.txt",
-                                                                   "07-schedule.txt"]
+        assert [f for f in stages[half] if f.endswith(".txt")] == ["04-partition.txt", "05-matmul_fusion.txt",
+                                                                   "06-place.txt", "07-fuse.txt", "08-schedule.txt"]
     joint = f"{run}/joint"
     heads = {f: (tmp_path / joint / "passes" / f).read_text().splitlines()[0] for f in stages["joint"]
              if f.endswith(".txt")}
