@@ -132,7 +132,7 @@ class _Claims:
             return [], f"not one kernel: {e}"
         if len(prog.buffers) + len(prog.outputs) > MAX_BUFFERS:
             return [], f"too many buffers ({len(prog.buffers)})"
-        saved = self._bytes_saved(mm, prologue + side, stored)
+        saved = self._bytes_saved(mm, prologue + side, stored, member_ids)
         what = f"{len(prologue)} prologue cast(s), {len(epilogue) + len(side)} epilogue op(s), saves {saved} B"
         if mode == "auto" and saved <= 0:
             return [], f"no bytes saved: {what}"
@@ -202,18 +202,21 @@ class _Claims:
                 out.append(u)
         return out
 
-    def _bytes_saved(self, mm: Node, casts: list[Node], stored: list[Node]) -> int:
+    def _bytes_saved(self, mm: Node, casts: list[Node], stored: list[Node], members: set[int]) -> int:
         stored_ids = {n.id for n in stored}
         saved = 0 if mm.id in stored_ids else 2 * mm.nbytes
         saved += sum(2 * c.nbytes for c in casts)
         for s in stored:
-            if s is not mm and not self._stored_anyway(s):
+            if s is not mm and not self._stored_anyway(s, members):
                 saved -= 2 * s.nbytes
         return saved
 
-    def _stored_anyway(self, n: Node) -> bool:
-        """Plain fusion stores n too: a graph output, or read by work that is not a kernel."""
-        return n.id in self.outputs or any(not is_kernel_node(u) for u in self.sinks(n))
+    def _stored_anyway(self, n: Node, members: set[int]) -> bool:
+        """Plain fusion stores n and reads it back too: a graph output or read by work that is not
+        a kernel, and read by no kernel outside (which plain fusion would have fed from the matmul)."""
+        outside = [u for u in self.sinks(n) if u.id not in members]
+        return (n.id in self.outputs or any(not is_kernel_node(u) for u in outside)) and \
+            not any(is_kernel_node(u) for u in outside)
 
 
 def _root(n: Node) -> Node:
