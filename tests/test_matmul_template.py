@@ -164,3 +164,42 @@ def test_template_builds_for_sm90(templates):
     (ptx,) = codegen_triton.build_bodies([(body, sig)])
     assert re.search(r"\.target sm_90", ptx) and re.search(rf"\.entry {re.escape(body.name)}\b", ptx)
     assert "mma" in ptx  # the bf16 dot runs on tensor cores
+
+
+def _mlp(x, w1, b1, w2, b2):
+    return F.gelu(x @ w1 + b1, approximate="tanh") @ w2 + b2
+
+
+def test_bytes_drop_and_the_lower_bound_stays(templates):
+    """The modelled bytes fall with templates; the floor counts a matmul's I/O the same either way."""
+    from lazygraph.cost_model import program_cost
+
+    tensors = [(t / 4).bfloat16() for t in (torch.randn(40, 24), torch.randn(24, 64), torch.randn(64),
+                                            torch.randn(64, 24), torch.randn(24))]
+    costs = {}
+    for mode in ("off", "auto"):
+        templates(mode)
+        program, inputs, want = _program(_mlp, tensors)
+        costs[mode] = program_cost(program)
+        assert_close(program.run(inputs)[0], want[0], rtol=2e-2, atol=2e-2)
+    assert costs["auto"]["lower_bound_bytes"] == costs["off"]["lower_bound_bytes"]
+    assert costs["auto"]["fused_bytes"] < costs["off"]["fused_bytes"]
+    assert costs["auto"]["launches"] < costs["off"]["launches"]
+
+
+def test_dump_and_verify_mode(templates, monkeypatch):
+    """The dump shows the template's body and decision; LAZYGRAPH_VERIFY checks it against the reference."""
+    x, w, b = torch.randn(37, 19), torch.randn(50, 19), torch.randn(50)
+    program, inputs, want = _program(_linear_gelu, (x, w, b))
+    files = program.dump_files()  # before any run: bodies generated for contiguous buffers
+    assert any(name.startswith("kernels/mm_add_mul_tanh_") for name in files)
+    assert "matmul template (matmul_fusion.txt says why)" in files["fusion.txt"]
+    monkeypatch.setattr(state.SETTINGS, "verify", True)
+    for got, w_ in zip(program.run(inputs), want):
+        assert_close(got, w_)
+
+
+def test_unknown_policy_is_an_error(templates):
+    templates("sometimes")
+    with pytest.raises(ValueError, match="LAZYGRAPH_MATMUL_TEMPLATES"):
+        _program(_linear_gelu, (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)))

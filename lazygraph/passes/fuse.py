@@ -191,6 +191,10 @@ class _Fuser:
                                        "LAZYGRAPH_MATMUL_TEMPLATES=off avoids templates")
                 self.reach.merge(first, self.unit_of[n.id])
             g.lower(self.stored(g))
+            mm = g.program.matmul
+            claimed = " ".join(self.names[n.id] for n in g.nodes if n is not mm)
+            self.decisions.append(Decision(self.names[mm.id], claimed, True, "ok", 0,
+                                           "matmul template (matmul_fusion.txt says why)", kind="template"))
 
     # -- which values must exist as buffers ------------------------------------------------------
 

@@ -43,12 +43,15 @@ from .pattern import Fired
 from .rewrite import rebuild
 
 DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MODES = ("auto", "on", "off")
 TEMPLATE = "template"  # node attr: the number of the template that claimed the node
 _VIEWS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE})
 
 
 def matmul_fusion(graph: Graph, log: list[Fired] | None = None) -> Graph:
     mode = state.SETTINGS.matmul_templates
+    if mode not in MODES:
+        raise ValueError(f"lazygraph: LAZYGRAPH_MATMUL_TEMPLATES must be one of {MODES}, got {mode!r}")
     if mode == "off":
         return graph
     f = _Claims(graph)
