@@ -203,3 +203,19 @@ def test_unknown_policy_is_an_error(templates):
     templates("sometimes")
     with pytest.raises(ValueError, match="LAZYGRAPH_MATMUL_TEMPLATES"):
         _program(_linear_gelu, (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)))
+
+
+def test_a_cast_needed_elsewhere_is_stored_by_the_template(templates):
+    """A weight's bf16 copy that is also returned (saved for a backward) is cast as the template
+    loads it and stored by the first row of programs: no cast kernel of its own."""
+    x, w = torch.randn(70, 19).bfloat16(), torch.randn(50, 19)
+
+    def fn(x, w):
+        wb = w.bfloat16()
+        return x @ wb.t(), wb
+
+    program, inputs, want = _program(fn, (x, w))
+    (g,) = _templates(program)
+    assert len(program.schedule.steps) == 1 and any(n.op is Op.CAST for n in g.stored)
+    for got, w_ in zip(program.run(inputs), want):
+        assert_close(got, w_, rtol=2e-2, atol=2e-2)

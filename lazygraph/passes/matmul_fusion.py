@@ -38,7 +38,7 @@ import torch
 from .. import ops, state
 from ..ir import POINTWISE, Graph, Node, Op, effective_op, numel
 from .fuse import MAX_BUFFERS, FusionGroup, is_kernel_node
-from .loops import LoopProgram, Lowering, NotFusable, Phase, Space, Stmt
+from .loops import ROW, LoopProgram, Lowering, NotFusable, Phase, Space, Stmt
 from .pattern import Fired
 from .rewrite import rebuild
 
@@ -123,8 +123,9 @@ class _Claims:
             return [], "fp32 stays on cuBLAS"
         if any(_root(x).op in (Op.FULL, Op.IOTA) and effective_op(_root(x)) is not Op.INPUT for x in (a, b)):
             return [], "a constant operand"
-        prologue = [c for c in (self._prologue_cast(x, mm, taken) for x in (a, b)) if c is not None]
-        epilogue, side = self._epilogue(mm, taken)
+        casts = (self._prologue_cast(x, mm, taken) for x in (a, b))
+        prologue = list({c.id: c for c in casts if c is not None}.values())  # x @ x.t(): one cast
+        epilogue, side = self._epilogue(mm, taken, prologue)
         members = [mm, *prologue, *epilogue, *side]
         member_ids = {n.id for n in members}
         stored = [n for n in sorted(members, key=lambda n: self.order[n.id])
@@ -142,21 +143,24 @@ class _Claims:
         return members, what
 
     def _prologue_cast(self, operand: Node, mm: Node, taken: dict[int, int]) -> Node | None:
-        """The cast `operand` comes through (through views), if only mm reads it."""
-        c = operand
+        """The cast `operand` comes through (through views): one only mm reads, or one the template
+        can also store (through reshapes and permutes, which visit each of its elements: a weight's
+        bf16 copy saved for the backward, stored by the first program row)."""
+        c, whole = operand, True
         while c.op in _VIEWS and effective_op(c) is c.op:
+            whole = whole and c.op in (Op.RESHAPE, Op.PERMUTE)
             c = c.srcs[0]
         if effective_op(c) is not Op.CAST or c.id in taken or not is_kernel_node(c):
             return None
-        if not c.srcs[0].dtype.is_floating_point or not self.read_only_by(c, {mm.id}):
+        if not c.srcs[0].dtype.is_floating_point or not (whole or self.read_only_by(c, {mm.id})):
             return None
         return c
 
-    def _epilogue(self, mm: Node, taken: dict[int, int]) -> tuple[list[Node], list[Node]]:
+    def _epilogue(self, mm: Node, taken: dict[int, int], prologue: list[Node]) -> tuple[list[Node], list[Node]]:
         """Pointwise work over mm's elements that a template can compute, in graph order, and the
         casts feeding it that only it reads."""
         rows = numel(mm.shape)
-        below = self.descendants(mm)
+        below = self.descendants(mm).union(*(self.descendants(c) for c in prologue))  # what waits for the template
         claimed = {mm.id}
         epilogue: list[Node] = []
         side: list[Node] = []
@@ -208,9 +212,9 @@ class _Claims:
     def _bytes_saved(self, mm: Node, casts: list[Node], stored: list[Node], members: set[int]) -> int:
         stored_ids = {n.id for n in stored}
         saved = 0 if mm.id in stored_ids else 2 * mm.nbytes
-        saved += sum(2 * c.nbytes for c in casts)
+        saved += sum(c.nbytes if c.id in stored_ids else 2 * c.nbytes for c in casts)  # stored: not read back
         for s in stored:
-            if s is not mm and not self._stored_anyway(s, members):
+            if s is not mm and s not in casts and not self._stored_anyway(s, members):
                 saved -= 2 * s.nbytes
         return saved
 
@@ -253,6 +257,7 @@ class TemplateGroup(FusionGroup):
         mm = next(n for n in self.nodes if n.op is Op.MATMUL)
         try:
             self.program = lower_template(mm, self.nodes, stored)
+            self.stored = list(self.program.outputs)  # in parameter order
         except NotFusable as e:  # matmul_fusion lowered the same nodes before claiming them
             raise RuntimeError(f"lazygraph: matmul template {mm!r} no longer lowers ({e}); "
                                "LAZYGRAPH_MATMUL_TEMPLATES=off avoids templates") from None
@@ -320,15 +325,29 @@ def lower_template(matmul: Node, members: Sequence[Node], stored: Sequence[Node]
         raise NotFusable(f"a {matmul.dtype} matmul has no template")
     m, n = matmul.shape
     others = [x for x in members if x.id != matmul.id]
-    lw = Lowering(others, Space((m, n), ()), list(stored))
+    member_ids = {x.id for x in others}
+    prologue = {o.id: _view_root(o) for o in (a, b) if _view_root(o).id in member_ids}
+    stored_ids = {x.id for x in stored}
+    kept = [x for x in stored if x.id not in {c.id for c in prologue.values()}]  # stored by the epilogue
+    lw = _TemplateLowering(others, Space((m, n), ()), kept, {c.id for c in prologue.values()})
     tiles = []
-    for operand, coords in ((a, ("am", "ak")), (b, ("bk", "bn"))):
+    outputs, program_stores = len(kept), []
+    for operand, coords, first_row in ((a, ("am", "ak"), _FIRST.format("pid_n")),
+                                       (b, ("bk", "bn"), _FIRST.format("pid_m"))):
         lw.cur = Phase()
         lw._row_memo = {}
         value = lw.value(operand, coords)
+        c = prologue.get(operand.id)
+        # the programs of one row (or column) store the tiles they cast
+        if c is not None and c.id in stored_ids and c not in program_stores:
+            at = lw.coords_of[c.id]
+            lw.cur.before.append(Stmt(None, "store", (outputs, at, lw.value(c, at), first_row), ROW, c.dtype, c))
+            outputs += 1
+            program_stores.append(c)
         tiles.append((lw.cur.before, value))
     lw._row_memo = {}
     program = lw.lower()
+    program.outputs.extend(program_stores)
     if program.checks or len(program.phases) != 1:
         raise NotFusable("the prologue or epilogue needs runtime checks or reductions")
     epilogue = program.phases[0].before + program.phases[0].body
@@ -349,8 +368,31 @@ def lower_template(matmul: Node, members: Sequence[Node], stored: Sequence[Node]
         elif s.kind in ("load", "param"):
             s.args = (index[s.args[0]], *s.args[1:])
     program.buffers[:] = buffers
-    return TemplateProgram(matmul, Space((m, n), ()), buffers, list(stored), tiles[0][0], tiles[1][0],
+    return TemplateProgram(matmul, Space((m, n), ()), buffers, program.outputs, tiles[0][0], tiles[1][0],
                            tiles[0][1], tiles[1][1], epilogue, program)
+
+
+_FIRST = "(tl.zeros([1, 1], tl.int32) + {}) == 0"  # a block, as the interpreter wants masks
+
+
+class _TemplateLowering(Lowering):
+    """A Lowering that notes the coordinates a prologue cast is evaluated at (where it is stored)."""
+
+    def __init__(self, nodes: list[Node], space: Space, stored: list[Node], watched: set[int]):
+        super().__init__(nodes, space, stored)
+        self.watched = watched
+        self.coords_of: dict[int, tuple[str, ...]] = {}
+
+    def value(self, n: Node, coords: tuple[str, ...], extra_mask: str | None = None) -> str:
+        if n.id in self.watched:
+            self.coords_of.setdefault(n.id, tuple(coords))
+        return super().value(n, coords, extra_mask)
+
+
+def _view_root(n: Node) -> Node:
+    while n.op in _VIEWS and effective_op(n) is n.op:
+        n = n.srcs[0]
+    return n
 
 
 def _check_acc_coords(coords: Sequence[str], shape: Sequence[int], _node_shape: Sequence[int]) -> None:
