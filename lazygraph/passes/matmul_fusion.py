@@ -5,8 +5,10 @@ weight is cast to bf16 in a kernel of its own each step (written, then read by t
 the bias add and GELU after c_fc read the matmul's result back from memory. A template
 (codegen/matmul_template.py) computes the matmul in Triton and claims:
 
-- its prologue: a cast an operand comes through (through views: a transposed weight), when
-  nothing but this matmul reads it; the template casts each tile as it loads;
+- its prologue: a cast an operand comes through (through views: a transposed weight) of a value
+  in memory anyway (an input, an extern result; a kernel's result is better cast by that kernel);
+  the template casts each tile as it loads, and stores the narrow copy too where something else
+  reads it (a weight's bf16 copy saved for the backward);
 - its epilogue: pointwise work over the matmul's [M, N] elements, reading the matmul through
   reshapes only (so each element is the accumulator's own), whose other operands do not depend on
   the matmul (else the template would wait for work that waits for it); a cast feeding it that
@@ -126,21 +128,38 @@ class _Claims:
         casts = (self._prologue_cast(x, mm, taken) for x in (a, b))
         prologue = list({c.id: c for c in casts if c is not None}.values())  # x @ x.t(): one cast
         epilogue, side = self._epilogue(mm, taken, prologue)
-        members = [mm, *prologue, *epilogue, *side]
+        # the whole epilogue, else the prologue alone (an epilogue whose values other kernels read
+        # back can cost more than it saves, a weight cast on load saves all the same)
+        tries = [(epilogue, side)] + ([([], [])] if prologue and epilogue else [])
+        best: tuple[int, list[Node], str] | None = None
+        why = ""
+        for epi, sides in tries:
+            members = [mm, *prologue, *epi, *sides]
+            saved, why = self._try(mm, members, prologue + sides)
+            what = f"{len(prologue)} prologue cast(s), {len(epi) + len(sides)} epilogue op(s), saves {saved} B"
+            if saved is not None and (best is None or saved > best[0]):
+                best = (saved, members, what)
+            if saved is not None and mode == "on":
+                break
+        if best is None:
+            return [], why
+        saved, members, what = best
+        if mode == "auto" and saved <= 0:
+            return [], f"no bytes saved: {what}"
+        return members, what
+
+    def _try(self, mm: Node, members: list[Node], casts: list[Node]) -> tuple[int | None, str]:
+        """The modelled bytes a template of `members` saves (None: it is not one kernel) and why not."""
         member_ids = {n.id for n in members}
         stored = [n for n in sorted(members, key=lambda n: self.order[n.id])
                   if n.id in self.outputs or any(u.id not in member_ids for u in self.sinks(n))]
         try:
             prog = lower_template(mm, members, stored)
         except NotFusable as e:
-            return [], f"not one kernel: {e}"
+            return None, f"not one kernel: {e}"
         if len(prog.buffers) + len(prog.outputs) > MAX_BUFFERS:
-            return [], f"too many buffers ({len(prog.buffers)})"
-        saved = self._bytes_saved(mm, prologue + side, stored, member_ids)
-        what = f"{len(prologue)} prologue cast(s), {len(epilogue) + len(side)} epilogue op(s), saves {saved} B"
-        if mode == "auto" and saved <= 0:
-            return [], f"no bytes saved: {what}"
-        return members, what
+            return None, f"too many buffers ({len(prog.buffers)})"
+        return self._bytes_saved(mm, casts, stored, member_ids), ""
 
     def _prologue_cast(self, operand: Node, mm: Node, taken: dict[int, int]) -> Node | None:
         """The cast `operand` comes through (through views): one only mm reads, or one the template
@@ -154,7 +173,7 @@ class _Claims:
             return None
         if not c.srcs[0].dtype.is_floating_point or not (whole or self.read_only_by(c, {mm.id})):
             return None
-        return c
+        return c if _in_memory_anyway(c.srcs[0]) else None
 
     def _epilogue(self, mm: Node, taken: dict[int, int], prologue: list[Node]) -> tuple[list[Node], list[Node]]:
         """Pointwise work over mm's elements that a template can compute, in graph order, and the
@@ -184,7 +203,8 @@ class _Claims:
                     ok = False  # depends on the matmul through work outside: a cycle
                     break
                 c = _strip_views(s)
-                if effective_op(c) is Op.CAST and c.id not in taken and is_kernel_node(c) and c not in casts:
+                if (effective_op(c) is Op.CAST and c.id not in taken and is_kernel_node(c) and c not in casts
+                        and _in_memory_anyway(c.srcs[0])):
                     casts.append(c)
             if not ok:
                 continue
@@ -224,6 +244,13 @@ class _Claims:
         outside = [u for u in self.sinks(n) if u.id not in members]
         return (n.id in self.outputs or any(not is_kernel_node(u) for u in outside)) and \
             not any(is_kernel_node(u) for u in outside)
+
+
+def _in_memory_anyway(n: Node) -> bool:
+    """n is a buffer whatever is fused: an input (a weight) or an extern call's result. A cast of
+    anything else is better fused into the kernel computing it, which then writes the narrow copy."""
+    r = _strip_views(n)
+    return effective_op(r) is Op.INPUT or (r.op not in (Op.FULL, Op.IOTA) and not is_kernel_node(r))
 
 
 def _root(n: Node) -> Node:
