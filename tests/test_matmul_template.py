@@ -219,3 +219,21 @@ def test_a_cast_needed_elsewhere_is_stored_by_the_template(templates):
     assert len(program.schedule.steps) == 1 and any(n.op is Op.CAST for n in g.stored)
     for got, w_ in zip(program.run(inputs), want):
         assert_close(got, w_, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["gram", "broadcast_operand", "residual_scale"])
+def test_more_operand_and_epilogue_shapes(templates, case):
+    fn, tensors, autocast = {
+        # one cast feeds both operands
+        "gram": (lambda x: x @ x.t(), (torch.randn(21, 17),), True),
+        # an expanded vector as A: its tile loads one column, broadcast to the tile
+        "broadcast_operand": (lambda v, w: v.expand(37, 19) @ w, (torch.randn(37, 1), torch.randn(19, 23)), False),
+        # bias, residual and a scale in the epilogue, two values stored
+        "residual_scale": (lambda x, w, b, r: (lambda y: (y, y * 0.5))(x @ w + b + r),
+                           (torch.randn(33, 18), torch.randn(18, 29), torch.randn(29), torch.randn(33, 29)), False),
+    }[case]
+    program, inputs, want = _program(fn, tensors, autocast=autocast)
+    assert len(_templates(program)) == 1 and len(program.schedule.steps) == 1
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
+    for got, w_ in zip(program.run(inputs), want):
+        assert_close(got, w_, **tol)
