@@ -29,7 +29,7 @@ import torch
 
 from .codegen import aot
 from .codegen.cache import cache_dir, cached_file, kernel_path, load_kernel, triton_version
-from .codegen.matmul_template import is_template, template_body
+from .codegen.matmul_template import TemplateKernel, is_template, template_body
 from .codegen.target import GPU, INTERPRETER, Target, interpreting, launching, quiet_interpreter
 from .codegen.templates import KernelBody, kernel_body, launch, signature
 from .codegen.uses import body_with_uses
@@ -123,6 +123,14 @@ class Kernel:
         return signature(self.group.program, self.launch)
 
 
+def make_kernel(group: FusionGroup, strides: Sequence[Sequence[int]], names: dict[int, str] | None = None,
+                target: Target | None = None):
+    """The launch of a group: a matmul template's (codegen/matmul_template.py) or a loop program's."""
+    if is_template(group):
+        return TemplateKernel(group, strides, target)
+    return Kernel(group, strides, names, target)
+
+
 # ---------------------------------------------------------------------------------------------
 # building for a real GPU without one
 # ---------------------------------------------------------------------------------------------
@@ -199,4 +207,4 @@ def kernel_files(groups: Sequence[FusionGroup], ran: Sequence[Kernel], names: di
 
 
 __all__ = ["Kernel", "KernelBody", "kernel_body", "build_for_target", "build_bodies", "kernel_files", "Target",
-           "GPU", "INTERPRETER", "body_jobs"]
+           "GPU", "INTERPRETER", "body_jobs", "make_kernel"]
