@@ -237,3 +237,16 @@ def test_more_operand_and_epilogue_shapes(templates, case):
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
     for got, w_ in zip(program.run(inputs), want):
         assert_close(got, w_, **tol)
+
+
+@pytest.mark.parametrize("case", ["one_element_operand", "no_rows", "empty_k"])
+def test_single_element_and_empty_operands(templates, case):
+    fn, tensors = {
+        # every element of A is the one element of v: its loads have no coordinates
+        "one_element_operand": (lambda v, b: v.expand(4, 3) @ b + 1, (torch.randn(1, 1), torch.randn(3, 5))),
+        "no_rows": (lambda a, b: a @ b + 1, (torch.randn(0, 3), torch.randn(3, 4))),
+        "empty_k": (lambda a, b: a @ b + 1, (torch.randn(3, 0), torch.randn(0, 4))),
+    }[case]
+    program, inputs, want = _program(fn, tensors)
+    assert bool(_templates(program)) == (case == "one_element_operand")  # empty ones stay extern
+    assert_close(program.run(inputs)[0], want[0])

@@ -99,8 +99,9 @@ def template_body(prog, strides: Sequence[Sequence[int]], target: Target) -> Ker
     else:
         acc_c = f"acc.to({dot_type}).to(tl.float32)"
 
-    def tile(stmts: list[Stmt], value: str, mask: str, shape: tuple[int, int]) -> list[str]:
-        lines = [f"xmask = {mask}  # the loads below are masked by xmask"]
+    def tile(stmts: list[Stmt], value: str, rows: str, cols: str, mask: str, shape: tuple[int, int]) -> list[str]:
+        lines = [f"xmask = {mask}  # the loads below are masked by xmask",
+                 f"x = {rows} * 0 + {cols} * 0  # a block of the tile's shape (a one-element load's pointers)"]
         lines += [line for s in stmts for line in pr.stmt(s).split("\n")]
         # a masked load gives 0; anything but loads and casts may turn that into a non-zero the dot would add
         if any(s.kind == "op" and s.args[0] is not Op.CAST for s in stmts):
@@ -122,8 +123,8 @@ def template_body(prog, strides: Sequence[Sequence[int]], target: Target) -> Ker
         f"acc = tl.zeros([{lc.block_m}, {lc.block_n}], dtype=tl.float32)",
         f"for k0 in range(0, {k}, {lc.block_k}):",
     ]
-    a_lines = tile(prog.a, prog.a_value, f"(am < {m}) & (ak < {k})", (lc.block_m, lc.block_k))
-    b_lines = tile(prog.b, prog.b_value, f"(bk < {k}) & (bn < {n})", (lc.block_k, lc.block_n))
+    a_lines = tile(prog.a, prog.a_value, "am", "ak", f"(am < {m}) & (ak < {k})", (lc.block_m, lc.block_k))
+    b_lines = tile(prog.b, prog.b_value, "bk", "bn", f"(bk < {k}) & (bn < {n})", (lc.block_k, lc.block_n))
     inner = [f"ak = k0 + tl.arange(0, {lc.block_k})[None, :]", f"bk = k0 + tl.arange(0, {lc.block_k})[:, None]",
              *a_lines, *b_lines,
              f"acc += tl.dot({prog.a_value}_tile, {prog.b_value}_tile{precision})"]

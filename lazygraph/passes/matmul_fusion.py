@@ -351,6 +351,8 @@ def lower_template(matmul: Node, members: Sequence[Node], stored: Sequence[Node]
     if matmul.dtype not in DOT_DTYPES or a.dtype != matmul.dtype or b.dtype != matmul.dtype:
         raise NotFusable(f"a {matmul.dtype} matmul has no template")
     m, n = matmul.shape
+    if 0 in (m, n, a.shape[1]):
+        raise NotFusable("an empty matmul")
     others = [x for x in members if x.id != matmul.id]
     member_ids = {x.id for x in others}
     prologue = {o.id: _view_root(o) for o in (a, b) if _view_root(o).id in member_ids}
