@@ -250,3 +250,23 @@ def test_single_element_and_empty_operands(templates, case):
     program, inputs, want = _program(fn, tensors)
     assert bool(_templates(program)) == (case == "one_element_operand")  # empty ones stay extern
     assert_close(program.run(inputs)[0], want[0])
+
+
+def test_the_pass_marks_nodes_and_changes_no_value(templates):
+    """matmul_fusion only marks the nodes a template claims (attrs["template"]); the reference
+    executor computes the same values before and after, and the text form keeps the marks."""
+    from lazygraph.ir import parse
+    from lazygraph.passes.matmul_fusion import TEMPLATE, matmul_fusion
+    from lazygraph.reference import run_graph
+
+    x, w, b = torch.randn(33, 40), torch.randn(24, 40), torch.randn(24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.gelu(F.linear(*[lg.lazy(t) for t in (x, w, b)]), approximate="tanh")
+    graph = lg.graph(out)
+    marked = matmul_fusion(graph)
+    claimed = [n for n in marked.nodes if TEMPLATE in n.attrs]
+    assert {n.op for n in claimed} >= {Op.MATMUL, Op.CAST, Op.TANH}
+    assert not any(TEMPLATE in n.attrs for n in graph.nodes)  # the stage before keeps its own nodes
+    assert torch.equal(run_graph(marked, [n.value for n in marked.inputs])[0],
+                       run_graph(graph, [n.value for n in graph.inputs])[0])
+    assert sum(TEMPLATE in n.attrs for n in parse(marked.text()).nodes) == len(claimed)
