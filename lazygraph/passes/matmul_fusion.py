@@ -31,10 +31,12 @@ kernels, which the consumer kernel would otherwise have computed itself).
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import ops, state
@@ -392,7 +394,7 @@ def lower_template(matmul: Node, members: Sequence[Node], stored: Sequence[Node]
             buffers.append(buf)
     for s in statements:
         if s.kind == "load" and s.args[0] not in index:
-            _check_acc_coords(s.args[1], matmul.shape, s.node.shape if s.node is not None else matmul.shape)
+            _check_acc_coords(tuple(s.args[1]), tuple(matmul.shape))
             s.kind, s.args = "acc", ()
         elif s.kind in ("load", "param"):
             s.args = (index[s.args[0]], *s.args[1:])
@@ -424,17 +426,20 @@ def _view_root(n: Node) -> Node:
     return n
 
 
-def _check_acc_coords(coords: Sequence[str], shape: Sequence[int], _node_shape: Sequence[int]) -> None:
+@functools.lru_cache(maxsize=4096)
+def _check_acc_coords(coords: tuple[str, ...], shape: tuple[int, int]) -> None:
     """The epilogue reads the matmul at the tile's own element: its coordinates, as functions of
-    the linear index x, are (x // N, x % N). Checked at sample indices (matmul_fusion only claims
-    reshapes and same-sized pointwise work between, so this is a guard, not the proof)."""
+    the linear index x, are (x // N, x % N). Checked at sample indices, all at once (matmul_fusion
+    only claims reshapes and same-sized pointwise work between, so this is a guard, not the
+    proof); kept per (coordinates, shape): every layer asks the same."""
     m, n = shape
     total = m * n
-    samples = sorted({0, 1, n - 1, n, total - 1, total // 2, total // 3 + 1, *range(0, total, max(1, total // 61))})
-    for x in samples:
-        got = tuple(eval(c, {}, {"x": x}) for c in coords)  # index arithmetic over x only
-        want = (x // n if m != 1 else 0, x % n if n != 1 else 0)
-        if got != want:
+    x = np.array(sorted({0, 1, n - 1, n, total - 1, total // 2, total // 3 + 1,
+                         *range(0, total, max(1, total // 61))}), dtype=np.int64)
+    want = (x // n if m != 1 else 0 * x, x % n if n != 1 else 0 * x)
+    for c, w in zip(coords, want):
+        got = eval(c, {}, {"x": x}) + 0 * x  # index arithmetic over x only (// and % as Python's)
+        if not np.array_equal(got, w):
             raise NotFusable("the epilogue reads the matmul at another element than its own")
 
 
