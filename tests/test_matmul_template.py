@@ -154,16 +154,21 @@ def test_tiny_gpt2_training_step_equals_eager(templates, monkeypatch, autocast):
 
 
 def test_template_builds_for_sm90(templates):
-    x, w, b = torch.randn(33, 40), torch.randn(24, 40), torch.randn(24)
-    program, _, _ = _program(lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"), (x, w, b),
-                             autocast=True)
-    (g,) = _templates(program)
-    strides = [contiguous_strides(b.shape) for b in g.program.buffers]
-    body = template_body(g.program, strides, codegen_triton.GPU)
-    sig = TemplateKernel(g, strides, target=codegen_triton.INTERPRETER).signature()
-    (ptx,) = codegen_triton.build_bodies([(body, sig)])
-    assert re.search(r"\.target sm_90", ptx) and re.search(rf"\.entry {re.escape(body.name)}\b", ptx)
-    assert "mma" in ptx  # the bf16 dot runs on tensor cores
+    """A bf16 template with prologue casts and a GELU epilogue, and a batched fp32 one (IEEE dot)."""
+    bf16, _, _ = _program(lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"),
+                          (torch.randn(33, 40), torch.randn(24, 40), torch.randn(24)), autocast=True)
+    batched, _, _ = _program(lambda a, b: torch.bmm(a, b) * 2, (torch.randn(3, 37, 19), torch.randn(3, 19, 21)))
+    jobs = []
+    for program in (bf16, batched):
+        (g,) = _templates(program)
+        strides = [contiguous_strides(b.shape) for b in g.program.buffers]
+        jobs.append((template_body(g.program, strides, codegen_triton.GPU),
+                     TemplateKernel(g, strides, target=codegen_triton.INTERPRETER).signature()))
+    ptx = codegen_triton.build_bodies(jobs)
+    for (body, _), text in zip(jobs, ptx):
+        assert re.search(r"\.target sm_90", text) and re.search(rf"\.entry {re.escape(body.name)}\b", text)
+    assert "mma" in ptx[0]  # the bf16 dot runs on tensor cores
+    assert "tl.program_id(1)" in jobs[1][0].source
 
 
 def _mlp(x, w1, b1, w2, b2):
@@ -270,3 +275,23 @@ def test_the_pass_marks_nodes_and_changes_no_value(templates):
     assert torch.equal(run_graph(marked, [n.value for n in marked.inputs])[0],
                        run_graph(graph, [n.value for n in graph.inputs])[0])
     assert sum(TEMPLATE in n.attrs for n in parse(marked.text()).nodes) == len(claimed)
+
+
+@pytest.mark.parametrize("case", ["bmm", "shared_weight", "shared_cast_stored"])
+def test_batched_matmuls_take_a_grid_dimension(templates, case):
+    fn, tensors, autocast = {
+        "bmm": (lambda a, b: torch.tanh(torch.bmm(a, b) * 0.5), (torch.randn(3, 37, 19), torch.randn(3, 19, 21)),
+                False),
+        # one [K, N] weight for every matrix of the batch
+        "shared_weight": (lambda a, w: torch.matmul(a, w.expand(2, 19, 21)) + 1,
+                          (torch.randn(2, 37, 19), torch.randn(19, 21)), False),
+        # a bf16 copy cast as it loads and stored once, by the first matrix's first row of programs
+        "shared_cast_stored": (lambda a, w: (lambda wb: (torch.matmul(a, wb.expand(2, 19, 21)), wb))(w.bfloat16()),
+                               (torch.randn(2, 70, 19).bfloat16(), torch.randn(19, 21)), False),
+    }[case]
+    program, inputs, want = _program(fn, tensors, autocast=autocast)
+    (g,) = _templates(program)
+    assert g.program.batch == tensors[0].shape[0] and len(program.schedule.steps) == 1
+    tol = {"rtol": 2e-2, "atol": 2e-2} if tensors[0].dtype == torch.bfloat16 else {}
+    for got, w_ in zip(program.run(inputs), want):
+        assert_close(got, w_, **tol)

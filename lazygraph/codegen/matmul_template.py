@@ -83,7 +83,8 @@ def template_body(prog, strides: Sequence[Sequence[int]], target: Target) -> Ker
     pr = _TemplatePrinter(prog.program, strides, lc.block_m, lc.block_n, bf16_by_hand=by_hand)
     reach = [sum((d - 1) * abs(st) for d, st in zip(b.shape, strides[i]) if d > 0)
              for i, b in enumerate(prog.buffers) if not b.attrs.get("scalar")]
-    use64 = max([numel(b.shape) for b in prog.buffers + prog.outputs] + reach + [m * n, m * k, k * n]) * 2 >= 2**31
+    big = [numel(b.shape) for b in prog.buffers + prog.outputs] + reach + [prog.batch * m * n, m * k, k * n]
+    use64 = max(big) * 2 >= 2**31
     grid_m, grid_n = -(-m // lc.block_m), -(-n // lc.block_n)
     mm = prog.matmul
     dot_type = TL_TYPES[mm.dtype]
@@ -119,6 +120,7 @@ def template_body(prog, strides: Sequence[Sequence[int]], target: Target) -> Ker
         f"rm = pid_m * {lc.block_m} + tl.arange(0, {lc.block_m})",
         f"rn = pid_n * {lc.block_n} + tl.arange(0, {lc.block_n})",
         "am = rm[:, None]",
+        f"ab = tl.program_id(1){'.to(tl.int64)' if use64 else ''}  # the matrix of a batch",
         "bn = rn[None, :]",
         f"acc = tl.zeros([{lc.block_m}, {lc.block_n}], dtype=tl.float32)",
         f"for k0 in range(0, {k}, {lc.block_k}):",
@@ -130,7 +132,7 @@ def template_body(prog, strides: Sequence[Sequence[int]], target: Target) -> Ker
              f"acc += tl.dot({prog.a_value}_tile, {prog.b_value}_tile{precision})"]
     body += ["    " + line for line in inner]
     body += [f"{_ACC} = {acc_c}  # the matmul's result, rounded to {mm.dtype} as eager's is",
-             f"x = am * {n} + bn  # the epilogue's linear index into [M, N]",
+             f"x = ab * {m * n} + am * {n} + bn  # the epilogue's linear index into [B, M, N]",
              f"xmask = (am < {m}) & (bn < {n})"]
     body += [line for s in prog.epilogue for line in pr.stmt(s).split("\n")]
     sig = template_signature(prog)
@@ -180,7 +182,7 @@ class TemplateKernel:
         prog = group.program
         self.body = template_body(prog, self.strides, self.target)
         self.launch = template_launch(prog, self.target)
-        self.grid = (self.launch.programs,)
+        self.grid = (self.launch.programs, prog.batch)
         self.path = kernel_path(self.body)
         if self.target is INTERPRETER and not interpreting():
             raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off "

@@ -119,8 +119,8 @@ class _Claims:
     def template(self, mm: Node, mode: str, taken: dict[int, int]) -> tuple[list[Node], str]:
         """The nodes a template of mm claims (empty: it stays an extern call) and why."""
         a, b = mm.srcs
-        if mm.ndim != 2 or a.ndim != 2 or b.ndim != 2:
-            return [], "batched"
+        if not _supported_ranks(mm):
+            return [], "more than one batch dimension"
         if mm.dtype not in DOT_DTYPES or a.dtype != mm.dtype or b.dtype != mm.dtype:
             return [], f"{mm.dtype}"
         if mode == "auto" and mm.dtype == torch.float32:
@@ -165,11 +165,11 @@ class _Claims:
 
     def _prologue_cast(self, operand: Node, mm: Node, taken: dict[int, int]) -> Node | None:
         """The cast `operand` comes through (through views): one only mm reads, or one the template
-        can also store (through reshapes and permutes, which visit each of its elements: a weight's
-        bf16 copy saved for the backward, stored by the first program row)."""
+        can also store (through reshapes, permutes and expands, which visit each of its elements: a
+        weight's bf16 copy saved for the backward, stored by the first program row)."""
         c, whole = operand, True
         while c.op in _VIEWS and effective_op(c) is c.op:
-            whole = whole and c.op in (Op.RESHAPE, Op.PERMUTE)
+            whole = whole and c.op in (Op.RESHAPE, Op.PERMUTE, Op.EXPAND)
             c = c.srcs[0]
         if effective_op(c) is not Op.CAST or c.id in taken or not is_kernel_node(c):
             return None
@@ -333,11 +333,16 @@ class TemplateProgram:
     @property
     def mkn(self) -> tuple[int, int, int]:
         a, b = self.matmul.srcs
-        return a.shape[0], b.shape[1], a.shape[1]
+        return a.shape[-2], b.shape[-1], a.shape[-1]
+
+    @property
+    def batch(self) -> int:
+        """Matrices in the batch (a 3-D matmul; one program column each)."""
+        return self.matmul.shape[0] if self.matmul.ndim == 3 else 1
 
     def text(self) -> str:
         m, n, k = self.mkn
-        lines = [f"matmul template {m}x{n}x{k} ({self.matmul.dtype}); epilogue over {self.space}",
+        lines = [f"matmul template {self.batch}x {m}x{n}x{k} ({self.matmul.dtype}); epilogue over {self.space}",
                  "  A tile (per K block):", *[f"    {s}" for s in self.a], f"    a = {self.a_value}",
                  "  B tile (per K block):", *[f"    {s}" for s in self.b], f"    b = {self.b_value}",
                  f"  acc_c = acc as {self.matmul.dtype}", "  epilogue:", *[f"    {s}" for s in self.epilogue]]
@@ -348,23 +353,25 @@ def lower_template(matmul: Node, members: Sequence[Node], stored: Sequence[Node]
     """The template of `matmul` with the claimed nodes `members` (the matmul, its prologue casts,
     its epilogue), storing `stored`. Raises NotFusable when the nodes do not make one template."""
     a, b = matmul.srcs
-    if matmul.ndim != 2 or a.ndim != 2 or b.ndim != 2:
-        raise NotFusable("only 2-D matmuls become templates")
+    if not _supported_ranks(matmul):
+        raise NotFusable("only 2-D matmuls and 3-D ones with one batch dimension become templates")
     if matmul.dtype not in DOT_DTYPES or a.dtype != matmul.dtype or b.dtype != matmul.dtype:
         raise NotFusable(f"a {matmul.dtype} matmul has no template")
-    m, n = matmul.shape
-    if 0 in (m, n, a.shape[1]):
+    m, n = matmul.shape[-2:]
+    if 0 in (*matmul.shape, a.shape[-1]):
         raise NotFusable("an empty matmul")
     others = [x for x in members if x.id != matmul.id]
     member_ids = {x.id for x in others}
     prologue = {o.id: _view_root(o) for o in (a, b) if _view_root(o).id in member_ids}
     stored_ids = {x.id for x in stored}
     kept = [x for x in stored if x.id not in {c.id for c in prologue.values()}]  # stored by the epilogue
-    lw = _TemplateLowering(others, Space((m, n), ()), kept, {c.id for c in prologue.values()})
+    space = Space(tuple(matmul.shape), ())
+    lw = _TemplateLowering(others, space, kept, {c.id for c in prologue.values()})
     tiles = []
     outputs, program_stores = len(kept), []
-    for operand, coords, first_row in ((a, ("am", "ak"), _FIRST.format("pid_n")),
-                                       (b, ("bk", "bn"), _FIRST.format("pid_m"))):
+    for operand, coords, first_row in ((a, ("am", "ak"), _first("pid_n", a, matmul)),
+                                       (b, ("bk", "bn"), _first("pid_m", b, matmul))):
+        coords = ("ab", *coords) if operand.ndim == 3 else coords  # ab: the program's matrix
         lw.cur = Phase()
         lw._row_memo = {}
         value = lw.value(operand, coords)
@@ -399,11 +406,23 @@ def lower_template(matmul: Node, members: Sequence[Node], stored: Sequence[Node]
         elif s.kind in ("load", "param"):
             s.args = (index[s.args[0]], *s.args[1:])
     program.buffers[:] = buffers
-    return TemplateProgram(matmul, Space((m, n), ()), buffers, program.outputs, tiles[0][0], tiles[1][0],
+    return TemplateProgram(matmul, space, buffers, program.outputs, tiles[0][0], tiles[1][0],
                            tiles[0][1], tiles[1][1], epilogue, program)
 
 
-_FIRST = "(tl.zeros([1, 1], tl.int32) + {}) == 0"  # a block, as the interpreter wants masks
+def _first(other: str, operand: Node, matmul: Node) -> str:
+    """Which programs store a prologue's tiles: those of the first row (or column) of blocks, of
+    the first matrix too when the operand is shared by the whole batch. A block, as masks must be."""
+    shared = matmul.ndim == 3 and (operand.ndim == 2 or operand.shape[0] == 1)
+    return f"(tl.zeros([1, 1], tl.int32) + {other}{' + ab' if shared else ''}) == 0"
+
+
+def _supported_ranks(mm: Node) -> bool:
+    """[M, K] @ [K, N], or a batch: [B, M, K] @ [B or 1, K, N] and the like (operands of rank 2 or 3)."""
+    a, b = mm.srcs
+    if mm.ndim == 2:
+        return a.ndim == 2 and b.ndim == 2
+    return mm.ndim == 3 and all(x.ndim in (2, 3) for x in (a, b))
 
 
 class _TemplateLowering(Lowering):
@@ -432,11 +451,12 @@ def _check_acc_coords(coords: tuple[str, ...], shape: tuple[int, int]) -> None:
     the linear index x, are (x // N, x % N). Checked at sample indices, all at once (matmul_fusion
     only claims reshapes and same-sized pointwise work between, so this is a guard, not the
     proof); kept per (coordinates, shape): every layer asks the same."""
-    m, n = shape
-    total = m * n
-    x = np.array(sorted({0, 1, n - 1, n, total - 1, total // 2, total // 3 + 1,
-                         *range(0, total, max(1, total // 61))}), dtype=np.int64)
-    want = (x // n if m != 1 else 0 * x, x % n if n != 1 else 0 * x)
+    *batch, m, n = shape
+    total = numel(shape)
+    x = np.array(sorted(i for i in {0, 1, n - 1, n, m * n, total - 1, total // 2, total // 3 + 1,
+                                    *range(0, total, max(1, total // 61))} if i < total), dtype=np.int64)
+    want = (x // (m * n), (x // n) % m, x % n)[-len(shape):]
+    want = tuple(0 * x if d == 1 else w for d, w in zip(shape, want))
     for c, w in zip(coords, want):
         got = eval(c, {}, {"x": x}) + 0 * x  # index arithmetic over x only (// and % as Python's)
         if not np.array_equal(got, w):
