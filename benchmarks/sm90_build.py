@@ -76,8 +76,8 @@ def sm90_build(config: str, batch_size: int, block_size: int, jobs: int, dtype: 
     loss.backward()
     program = CompiledProgram(lg.graph(loss, *[p.grad for p in model.parameters()]))
     start = time.perf_counter()
-    kernels = [codegen_triton.Kernel(g, [contiguous_strides(b.shape) for b in g.program.buffers], program.names,
-                                     target=codegen_triton.GPU) for g in program.schedule.kernels]
+    kernels = [codegen_triton.make_kernel(g, [contiguous_strides(b.shape) for b in g.program.buffers], program.names,
+                                          target=codegen_triton.GPU) for g in program.schedule.kernels]
     generated = time.perf_counter() - start
     bodies = {_body(k.source) for k in kernels}
     todo = codegen_triton.body_jobs([(k.body, k.signature()) for k in kernels])

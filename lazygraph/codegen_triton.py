@@ -29,6 +29,7 @@ import torch
 
 from .codegen import aot
 from .codegen.cache import cache_dir, cached_file, kernel_path, load_kernel, triton_version
+from .codegen.matmul_template import TemplateKernel, is_template, template_body
 from .codegen.target import GPU, INTERPRETER, Target, interpreting, launching, quiet_interpreter
 from .codegen.templates import KernelBody, kernel_body, launch, signature
 from .codegen.uses import body_with_uses
@@ -121,6 +122,14 @@ class Kernel:
         return signature(self.group.program, self.launch)
 
 
+def make_kernel(group: FusionGroup, strides: Sequence[Sequence[int]], names: dict[int, str] | None = None,
+                target: Target | None = None):
+    """The launch of a group: a matmul template's (codegen/matmul_template.py) or a loop program's."""
+    if is_template(group):
+        return TemplateKernel(group, strides, target)
+    return Kernel(group, strides, names, target)
+
+
 # ---------------------------------------------------------------------------------------------
 # building for a real GPU without one
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +194,8 @@ def kernel_files(groups: Sequence[FusionGroup], ran: Sequence[Kernel], names: di
         launches = [(k.body, k.strides, True) for k in ran_by_group.get(id(g), [])]
         if not launches:
             strides = [contiguous_strides(b.shape) for b in g.program.buffers]
-            launches = [(kernel_body(g.program, strides, Target.current()), strides, False)]
+            make = template_body if is_template(g) else kernel_body
+            launches = [(make(g.program, strides, Target.current()), strides, False)]
         for body, strides, did_run in launches:
             bodies[body.name] = body
             uses.setdefault(body.name, []).append((g, strides, did_run))
@@ -196,4 +206,4 @@ def kernel_files(groups: Sequence[FusionGroup], ran: Sequence[Kernel], names: di
 
 
 __all__ = ["Kernel", "KernelBody", "kernel_body", "build_for_target", "build_bodies", "kernel_files", "Target",
-           "GPU", "INTERPRETER", "body_jobs"]
+           "GPU", "INTERPRETER", "body_jobs", "make_kernel"]

@@ -230,7 +230,10 @@ def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs
     g = program.result.graph
     # graph inputs and outputs that no matmul, flash or extern call already moves, each once,
     # as little of each input as a kernel reads of it (an embedding's gathered rows)
-    by_call = {x.id for nodes in (*launches["attention"].values(), *launches["extern"].values())
+    # a matmul moves its operands and result whether it is an extern call or inside a template
+    in_templates = [n for k in s.kernels for n in k.nodes if n.op is Op.MATMUL]
+    templated = sum(n.nbytes + sum(operand_bytes(x) for x in n.srcs) for n in in_templates)
+    by_call = {x.id for nodes in (*launches["attention"].values(), *launches["extern"].values(), in_templates)
                for n in nodes for x in (n, *map(_root, n.srcs))}
     least: dict[int, int] = {}
     for k in s.kernels:
@@ -244,7 +247,7 @@ def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs
             "launches": len(s.kernels) + len(launches["attention"]) + len(launches["extern"]),
             "fused_bytes": kernel_bytes + flash_bytes + extern_bytes + hidden.bytes,
             "hidden_bytes": hidden.bytes, "hidden_copies": hidden.copies, "hidden_fills": hidden.fills,
-            "lower_bound_bytes": flash_bytes + extern_bytes + io,
+            "lower_bound_bytes": flash_bytes + extern_bytes + templated + io,
             "peak_bytes": program.result.memory.summary().get("peak_bytes", 0),
             **modelled_time(program)}
 
@@ -440,6 +443,8 @@ def _kernel_flops(group) -> int:
     for n in group.nodes:
         if n.op in REDUCE:
             total += numel(n.srcs[0].shape)
+        elif n.op is Op.MATMUL:  # a matmul template's
+            total += _matmul_flops(n)
         elif n.op not in MOVEMENT and n.op not in (Op.FULL, Op.IOTA, Op.INPUT):
             total += numel(n.shape)
     return total
@@ -463,6 +468,11 @@ def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepC
         g = step.group
         nbytes = kernel_read_bytes(g) + sum(o.nbytes for o in g.program.outputs)
         flops, peak, launch = _kernel_flops(g), profile.flops, profile.kernel_launch
+        mms = [n for n in g.nodes if n.op is Op.MATMUL]  # a matmul template's, on tensor cores if 16-bit
+        seconds = sum(_matmul_flops(n) / _peak_flops(n, profile) for n in mms) + \
+            (flops - sum(_matmul_flops(n) for n in mms)) / profile.flops
+        if mms and seconds > 0:
+            peak = flops / seconds
     else:
         n = step.node
         if not first_of_call:

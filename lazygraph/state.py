@@ -67,6 +67,9 @@ class Settings:
     # LAZYGRAPH_CUDA_GRAPHS=auto|on|off: compiled programs on a GPU replayed as CUDA graphs
     # (runtime/cuda_graphs.py; auto: programs of many small launches)
     cuda_graphs: str = cuda_graph_mode(os.environ.get("LAZYGRAPH_CUDA_GRAPHS", "auto"))
+    # LAZYGRAPH_MATMUL_TEMPLATES=auto|on|off: matmuls run as Triton templates with their casts and
+    # pointwise neighbours fused in (passes/matmul_fusion.py; auto: 16-bit ones that save bytes)
+    matmul_templates: str = os.environ.get("LAZYGRAPH_MATMUL_TEMPLATES", "auto").strip().lower() or "auto"
 
 
 SETTINGS = Settings()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lazygraph as lg
+from lazygraph import state
 from lazygraph.ir import parse
 from lazygraph.passes.fuse import fuse
 
@@ -72,8 +73,10 @@ def test_equal_canonical_spaces():
     assert Space((15, 11), (1,)).canonical != Space((15, 11), (0,)).canonical
 
 
-def test_weight_casts_run_packed_in_one_launch():
-    # the bf16 copies of three fp32 weights of different shapes, each read by its matmul
+def test_weight_casts_run_packed_in_one_launch(monkeypatch):
+    # the bf16 copies of three fp32 weights of different shapes, each read by its matmul (an extern
+    # call: a matmul template would cast them as it loads them, passes/matmul_fusion.py)
+    monkeypatch.setattr(state.SETTINGS, "matmul_templates", "off")
     w1, w2, w3 = torch.randn(7, 5), torch.randn(5, 9), torch.randn(9, 3)
     x = torch.randn(4, 7).to(torch.bfloat16)
 

@@ -126,8 +126,9 @@ def test_compile_runs_each_stage_once_per_step(monkeypatch, fused_backend):
     monkeypatch.setattr(passes, "PIPELINE", [(name, counted(name, fn)) for name, fn in passes.PIPELINE])
     lg.reset_stats()
     compiled_step(CausalSelfAttention(), torch.randn(2, 5, 16))
-    # simplify, attention, heads and linear once, on the joint graph; place once per half
-    assert sorted(ran) == ["attention", "heads", "linear", "place", "place", "simplify"], ran
+    # simplify, attention, heads and linear once, on the joint graph; matmul_fusion and place once per half
+    assert sorted(ran) == ["attention", "heads", "linear", "matmul_fusion", "matmul_fusion", "place", "place",
+                           "simplify"], ran
     assert lg.stats()["flash_attention"] >= 2  # forward and backward took the flash kernels
 
 
@@ -151,8 +152,9 @@ def test_a_compile_dump_shows_what_each_pass_changed(tmp_path, capsys, fused_bac
                                "02-attention.dot", "02-attention.txt", "03-heads.dot", "03-heads.txt",
                                "04-linear.dot", "04-linear.txt"]
     for half in ("forward", "backward"):
-        assert [f for f in stages[half] if f.endswith(".txt")] == ["05-partition.txt", "06-place.txt", "07-fuse.txt",
-                                                                   "08-schedule.txt"]
+        assert [f for f in stages[half] if f.endswith(".txt")] == ["05-partition.txt", "06-matmul_fusion.txt",
+                                                                   "07-place.txt", "08-fuse.txt",
+                                                                   "09-schedule.txt"]
     joint = f"{run}/joint"
     heads = {f: (tmp_path / joint / "passes" / f).read_text().splitlines()[0] for f in stages["joint"]
              if f.endswith(".txt")}

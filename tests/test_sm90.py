@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import lazygraph as lg
-from lazygraph import codegen_triton
+from lazygraph import codegen_triton, state
+from lazygraph.codegen.matmul_template import TemplateKernel, is_template
 from lazygraph.ir import contiguous_strides
 from lazygraph.runtime import CompiledProgram
 
@@ -45,19 +46,34 @@ CASES = {
 }
 
 
-def _kernels_for(fn, tensors) -> list[codegen_triton.Kernel]:
+# matmul templates (passes/matmul_fusion.py) are their own kind; elsewhere they are off, so that the
+# casts before matmuls stay the packed kind
+TEMPLATE_CASES = {
+    "matmul_template": (lambda x, w, b: F.gelu(x @ w.t().bfloat16() + b, approximate="tanh"),
+                        lambda: (torch.randn(37, 19).bfloat16(), torch.randn(50, 19), torch.randn(50).bfloat16())),
+}
+
+
+def _kernels_for(fn, tensors, templates: str = "off") -> list[codegen_triton.Kernel]:
     """The kernels fn's graph compiles to, for the GPU and the interpreter targets."""
     torch.manual_seed(0)
     outs = fn(*[lg.lazy(t) for t in tensors])
     outs = outs if isinstance(outs, tuple) else (outs,)
     graph = lg.graph(*outs)
-    program = CompiledProgram(graph)
+    previous, state.SETTINGS.matmul_templates = state.SETTINGS.matmul_templates, templates
+    try:
+        program = CompiledProgram(graph)
+    finally:
+        state.SETTINGS.matmul_templates = previous
     strides = {i: tuple(n.value.stride()) for i, n in zip(program.input_ids, graph.inputs)}
     kernels = []
     for group in program.schedule.kernels:
         st = [strides.get(b.id, contiguous_strides(b.shape)) for b in group.program.buffers]
         for target in (codegen_triton.GPU, codegen_triton.INTERPRETER):
-            kernels.append(codegen_triton.Kernel(group, st, program.names, target=target))
+            if is_template(group):
+                kernels.append(TemplateKernel(group, st, target=target))
+            else:
+                kernels.append(codegen_triton.Kernel(group, st, program.names, target=target))
     # the same graph also runs correctly in the interpreter
     torch.manual_seed(0)
     want = fn(*tensors)
@@ -74,9 +90,13 @@ def test_one_kernel_of_each_kind_builds_for_sm90():
         ks = _kernels_for(fn, make())
         assert ks, f"{name}: no kernels"
         kernels += ks
+    for name, (fn, make) in TEMPLATE_CASES.items():
+        ks = _kernels_for(fn, make(), templates="on")
+        assert any(isinstance(k, TemplateKernel) for k in ks), name
+        kernels += ks
     sources = "\n".join(k.source for k in kernels)
     for needle in ("tl.rand(", "for r0 in range(", "tl.bfloat16", "ws_ptr", "float(\"nan\")", "(x >= ",
-                   "cnt_ptr + cblock"):
+                   "cnt_ptr + cblock", "tl.dot("):
         assert needle in sources, needle  # every kind really is in the set
     # both targets' bodies of each launch (build_for_target would key them by the one launch name)
     ptx = codegen_triton.build_bodies([(k.body, k.signature()) for k in kernels])

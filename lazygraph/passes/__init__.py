@@ -29,6 +29,7 @@ from .attention import InputValues, attention_pass, lend_input_values
 from .fuse import Decision, FusionGroup, Schedule, Step, fuse
 from .heads import split_heads
 from .linear import linear_pass
+from .matmul_fusion import matmul_fusion
 from .memory import MemoryPlan, plan_memory
 from .pattern import Fired, fired_counts
 from .place import place
@@ -46,7 +47,8 @@ def _attention_stage(graph: Graph, log: list[Fired] | None = None) -> Graph:
 
 
 PIPELINE: list[tuple[str, GraphPass]] = [("simplify", simplify), ("attention", _attention_stage),
-                                         ("heads", split_heads), ("linear", linear_pass), ("place", place)]
+                                         ("heads", split_heads), ("linear", linear_pass),
+                                         ("matmul_fusion", matmul_fusion), ("place", place)]
 GRAPH_LEVEL = 4  # PIPELINE[:GRAPH_LEVEL] need the whole graph: compile runs them before partition
 
 

@@ -155,6 +155,11 @@ class _Fuser:
         self.outputs = {o.id for o in graph.outputs}
         self.users = graph.users()
         self.kernel_ids = {n.id for n in graph.nodes if is_kernel_node(n)}
+        # nodes matmul_fusion claimed for a matmul template: one kernel step each, fused no further
+        from .matmul_fusion import template_groups  # it builds on this module's groups
+
+        self.template_of = template_groups(graph)
+        self.kernel_ids -= self.template_of.keys()
         self.view_steps: set[int] = set()
         self._find_view_steps()
         self.sinks = {n.id: self._sinks(n) for n in graph.nodes}
@@ -181,6 +186,22 @@ class _Fuser:
         self.units = [n for n in graph.nodes if self._is_unit(n)]
         self.unit_of = {n.id: i for i, n in enumerate(self.units)}
         self.reach = Reachability(self._unit_preds())
+        self._claim_templates()
+
+    def _claim_templates(self) -> None:
+        """Each template is one unit of work, storing what is read outside it."""
+        for g in {id(g): g for g in self.template_of.values()}.values():
+            first = self.unit_of[g.nodes[0].id]
+            for n in g.nodes[1:]:
+                if self.reach.via(first, self.unit_of[n.id]) is not None:
+                    raise RuntimeError(f"lazygraph fuse: matmul template {self.names[n.id]} would create a cycle; "
+                                       "LAZYGRAPH_MATMUL_TEMPLATES=off avoids templates")
+                self.reach.merge(first, self.unit_of[n.id])
+            g.lower(self.stored(g))
+            mm = g.program.matmul
+            claimed = " ".join(self.names[n.id] for n in g.nodes if n is not mm)
+            self.decisions.append(Decision(self.names[mm.id], claimed, True, "ok", 0,
+                                           "matmul template (matmul_fusion.txt says why)", kind="template"))
 
     # -- which values must exist as buffers ------------------------------------------------------
 
@@ -188,7 +209,7 @@ class _Fuser:
         """Free nodes read by extern work or returned: they run as torch views of a buffer."""
         stack = []
         for n in self.graph.nodes:
-            if effective_op(n) is not n.op or n.id in self.kernel_ids or n.op in FREE_OPS:
+            if effective_op(n) is not n.op or n.id in self.kernel_ids or n.id in self.template_of or n.op in FREE_OPS:
                 continue
             stack.extend(n.srcs)  # extern work reads buffers
         stack.extend(self.graph.outputs)
@@ -282,7 +303,7 @@ class _Fuser:
             # a kernel folds every movement op it reads, view steps included: it reads the
             # buffer under the view, so it never waits for the (free) view step itself. A folded
             # movement op is read by kernels only (else it would be a view step)
-            in_kernel = n.id in self.kernel_ids or n.id in self.inline_ids or \
+            in_kernel = n.id in self.kernel_ids or n.id in self.inline_ids or n.id in self.template_of or \
                 (n.op in FREE_OPS and n.id not in self.unit_of)
             ps = set()
             for s in n.srcs:
@@ -543,6 +564,11 @@ class _Fuser:
                 continue
             if n.id in self.kernel_ids:
                 g = self.group_of[n.id]
+                key = self.order[g.nodes[0].id]
+                steps.setdefault(key, Step("kernel", group=g))
+                step_of[n.id] = key
+            elif n.id in self.template_of:
+                g = self.template_of[n.id]
                 key = self.order[g.nodes[0].id]
                 steps.setdefault(key, Step("kernel", group=g))
                 step_of[n.id] = key

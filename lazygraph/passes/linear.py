@@ -8,8 +8,9 @@ nn.Linear does, so the product is written once:
     add(reshape*(matmul(a, w)), expand(bias))  ->  reshape*(extern aten.addmm(bias, a, w))
 
 (baddbmm for a batched matmul). It fires only where the product has no other reader, so the
-matmul's output is not needed anyway, and never on a matmul another pass has claimed (one with
-any attribute but a pin: the matmul-template pass marks its matmuls so).
+matmul's output is not needed anyway, and never on a matmul a Triton template may take (16-bit
+under LAZYGRAPH_MATMUL_TEMPLATES=auto, any under on: matmul_fusion.may_template), whose epilogue
+adds the bias instead.
 
 An embedding's backward is recorded as a scatter-add into a zero table. The runtime fills that
 table outside any kernel, and with tied weights (GPT-2's wte is also the lm_head) a kernel then
@@ -26,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import MOVEMENT, Graph, Node, Op, effective_op, numel
+from .matmul_fusion import may_template
 from .pattern import Fired
 from .rewrite import copy_with, rebuild
 
@@ -114,7 +116,7 @@ def _linear(add: Node, users: dict[int, list[Node]]) -> _Linear | None:
             reader, m = m, m.srcs[0]
         if m.op is not Op.MATMUL or not _only_reader(m, reader, users) or m.ndim not in ADDMM:
             continue
-        if set(m.attrs) - {"pin"}:  # claimed by another pass (a matmul template)
+        if set(m.attrs) - {"pin"} or may_template(m):  # a matmul template takes it, bias and all
             continue
         # reshapes that keep the last axis keep every element's column: element flat index i is
         # column i % N before and after, so the bias meets the product's columns either way

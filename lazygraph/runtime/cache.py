@@ -59,8 +59,9 @@ def build_program(graph: Graph, backend: str) -> Program:
 def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
     """The cached program for this graph's structure (built on a miss; counted either way)."""
     # a half of a compiled joint graph skips the graph-level passes: never the same program as a
-    # lazy run of an identical graph, which runs them all
-    key = f"{backend}:{graph.structural_hash()}:{extra_key!r}:{is_after_partition()}"
+    # lazy run of an identical graph, which runs them all; matmul templates change the program too
+    key = (f"{backend}:{graph.structural_hash()}:{extra_key!r}:{is_after_partition()}:"
+           f"{state.SETTINGS.matmul_templates}")
     program = _PROGRAMS.get(key)
     if program is None:
         COUNTERS["compiles"] += 1

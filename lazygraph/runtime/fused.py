@@ -122,14 +122,14 @@ class CompiledProgram:
     def kernel_for(self, group: FusionGroup, ins: Sequence[Any]):
         """The kernel of `group` for buffers with these strides (a scalar has none), built on first
         use; None if it cannot be built (the group then runs in torch, with a warning)."""
-        from ..codegen_triton import Kernel
+        from ..codegen_triton import make_kernel
 
         strides = [tuple(t.stride()) if isinstance(t, torch.Tensor) else () for t in ins]
         key = (group.id, tuple(strides))
         if key in self._kernels:
             return self._kernels[key]
         try:
-            k = Kernel(group, strides, self.names)
+            k = make_kernel(group, strides, self.names)
         except Exception as e:  # report, fall back to torch for this group only
             warnings.warn(f"lazygraph: kernel {group.name} could not be built ({type(e).__name__}: {e}); "
                           "running it with torch instead", RuntimeWarning, stacklevel=2)
