@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lazygraph as lg
+from lazygraph import state
 from lazygraph.cost_model import add_costs, node_cost, profile_for, program_cost
 from lazygraph.ir import Op, parse
 from lazygraph.passes import run_pipeline, simplify
@@ -165,7 +166,11 @@ def test_compiled_training_grads_equal_eager(fused_backend):
     assert _targets(forward.graph).count(ADDMM[2]) == 2 and Op.MATMUL not in _ops(forward.graph)
 
 
-def test_autocast_bf16_equals_eager(fused_backend):
+@pytest.mark.parametrize("templates", ["off", "auto"])
+def test_autocast_bf16_equals_eager(fused_backend, monkeypatch, templates):
+    """With matmul templates off, both bf16 linears become addmm calls; under auto the templates take
+    them (bias in their epilogue) and this pass leaves them alone."""
+    monkeypatch.setattr(state.SETTINGS, "matmul_templates", templates)
     torch.manual_seed(0)
     model, ref = _MLP(), _MLP()
     ref.load_state_dict(model.state_dict())
@@ -180,7 +185,10 @@ def test_autocast_bf16_equals_eager(fused_backend):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3, msg=name)
     calls = [n for n in compiled._lg_last.programs.forward.graph.nodes if n.op is Op.EXTERN]
-    assert [n.attrs["target"] for n in calls] == [ADDMM[2]] * 2 and {n.dtype for n in calls} == {torch.bfloat16}
+    if templates == "off":
+        assert [n.attrs["target"] for n in calls] == [ADDMM[2]] * 2 and {n.dtype for n in calls} == {torch.bfloat16}
+    else:
+        assert not calls
 
 
 class _Tied(torch.nn.Module):
