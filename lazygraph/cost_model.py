@@ -87,7 +87,9 @@ def operand_bytes(n: Node) -> int:
         return itemsize(r.dtype)
     if r.op in (Op.FULL, Op.IOTA) and r.value is None:
         return 0
-    return min(r.nbytes, n.nbytes) if r.op is Op.EXPAND else r.nbytes
+    # a view reads at most its own elements (q, k and v sliced from one projection: a third each)
+    # and at most the buffer (a broadcast)
+    return min(r.nbytes, n.nbytes)
 
 
 def kernel_reads(group) -> dict[int, int]:
@@ -172,7 +174,8 @@ def hidden_traffic(schedule, graph, inputs: dict[int, torch.Tensor] | None = Non
             hidden.add_fill(n)  # the runtime makes it with torch.full / arange
             env[n.id] = _meta(n)
             continue
-        args = [arg(s) for s in n.srcs]
+        # a flash launch takes a runtime scalar (its scale) as a value, not filled
+        args = [None if n.op in _ATTENTION and is_scalar_input(s) else arg(s) for s in n.srcs]
         if step.kind == "view":
             try:
                 v = eval_node(n, args, {})

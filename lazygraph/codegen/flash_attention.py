@@ -22,9 +22,12 @@ Backward: one program per (block of BLOCK_N keys, batch*head). It keeps k, v and
 accumulators in registers and walks the query blocks that can see its keys, rebuilding
 p = exp(s - lse). delta = rowsum(dout * out) (the softmax backward's row term) is recomputed
 per query block inside the loop instead of in a separate preprocess launch: one extra read of
-`out` beside `dout`, which the loop reads anyway. dq gets a contribution from every key block,
-so it is accumulated with atomic adds into an fp32 buffer (cast to q's dtype afterwards); the
-sum order of those atomics is not fixed, so dq on a GPU is not bitwise deterministic.
+`out` beside `dout`, which the loop reads anyway. dq gets a contribution from every key block:
+rather than adding those atomically into an fp32 buffer, the same program then makes a second
+pass, FlashAttention-2's dq pass, over query block i: it walks the key blocks that block sees,
+rebuilds p and ds (two more products per tile) and sums dq in registers, stored once in q's
+dtype. No fill, no scratch, no cast, and dq is deterministic. Under a causal mask the two passes
+of program i have TQ - i and i blocks to visit: every program does the same work.
 
 All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), half inputs
 feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
@@ -182,7 +185,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                        dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
                        mask: torch.Tensor | None = None, empty_nan: bool = False,
-                       replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       replace: bool = False, dscale: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -191,22 +195,29 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     nb, nh = q4.shape[0], q4.shape[1]
     stats = (2,) if mask is not None else ()
     lse3 = lse.expand(*batch, tq, *stats).reshape(nb * nh, tq, *stats).float().contiguous()
-    dq = torch.zeros(nb * nh, tq, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(nb * nh, tk, d, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(nb * nh, tk, dv_, dtype=torch.float32, device=q.device)
+    # every element is stored once (zeros where no query sees a key): no fill. dk and dv per query
+    # head, in fp32 where the caller sums a group's heads
+    kv_dtype = (k.dtype, v.dtype) if group == 1 else (torch.float32, torch.float32)
+    dq = torch.empty(nb * nh, tq, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(nb * nh, tk, d, dtype=kv_dtype[0], device=q.device)
+    dv = torch.empty(nb * nh, tk, dv_, dtype=kv_dtype[1], device=q.device)
     if tq and tk and nb * nh:
         m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
         bm, bn, warps = _blocks(q.device, max(d, dv_), backward=True, f32=_dot_f32(q))
-        grid = (triton.cdiv(tk, bn), nb * nh)
+        grid = (max(triton.cdiv(tk, bn), triton.cdiv(tq, bm)), nb * nh)
         flash_attention_bwd[grid](
             q4, k4, v4, o4, do4, lse3, dq, dk, dv, m4,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
-            nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p), _seed(seed),
+            nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale),
+            float(scale if dscale is None else dscale), float(dropout_p), _seed(seed),
             CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan),
             DROPOUT=dropout_p > 0, F32=_dot_f32(q),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
-            LOOP_END=0 if q.is_cuda else tq, num_warps=warps)
-    dq = dq.reshape(*batch, tq, d).to(q.dtype)
+            LOOP_END=0 if q.is_cuda else tq, LOOP_END_K=0 if q.is_cuda else tk, num_warps=warps)
+    else:  # no key, or no query: every gradient is 0
+        for g in (dq, dk, dv):
+            g.zero_()
+    dq = dq.reshape(*batch, tq, d)
     # per query head: a key/value head's gradient sums its group (fp32, then cast)
     dk = _sum_group(dk.reshape(*batch, tk, d), group).to(k.dtype)
     dv = _sum_group(dv.reshape(*batch, tk, dv_), group).to(v.dtype)
@@ -281,23 +292,26 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
     bwd_m, bwd_n, _ = _blocks(torch.device("cuda"), head_dim, backward=True, f32=dtype == "fp32")
     ieee = dtype == "fp32"
     ptr = f"*{dtype}"
-    scalars = {"H": "i32", "GROUP": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "DIAG": "i32",
-               "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+    ints = {"H": "i32", "GROUP": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "DIAG": "i32"}
+    scalars = {**ints, "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+    bwd_scalars = {**ints, "scale": "fp32", "dscale": "fp32", "dropout_p": "fp32", "seed": "i64"}
 
     def strides(prefixes):
         return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
 
-    def consts(bm, bn):
+    def consts(bm, bn, backward=False):
         return {"CAUSAL": True, "MASK": 2, "REPLACE": False, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee,
-                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd, "LOOP_END": 0}
+                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd, "LOOP_END": 0,
+                **({"LOOP_END_K": 0} if backward else {})}
 
     mask = {"sm_b": "i64", "sm_h": "i64", "sm_t": "i64", "sm_s": "i64"}
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", "M": ptr, **strides("qkvo"), **mask,
                **scalars}
-    bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": "*fp32",
-               "DK": "*fp32", "DV_": "*fp32", "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask, **scalars}
+    # the gradients in the operands' dtype (no grouped-query heads, as GPT-2)
+    bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": ptr,
+               "DK": ptr, "DV_": ptr, "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask, **bwd_scalars}
     return [("flash_attention_fwd", fwd_sig, consts(fwd_m, fwd_n)),
-            ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
+            ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n, backward=True))]
 
 
 def sm90_jobs(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: dict | None = None
