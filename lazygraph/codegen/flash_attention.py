@@ -197,10 +197,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     lse3 = lse.expand(*batch, tq, *stats).reshape(nb * nh, tq, *stats).float().contiguous()
     # every element is stored once (zeros where no query sees a key): no fill. dk and dv per query
     # head, in fp32 where the caller sums a group's heads
-    kv_dtype = (k.dtype, v.dtype) if group == 1 else (torch.float32, torch.float32)
-    dq = torch.empty(nb * nh, tq, d, dtype=q.dtype, device=q.device)
-    dk = torch.empty(nb * nh, tk, d, dtype=kv_dtype[0], device=q.device)
-    dv = torch.empty(nb * nh, tk, dv_, dtype=kv_dtype[1], device=q.device)
+    dq = torch.empty(nb * nh, tq, d, dtype=_stored(q.dtype, q.device), device=q.device)
+    dk = torch.empty(nb * nh, tk, d, dtype=_stored(k.dtype if group == 1 else torch.float32, q.device),
+                     device=q.device)
+    dv = torch.empty(nb * nh, tk, dv_, dtype=_stored(v.dtype if group == 1 else torch.float32, q.device),
+                     device=q.device)
     if tq and tk and nb * nh:
         m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
         bm, bn, warps = _blocks(q.device, max(d, dv_), backward=True, f32=_dot_f32(q))
@@ -217,12 +218,19 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     else:  # no key, or no query: every gradient is 0
         for g in (dq, dk, dv):
             g.zero_()
-    dq = dq.reshape(*batch, tq, d)
+    dq = dq.reshape(*batch, tq, d).to(q.dtype)
     # per query head: a key/value head's gradient sums its group (fp32, then cast)
     dk = _sum_group(dk.reshape(*batch, tk, d), group).to(k.dtype)
     dv = _sum_group(dv.reshape(*batch, tk, dv_), group).to(v.dtype)
     # a broadcast operand's gradient sums over the batch dims it was expanded along
     return _unbroadcast(dq, q.shape), _unbroadcast(dk, k.shape), _unbroadcast(dv, v.shape)
+
+
+def _stored(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a kernel stores a gradient in: its own, except bf16 in the interpreter, whose
+    fp32 -> bf16 conversion truncates (Triton 3.9, rounding mode or not): there the kernel stores
+    fp32 and torch rounds to nearest, as a GPU's conversion does."""
+    return torch.float32 if dtype == torch.bfloat16 and device.type != "cuda" else dtype
 
 
 def _sum_group(g: torch.Tensor, group: int) -> torch.Tensor:
