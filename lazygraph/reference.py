@@ -191,14 +191,16 @@ def attention_value(n: Node, args: Sequence, memo: dict, forward: Callable, back
     a = n.attrs
     if n.op is Op.ATTENTION_BWD:
         attrs = {k: v for k, v in a.items() if k != "which"}
-        key = (f"{tag}_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())))
+        packed = a["which"] == "qkv"  # dq, dk, dv side by side in one tensor (see attention_backward)
+        key = (f"{tag}_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())), packed)
         if key not in memo:
             tensors, mask, seed = attention_args(a, args, backward=True)
             diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
             scale, dscale = attention_scales(a, args, backward=True)
             memo[key] = backward(*tensors, scale, a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
-                                 a.get("empty_nan", False), a.get("mask_replaces", False), dscale)
-        return memo[key]["qkv".index(a["which"])]
+                                 a.get("empty_nan", False), a.get("mask_replaces", False), dscale,
+                                 **({"packed": True} if packed else {}))
+        return memo[key] if packed else memo[key]["qkv".index(a["which"])]
     key = (f"{tag}_fwd", tuple(s.id for s in n.srcs), tuple(sorted(a.items())))
     if key not in memo:
         (q, k, v), mask, seed = attention_args(a, args, backward=False)
@@ -234,8 +236,9 @@ def _row_stats(q, k, scale, causal, diagonal, mask, replace):
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None,
-                       empty_nan=False, replace=False, dscale=None):
-    """(dq, dk, dv); dq and dk are scaled by dscale (default: scale), see attention_scales."""
+                       empty_nan=False, replace=False, dscale=None, packed=False):
+    """(dq, dk, dv); dq and dk are scaled by dscale (default: scale), see attention_scales. packed:
+    one [..., T, 3, H, D] tensor, dq, dk, dv side by side (q, k, v of one [..., H, T, D] shape)."""
     dscale = scale if dscale is None else dscale
     group = kv_group(q.shape, k.shape)
     p, _ = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
@@ -256,6 +259,8 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, se
     dq = torch.matmul(ds, k.float()) * dscale
     dk = torch.matmul(ds.transpose(-2, -1), q.float()) * dscale
     dk, dv = _sum_heads(dk, group), _sum_heads(dv, group)
+    if packed:
+        return torch.stack([g.transpose(-3, -2) for g in (dq, dk, dv)], -3).to(q.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

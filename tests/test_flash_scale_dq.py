@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lazygraph as lg
-from lazygraph import counters
+from lazygraph import counters, reference
 from lazygraph.codegen import flash_attention as fa
 from lazygraph.compiler import training_programs
 from lazygraph.ir import MOVEMENT, Op
@@ -82,16 +82,18 @@ def test_backward_builds_for_sm90_without_atomics():
 class Attention(nn.Module):
     """nanoGPT's attention with the scale a plain attribute (a runtime scalar in a compiled program)."""
 
-    def __init__(self, c: int, heads: int, scale: float, divide: bool):
+    def __init__(self, c: int, heads: int, scale: float, divide: bool, kqv: bool = False):
         super().__init__()
         self.c_attn = nn.Linear(c, 3 * c)
-        self.heads, self.scale, self.divide = heads, scale, divide
+        self.heads, self.scale, self.divide, self.kqv = heads, scale, divide, kqv
         self.register_buffer("causal_mask", torch.ones(64, 64, dtype=torch.bool).tril(), persistent=False)
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
+        if self.kqv:  # the projection lays them out k, q, v
+            q, k = k, q
         s = q @ k.transpose(-2, -1)
         s = s / self.scale if self.divide else s * self.scale
         s = s.masked_fill(~self.causal_mask[:T, :T], float("-inf"))
@@ -171,6 +173,44 @@ def test_compiled_runtime_scale_equals_eager_and_follows_a_new_value(dtype, divi
         attention = [n for n in prog.result.graph.nodes if n.op in _ATTENTION]
         assert attention and all(n.attrs.get("scale_by") == ("div" if divide else "mul") for n in attention)
         assert scaling_kernels(prog) == []
+    # dq, dk, dv written side by side into the projection's gradient: no concatenation
+    assert [n.attrs["which"] for n in bwd.result.graph.nodes if n.op is Op.ATTENTION_BWD] == ["qkv"]
+    assert not any(n.op is Op.CAT for n in bwd.result.graph.nodes)
+
+
+def test_gradients_in_another_order_are_concatenated():
+    """q, k, v split from the projection as k, q, v: the concatenation is not dq, dk, dv in order,
+    so the gradients are written apart and concatenated, and still equal eager's."""
+    torch.manual_seed(0)
+    eager = Attention(32, 2, 0.25, False, kqv=True)
+    model = lg.compile(copy.deepcopy(eager))
+    x, w = torch.randn(2, 19, 32), torch.randn(2, 19, 32)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.testing.assert_close(_step(model, xc, w, False), _step(eager, xe, w, False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+    for pe, pc in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5)
+    _, bwd, _ = training_programs(copy.deepcopy(eager), 0, x)
+    assert sorted(n.attrs["which"] for n in bwd.result.graph.nodes if n.op is Op.ATTENTION_BWD) == ["k", "q", "v"]
+    assert any(n.op is Op.CAT for n in bwd.result.graph.nodes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gradients_are_the_three_side_by_side(dtype):
+    """attention_backward(packed=True): [B, T, 3, H, D], dq, dk, dv at [:, :, 0], [:, :, 1], [:, :, 2]
+    (strided stores), equal to the three written apart; the reference packs the same way."""
+    q, k, v = (torch.randn(2, 3, 37, 16).to(dtype) for _ in range(3))
+    out, lse = fa.attention_forward(q, k, v, 0.25, True)
+    dout = torch.randn(out.shape).to(dtype)
+    apart = fa.attention_backward(dout, q, k, v, out, lse, 0.25, True)
+    packed = fa.attention_backward(dout, q, k, v, out, lse, 0.25, True, packed=True)
+    assert packed.shape == (2, 37, 3, 3, 16) and packed.dtype == dtype
+    for i, g in enumerate(apart):
+        torch.testing.assert_close(packed[:, :, i].transpose(1, 2), g, rtol=0, atol=0)
+    ref = reference.attention_backward(dout, q, k, v, out, lse, 0.25, True, packed=True)
+    torch.testing.assert_close(packed, ref, **TOL[dtype])
+    with pytest.raises(ValueError, match="one \\[B, H, T, D\\] shape"):
+        fa.attention_backward(dout, q, k[:, :, :20], v[:, :, :20], out, lse, 0.25, True, packed=True)
 
 
 @pytest.mark.slow
@@ -185,6 +225,9 @@ def test_gpt2_small_at_its_real_shape_has_no_q_scaling_kernel():
     fwd, bwd, _ = training_programs(model, 1, idx, idx)
     for prog, op in ((fwd, Op.ATTENTION), (bwd, Op.ATTENTION_BWD)):
         attention = [n for n in prog.result.graph.nodes if n.op is op]
-        assert len({tuple(s.id for s in n.srcs) for n in attention}) == 12  # one launch per layer
+        assert len(attention) == 12  # one per layer (the backward's: dq, dk, dv packed)
         assert all(n.attrs.get("scale_by") == "mul" for n in attention)
         assert scaling_kernels(prog) == []
+    # the projection's gradient is the backward kernels' output: no concatenation
+    assert {n.attrs["which"] for n in bwd.result.graph.nodes if n.op is Op.ATTENTION_BWD} == {"qkv"}
+    assert not any(n.op is Op.CAT for n in bwd.result.graph.nodes)

@@ -185,9 +185,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                        dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
                        mask: torch.Tensor | None = None, empty_nan: bool = False,
-                       replace: bool = False, dscale: float | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
+                       replace: bool = False, dscale: float | None = None, packed: bool = False):
+    """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch. packed
+    (q, k, v of one [B, H, T, D] shape): one [B, T, 3, H, D] tensor holding dq, dk, dv side by
+    side, the layout of the projection q, k and v were split from (its gradient is this tensor
+    viewed as [B, T, 3 * H * D]: no concatenation)."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     q4, o4, do4 = (_as_4d(t, batch) for t in (q, out, dout))
@@ -197,18 +199,24 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     lse3 = lse.expand(*batch, tq, *stats).reshape(nb * nh, tq, *stats).float().contiguous()
     # every element is stored once (zeros where no query sees a key): no fill. dk and dv per query
     # head, in fp32 where the caller sums a group's heads
-    dq = torch.empty(nb * nh, tq, d, dtype=_stored(q.dtype, q.device), device=q.device)
-    dk = torch.empty(nb * nh, tk, d, dtype=_stored(k.dtype if group == 1 else torch.float32, q.device),
-                     device=q.device)
-    dv = torch.empty(nb * nh, tk, dv_, dtype=_stored(v.dtype if group == 1 else torch.float32, q.device),
-                     device=q.device)
+    if packed:
+        if q.ndim != 4 or not q.shape == k.shape == v.shape:
+            raise ValueError(f"packed attention gradients need q, k, v of one [B, H, T, D] shape, not "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        buf = torch.empty(nb, tq, 3, nh, d, dtype=_stored(q.dtype, q.device), device=q.device)
+        grads = [buf[:, :, i].transpose(1, 2) for i in range(3)]
+    else:
+        kv = (k.dtype, v.dtype) if group == 1 else (torch.float32, torch.float32)
+        grads = [torch.empty(nb, nh, t, n, dtype=_stored(dtype, q.device), device=q.device)
+                 for t, n, dtype in ((tq, d, q.dtype), (tk, d, kv[0]), (tk, dv_, kv[1]))]
     if tq and tk and nb * nh:
         m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
         bm, bn, warps = _blocks(q.device, max(d, dv_), backward=True, f32=_dot_f32(q))
         grid = (max(triton.cdiv(tk, bn), triton.cdiv(tq, bm)), nb * nh)
         flash_attention_bwd[grid](
-            q4, k4, v4, o4, do4, lse3, dq, dk, dv, m4,
+            q4, k4, v4, o4, do4, lse3, *grads, m4,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
+            *(x for g in grads for x in _strides(g)),
             nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale),
             float(scale if dscale is None else dscale), float(dropout_p), _seed(seed),
             CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan),
@@ -216,8 +224,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
             LOOP_END=0 if q.is_cuda else tq, LOOP_END_K=0 if q.is_cuda else tk, num_warps=warps)
     else:  # no key, or no query: every gradient is 0
-        for g in (dq, dk, dv):
+        for g in grads:
             g.zero_()
+    if packed:
+        return buf.to(q.dtype)
+    dq, dk, dv = grads
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
     # per query head: a key/value head's gradient sums its group (fp32, then cast)
     dk = _sum_group(dk.reshape(*batch, tk, d), group).to(k.dtype)
@@ -282,10 +293,10 @@ def _counted_forward(*args) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(*args)
 
 
-def _counted_backward(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _counted_backward(*args, **kwargs):
     COUNTERS["triton_kernels"] += 1
     COUNTERS["flash_attention_bwd"] += 1
-    return attention_backward(*args)
+    return attention_backward(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +328,8 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
                **scalars}
     # the gradients in the operands' dtype (no grouped-query heads, as GPT-2)
     bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": ptr,
-               "DK": ptr, "DV_": ptr, "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask, **bwd_scalars}
+               "DK": ptr, "DV_": ptr, "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask,
+               **strides(["dq", "dk", "dv"]), **bwd_scalars}
     return [("flash_attention_fwd", fwd_sig, consts(fwd_m, fwd_n)),
             ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n, backward=True))]
 

@@ -193,6 +193,7 @@ def flash_attention_bwd(
     Q, K, V, Out, DOut, Lse, DQ, DK, DV_, M,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
+    sdq_b, sdq_h, sdq_t, sdq_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
     H, GROUP, TQ, TK, D, DV, DIAG, scale, dscale, dropout_p, seed,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
     DROPOUT: tl.constexpr, F32: tl.constexpr,
@@ -203,8 +204,8 @@ def flash_attention_bwd(
 ):
     """Program i does two passes, one after the other: dk, dv of key block i (over the query
     blocks that see it), then dq of query block i (over the key blocks it sees). Each gradient
-    is summed in registers and stored once, in the buffer's dtype (dq: q's, [B*H, TQ, D]; dk, dv:
-    [B*H, TK, D|DV] per query head, fp32 where a group's heads are then summed by the caller):
+    is summed in registers and stored once, in the buffer's dtype and at its strides (dq like q;
+    dk, dv per query head, fp32 where a group's heads are then summed by the caller):
     no atomics, no zero-filled scratch. Both passes rebuild p from the saved row stats; under a
     causal mask key block i has TQ - i query blocks to visit and query block i has i key blocks,
     so every program does the same work. dq and dk are scaled by dscale (see attention_scales)."""
@@ -246,10 +247,10 @@ def flash_attention_bwd(
                              TQ, TK, DIAG, scale, dropout_p, seed, CAUSAL, MASK, REPLACE, EMPTY_NAN, DROPOUT, F32)
         dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
-    tl.store(DK + (bh * TK + cols[:, None]) * D + d[None, :], (dk * dscale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & d_ok)
-    tl.store(DV_ + (bh * TK + cols[:, None]) * DV + dv[None, :], dvacc.to(DV_.dtype.element_ty),
-             mask=col_ok[:, None] & dv_ok)
+    tl.store(DK + b * sdk_b + h * sdk_h + cols[:, None] * sdk_t + d[None, :] * sdk_d,
+             (dk * dscale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok)
+    tl.store(DV_ + b * sdv_b + h * sdv_h + cols[:, None] * sdv_t + dv[None, :] * sdv_d,
+             dvacc.to(DV_.dtype.element_ty), mask=col_ok[:, None] & dv_ok)
 
     # dq of query block `pid` (a program past the last query block visits no key block)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -269,5 +270,5 @@ def flash_attention_bwd(
         _, ds = _tile_grads(q, k, v, do, lse, inv, has, delta, m_base, bh, rows, cols, row_ok, col_ok, sm_t, sm_s,
                             TQ, TK, DIAG, scale, dropout_p, seed, CAUSAL, MASK, REPLACE, EMPTY_NAN, DROPOUT, F32)
         dq += _dot(ds.to(k.dtype), k, F32)
-    tl.store(DQ + (bh * TQ + rows[:, None]) * D + d[None, :], (dq * dscale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok)
+    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + d[None, :] * sdq_d,
+             (dq * dscale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
