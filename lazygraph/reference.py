@@ -205,7 +205,8 @@ def attention_value(n: Node, args: Sequence, memo: dict, forward: Callable, back
     if key not in memo:
         (q, k, v), mask, seed = attention_args(a, args, backward=False)
         diagonal = causal_diagonal(a, q.shape[-2], k.shape[-2])
-        memo[key] = forward(q, k, v, attention_scales(a, args, backward=False)[0], a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
+        scale = attention_scales(a, args, backward=False)[0]
+        memo[key] = forward(q, k, v, scale, a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
                             a.get("empty_nan", False), a.get("mask_replaces", False))
     out, lse = memo[key]
     return out if n.op is Op.ATTENTION else lse

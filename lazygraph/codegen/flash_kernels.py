@@ -198,6 +198,7 @@ def flash_attention_bwd(
     CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
     DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N_DQ: tl.constexpr,  # the dq pass's key block (see flash_attention._blocks)
     LOOP_END: tl.constexpr,  # interpreter only: TQ and TK as Python ints (Triton 3.6's interpreter
     LOOP_END_K: tl.constexpr,  # cannot loop up to a runtime argument), every block visited and masked;
     # 0 on a GPU, where fully masked causal blocks are skipped and lengths never recompile
@@ -262,13 +263,13 @@ def flash_attention_bwd(
     lse, inv, has = _row_stats(Lse, bh, TQ, rows, row_ok, MASK, EMPTY_NAN, BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = LOOP_END_K or tl.where(pid * BLOCK_M < TQ, _keys_end(TK, DIAG, pid, BLOCK_M, CAUSAL), 0)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < TK
-        k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d, mask=col_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_t + dv[None, :] * sv_d, mask=col_ok[:, None] & dv_ok, other=0.0)
-        _, ds = _tile_grads(q, k, v, do, lse, inv, has, delta, m_base, bh, rows, cols, row_ok, col_ok, sm_t, sm_s,
+    for start_n in range(0, hi, BLOCK_N_DQ):  # (names apart from the first pass's: other shapes)
+        keys = start_n + tl.arange(0, BLOCK_N_DQ)
+        key_ok = keys < TK
+        kb = tl.load(k_base + keys[:, None] * sk_t + d[None, :] * sk_d, mask=key_ok[:, None] & d_ok, other=0.0)
+        vb = tl.load(v_base + keys[:, None] * sv_t + dv[None, :] * sv_d, mask=key_ok[:, None] & dv_ok, other=0.0)
+        _, ds = _tile_grads(q, kb, vb, do, lse, inv, has, delta, m_base, bh, rows, keys, row_ok, key_ok, sm_t, sm_s,
                             TQ, TK, DIAG, scale, dropout_p, seed, CAUSAL, MASK, REPLACE, EMPTY_NAN, DROPOUT, F32)
-        dq += _dot(ds.to(k.dtype), k, F32)
+        dq += _dot(ds.to(kb.dtype), kb, F32)
     tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + d[None, :] * sdq_d,
              (dq * dscale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
