@@ -404,14 +404,15 @@ def _matmul_flops(n: Node) -> int:
 
 
 def _attention_flops(n: Node) -> int:
-    """Two [T, T] products per head forward (q k^T, p v), five backward; q is [..., T, D]."""
+    """Two [T, T] products per head forward (q k^T, p v), seven backward (q k^T and dout v^T once
+    for dk, dv and again for dq, then dv, dk, dq); q is [..., T, D]."""
     q, k = n.srcs[0].shape, n.srcs[1].shape
     if n.op is Op.ATTENTION_BWD:
         q, k = n.srcs[1].shape, n.srcs[2].shape
     if len(q) < 2 or len(k) < 2:
         return 0
     per_product = 2 * numel(q[:-1]) * k[-2] * q[-1]
-    return per_product * (5 if n.op is Op.ATTENTION_BWD else 2)
+    return per_product * (7 if n.op is Op.ATTENTION_BWD else 2)
 
 
 def _extern_flops(n: Node) -> int:

@@ -27,7 +27,11 @@ rather than adding those atomically into an fp32 buffer, the same program then m
 pass, FlashAttention-2's dq pass, over query block i: it walks the key blocks that block sees,
 rebuilds p and ds (two more products per tile) and sums dq in registers, stored once in q's
 dtype. No fill, no scratch, no cast, and dq is deterministic. Under a causal mask the two passes
-of program i have TQ - i and i blocks to visit: every program does the same work.
+of program i have TQ - i and i blocks to visit: every program does the same work. The gradients
+are stored at their buffers' strides: with `packed`, side by side in one [B, T, 3, H, D] tensor,
+the gradient of a projection q, k and v were split from (passes/heads.py). dq and dk are scaled
+by `dscale`, the scale autograd's backward applied (a runtime scalar like the forward's `scale`:
+each launch passes the values, so a new value needs no rebuild; reference.attention_scales).
 
 All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), half inputs
 feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
