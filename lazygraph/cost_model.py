@@ -87,7 +87,9 @@ def operand_bytes(n: Node) -> int:
         return itemsize(r.dtype)
     if r.op in (Op.FULL, Op.IOTA) and r.value is None:
         return 0
-    return min(r.nbytes, n.nbytes) if r.op is Op.EXPAND else r.nbytes
+    # a view reads at most its own elements (q, k and v sliced from one projection: a third each)
+    # and at most the buffer (a broadcast)
+    return min(r.nbytes, n.nbytes)
 
 
 def kernel_reads(group) -> dict[int, int]:
@@ -172,7 +174,8 @@ def hidden_traffic(schedule, graph, inputs: dict[int, torch.Tensor] | None = Non
             hidden.add_fill(n)  # the runtime makes it with torch.full / arange
             env[n.id] = _meta(n)
             continue
-        args = [arg(s) for s in n.srcs]
+        # a flash launch takes a runtime scalar (its scale) as a value, not filled
+        args = [None if n.op in _ATTENTION and is_scalar_input(s) else arg(s) for s in n.srcs]
         if step.kind == "view":
             try:
                 v = eval_node(n, args, {})
@@ -404,14 +407,15 @@ def _matmul_flops(n: Node) -> int:
 
 
 def _attention_flops(n: Node) -> int:
-    """Two [T, T] products per head forward (q k^T, p v), five backward; q is [..., T, D]."""
+    """Two [T, T] products per head forward (q k^T, p v), seven backward (q k^T and dout v^T once
+    for dk, dv and again for dq, then dv, dk, dq); q is [..., T, D]."""
     q, k = n.srcs[0].shape, n.srcs[1].shape
     if n.op is Op.ATTENTION_BWD:
         q, k = n.srcs[1].shape, n.srcs[2].shape
     if len(q) < 2 or len(k) < 2:
         return 0
     per_product = 2 * numel(q[:-1]) * k[-2] * q[-1]
-    return per_product * (5 if n.op is Op.ATTENTION_BWD else 2)
+    return per_product * (7 if n.op is Op.ATTENTION_BWD else 2)
 
 
 # aten calls that are a matmul plus an epilogue (passes/linear.py's addmm): flops and peak as a matmul's

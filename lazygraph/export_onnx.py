@@ -155,6 +155,8 @@ def _attention_unsupported(n: Node) -> str | None:
     q, k = n.srcs[0], n.srcs[1]
     if n.attrs.get("dropout_p", 0) > 0:
         return "attention with dropout needs random numbers"
+    if n.attrs.get("scale_by"):
+        return "attention scaled by a runtime scalar is not exported"
     grouped = q.ndim >= 3 and k.ndim >= 3 and k.shape[-3] not in (q.shape[-3], 1)
     if n.attrs.get("masked") or "diagonal" in n.attrs or grouped:
         return "attention with a mask, a top-left causal mask or grouped-query heads is not exported yet"

@@ -111,6 +111,22 @@ def attention_args(attrs: dict, args: Sequence, backward: bool) -> tuple[list, A
     return list(args[:n]), mask, seed
 
 
+def attention_scales(attrs: dict, args: Sequence, backward: bool) -> tuple[float, float]:
+    """(the scores' scale, the scale of dq and dk). Either attrs["scale"] for both, or, with
+    attrs["scale_by"] ("mul" or "div"), runtime scalars the op reads last, so that a new value on
+    the next run is used without rebuilding: c (the forward's, scores * c or / c) and, in the
+    backward, cb (the one autograd's backward applied to ds; another scalar of the same value,
+    or not). A scalar arrives as its Python value (a launch plan) or as a tensor it fills."""
+    by = attrs.get("scale_by")
+    if by is None:
+        return attrs["scale"], attrs["scale"]
+    values = [float(x.reshape(-1)[0]) if isinstance(x, torch.Tensor) else float(x)
+              for x in args[len(args) - (2 if backward else 1):]]
+    if by == "div":
+        values = [1.0 / x for x in values]
+    return values[0], values[-1]
+
+
 def kv_group(q_shape, k_shape) -> int:
     """Query heads per key/value head: grouped-query attention when k has fewer heads (axis -3)
     than q, each serving a run of consecutive query heads (torch's enable_gqa, HF's repeat_kv)."""
@@ -175,18 +191,22 @@ def attention_value(n: Node, args: Sequence, memo: dict, forward: Callable, back
     a = n.attrs
     if n.op is Op.ATTENTION_BWD:
         attrs = {k: v for k, v in a.items() if k != "which"}
-        key = (f"{tag}_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())))
+        packed = a["which"] == "qkv"  # dq, dk, dv side by side in one tensor (see attention_backward)
+        key = (f"{tag}_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())), packed)
         if key not in memo:
             tensors, mask, seed = attention_args(a, args, backward=True)
             diagonal = causal_diagonal(a, tensors[1].shape[-2], tensors[2].shape[-2])
-            memo[key] = backward(*tensors, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
-                                 a.get("empty_nan", False), a.get("mask_replaces", False))
-        return memo[key]["qkv".index(a["which"])]
+            scale, dscale = attention_scales(a, args, backward=True)
+            memo[key] = backward(*tensors, scale, a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
+                                 a.get("empty_nan", False), a.get("mask_replaces", False), dscale,
+                                 **({"packed": True} if packed else {}))
+        return memo[key] if packed else memo[key]["qkv".index(a["which"])]
     key = (f"{tag}_fwd", tuple(s.id for s in n.srcs), tuple(sorted(a.items())))
     if key not in memo:
         (q, k, v), mask, seed = attention_args(a, args, backward=False)
         diagonal = causal_diagonal(a, q.shape[-2], k.shape[-2])
-        memo[key] = forward(q, k, v, a["scale"], a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
+        scale = attention_scales(a, args, backward=False)[0]
+        memo[key] = forward(q, k, v, scale, a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
                             a.get("empty_nan", False), a.get("mask_replaces", False))
     out, lse = memo[key]
     return out if n.op is Op.ATTENTION else lse
@@ -217,7 +237,10 @@ def _row_stats(q, k, scale, causal, diagonal, mask, replace):
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None,
-                       empty_nan=False, replace=False):
+                       empty_nan=False, replace=False, dscale=None, packed=False):
+    """(dq, dk, dv); dq and dk are scaled by dscale (default: scale), see attention_scales. packed:
+    one [..., T, 3, H, D] tensor, dq, dk, dv side by side (q, k, v of one [..., H, T, D] shape)."""
+    dscale = scale if dscale is None else dscale
     group = kv_group(q.shape, k.shape)
     p, _ = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
     k, v = _repeat_heads(k, group), _repeat_heads(v, group)
@@ -234,9 +257,11 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, se
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     if replace and mask is not None:  # a replaced score has no gradient (masked_fill's backward)
         ds = torch.where(mask.float() == 0, ds, 0.0)
-    dq = torch.matmul(ds, k.float()) * scale
-    dk = torch.matmul(ds.transpose(-2, -1), q.float()) * scale
+    dq = torch.matmul(ds, k.float()) * dscale
+    dk = torch.matmul(ds.transpose(-2, -1), q.float()) * dscale
     dk, dv = _sum_heads(dk, group), _sum_heads(dv, group)
+    if packed:
+        return torch.stack([g.transpose(-3, -2) for g in (dq, dk, dv)], -3).to(q.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -22,9 +22,16 @@ Backward: one program per (block of BLOCK_N keys, batch*head). It keeps k, v and
 accumulators in registers and walks the query blocks that can see its keys, rebuilding
 p = exp(s - lse). delta = rowsum(dout * out) (the softmax backward's row term) is recomputed
 per query block inside the loop instead of in a separate preprocess launch: one extra read of
-`out` beside `dout`, which the loop reads anyway. dq gets a contribution from every key block,
-so it is accumulated with atomic adds into an fp32 buffer (cast to q's dtype afterwards); the
-sum order of those atomics is not fixed, so dq on a GPU is not bitwise deterministic.
+`out` beside `dout`, which the loop reads anyway. dq gets a contribution from every key block:
+rather than adding those atomically into an fp32 buffer, the same program then makes a second
+pass, FlashAttention-2's dq pass, over query block i: it walks the key blocks that block sees,
+rebuilds p and ds (two more products per tile) and sums dq in registers, stored once in q's
+dtype. No fill, no scratch, no cast, and dq is deterministic. Under a causal mask the two passes
+of program i have TQ - i and i blocks to visit: every program does the same work. The gradients
+are stored at their buffers' strides: with `packed`, side by side in one [B, T, 3, H, D] tensor,
+the gradient of a projection q, k and v were split from (passes/heads.py). dq and dk are scaled
+by `dscale`, the scale autograd's backward applied (a runtime scalar like the forward's `scale`:
+each launch passes the values, so a new value needs no rebuild; reference.attention_scales).
 
 All matmuls accumulate in fp32; fp32 inputs use IEEE fp32 products (no TF32), half inputs
 feed the tensor cores in their own dtype. Head dims up to 128: the D axis is padded to a power
@@ -73,6 +80,14 @@ def _blocks(device: torch.device, dmax: int, backward: bool, f32: bool = False) 
     if backward:
         return (64, 64, 8) if dmax <= 64 else (32, 64, 8)
     return (128, 64, 8) if dmax <= 64 else (64, 64, 4)
+
+
+def _dq_keys(block_n: int, f32: bool) -> int:
+    """Key block of the backward's dq pass. Exact fp32 dots are unrolled FMAs, whose code ptxas
+    builds slowly: 16 keys, a quarter of the dk/dv pass's 64, make the dq pass's code a quarter
+    as long (sm_90, D = 64: the backward's cold build +15% over the atomic one, against +40%
+    with 32 keys and +90% with 64)."""
+    return min(block_n, 16) if f32 else block_n
 
 
 def _dot_f32(q: torch.Tensor) -> bool:
@@ -182,8 +197,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                        dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
                        mask: torch.Tensor | None = None, empty_nan: bool = False,
-                       replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch."""
+                       replace: bool = False, dscale: float | None = None, packed: bool = False):
+    """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch. packed
+    (q, k, v of one [B, H, T, D] shape): one [B, T, 3, H, D] tensor holding dq, dk, dv side by
+    side, the layout of the projection q, k and v were split from (its gradient is this tensor
+    viewed as [B, T, 3 * H * D]: no concatenation)."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     q4, o4, do4 = (_as_4d(t, batch) for t in (q, out, dout))
@@ -191,27 +209,51 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     nb, nh = q4.shape[0], q4.shape[1]
     stats = (2,) if mask is not None else ()
     lse3 = lse.expand(*batch, tq, *stats).reshape(nb * nh, tq, *stats).float().contiguous()
-    dq = torch.zeros(nb * nh, tq, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(nb * nh, tk, d, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(nb * nh, tk, dv_, dtype=torch.float32, device=q.device)
+    # every element is stored once (zeros where no query sees a key): no fill. dk and dv per query
+    # head, in fp32 where the caller sums a group's heads
+    if packed:
+        if q.ndim != 4 or not q.shape == k.shape == v.shape:
+            raise ValueError(f"packed attention gradients need q, k, v of one [B, H, T, D] shape, not "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        buf = torch.empty(nb, tq, 3, nh, d, dtype=_stored(q.dtype, q.device), device=q.device)
+        grads = [buf[:, :, i].transpose(1, 2) for i in range(3)]
+    else:
+        kv = (k.dtype, v.dtype) if group == 1 else (torch.float32, torch.float32)
+        grads = [torch.empty(nb, nh, t, n, dtype=_stored(dtype, q.device), device=q.device)
+                 for t, n, dtype in ((tq, d, q.dtype), (tk, d, kv[0]), (tk, dv_, kv[1]))]
     if tq and tk and nb * nh:
         m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
         bm, bn, warps = _blocks(q.device, max(d, dv_), backward=True, f32=_dot_f32(q))
-        grid = (triton.cdiv(tk, bn), nb * nh)
+        grid = (max(triton.cdiv(tk, bn), triton.cdiv(tq, bm)), nb * nh)
         flash_attention_bwd[grid](
-            q4, k4, v4, o4, do4, lse3, dq, dk, dv, m4,
+            q4, k4, v4, o4, do4, lse3, *grads, m4,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
-            nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale), float(dropout_p), _seed(seed),
+            *(x for g in grads for x in _strides(g)),
+            nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale),
+            float(scale if dscale is None else dscale), float(dropout_p), _seed(seed),
             CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan),
             DROPOUT=dropout_p > 0, F32=_dot_f32(q),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_),
-            LOOP_END=0 if q.is_cuda else tq, num_warps=warps)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_), BLOCK_N_DQ=_dq_keys(bn, _dot_f32(q)),
+            LOOP_END=0 if q.is_cuda else tq, LOOP_END_K=0 if q.is_cuda else tk, num_warps=warps)
+    else:  # no key, or no query: every gradient is 0
+        for g in grads:
+            g.zero_()
+    if packed:
+        return buf.to(q.dtype)
+    dq, dk, dv = grads
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
     # per query head: a key/value head's gradient sums its group (fp32, then cast)
     dk = _sum_group(dk.reshape(*batch, tk, d), group).to(k.dtype)
     dv = _sum_group(dv.reshape(*batch, tk, dv_), group).to(v.dtype)
     # a broadcast operand's gradient sums over the batch dims it was expanded along
     return _unbroadcast(dq, q.shape), _unbroadcast(dk, k.shape), _unbroadcast(dv, v.shape)
+
+
+def _stored(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a kernel stores a gradient in: its own, except bf16 in the interpreter, whose
+    fp32 -> bf16 conversion truncates (Triton 3.9, rounding mode or not): there the kernel stores
+    fp32 and torch rounds to nearest, as a GPU's conversion does."""
+    return torch.float32 if dtype == torch.bfloat16 and device.type != "cuda" else dtype
 
 
 def _sum_group(g: torch.Tensor, group: int) -> torch.Tensor:
@@ -263,10 +305,10 @@ def _counted_forward(*args) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(*args)
 
 
-def _counted_backward(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _counted_backward(*args, **kwargs):
     COUNTERS["triton_kernels"] += 1
     COUNTERS["flash_attention_bwd"] += 1
-    return attention_backward(*args)
+    return attention_backward(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,23 +323,28 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
     bwd_m, bwd_n, _ = _blocks(torch.device("cuda"), head_dim, backward=True, f32=dtype == "fp32")
     ieee = dtype == "fp32"
     ptr = f"*{dtype}"
-    scalars = {"H": "i32", "GROUP": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "DIAG": "i32",
-               "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+    ints = {"H": "i32", "GROUP": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "DIAG": "i32"}
+    scalars = {**ints, "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+    bwd_scalars = {**ints, "scale": "fp32", "dscale": "fp32", "dropout_p": "fp32", "seed": "i64"}
 
     def strides(prefixes):
         return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
 
-    def consts(bm, bn):
+    def consts(bm, bn, backward=False):
         return {"CAUSAL": True, "MASK": 2, "REPLACE": False, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee,
-                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd, "LOOP_END": 0}
+                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd,
+                **({"BLOCK_N_DQ": _dq_keys(bn, ieee), "LOOP_END": 0, "LOOP_END_K": 0} if backward else
+                   {"LOOP_END": 0})}
 
     mask = {"sm_b": "i64", "sm_h": "i64", "sm_t": "i64", "sm_s": "i64"}
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", "M": ptr, **strides("qkvo"), **mask,
                **scalars}
-    bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": "*fp32",
-               "DK": "*fp32", "DV_": "*fp32", "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask, **scalars}
+    # the gradients in the operands' dtype (no grouped-query heads, as GPT-2)
+    bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": ptr,
+               "DK": ptr, "DV_": ptr, "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask,
+               **strides(["dq", "dk", "dv"]), **bwd_scalars}
     return [("flash_attention_fwd", fwd_sig, consts(fwd_m, fwd_n)),
-            ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n))]
+            ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n, backward=True))]
 
 
 def sm90_jobs(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variant: dict | None = None

@@ -144,84 +144,132 @@ def flash_attention_fwd(
 
 
 @triton.jit
+def _row_stats(Lse, bh, TQ, rows, row_ok, MASK: tl.constexpr, EMPTY_NAN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(lse, inv, has) of the query rows from the forward's stats: p = exp(s - lse) * inv; has: the
+    row sees a key (fully masked rows give p = 0, or NaN with EMPTY_NAN, as the forward did)."""
+    if MASK:
+        row_max = tl.load(Lse + (bh * TQ + rows) * 2, mask=row_ok, other=0.0)
+        row_sum = tl.load(Lse + (bh * TQ + rows) * 2 + 1, mask=row_ok, other=1.0)
+        has = row_sum > 0.0
+        lse = tl.where(has, row_max, 0.0)  # p = exp(s - max) / sum below
+        inv = tl.where(has, 1.0 / tl.where(has, row_sum, 1.0), float("nan") if EMPTY_NAN else 0.0)
+    else:
+        lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
+        has = (lse > float("-inf")) | EMPTY_NAN
+        inv = tl.full([BLOCK_M], 1.0, tl.float32)
+    return lse, inv, has
+
+
+@triton.jit
+def _tile_grads(q, k, v, do, lse, inv, has, delta, m_base, bh, rows, cols, row_ok, col_ok, sm_t, sm_s,
+                TQ, TK, DIAG, scale, dropout_p, seed,
+                CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
+                DROPOUT: tl.constexpr, F32: tl.constexpr):
+    """(p after dropout, ds) of one [rows, cols] tile, both fp32: p rebuilt from the row stats,
+    ds = p * (dp - delta) the softmax backward (without the scale, which dq and dk apply)."""
+    s = _dot(q, tl.trans(k), F32) * scale
+    s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
+    # fully masked rows: p = 0, or with EMPTY_NAN NaN (lse is NaN there), poisoning dk and dv as in eager
+    ok = (row_ok & (has | EMPTY_NAN))[:, None] & col_ok[None, :]
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
+    p = tl.where(ok, tl.exp(s - lse[:, None]) * inv[:, None], 0.0)
+    dp = _dot(do, tl.trans(v), F32)
+    if DROPOUT:
+        offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
+        keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
+        pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        pd = p
+    ds = _mask_grad(p * (dp - delta[:, None]), m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
+    # keys past TK have p = 0, but 0 * (dp - delta) is NaN in a NaN row: it must not reach dq
+    ds = tl.where(col_ok[None, :], ds, 0.0)
+    return pd, ds
+
+
+@triton.jit
 def flash_attention_bwd(
     Q, K, V, Out, DOut, Lse, DQ, DK, DV_, M,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
-    H, GROUP, TQ, TK, D, DV, DIAG, scale, dropout_p, seed,
+    sdq_b, sdq_h, sdq_t, sdq_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+    H, GROUP, TQ, TK, D, DV, DIAG, scale, dscale, dropout_p, seed,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
     DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LOOP_END: tl.constexpr,  # interpreter only: the sequence length as a Python int (Triton 3.6's
-    # interpreter cannot loop up to a runtime argument), every block visited and masked; 0 on a GPU,
-    # where fully masked causal blocks are skipped and lengths never recompile
+    BLOCK_N_DQ: tl.constexpr,  # the dq pass's key block (see flash_attention._blocks)
+    LOOP_END: tl.constexpr,  # interpreter only: TQ and TK as Python ints (Triton 3.6's interpreter
+    LOOP_END_K: tl.constexpr,  # cannot loop up to a runtime argument), every block visited and masked;
+    # 0 on a GPU, where fully masked causal blocks are skipped and lengths never recompile
 ):
-    """dq (fp32, atomically accumulated), dk, dv (contiguous [B*H, TK, D|DV], fp32, per query head: the
-    caller sums a group's heads) for one key block."""
-    pid_n = tl.program_id(0)
+    """Program i does two passes, one after the other: dk, dv of key block i (over the query
+    blocks that see it), then dq of query block i (over the key blocks it sees). Each gradient
+    is summed in registers and stored once, in the buffer's dtype and at its strides (dq like q;
+    dk, dv per query head, fp32 where a group's heads are then summed by the caller):
+    no atomics, no zero-filled scratch. Both passes rebuild p from the saved row stats; under a
+    causal mask key block i has TQ - i query blocks to visit and query block i has i key blocks,
+    so every program does the same work. dq and dk are scaled by dscale (see attention_scales)."""
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows0 = tl.arange(0, BLOCK_M)
+    hk = h // GROUP
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    col_ok = cols < TK
     d_ok = d[None, :] < D
     dv_ok = dv[None, :] < DV
-    hk = h // GROUP
-    k = tl.load(K + b * sk_b + hk * sk_h + cols[:, None] * sk_t + d[None, :] * sk_d,
-                mask=col_ok[:, None] & d_ok, other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_t + dv[None, :] * sv_d,
-                mask=col_ok[:, None] & dv_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     q_base = Q + b * sq_b + h * sq_h
+    k_base = K + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
     o_base = Out + b * so_b + h * so_h
     do_base = DOut + b * sdo_b + h * sdo_h
     m_base = M + b * sm_b + h * sm_h
-    lo = 0 if LOOP_END else _queries_start(DIAG, pid_n, BLOCK_M, BLOCK_N, CAUSAL)
+
+    # dk, dv of key block `pid` (a program past the last key block visits no query block)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < TK
+    k = tl.load(k_base + cols[:, None] * sk_t + d[None, :] * sk_d, mask=col_ok[:, None] & d_ok, other=0.0)
+    v = tl.load(v_base + cols[:, None] * sv_t + dv[None, :] * sv_d, mask=col_ok[:, None] & dv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    lo = 0 if LOOP_END else tl.where(pid * BLOCK_N < TK, _queries_start(DIAG, pid, BLOCK_M, BLOCK_N, CAUSAL), TQ)
     for start_m in range(lo, LOOP_END or TQ, BLOCK_M):
-        rows = start_m + rows0
+        rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < TQ
         q = tl.load(q_base + rows[:, None] * sq_t + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok, other=0.0)
         do = tl.load(do_base + rows[:, None] * sdo_t + dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok,
                      other=0.0)
-        o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok,
-                    other=0.0)
-        if MASK:
-            row_max = tl.load(Lse + (bh * TQ + rows) * 2, mask=row_ok, other=0.0)
-            row_sum = tl.load(Lse + (bh * TQ + rows) * 2 + 1, mask=row_ok, other=1.0)
-            has = row_sum > 0.0
-            lse = tl.where(has, row_max, 0.0)  # p = exp(s - max) / sum below
-            inv = tl.where(has, 1.0 / tl.where(has, row_sum, 1.0), float("nan") if EMPTY_NAN else 0.0)
-        else:
-            lse = tl.load(Lse + bh * TQ + rows, mask=row_ok, other=0.0)
-            has = (lse > float("-inf")) | EMPTY_NAN
-            inv = tl.full([BLOCK_M], 1.0, tl.float32)
+        o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok, other=0.0)
+        # delta = rowsum(dout * out), the softmax backward's row term: recomputed here, not a launch
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        s = _dot(q, tl.trans(k), F32) * scale
-        s = _add_mask(s, m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
-        # fully masked rows: p = 0, or with EMPTY_NAN NaN (lse is NaN there), poisoning dk and dv as in eager
-        ok = (row_ok & (has | EMPTY_NAN))[:, None] & col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= rows[:, None] + DIAG)
-        p = tl.where(ok, tl.exp(s - lse[:, None]) * inv[:, None], 0.0)
-        dp = _dot(do, tl.trans(v), F32)
-        if DROPOUT:
-            offs = (bh * TQ + rows[:, None]).to(tl.int64) * TK + cols[None, :]
-            keep = tl.rand(seed, offs.to(tl.uint32)) >= dropout_p
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            pd = p
-        ds = _mask_grad(p * (dp - delta[:, None]), m_base, rows, cols, row_ok, col_ok, sm_t, sm_s, MASK, REPLACE)
-        # keys past TK have p = 0, but 0 * (dp - delta) is NaN in a NaN row: it must not reach dq
-        ds = tl.where(col_ok[None, :], ds, 0.0)
+        lse, inv, has = _row_stats(Lse, bh, TQ, rows, row_ok, MASK, EMPTY_NAN, BLOCK_M)
+        pd, ds = _tile_grads(q, k, v, do, lse, inv, has, delta, m_base, bh, rows, cols, row_ok, col_ok, sm_t, sm_s,
+                             TQ, TK, DIAG, scale, dropout_p, seed, CAUSAL, MASK, REPLACE, EMPTY_NAN, DROPOUT, F32)
         dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
-        dq = _dot(ds.to(k.dtype), k, F32)
-        tl.atomic_add(DQ + (bh * TQ + rows[:, None]) * D + d[None, :], dq * scale,
-                      mask=row_ok[:, None] & d_ok)
-    tl.store(DK + (bh * TK + cols[:, None]) * D + d[None, :], dk * scale, mask=col_ok[:, None] & d_ok)
-    tl.store(DV_ + (bh * TK + cols[:, None]) * DV + dv[None, :], dvacc, mask=col_ok[:, None] & dv_ok)
+    tl.store(DK + b * sdk_b + h * sdk_h + cols[:, None] * sdk_t + d[None, :] * sdk_d,
+             (dk * dscale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok)
+    tl.store(DV_ + b * sdv_b + h * sdv_h + cols[:, None] * sdv_t + dv[None, :] * sdv_d,
+             dvacc.to(DV_.dtype.element_ty), mask=col_ok[:, None] & dv_ok)
+
+    # dq of query block `pid` (a program past the last query block visits no key block)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < TQ
+    q = tl.load(q_base + rows[:, None] * sq_t + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok, other=0.0)
+    do = tl.load(do_base + rows[:, None] * sdo_t + dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok, other=0.0)
+    o = tl.load(o_base + rows[:, None] * so_t + dv[None, :] * so_d, mask=row_ok[:, None] & dv_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse, inv, has = _row_stats(Lse, bh, TQ, rows, row_ok, MASK, EMPTY_NAN, BLOCK_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = LOOP_END_K or tl.where(pid * BLOCK_M < TQ, _keys_end(TK, DIAG, pid, BLOCK_M, CAUSAL), 0)
+    for start_n in range(0, hi, BLOCK_N_DQ):  # (names apart from the first pass's: other shapes)
+        keys = start_n + tl.arange(0, BLOCK_N_DQ)
+        key_ok = keys < TK
+        kb = tl.load(k_base + keys[:, None] * sk_t + d[None, :] * sk_d, mask=key_ok[:, None] & d_ok, other=0.0)
+        vb = tl.load(v_base + keys[:, None] * sv_t + dv[None, :] * sv_d, mask=key_ok[:, None] & dv_ok, other=0.0)
+        _, ds = _tile_grads(q, kb, vb, do, lse, inv, has, delta, m_base, bh, rows, keys, row_ok, key_ok, sm_t, sm_s,
+                            TQ, TK, DIAG, scale, dropout_p, seed, CAUSAL, MASK, REPLACE, EMPTY_NAN, DROPOUT, F32)
+        dq += _dot(ds.to(kb.dtype), kb, F32)
+    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + d[None, :] * sdq_d,
+             (dq * dscale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)

@@ -576,23 +576,25 @@ def _attention_inputs(m: Match, new: Callable[[Node], Node]) -> tuple[tuple[Node
         k = kt.srcs[0]  # k^T written as a transpose: use k itself
     else:
         k = _swap_last2(kt)
-    scale = 1.0
+    attrs = {"scale": 1.0, "causal": m.causal, "dropout_p": 0.0}
+    scalar: tuple[Node, ...] = ()
     if m.scale is not None and m.scale.op is Op.FULL:
         c = float(m.scale.attrs["value"])
-        scale = c if m.scale_op is Op.MUL else 1.0 / c
-    elif m.scale is not None:  # a runtime scalar: its value may change between runs, so q carries it
-        c = _broadcast_scalar(new(m.scale), q)
-        q = Node(m.scale_op, (q, c), q.shape, q.dtype, q.device, {}, q.source)
-    attrs = {"scale": scale, "causal": m.causal, "dropout_p": 0.0}
+        attrs["scale"] = c if m.scale_op is Op.MUL else 1.0 / c
+    elif m.scale is not None:
+        # a runtime scalar, whose value may change between runs: the op reads it last, and the
+        # kernel takes its value as an argument at each launch (reference.attention_scales)
+        attrs.update(scale=None, scale_by="mul" if m.scale_op is Op.MUL else "div")
+        scalar = (new(m.scale),)
     if m.mask is None:
-        return (q, k, new(m.v)), attrs
+        return (q, k, new(m.v)) + scalar, attrs
     # eager's softmax gives NaN in a row whose every key is -inf: so does the kernel, told so
     attrs.update(masked=True, empty_nan=True)
     if m.mask_kind != "bias":
         attrs["mask_replaces"] = True
     # q, k, v in the scores' batch layout (the matmuls may run on [B*H, T, D]), which the mask is in
     q, k, v = (_reshaped(x, m.batch + x.shape[-2:]) for x in (q, k, new(m.v)))
-    return (q, k, v, _additive_mask(m, new)), attrs
+    return (q, k, v, _additive_mask(m, new)) + scalar, attrs
 
 
 def _reshaped(x: Node, shape: tuple[int, ...]) -> Node:
@@ -630,28 +632,18 @@ def _swap_last2(x: Node) -> Node:
 def _grad_node(jm: JointMatch, which: str, fwd: tuple[Node, ...], new: Callable[[Node], Node]) -> Node:
     """attention_bwd(which) in the shape and layout of the gradient matmul it replaces.
 
-    With a runtime-scalar scale the forward op took q * c (or q / c) and scale 1, so its backward
-    gives the gradients with respect to that q; the backward's own scalar cb then gives
-    dq = dq' * cb (dq' / cb) and dk = dk' * (cb / c) (dk' * (c / cb)), which is dk' itself when
-    cb and c hold one value (x / x is exactly 1)."""
+    With a runtime-scalar scale the op reads the forward's scalar c (which rebuilds p) and then
+    the backward's own cb (which scales dq and dk), which may hold another value on a later run."""
     srcs, out, lse, dout = fwd
     q, k, v = srcs[:3]
     g = jm.grads[which]
     attrs = {**out.attrs, "which": which}
     like = {"q": q, "k": k, "v": v}[which]
-    d = Node(Op.ATTENTION_BWD, (dout, q, k, v, out, lse) + srcs[3:], like.shape, like.dtype, like.device, attrs,
+    extra = srcs[3:]
+    if "scale_by" in attrs:  # dv alone matched: no cb, and none needed (dv does not depend on it)
+        extra += (new(jm.scale_bwd) if jm.scale_bwd is not None else srcs[-1],)
+    d = Node(Op.ATTENTION_BWD, (dout, q, k, v, out, lse) + extra, like.shape, like.dtype, like.device, attrs,
              g.source)
-    m = jm.fwd
-    if m.scale is not None and m.scale.op is not Op.FULL and which != "v":
-        c, cb = new(m.scale), new(jm.scale_bwd)
-        if which == "q":
-            d = Node(m.scale_op, (d, _broadcast_scalar(cb, d)), d.shape, d.dtype, d.device, {}, g.source)
-        elif cb is not c:
-            ratio = (cb, c) if m.scale_op is Op.MUL else (c, cb)
-            one = Node(Op.DIV, tuple(_scalar_one(s, d.ndim) for s in ratio), (1,) * d.ndim, d.dtype, d.device,
-                       {}, g.source)
-            r = Node(Op.EXPAND, (one,), d.shape, d.dtype, d.device, {}, g.source)
-            d = Node(Op.MUL, (d, r), d.shape, d.dtype, d.device, {}, g.source)
     d = _reshaped(d, g.shape[:-2] + (g.shape[-1], g.shape[-2]) if which == "k" else g.shape)
     if which == "k":
         d = _swap_last2(d)  # the graph differentiates k^T

@@ -9,9 +9,18 @@ The flash kernels take a stride per batch axis and head axis, so this pass hands
 four-dimensional tensors the reshapes started from; the output keeps the [B, H, T, D] shape
 (the kernel writes it laid out [B, T, H, D], so merging the heads after it is a view too).
 A reshape back to [B*H, ...] stands where the old node stood; simplify folds it into the merge.
+
+In training, q, k and v are usually split from one projection [B, T, 3 * H * D], whose gradient
+autograd then concatenates from dq, dk and dv, each merged back to [B, T, H * D]. The backward
+kernel writes them side by side instead (attention_bwd which="qkv", [B, T, 3, H, D]: strided
+stores), and that gradient is a view of its output: no concatenation kernel.
 """
 
 from __future__ import annotations
+
+import functools
+
+import torch
 
 from ..ir import Graph, Node, Op, numel
 from ..reference import attention_args
@@ -95,4 +104,78 @@ def split_heads(graph: Graph, log: list | None = None) -> Graph:
         return Node(Op.RESHAPE, (four,), n.shape, n.dtype, n.device, {}, n.source)
 
     out = rebuild(graph, rewrite)
-    return simplify(out) if changed else graph
+    return _pack_gradients(simplify(out) if changed else graph)
+
+
+def _merged_grad(x: Node, users: dict[int, list[Node]]) -> Node | None:
+    """The attention gradient g ([B, H, T, D]) if the views x is made by from it (transposes and
+    reshapes: dk may pass through k^T's layout and [B*H, D, T]) merge its heads: x[b, t, h*D + e]
+    = g[b, h, t, e]. Nothing else may read g or the views between."""
+    chain, g = [], x  # x and the views below it, last first
+    while g.op in (Op.PERMUTE, Op.RESHAPE) and g.value is None and len(chain) < 8:
+        chain.append(g)
+        g = g.srcs[0]
+    if not chain or g.op is not Op.ATTENTION_BWD or g.value is not None or g.ndim != 4:
+        return None
+    b, h, t, d = g.shape
+    below = [g] + chain[::-1]
+    if x.shape != (b, t, h * d) or any([u.id for u in users[n.id]] != [above.id]
+                                       for n, above in zip(below, below[1:])):
+        return None
+    views = tuple((v.op, v.shape, tuple(v.attrs.get("dims", ()))) for v in chain[::-1])
+    return g if _merges_heads(g.shape, views) else None
+
+
+@functools.lru_cache(maxsize=64)  # one chain per kind of gradient, repeated in every layer
+def _merges_heads(shape: tuple[int, ...], views: tuple) -> bool:
+    """Whether the views take [B, H, T, D] to its heads merged, [B, T, H * D], told by the values
+    they move (a chain may merge and split other axes on the way)."""
+    b, h, t, d = shape
+    x = torch.arange(b * h * t * d, dtype=torch.int32 if b * h * t * d < 2**31 else torch.int64).reshape(shape)
+    want = x.permute(0, 2, 1, 3).reshape(b, t, h * d)
+    for op, to, dims in views:
+        x = x.permute(dims) if op is Op.PERMUTE else x.reshape(to)
+    return x.shape == want.shape and torch.equal(x, want)
+
+
+def _packable(cat: Node, users: dict[int, list[Node]]) -> list[Node] | None:
+    """[dq, dk, dv] of one backward launch if `cat` is their concatenation along the merged heads,
+    in that order, each read by it alone."""
+    if cat.op is not Op.CAT or cat.value is not None or cat.ndim != 3 or len(cat.srcs) != 3:
+        return None
+    if cat.attrs["axis"] not in (2, -1) or any(len(users[s.id]) != 1 for s in cat.srcs):
+        return None
+    grads = [_merged_grad(s, users) for s in cat.srcs]
+    if any(g is None for g in grads) or [g.attrs["which"] for g in grads] != ["q", "k", "v"]:
+        return None
+    first = grads[0]
+    same = {k: v for k, v in first.attrs.items() if k != "which"}
+    if any(g.srcs != first.srcs or g.shape != first.shape or g.dtype != first.dtype
+           or {k: v for k, v in g.attrs.items() if k != "which"} != same for g in grads):
+        return None
+    return grads
+
+
+def _pack_gradients(graph: Graph) -> Graph:
+    """cat(dq, dk, dv) with merged heads -> a view of one attention_bwd(which="qkv") [B, T, 3, H, D]."""
+    users = graph.users()
+    for o in graph.outputs:  # a gradient the graph returns is read outside the concatenation
+        users[o.id].append(o)
+    packs = {n.id: g for n in graph.nodes if (g := _packable(n, users)) is not None}
+    if not packs:
+        return graph
+    new_grad: dict[int, Node] = {}
+
+    def rewrite(n: Node, srcs: tuple[Node, ...]) -> Node:
+        if n.id not in packs:
+            out = copy_with(n, srcs)
+            if n.op is Op.ATTENTION_BWD:
+                new_grad[n.id] = out
+            return out
+        dq = new_grad[packs[n.id][0].id]
+        b, h, t, d = dq.shape
+        both = Node(Op.ATTENTION_BWD, dq.srcs, (b, t, 3, h, d), dq.dtype, dq.device, {**dq.attrs, "which": "qkv"},
+                    n.source)
+        return Node(Op.RESHAPE, (both,), n.shape, n.dtype, n.device, {}, n.source)
+
+    return rebuild(graph, rewrite)

@@ -497,7 +497,11 @@ class _Writer:
         self.emit(f"{lname}({_tuple(in_vars)}, {_tuple(out_vars)})  # {what}", in_vars + out_vars, out_vars)
 
     def extern(self, n: Node) -> None:
-        srcs = [self.tensor(s) for s in n.srcs]
+        if n.op in (Op.ATTENTION, Op.ATTENTION_LSE, Op.ATTENTION_BWD):  # a runtime-scalar scale: its value
+            srcs = [(self.var(s), v.value) if isinstance(v := self.env[s.id], ScalarValue) else self.tensor(s)
+                    for s in n.srcs]
+        else:
+            srcs = [self.tensor(s) for s in n.srcs]
         args = [v for _, v in srcs]
         arg_vars = [name for name, _ in srcs]
         out = self.var(n)
