@@ -148,7 +148,8 @@ def _initial_space(n: Node) -> Space:
 
 
 class _Fuser:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, chains: bool = True):
+        self.chains = chains  # recompute short chains over buffers in their readers (fusion on)
         self.graph = graph
         self.names = graph.names()
         self.order = {n.id: i for i, n in enumerate(graph.nodes)}
@@ -230,7 +231,7 @@ class _Fuser:
         # each reader loads the chain's buffers instead, so only when they are no bigger than n.
         # Its readers then need not run after the kernel that would have stored it (a column
         # reduction of norm-weight gradients beside the row kernel of the norm's backward)
-        chain = self._recomputed_chain(n)
+        chain = self._recomputed_chain(n) if self.chains else None
         return chain is not None and chain[0] <= MAX_RECOMPUTED_CHAIN and chain[1] <= n.nbytes
 
     def _recomputed_chain(self, n: Node) -> tuple[int, int] | None:
@@ -633,7 +634,7 @@ def kernel_name(g: FusionGroup) -> str:
 
 def fuse(graph: Graph, enabled: bool = True) -> Schedule:
     """Group the graph's kernel work; `enabled=False` gives one kernel per op (for comparisons)."""
-    f = _Fuser(graph)
+    f = _Fuser(graph, chains=enabled)
     if enabled:
         f.vertical()
         f.horizontal()
