@@ -154,7 +154,6 @@ def test_a_sum_over_the_batch_only_stays_a_sum_of_the_gradient():
     assert len(rereads_of_packed_gradient(bwd)) == 1
 
 
-@pytest.mark.slow
 def test_gpt2_small_at_its_real_shape_reads_no_packed_gradient_back():
     """GPT-2 small, B=8, T=1024 (built, never run): each layer's c_attn bias gradient sums the
     flash backward's partials; no kernel sums the packed [8192, 2304] gradient."""
@@ -168,5 +167,8 @@ def test_gpt2_small_at_its_real_shape_reads_no_packed_gradient_back():
     assert sorted(which) == ["qkv"] * 12 + ["qkv_sums"] * 12
     assert rereads_of_packed_gradient(bwd) == []
     packed = {n.id for n in bwd.result.graph.nodes if n.op is Op.ATTENTION_BWD and n.attrs["which"] == "qkv"}
+    for n in bwd.result.graph.nodes:  # and its views
+        if n.op in (Op.RESHAPE, Op.PERMUTE) and n.srcs[0].id in packed:
+            packed.add(n.id)
     for group in bwd.schedule.kernels:  # no generated kernel reads it (the weight gradient's matmul does)
         assert not packed & {b.id for b in group.program.buffers}, group.name

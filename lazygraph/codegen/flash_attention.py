@@ -29,7 +29,9 @@ rebuilds p and ds (two more products per tile) and sums dq in registers, stored 
 dtype. No fill, no scratch, no cast, and dq is deterministic. Under a causal mask the two passes
 of program i have TQ - i and i blocks to visit: every program does the same work. The gradients
 are stored at their buffers' strides: with `packed`, side by side in one [B, T, 3, H, D] tensor,
-the gradient of a projection q, k and v were split from (passes/heads.py). dq and dk are scaled
+the gradient of a projection q, k and v were split from (passes/heads.py); with `column_sums`,
+each program also writes its blocks' column sums (fp32, per COLUMN_SUM_ROWS rows), from which
+the projection's bias gradient is summed without reading that tensor back. dq and dk are scaled
 by `dscale`, the scale autograd's backward applied (a runtime scalar like the forward's `scale`:
 each launch passes the values, so a new value needs no rebuild; reference.attention_scales).
 
@@ -215,14 +217,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     # head, in fp32 where the caller sums a group's heads
     if column_sums and not packed:
         raise ValueError("attention column sums are of the packed gradient: packed=True")
+    n_sums = triton.cdiv(tq, column_sums) if column_sums else 0
+    sums = torch.empty(nb, n_sums, 3, nh, d, dtype=torch.float32, device=q.device) if column_sums else q4
     if packed:
         if q.ndim != 4 or not q.shape == k.shape == v.shape:
             raise ValueError(f"packed attention gradients need q, k, v of one [B, H, T, D] shape, not "
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         buf = torch.empty(nb, tq, 3, nh, d, dtype=_stored(q.dtype, q.device), device=q.device)
         grads = [buf[:, :, i].transpose(1, 2) for i in range(3)]
-        n_sums = triton.cdiv(tq, column_sums) if column_sums else 0
-        sums = torch.empty(nb, n_sums, 3, nh, d, dtype=torch.float32, device=q.device)
     else:
         kv = (k.dtype, v.dtype) if group == 1 else (torch.float32, torch.float32)
         grads = [torch.empty(nb, nh, t, n, dtype=_stored(dtype, q.device), device=q.device)
@@ -234,20 +236,20 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             raise ValueError(f"attention column sums per {column_sums} rows need blocks ({bm}, {bn}) of whole runs")
         grid = (max(triton.cdiv(tk, bn), triton.cdiv(tq, bm)), nb * nh)
         flash_attention_bwd[grid](
-            q4, k4, v4, o4, do4, lse3, *grads, m4, sums if column_sums else q4,
+            q4, k4, v4, o4, do4, lse3, *grads, m4, sums,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
             *(x for g in grads for x in _strides(g)),
             nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale),
-            float(scale if dscale is None else dscale), float(dropout_p), _seed(seed), n_sums if packed else 0,
+            float(scale if dscale is None else dscale), float(dropout_p), _seed(seed), n_sums,
             CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan),
             DROPOUT=dropout_p > 0, F32=_dot_f32(q),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_), BLOCK_N_DQ=_dq_keys(bn, _dot_f32(q)),
-            SUM_ROWS=column_sums if packed else 0,
+            SUM_ROWS=column_sums,
             LOOP_END=0 if q.is_cuda else tq, LOOP_END_K=0 if q.is_cuda else tk, num_warps=warps)
     else:  # no key, or no query: every gradient is 0
         for g in grads:
             g.zero_()
-        if packed:
+        if column_sums:
             sums.zero_()
     if packed:
         return (buf.to(q.dtype), sums) if column_sums else buf.to(q.dtype)
