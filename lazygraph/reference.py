@@ -183,15 +183,23 @@ def _dropout_keep(seed, shape, p_drop, device):
     return philox_uniform(seed, offsets) >= p_drop
 
 
+# rows per partial column sum of packed attention gradients (which="qkv_sums", passes/heads.py):
+# a divisor of every block the flash backward runs with, so each partial is one program's
+COLUMN_SUM_ROWS = 16
+
+
 def attention_value(n: Node, args: Sequence, memo: dict, forward: Callable, backward: Callable,
                     tag: str) -> torch.Tensor:
     """The value of an ATTENTION / ATTENTION_LSE / ATTENTION_BWD node, computed by `forward` /
     `backward` (attention_forward's and attention_backward's signatures: these, or the flash
-    kernels). Memoized under `tag`, so out and lse share one call, and dq, dk, dv share one."""
+    kernels). Memoized under `tag`, so out and lse share one call, and dq, dk, dv share one (and
+    with attrs["column_sums"], the packed gradient and its partial column sums, "qkv_sums")."""
     a = n.attrs
     if n.op is Op.ATTENTION_BWD:
         attrs = {k: v for k, v in a.items() if k != "which"}
-        packed = a["which"] == "qkv"  # dq, dk, dv side by side in one tensor (see attention_backward)
+        # dq, dk, dv side by side in one tensor (see attention_backward), perhaps with its column sums
+        packed = a["which"] in ("qkv", "qkv_sums")
+        sums = a.get("column_sums", 0)
         key = (f"{tag}_bwd", tuple(s.id for s in n.srcs), tuple(sorted(attrs.items())), packed)
         if key not in memo:
             tensors, mask, seed = attention_args(a, args, backward=True)
@@ -199,7 +207,9 @@ def attention_value(n: Node, args: Sequence, memo: dict, forward: Callable, back
             scale, dscale = attention_scales(a, args, backward=True)
             memo[key] = backward(*tensors, scale, a["causal"], a.get("dropout_p", 0.0), seed, diagonal, mask,
                                  a.get("empty_nan", False), a.get("mask_replaces", False), dscale,
-                                 **({"packed": True} if packed else {}))
+                                 **({"packed": True} if packed else {}), **({"column_sums": sums} if sums else {}))
+        if sums:
+            return memo[key][a["which"] == "qkv_sums"]
         return memo[key] if packed else memo[key]["qkv".index(a["which"])]
     key = (f"{tag}_fwd", tuple(s.id for s in n.srcs), tuple(sorted(a.items())))
     if key not in memo:
@@ -237,9 +247,11 @@ def _row_stats(q, k, scale, causal, diagonal, mask, replace):
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, seed=None, diagonal=None, mask=None,
-                       empty_nan=False, replace=False, dscale=None, packed=False):
+                       empty_nan=False, replace=False, dscale=None, packed=False, column_sums=0):
     """(dq, dk, dv); dq and dk are scaled by dscale (default: scale), see attention_scales. packed:
-    one [..., T, 3, H, D] tensor, dq, dk, dv side by side (q, k, v of one [..., H, T, D] shape)."""
+    one [..., T, 3, H, D] tensor, dq, dk, dv side by side (q, k, v of one [..., H, T, D] shape);
+    column_sums R (with packed): (that tensor, the fp32 sums of its values over each run of R
+    rows, [..., cdiv(T, R), 3, H, D]), the partials of a sum over rows (a bias gradient)."""
     dscale = scale if dscale is None else dscale
     group = kv_group(q.shape, k.shape)
     p, _ = _attention_probs(q, k, scale, causal, diagonal, mask, empty_nan, replace)
@@ -261,8 +273,17 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, dropout_p=0.0, se
     dk = torch.matmul(ds.transpose(-2, -1), q.float()) * dscale
     dk, dv = _sum_heads(dk, group), _sum_heads(dv, group)
     if packed:
-        return torch.stack([g.transpose(-3, -2) for g in (dq, dk, dv)], -3).to(q.dtype)
+        both = torch.stack([g.transpose(-3, -2) for g in (dq, dk, dv)], -3).to(q.dtype)
+        return (both, _row_run_sums(both, column_sums)) if column_sums else both
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _row_run_sums(g, rows: int):
+    """[..., T, 3, H, D] -> fp32 sums over each run of `rows` rows (the last run may be short)."""
+    t = g.shape[-4]
+    runs = -(-t // rows)
+    padded = torch.nn.functional.pad(g.float(), (0, 0, 0, 0, 0, 0, 0, runs * rows - t))
+    return padded.unflatten(-4, (runs, rows)).sum(-4)
 
 
 # ---------------------------------------------------------------------------------------------

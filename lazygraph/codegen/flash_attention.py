@@ -29,7 +29,9 @@ rebuilds p and ds (two more products per tile) and sums dq in registers, stored 
 dtype. No fill, no scratch, no cast, and dq is deterministic. Under a causal mask the two passes
 of program i have TQ - i and i blocks to visit: every program does the same work. The gradients
 are stored at their buffers' strides: with `packed`, side by side in one [B, T, 3, H, D] tensor,
-the gradient of a projection q, k and v were split from (passes/heads.py). dq and dk are scaled
+the gradient of a projection q, k and v were split from (passes/heads.py); with `column_sums`,
+each program also writes its blocks' column sums (fp32, per COLUMN_SUM_ROWS rows), from which
+the projection's bias gradient is summed without reading that tensor back. dq and dk are scaled
 by `dscale`, the scale autograd's backward applied (a runtime scalar like the forward's `scale`:
 each launch passes the values, so a new value needs no rebuild; reference.attention_scales).
 
@@ -54,7 +56,7 @@ import triton
 
 from ..counters import COUNTERS
 from ..ir import Node, Op
-from ..reference import attention_args, attention_value, kv_group
+from ..reference import COLUMN_SUM_ROWS, attention_args, attention_value, kv_group
 from . import aot, flash_kernels
 from .cache import cache_dir, triton_version
 from .flash_kernels import flash_attention_bwd, flash_attention_fwd
@@ -197,11 +199,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                        dropout_p: float = 0.0, seed=None, diagonal: int | None = None,
                        mask: torch.Tensor | None = None, empty_nan: bool = False,
-                       replace: bool = False, dscale: float | None = None, packed: bool = False):
+                       replace: bool = False, dscale: float | None = None, packed: bool = False,
+                       column_sums: int = 0):
     """(dq, dk, dv) in the dtypes of q, k, v: reference.attention_backward, one launch. packed
     (q, k, v of one [B, H, T, D] shape): one [B, T, 3, H, D] tensor holding dq, dk, dv side by
     side, the layout of the projection q, k and v were split from (its gradient is this tensor
-    viewed as [B, T, 3 * H * D]: no concatenation)."""
+    viewed as [B, T, 3 * H * D]: no concatenation). column_sums (rows R, with packed): (that
+    tensor, its column sums per R rows [B, cdiv(T, R), 3, H, D] fp32), written by the same launch."""
     batch, kv_batch, group = _check(q, k, v)
     tq, tk, d, dv_ = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     q4, o4, do4 = (_as_4d(t, batch) for t in (q, out, dout))
@@ -211,6 +215,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     lse3 = lse.expand(*batch, tq, *stats).reshape(nb * nh, tq, *stats).float().contiguous()
     # every element is stored once (zeros where no query sees a key): no fill. dk and dv per query
     # head, in fp32 where the caller sums a group's heads
+    if column_sums and not packed:
+        raise ValueError("attention column sums are of the packed gradient: packed=True")
+    n_sums = triton.cdiv(tq, column_sums) if column_sums else 0
+    sums = torch.empty(nb, n_sums, 3, nh, d, dtype=torch.float32, device=q.device) if column_sums else q4
     if packed:
         if q.ndim != 4 or not q.shape == k.shape == v.shape:
             raise ValueError(f"packed attention gradients need q, k, v of one [B, H, T, D] shape, not "
@@ -224,22 +232,27 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if tq and tk and nb * nh:
         m4, m_strides, mask_kind = _mask_4d(mask, batch, tq, tk, q4)
         bm, bn, warps = _blocks(q.device, max(d, dv_), backward=True, f32=_dot_f32(q))
+        if column_sums and (bm % column_sums or bn % column_sums):
+            raise ValueError(f"attention column sums per {column_sums} rows need blocks ({bm}, {bn}) of whole runs")
         grid = (max(triton.cdiv(tk, bn), triton.cdiv(tq, bm)), nb * nh)
         flash_attention_bwd[grid](
-            q4, k4, v4, o4, do4, lse3, *grads, m4,
+            q4, k4, v4, o4, do4, lse3, *grads, m4, sums,
             *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(do4), *m_strides,
             *(x for g in grads for x in _strides(g)),
             nh, group, tq, tk, d, dv_, _diagonal(diagonal, tq, tk), float(scale),
-            float(scale if dscale is None else dscale), float(dropout_p), _seed(seed),
+            float(scale if dscale is None else dscale), float(dropout_p), _seed(seed), n_sums,
             CAUSAL=bool(causal), MASK=mask_kind, REPLACE=bool(replace), EMPTY_NAN=bool(empty_nan),
             DROPOUT=dropout_p > 0, F32=_dot_f32(q),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_), BLOCK_N_DQ=_dq_keys(bn, _dot_f32(q)),
+            SUM_ROWS=column_sums,
             LOOP_END=0 if q.is_cuda else tq, LOOP_END_K=0 if q.is_cuda else tk, num_warps=warps)
     else:  # no key, or no query: every gradient is 0
         for g in grads:
             g.zero_()
+        if column_sums:
+            sums.zero_()
     if packed:
-        return buf.to(q.dtype)
+        return (buf.to(q.dtype), sums) if column_sums else buf.to(q.dtype)
     dq, dk, dv = grads
     dq = dq.reshape(*batch, tq, d).to(q.dtype)
     # per query head: a key/value head's gradient sums its group (fp32, then cast)
@@ -325,7 +338,7 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
     ptr = f"*{dtype}"
     ints = {"H": "i32", "GROUP": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "DV": "i32", "DIAG": "i32"}
     scalars = {**ints, "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
-    bwd_scalars = {**ints, "scale": "fp32", "dscale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+    bwd_scalars = {**ints, "scale": "fp32", "dscale": "fp32", "dropout_p": "fp32", "seed": "i64", "S_SUMS": "i32"}
 
     def strides(prefixes):
         return {f"s{p}_{x}": "i64" for p in prefixes for x in "bhtd"}
@@ -333,7 +346,8 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
     def consts(bm, bn, backward=False):
         return {"CAUSAL": True, "MASK": 2, "REPLACE": False, "EMPTY_NAN": False, "DROPOUT": True, "F32": ieee,
                 "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd,
-                **({"BLOCK_N_DQ": _dq_keys(bn, ieee), "LOOP_END": 0, "LOOP_END_K": 0} if backward else
+                **({"BLOCK_N_DQ": _dq_keys(bn, ieee), "SUM_ROWS": COLUMN_SUM_ROWS, "LOOP_END": 0, "LOOP_END_K": 0}
+                   if backward else
                    {"LOOP_END": 0})}
 
     mask = {"sm_b": "i64", "sm_h": "i64", "sm_t": "i64", "sm_s": "i64"}
@@ -341,7 +355,7 @@ def _build_specs(dtype: str = "bf16", head_dim: int = 64) -> list[tuple[str, dic
                **scalars}
     # the gradients in the operands' dtype (no grouped-query heads, as GPT-2)
     bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "DOut": ptr, "Lse": "*fp32", "DQ": ptr,
-               "DK": ptr, "DV_": ptr, "M": ptr, **strides(["q", "k", "v", "o", "do"]), **mask,
+               "DK": ptr, "DV_": ptr, "M": ptr, "CS": "*fp32", **strides(["q", "k", "v", "o", "do"]), **mask,
                **strides(["dq", "dk", "dv"]), **bwd_scalars}
     return [("flash_attention_fwd", fwd_sig, consts(fwd_m, fwd_n)),
             ("flash_attention_bwd", bwd_sig, consts(bwd_m, bwd_n, backward=True))]

@@ -189,16 +189,31 @@ def _tile_grads(q, k, v, do, lse, inv, has, delta, m_base, bh, rows, cols, row_o
 
 
 @triton.jit
+def _store_column_sums(CS, x, ok, b, h, which, slot0, H, S, D, d, SUM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Column sums of a gradient block x [BLOCK, BLOCK_D] (rows that are not `ok` count 0), one per run
+    of SUM_ROWS rows, into slots slot0.. of the fp32 partials [B, S, 3, H, D] (its part `which`):
+    every slot is written by one program, so the sums need no atomics and no fill."""
+    x = tl.where(ok[:, None], x.to(tl.float32), 0.0)
+    parts = tl.sum(tl.reshape(x, [BLOCK // SUM_ROWS, SUM_ROWS, BLOCK_D]), 1)
+    slots = slot0 + tl.arange(0, BLOCK // SUM_ROWS)
+    tl.store(CS + (((b * S + slots[:, None]) * 3 + which) * H + h) * D + d[None, :], parts,
+             mask=(slots[:, None] < S) & (d[None, :] < D))
+
+
+@triton.jit
 def flash_attention_bwd(
-    Q, K, V, Out, DOut, Lse, DQ, DK, DV_, M,
+    Q, K, V, Out, DOut, Lse, DQ, DK, DV_, M, CS,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     sdo_b, sdo_h, sdo_t, sdo_d, sm_b, sm_h, sm_t, sm_s,
     sdq_b, sdq_h, sdq_t, sdq_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
-    H, GROUP, TQ, TK, D, DV, DIAG, scale, dscale, dropout_p, seed,
+    H, GROUP, TQ, TK, D, DV, DIAG, scale, dscale, dropout_p, seed, S_SUMS,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, REPLACE: tl.constexpr, EMPTY_NAN: tl.constexpr,
     DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N_DQ: tl.constexpr,  # the dq pass's key block (see flash_attention._blocks)
+    SUM_ROWS: tl.constexpr,  # > 0: also the column sums of dq, dk, dv per SUM_ROWS rows into CS
+    # ([B, S_SUMS, 3, H, D] fp32; packed gradients, D == DV, no groups), the bias gradient's partials
     LOOP_END: tl.constexpr,  # interpreter only: TQ and TK as Python ints (Triton 3.6's interpreter
     LOOP_END_K: tl.constexpr,  # cannot loop up to a runtime argument), every block visited and masked;
     # 0 on a GPU, where fully masked causal blocks are skipped and lengths never recompile
@@ -209,7 +224,8 @@ def flash_attention_bwd(
     dk, dv per query head, fp32 where a group's heads are then summed by the caller):
     no atomics, no zero-filled scratch. Both passes rebuild p from the saved row stats; under a
     causal mask key block i has TQ - i query blocks to visit and query block i has i key blocks,
-    so every program does the same work. dq and dk are scaled by dscale (see attention_scales)."""
+    so every program does the same work. dq and dk are scaled by dscale (see attention_scales).
+    With SUM_ROWS, each block's column sums go to CS beside it (see _store_column_sums)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -248,10 +264,16 @@ def flash_attention_bwd(
                              TQ, TK, DIAG, scale, dropout_p, seed, CAUSAL, MASK, REPLACE, EMPTY_NAN, DROPOUT, F32)
         dvacc += _dot(tl.trans(pd.to(do.dtype)), do, F32)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
-    tl.store(DK + b * sdk_b + h * sdk_h + cols[:, None] * sdk_t + d[None, :] * sdk_d,
-             (dk * dscale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok)
-    tl.store(DV_ + b * sdv_b + h * sdv_h + cols[:, None] * sdv_t + dv[None, :] * sdv_d,
-             dvacc.to(DV_.dtype.element_ty), mask=col_ok[:, None] & dv_ok)
+    dk = (dk * dscale).to(DK.dtype.element_ty)
+    dvacc = dvacc.to(DV_.dtype.element_ty)
+    tl.store(DK + b * sdk_b + h * sdk_h + cols[:, None] * sdk_t + d[None, :] * sdk_d, dk, mask=col_ok[:, None] & d_ok)
+    tl.store(DV_ + b * sdv_b + h * sdv_h + cols[:, None] * sdv_t + dv[None, :] * sdv_d, dvacc,
+             mask=col_ok[:, None] & dv_ok)
+    if SUM_ROWS:  # the stored values' sums, while the block is in registers
+        _store_column_sums(CS, dk, col_ok, b, h, 1, pid * (BLOCK_N // SUM_ROWS), H, S_SUMS, D, d, SUM_ROWS, BLOCK_N,
+                           BLOCK_D)
+        _store_column_sums(CS, dvacc, col_ok, b, h, 2, pid * (BLOCK_N // SUM_ROWS), H, S_SUMS, D, dv, SUM_ROWS,
+                           BLOCK_N, BLOCK_DV)
 
     # dq of query block `pid` (a program past the last query block visits no key block)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -271,5 +293,8 @@ def flash_attention_bwd(
         _, ds = _tile_grads(q, kb, vb, do, lse, inv, has, delta, m_base, bh, rows, keys, row_ok, key_ok, sm_t, sm_s,
                             TQ, TK, DIAG, scale, dropout_p, seed, CAUSAL, MASK, REPLACE, EMPTY_NAN, DROPOUT, F32)
         dq += _dot(ds.to(kb.dtype), kb, F32)
-    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + d[None, :] * sdq_d,
-             (dq * dscale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    dq = (dq * dscale).to(DQ.dtype.element_ty)
+    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + d[None, :] * sdq_d, dq, mask=row_ok[:, None] & d_ok)
+    if SUM_ROWS:
+        _store_column_sums(CS, dq, row_ok, b, h, 0, pid * (BLOCK_M // SUM_ROWS), H, S_SUMS, D, d, SUM_ROWS, BLOCK_M,
+                           BLOCK_D)

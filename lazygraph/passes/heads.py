@@ -14,6 +14,12 @@ In training, q, k and v are usually split from one projection [B, T, 3 * H * D],
 autograd then concatenates from dq, dk and dv, each merged back to [B, T, H * D]. The backward
 kernel writes them side by side instead (attention_bwd which="qkv", [B, T, 3, H, D]: strided
 stores), and that gradient is a view of its output: no concatenation kernel.
+
+The projection's bias gradient sums that gradient over its B * T rows, a kernel that would read it
+all back. Where a sum over rows reads the packed gradient (through reshapes that keep each row's
+3 * H * D values together), the backward launch writes the column sums of each block it holds too
+(which="qkv_sums", fp32 partials per COLUMN_SUM_ROWS rows, [B, cdiv(T, R), 3, H, D]) and the sum
+becomes a sum of those partials: a few MiB instead of the whole gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import functools
 import torch
 
 from ..ir import Graph, Node, Op, numel
-from ..reference import attention_args
+from ..reference import COLUMN_SUM_ROWS, attention_args
 from .rewrite import copy_with, rebuild
 from .simplify import simplify
 
@@ -104,7 +110,7 @@ def split_heads(graph: Graph, log: list | None = None) -> Graph:
         return Node(Op.RESHAPE, (four,), n.shape, n.dtype, n.device, {}, n.source)
 
     out = rebuild(graph, rewrite)
-    return _pack_gradients(simplify(out) if changed else graph)
+    return _column_sums(_pack_gradients(simplify(out) if changed else graph))
 
 
 def _merged_grad(x: Node, users: dict[int, list[Node]]) -> Node | None:
@@ -177,5 +183,50 @@ def _pack_gradients(graph: Graph) -> Graph:
         both = Node(Op.ATTENTION_BWD, dq.srcs, (b, t, 3, h, d), dq.dtype, dq.device, {**dq.attrs, "which": "qkv"},
                     n.source)
         return Node(Op.RESHAPE, (both,), n.shape, n.dtype, n.device, {}, n.source)
+
+    return rebuild(graph, rewrite)
+
+
+def _summed_rows(n: Node) -> Node | None:
+    """The packed gradient [B, T, 3, H, D] (which="qkv") if n sums it over its B * T rows: a sum
+    over every axis but the last of reshapes of it whose last axis is one row's 3 * H * D values
+    (reshapes keep the row-major order, so that axis is exactly one (b, t))."""
+    if n.op is not Op.SUM or n.value is not None or set(n.attrs) != {"axes"} or not n.dtype.is_floating_point:
+        return None
+    x = n.srcs[0]
+    width = x.shape[-1] if x.ndim else 0
+    if sorted(a % x.ndim for a in n.attrs["axes"]) != list(range(x.ndim - 1)) or numel(n.shape) != width:
+        return None
+    while x.op is Op.RESHAPE and x.value is None:
+        x = x.srcs[0]
+    if (x.op is not Op.ATTENTION_BWD or x.value is not None or x.attrs.get("which") != "qkv" or x.ndim != 5
+            or numel(x.shape[2:]) != width):
+        return None
+    return x
+
+
+def _column_sums(graph: Graph) -> Graph:
+    """sum over rows of a packed attention gradient -> a sum over the backward launch's partial
+    column sums (attention_bwd which="qkv_sums", written beside the gradient); other sums stay."""
+    sums = {n.id: g.id for n in graph.nodes if (g := _summed_rows(n)) is not None}
+    if not sums:
+        return graph
+    packed = set(sums.values())
+    new: dict[int, Node] = {}  # packed gradient (old id) -> its partials in the new graph
+
+    def rewrite(n: Node, srcs: tuple[Node, ...]) -> Node:
+        if n.id in packed:  # the launch writes the partials too: one memo key for both outputs
+            grad = Node(n.op, srcs, n.shape, n.dtype, n.device, {**n.attrs, "column_sums": COLUMN_SUM_ROWS}, n.source)
+            b, t, three, h, d = n.shape
+            new[n.id] = Node(Op.ATTENTION_BWD, srcs, (b, -(-t // COLUMN_SUM_ROWS), three, h, d), torch.float32,
+                             n.device, {**grad.attrs, "which": "qkv_sums"}, n.source)
+            return grad
+        if n.id not in sums:
+            return copy_with(n, srcs)
+        parts = new[sums[n.id]]
+        total = Node(Op.SUM, (parts,), (1, 1) + parts.shape[2:], torch.float32, n.device, {"axes": (0, 1)}, n.source)
+        if n.dtype != torch.float32:
+            total = Node(Op.CAST, (total,), total.shape, n.dtype, n.device, {}, n.source)
+        return Node(Op.RESHAPE, (total,), n.shape, n.dtype, n.device, {}, n.source)
 
     return rebuild(graph, rewrite)

@@ -175,7 +175,7 @@ def _flops(n) -> float:
     if n.op is Op.ATTENTION:  # q @ k^T and p @ v: [B, H, T, D] each
         q, k = n.srcs[0].shape, n.srcs[1].shape
         return 4.0 * numel(q) * k[-2]
-    if n.op is Op.ATTENTION_BWD:
+    if n.op is Op.ATTENTION_BWD and n.attrs.get("which") != "qkv_sums":  # (the partials: the same launch)
         q, k = n.srcs[0].shape, n.srcs[1].shape
         return 10.0 * numel(q) * k[-2]
     return 0.0
