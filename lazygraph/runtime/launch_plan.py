@@ -236,7 +236,7 @@ def _fresh(n: Node) -> bool:
 
 
 _PLAN_NUMBER = itertools.count()
-COLLAPSE_VIEWS = True  # chains of views of a kernel output written as one as_strided call (tests turn it off)
+COLLAPSE_VIEWS = True  # chains of views written as one as_strided call (tests turn it off)
 
 
 class LaunchPlan:
@@ -341,6 +341,7 @@ class _Writer:
         self.calls: set = set()
         self.checked: list = []  # launched kernels with runtime checks (bounds, division by zero)
         self.stride_sensitive = self._stride_sensitive()
+        self.chain_roots = self._chain_roots()
         self.aten_calls: dict[tuple, tuple[str, Any]] = {}  # call -> (variable, result)
         self.aten_outputs: dict[tuple, list[Node]] = {}
         for s in program.schedule.steps:
@@ -349,8 +350,9 @@ class _Writer:
         self.const_count: Counter = Counter()
         self.devices: dict[str, str] = {}
         self.in_flight = InFlight()  # collectives started, not yet waited for
-        # view chains (_collapse_view): value id -> the kernel output it views; kernel outputs are
-        # contiguous at offset 0 in every run (arena slots, fresh empty()), so a view's layout is known
+        # view chains (_collapse_view): value id -> the root it views, whose layout is the same in every
+        # run: a kernel output (contiguous at offset 0: arena slots, fresh empty()) or an extern result
+        # whose strides and offset the plan guards
         self.view_root: dict[int, int] = {}
         self.droppable: set[str] = set()  # views of kernel outputs: dropped where nothing reads them
         self.check_views = check_views if check_views is not None else (state.SETTINGS.verify or
@@ -402,6 +404,12 @@ class _Writer:
                 i = view_src[i]
             out.add(i)
         return out
+
+    def _chain_roots(self) -> set[int]:
+        """Values a chain of two or more views starts from (candidates for _collapse_view)."""
+        view_src = {s.node.id: s.node.srcs[0].id for s in self.program.schedule.steps
+                    if s.kind == "view" and s.node.srcs}
+        return {view_src[v] for v in view_src.values() if v in view_src}
 
     # -- values ----------------------------------------------------------------------------------
 
@@ -544,7 +552,12 @@ class _Writer:
             self._count_extern(n)
             self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}", arg_vars, [out])
         self.env[n.id] = value
-        if n.id in self.stride_sensitive:
+        if n.id in self.chain_roots and isinstance(value, torch.Tensor) and COLLAPSE_VIEWS:
+            # the root of view chains: its layout guarded whole, so a chain's layout is known (_collapse_view)
+            self.view_root[n.id] = n.id
+            self.emit(f"if {out}.stride() != {tuple(value.stride())} or {out}.storage_offset() != "
+                      f"{value.storage_offset()}:\n        raise StridesChanged({out!r})", [out])
+        elif n.id in self.stride_sensitive:
             self.emit(f"if {out}.stride() != {tuple(value.stride())}:\n        raise StridesChanged({out!r})", [out])
 
     def _count_extern(self, n: Node) -> None:
@@ -596,9 +609,9 @@ class _Writer:
         self.in_flight.view(n)
 
     def _collapse_view(self, n: Node, value: torch.Tensor, expr: str) -> bool:
-        """Write a view of a view (of ... of a kernel output) as one as_strided call on that output, with
-        the layout this walk gave: a kernel output is contiguous at offset 0 in every run, so the layout
-        is the same in every run. Under check_views the plan also runs the chain and compares layouts."""
+        """Write a view of a view (of ... of a root, see view_root) as one as_strided call on the root,
+        with the layout this walk gave: a chain's layout follows from its root's, which is the same in
+        every run. Under check_views the plan also runs the chain and compares layouts."""
         if not COLLAPSE_VIEWS or n.op not in (Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE):
             return False
         src = n.srcs[0].id
@@ -606,9 +619,8 @@ class _Writer:
         if root_id is None:
             return False
         root = self.env[root_id]
-        if not (isinstance(root, torch.Tensor) and root.is_contiguous() and root.storage_offset() == 0
-                and value.dtype == root.dtype and value.untyped_storage().data_ptr() ==
-                root.untyped_storage().data_ptr()):
+        if not (isinstance(root, torch.Tensor) and value.dtype == root.dtype
+                and value.untyped_storage().data_ptr() == root.untyped_storage().data_ptr()):
             return False  # not a layout this code knows in every run: keep the chain
         self.view_root[n.id] = root_id
         self.droppable.add(self.var(n))
@@ -678,10 +690,9 @@ class _Writer:
         body = _with_dels(body, keep=set(out_vars) | {self.var(n) for n in self.arena.nodes}) + tail
         return "\n".join(head + ["    " + line.text for line in body]) + "\n"
 
-
     def _live_lines(self) -> list[_Line | None]:
         """The plan's lines, None for a view line _collapse_view made unread (the head of a chain
-        that nothing else reads); a collapsed line reads only its kernel output, so one pass."""
+        that nothing else reads); a collapsed line reads only its root, so one pass."""
         read = {v for line in self.lines for v in line.reads} | set(self.out_vars)
         return [None if len(line.writes) == 1 and line.writes[0] in self.droppable and line.writes[0] not in read
                 else line for line in self.lines]
