@@ -58,6 +58,8 @@ class Settings:
     debug: int = int(os.environ.get("LAZYGRAPH_DEBUG", "0") or 0)
     # LAZYGRAPH_VERIFY=1: compare every kernel with the reference executor as it runs
     verify: bool = _flag("LAZYGRAPH_VERIFY")
+    # LAZYGRAPH_CHECK_VIEWS=1: launch plans run each collapsed view chain too and compare layouts
+    check_views: bool = _flag("LAZYGRAPH_CHECK_VIEWS")
     # LAZYGRAPH_DUMP=<dir> or lazygraph.dump(dir=...): every graph run writes a numbered folder there
     dump_dir: str | None = os.environ.get("LAZYGRAPH_DUMP") or None
     # LAZYGRAPH_DISABLE=1: compile() and lazy() hand back what they were given; everything runs eagerly

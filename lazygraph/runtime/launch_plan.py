@@ -236,6 +236,7 @@ def _fresh(n: Node) -> bool:
 
 
 _PLAN_NUMBER = itertools.count()
+COLLAPSE_VIEWS = True  # chains of views written as one as_strided call (tests turn it off)
 
 
 class LaunchPlan:
@@ -315,7 +316,8 @@ def walk(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequ
 
 
 class _Writer:
-    def __init__(self, program: CompiledProgram, verify: bool, cuda: bool | None = None):
+    def __init__(self, program: CompiledProgram, verify: bool, cuda: bool | None = None,
+                 check_views: bool | None = None):
         self.program = program
         self.verify = verify
         self.names = program.names
@@ -339,6 +341,7 @@ class _Writer:
         self.calls: set = set()
         self.checked: list = []  # launched kernels with runtime checks (bounds, division by zero)
         self.stride_sensitive = self._stride_sensitive()
+        self.chain_roots = self._chain_roots()
         self.aten_calls: dict[tuple, tuple[str, Any]] = {}  # call -> (variable, result)
         self.aten_outputs: dict[tuple, list[Node]] = {}
         for s in program.schedule.steps:
@@ -347,6 +350,13 @@ class _Writer:
         self.const_count: Counter = Counter()
         self.devices: dict[str, str] = {}
         self.in_flight = InFlight()  # collectives started, not yet waited for
+        # view chains (_collapse_view): value id -> the root it views, whose layout is the same in every
+        # run: a kernel output (contiguous at offset 0: arena slots, fresh empty()) or an extern result
+        # whose strides and offset the plan guards
+        self.view_root: dict[int, int] = {}
+        self.droppable: set[str] = set()  # views of kernel outputs: dropped where nothing reads them
+        self.check_views = check_views if check_views is not None else (state.SETTINGS.verify or
+                                                                        state.SETTINGS.check_views)
 
     # -- names and constants ---------------------------------------------------------------------
 
@@ -394,6 +404,12 @@ class _Writer:
                 i = view_src[i]
             out.add(i)
         return out
+
+    def _chain_roots(self) -> set[int]:
+        """Values a chain of two or more views starts from (candidates for _collapse_view)."""
+        view_src = {s.node.id: s.node.srcs[0].id for s in self.program.schedule.steps
+                    if s.kind == "view" and s.node.srcs}
+        return {view_src[v] for v in view_src.values() if v in view_src}
 
     # -- values ----------------------------------------------------------------------------------
 
@@ -471,6 +487,7 @@ class _Writer:
         ins = [v.value if isinstance(v, ScalarValue) else v for v in (self.env[b.id] for b in prog.buffers)]
         outs = []
         for o in prog.outputs:
+            self.view_root[o.id] = o.id
             if o.id in self.in_arena:
                 outs.append(self.env[o.id])
             else:  # handed out: fresh every run
@@ -535,7 +552,12 @@ class _Writer:
             self._count_extern(n)
             self.emit(f"{out} = {lname}({', '.join(arg_vars)})  # {self.names[n.id]} = {n.op.value}", arg_vars, [out])
         self.env[n.id] = value
-        if n.id in self.stride_sensitive:
+        if n.id in self.chain_roots and isinstance(value, torch.Tensor) and COLLAPSE_VIEWS:
+            # the root of view chains: its layout guarded whole, so a chain's layout is known (_collapse_view)
+            self.view_root[n.id] = n.id
+            self.emit(f"if {out}.stride() != {tuple(value.stride())} or {out}.storage_offset() != "
+                      f"{value.storage_offset()}:\n        raise StridesChanged({out!r})", [out])
+        elif n.id in self.stride_sensitive:
             self.emit(f"if {out}.stride() != {tuple(value.stride())}:\n        raise StridesChanged({out!r})", [out])
 
     def _count_extern(self, n: Node) -> None:
@@ -571,6 +593,10 @@ class _Writer:
                 self.uses_memo = True
                 self.constants["eval_node"] = eval_node
                 expr = f"eval_node({self.const('N', n)}, [{', '.join(arg_vars)}], memo)"
+            if self._collapse_view(n, value, expr):
+                self.env[n.id] = value
+                self.in_flight.view(n)
+                return
             self.emit(f"{out} = {expr}  # {self.names[n.id]} = {n.op.value}", arg_vars, [out])
         else:  # a fill, or a reshape that copies: device work
             self.in_flight.wait_for(self, n.srcs)  # a copy reads
@@ -581,6 +607,36 @@ class _Writer:
                       arg_vars, [out])
         self.env[n.id] = value
         self.in_flight.view(n)
+
+    def _collapse_view(self, n: Node, value: torch.Tensor, expr: str) -> bool:
+        """Write a view of a view (of ... of a root, see view_root) as one as_strided call on the root,
+        with the layout this walk gave: a chain's layout follows from its root's, which is the same in
+        every run. Under check_views the plan also runs the chain and compares layouts."""
+        if not COLLAPSE_VIEWS or n.op not in (Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE):
+            return False
+        src = n.srcs[0].id
+        root_id = self.view_root.get(src)
+        if root_id is None:
+            return False
+        root = self.env[root_id]
+        if not (isinstance(root, torch.Tensor) and value.dtype == root.dtype
+                and value.untyped_storage().data_ptr() == root.untyped_storage().data_ptr()):
+            return False  # not a layout this code knows in every run: keep the chain
+        self.view_root[n.id] = root_id
+        self.droppable.add(self.var(n))
+        if root_id == src:
+            return False  # one step: already one call
+        out, root_var, src_var = self.var(n), self.var(root_id), self.var(src)
+        layout = f"{tuple(value.shape)}, {tuple(value.stride())}, {value.storage_offset()}"
+        self.counts["views_collapsed"] += 1
+        if self.check_views:
+            self.constants["check_view"] = check_view
+            self.emit(f"{out} = check_view({root_var}.as_strided({layout}), {expr})  # {self.names[n.id]} = "
+                      f"{n.op.value} of {self.names[root_id]} (checked)", [root_var, src_var], [out])
+        else:
+            self.emit(f"{out} = {root_var}.as_strided({layout})  # {self.names[n.id]} = {n.op.value} of "
+                      f"{self.names[root_id]}", [root_var], [out])
+        return True
 
     # -- the source ------------------------------------------------------------------------------
 
@@ -610,9 +666,12 @@ class _Writer:
             body.append(_Line(f"{', '.join(self.var(n) for n in self.arena.nodes)}, = arena  # intermediates"))
         if self.uses_memo:
             body.append(_Line("memo = {}  # one launch per attention call, shared by its outputs"))
-        blocks = [Block(lane, self.lines[start:end]) for lane, start, end in self.spans if end > start]
+        lines = self._live_lines()
+        blocks = [Block(lane, lines[start:end]) for lane, start, end in self.spans
+                  if any(line is not None for line in lines[start:end])]
+        blocks = [Block(b.lane, [line for line in b.lines if line is not None]) for b in blocks]
         if not used:
-            body += self.lines
+            body += [line for line in lines if line is not None]
         elif self.cuda:
             device = self.device(self.program.schedule.steps[0].writes()[0].device)
             body.append(_Line(f"s0 = torch.cuda.current_stream({device})  # the caller's stream"))
@@ -630,6 +689,22 @@ class _Writer:
         tail.append(_Line(f"return [{', '.join(out_vars)}]", tuple(out_vars)))
         body = _with_dels(body, keep=set(out_vars) | {self.var(n) for n in self.arena.nodes}) + tail
         return "\n".join(head + ["    " + line.text for line in body]) + "\n"
+
+    def _live_lines(self) -> list[_Line | None]:
+        """The plan's lines, None for a view line _collapse_view made unread (the head of a chain
+        that nothing else reads); a collapsed line reads only its root, so one pass."""
+        read = {v for line in self.lines for v in line.reads} | set(self.out_vars)
+        return [None if len(line.writes) == 1 and line.writes[0] in self.droppable and line.writes[0] not in read
+                else line for line in self.lines]
+
+
+def check_view(collapsed: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
+    """check_views: a collapsed view must be the chain's view exactly (same memory, same layout)."""
+    got = (collapsed.shape, collapsed.stride(), collapsed.storage_offset(), collapsed.data_ptr())
+    want = (chain.shape, chain.stride(), chain.storage_offset(), chain.data_ptr())
+    if got != want:
+        raise AssertionError(f"lazygraph: collapsed view {got[:3]} differs from its chain of views {want[:3]}")
+    return collapsed
 
 
 def _tuple(names: Sequence[str]) -> str:
