@@ -13,7 +13,10 @@ fastest of the timed steps (a shared machine only ever adds time):
   runtime  the time inside the programs' run(): the replay itself
   step     the whole training step (compile's guards, autograd, both runs), minus nothing
 
-Each config runs in a fresh process. `--baseline` measures an older lazygraph tree the same way
+Each config runs in a fresh process, with one lane (`--streams 1`, LAZYGRAPH_STREAMS): on a GPU a lane
+is a CUDA stream and costs an event, on this CPU a lane is a worker thread and every torch call
+handed to it costs a thread hand-off (about 20 us here), which is not what a GPU replay pays;
+`--streams 0` measures the device profile's lanes. `--baseline` measures an older lazygraph tree the same way
 (trees from before the launch plan are stubbed where their run loop calls kernels and torch) and
 prints both side by side; the machine's noise applies to both equally, so compare within a run.
 """
@@ -141,7 +144,7 @@ def _stub_run_loop():
 
 def _worker(tree: str, config: str, args: argparse.Namespace) -> dict[str, Any]:
     """measure() in a fresh process that imports lazygraph (and gpt2) from `tree`."""
-    env = dict(os.environ, PYTHONPATH=tree)
+    env = dict(os.environ, PYTHONPATH=tree, LAZYGRAPH_STREAMS=str(args.streams))
     cmd = [sys.executable, __file__, "--worker", config, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--block-size", str(args.block_size)]
     out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--baseline", default=None, help="another lazygraph tree to measure side by side")
     p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("--streams", type=int, default=1, help="LAZYGRAPH_STREAMS for the replays (0: the device profile's)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
