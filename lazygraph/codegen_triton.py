@@ -22,15 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from .codegen import aot
-from .codegen.cache import cache_dir, cached_file, kernel_path, load_kernel, triton_version
+from .codegen.cache import cache_dir, cached_file, kernel_path, load_for, triton_version
 from .codegen.matmul_template import TemplateKernel, is_template, template_body
-from .codegen.target import GPU, INTERPRETER, Target, interpreting, launching, quiet_interpreter
+from .codegen.target import GPU, INTERPRETER, Target, launch_interpreted
 from .codegen.templates import KernelBody, kernel_body, launch, signature
 from .codegen.uses import body_with_uses
 from .ir import contiguous_strides
@@ -52,12 +51,7 @@ class Kernel:
         self.xblock, self.rblock = self.launch.xblock, self.launch.rblock
         self.grid = (self.launch.programs,)
         self.path = kernel_path(self.body)
-        if self.target is INTERPRETER and not interpreting():
-            raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off "
-                               "(TRITON_INTERPRET=0); unset it or set TRITON_INTERPRET=1.")
-        self._fn = load_kernel(self.body)
-        if self.target is INTERPRETER:
-            quiet_interpreter()
+        self._fn = load_for(self.body, self.target)
         if RECORD_GPU_SOURCES:
             gpu = self.body if self.target is GPU else kernel_body(group.program, self.strides, GPU)
             record_for_build(gpu, signature(group.program, launch(group.program, GPU)))
@@ -80,12 +74,7 @@ class Kernel:
         if self.target is GPU:
             self._fn[self.grid](*inputs, *outputs, num_warps=self.body.num_warps)
         else:
-            import numpy as np
-
-            # masked-off lanes compute log(0), max of all-NaN padding etc.; eager never sees them
-            with launching(), np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                self._fn[self.grid](*inputs, *outputs)
+            launch_interpreted(self._fn, self.grid, *inputs, *outputs)
 
     def _workspace(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 partials and the zeroed counters of finished programs: per program and grid

@@ -16,6 +16,7 @@ import threading
 import warnings
 from typing import Any
 
+from .target import INTERPRETER, Target, interpreting, quiet_interpreter
 from .templates import KernelBody
 
 
@@ -77,6 +78,17 @@ def cached_file(path: str, text: str) -> None:
                       RuntimeWarning, stacklevel=3)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, text)
+
+
+def load_for(body: KernelBody, target: Target):
+    """load_kernel for launches on `target`: without a CUDA device Triton's interpreter must be on."""
+    if target is INTERPRETER and not interpreting():
+        raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off "
+                           "(TRITON_INTERPRET=0); unset it or set TRITON_INTERPRET=1.")
+    fn = load_kernel(body)
+    if target is INTERPRETER:
+        quiet_interpreter()
+    return fn
 
 
 def load_kernel(body: KernelBody):

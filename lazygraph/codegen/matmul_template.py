@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +35,7 @@ import torch
 from ..ir import Op, numel
 from ..passes.loops import Stmt
 from .printer import PTR_TYPES, TL_TYPES, Printer, _bf16_rne, param_name
-from .target import GPU, INTERPRETER, Target, interpreting, launching, pow2, quiet_interpreter
+from .target import GPU, INTERPRETER, Target, launch_interpreted, pow2
 from .templates import KernelBody
 
 # (BLOCK_M, BLOCK_N, BLOCK_K) at most; the interpreter pays per program, so it gets wide tiles
@@ -173,7 +172,7 @@ class TemplateKernel:
     flags = None  # no runtime checks
 
     def __init__(self, group, strides: Sequence[Sequence[int]], target: Target | None = None):
-        from .cache import kernel_path, load_kernel
+        from .cache import kernel_path, load_for
 
         self.group = group
         self.name = group.name
@@ -184,12 +183,7 @@ class TemplateKernel:
         self.launch = template_launch(prog, self.target)
         self.grid = (self.launch.programs, prog.batch)
         self.path = kernel_path(self.body)
-        if self.target is INTERPRETER and not interpreting():
-            raise RuntimeError("lazygraph: no CUDA device, and Triton's interpreter is off "
-                               "(TRITON_INTERPRET=0); unset it or set TRITON_INTERPRET=1.")
-        self._fn = load_kernel(self.body)
-        if self.target is INTERPRETER:
-            quiet_interpreter()
+        self._fn = load_for(self.body, self.target)
         from .. import codegen_triton
 
         if codegen_triton.RECORD_GPU_SOURCES:
@@ -212,11 +206,7 @@ class TemplateKernel:
         if self.target is GPU:
             self._fn[self.grid](*inputs, *outputs, num_warps=NUM_WARPS)
             return
-        import numpy as np
-
-        with launching(), np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            self._fn[self.grid](*inputs, *outputs)
+        launch_interpreted(self._fn, self.grid, *inputs, *outputs)
 
 
 def is_template(group) -> bool:
