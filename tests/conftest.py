@@ -31,6 +31,15 @@ def fused_backend():
     lazygraph.set_backend(previous)
 
 
+@pytest.fixture
+def no_cached_programs():
+    """No compiled program (nor launch plan) from an earlier test, and none outlives this one: a test
+    counts the plans it writes, or binds a test launcher into them."""
+    lazygraph.runtime.clear_cache()
+    yield
+    lazygraph.runtime.clear_cache()
+
+
 @pytest.fixture(params=["reference", "auto"])
 def backend(request):
     """Each test twice: reference (the capture core alone, node by node in torch) and auto (the same

@@ -21,14 +21,7 @@ from lazygraph.passes.memory import plan_memory
 from lazygraph.runtime import CompiledProgram, launch_plan
 from lazygraph.runtime.lanes import happens_before, lanes_by_output, reuse_respects_lanes
 
-pytestmark = pytest.mark.usefixtures("fused_backend")
-
-
-@pytest.fixture(autouse=True)
-def _no_cached_programs():
-    lg.runtime.clear_cache()
-    yield
-    lg.runtime.clear_cache()
+pytestmark = pytest.mark.usefixtures("fused_backend", "no_cached_programs")
 
 
 def branches(a, b, c, d, w):

@@ -16,14 +16,7 @@ from lazygraph.runtime import CompiledProgram, launch_plan
 from lazygraph.runtime.lanes import lanes_by_output
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.usefixtures("fused_backend")]
-
-
-@pytest.fixture(autouse=True)
-def _no_cached_programs():
-    lg.runtime.clear_cache()
-    yield
-    lg.runtime.clear_cache()
+              pytest.mark.usefixtures("fused_backend", "no_cached_programs")]
 
 
 def branches(a, b, w):

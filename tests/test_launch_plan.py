@@ -17,15 +17,7 @@ import lazygraph as lg
 from lazygraph.counters import COUNTERS
 from lazygraph.runtime import CompiledProgram, launch_plan
 
-pytestmark = pytest.mark.usefixtures("fused_backend")
-
-
-@pytest.fixture(autouse=True)
-def _no_cached_programs():
-    """Each test writes its own plans (counted), and none outlives it (one binds a test launcher)."""
-    lg.runtime.clear_cache()
-    yield
-    lg.runtime.clear_cache()
+pytestmark = pytest.mark.usefixtures("fused_backend", "no_cached_programs")
 
 
 def block(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:

@@ -13,14 +13,7 @@ from torch.testing import assert_close
 import lazygraph as lg
 from lazygraph.runtime import CompiledProgram, launch_plan
 
-pytestmark = pytest.mark.usefixtures("fused_backend")
-
-
-@pytest.fixture(autouse=True)
-def _no_cached_programs():
-    lg.runtime.clear_cache()
-    yield
-    lg.runtime.clear_cache()
+pytestmark = pytest.mark.usefixtures("fused_backend", "no_cached_programs")
 
 
 def _program(fn, *inputs) -> CompiledProgram:
