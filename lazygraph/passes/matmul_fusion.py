@@ -134,7 +134,8 @@ class _Claims:
             return [], f"{mm.dtype}"
         if mode == "auto" and mm.dtype == torch.float32:
             return [], "fp32 stays on cuBLAS"
-        if any(_root(x).op in (Op.FULL, Op.IOTA) and effective_op(_root(x)) is not Op.INPUT for x in (a, b)):
+        roots = [_strip_views(x) for x in (a, b)]
+        if any(r.op in (Op.FULL, Op.IOTA) and effective_op(r) is not Op.INPUT for r in roots):
             return [], "a constant operand"
         casts = (self._prologue_cast(x, mm, taken) for x in (a, b))
         prologue = list({c.id: c for c in casts if c is not None}.values())  # x @ x.t(): one cast
@@ -264,10 +265,6 @@ def _in_memory_anyway(n: Node) -> bool:
     return effective_op(r) is Op.INPUT or (r.op not in (Op.FULL, Op.IOTA) and not is_kernel_node(r))
 
 
-def _root(n: Node) -> Node:
-    return _strip_views(n)
-
-
 def _strip_views(n: Node) -> Node:
     while n.op in _VIEWS and effective_op(n) is n.op:
         n = n.srcs[0]
@@ -371,7 +368,7 @@ def lower_template(matmul: Node, members: Sequence[Node], stored: Sequence[Node]
         raise NotFusable("an empty matmul")
     others = [x for x in members if x.id != matmul.id]
     member_ids = {x.id for x in others}
-    prologue = {o.id: _view_root(o) for o in (a, b) if _view_root(o).id in member_ids}
+    prologue = {o.id: _strip_views(o) for o in (a, b) if _strip_views(o).id in member_ids}
     stored_ids = {x.id for x in stored}
     kept = [x for x in stored if x.id not in {c.id for c in prologue.values()}]  # stored by the epilogue
     space = Space(tuple(matmul.shape), ())
@@ -446,12 +443,6 @@ class _TemplateLowering(Lowering):
         if n.id in self.watched:
             self.coords_of.setdefault(n.id, tuple(coords))
         return super().value(n, coords, extra_mask)
-
-
-def _view_root(n: Node) -> Node:
-    while n.op in _VIEWS and effective_op(n) is n.op:
-        n = n.srcs[0]
-    return n
 
 
 @functools.lru_cache(maxsize=4096)
