@@ -64,7 +64,7 @@ class Kernel:
         if self.group.program.space.rows == 0:
             return
         prog = self.group.program
-        if prog.grid_reductions or self.launch.splits > 1:
+        if prog.grid_reductions or prog.column_partials or self.launch.splits > 1:
             device = outputs[0].device
             if getattr(self, "_ws", None) is None or self._ws.device != device:
                 self._ws, self._cnt = self._workspace(device)
@@ -78,9 +78,12 @@ class Kernel:
 
     def _workspace(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 partials and the zeroed counters of finished programs: per program and grid
-        reduction, or for a split column reduction [splits, reductions, columns] and per column block."""
+        reduction, for a split column reduction [splits, reductions, columns] and per column block, or
+        for a row kernel's column partials [programs, partials, columns]."""
         prog, lc = self.group.program, self.launch
-        if lc.splits > 1:
+        if prog.column_partials:
+            size, counters = self.grid[0] * len(prog.column_partials) * prog.space.red, 1
+        elif lc.splits > 1:
             size, counters = lc.splits * len(prog.phases[0].after) * prog.space.rows, lc.column_blocks
         else:
             size, counters = self.grid[0] * len(prog.grid_reductions), 1

@@ -206,7 +206,9 @@ class LaunchBytes:
 def launch_bytes(schedule) -> list[LaunchBytes]:
     """Every launch of a schedule with its modelled bytes: the one byte model behind program_cost,
     the dumps' summary (runtime.cost.schedule_summary) and the schedule pass's step times."""
-    out = [LaunchBytes(g.name, g.kind, list(g.nodes), kernel_read_bytes(g), sum(o.nbytes for o in g.program.outputs))
+    # a row kernel's column partials (loops.py) are written and read back: half each way
+    out = [LaunchBytes(g.name, g.kind, list(g.nodes), kernel_read_bytes(g) + _partials(g) // 2,
+                       sum(o.nbytes for o in g.program.outputs) + _partials(g) // 2)
            for g in schedule.kernels]
     launches = extern_launches(schedule.steps)
     for name, nodes in launches["attention"].items():
@@ -217,6 +219,10 @@ def launch_bytes(schedule) -> list[LaunchBytes]:
         out.append(LaunchBytes(extern_name(nodes[0]), "extern", nodes, sum(operand_bytes(x) for x in nodes[0].srcs),
                                sum(n.nbytes for n in nodes)))
     return out
+
+
+def _partials(group) -> int:
+    return getattr(group.program, "partials_bytes", 0)  # a matmul template's program has none
 
 
 def program_cost(program, inputs: dict[int, torch.Tensor] | None = None, outputs: list | None = None) -> dict[str, int]:

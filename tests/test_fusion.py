@@ -241,9 +241,10 @@ def test_pointwise_chain_with_broadcast_and_transpose_is_one_kernel():
 
 
 def test_reduction_then_different_space_is_two_kernels(dump_dir):
-    # a row sum [7, 1] feeding a column sum: two iteration spaces, so two kernels, and the
-    # report says why they were kept apart
-    s = run_counted(lambda x: (x / x.sum(1, keepdim=True)).sum(0), torch.rand(7, 9) + 0.1)
+    # a row sum [7, 1] feeding a column sum of the rows regrouped as [9, 7]: two iteration spaces,
+    # so two kernels, and the report says why they were kept apart (a column sum of the same
+    # [7, 9] rows would join the row kernel as partials: test_column_partials.py)
+    s = run_counted(lambda x: (x / x.sum(1, keepdim=True)).reshape(9, 7).sum(0), torch.rand(7, 9) + 0.1)
     assert s["triton_kernels"] == 2
     with open(os.path.join(dump_dir(), "fusion.json")) as f:
         report = json.load(f)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..ir import Op, contiguous_strides, numel
-from ..passes.loops import FULL, GRID, ROW, LoopProgram, Stmt, unravel
+from ..passes.loops import COLUMN, FULL, GRID, ROW, LoopProgram, Stmt, unravel
 from .target import pow2
 
 TL_TYPES = {
@@ -98,8 +98,9 @@ class Printer:
     """One loop program's statements as Triton lines, for given buffer strides and block sizes."""
 
     def __init__(self, program: LoopProgram, strides: Sequence[Sequence[int]], xblock: int, rblock: int,
-                 nprog: int = 1, bf16_by_hand: bool = False):
+                 nprog: int = 1, bf16_by_hand: bool = False, partial_block: int = 1):
         self.p = program
+        self.partial_block = partial_block  # partials the last program adds at once (column partials)
         self.bf16_by_hand = bf16_by_hand  # round to bf16 with integer ops (the interpreter truncates)
         self.nprog = nprog
         self.strides = strides
@@ -113,7 +114,7 @@ class Printer:
         terms = [f"({c})" if s == 1 else f"({c}) * {s}"
                  for c, s in _fold_digits([(c, s) for c, d, s in zip(coords, shape, strides)
                                            if d != 1 and c != "0" and s != 0])]
-        block = "tl.zeros([1, 1], tl.int32)" if ctx == GRID else "x * 0"
+        block = {GRID: "tl.zeros([1, 1], tl.int32)", COLUMN: "r * 0"}.get(ctx, "x * 0")
         if not terms:  # a block of pointers, even for a scalar
             return block
         off = " + ".join(terms)
@@ -188,6 +189,20 @@ class Printer:
                 f"    acc{j} = {comb.format(f'acc{j}', 'part')}",
                 f"{s.var} = tl.zeros([1, 1], tl.float32) + {_reduce(op, f'acc{j}', 0, s.dtype)}",
             ])
+        if k == "column_partial":  # this program's rows summed per column, into accumulator cp{j}
+            _, v, j = a
+            return f"cp{j} = cp{j} + tl.sum(tl.where(xmask & rmask, {v}.to(tl.float32), 0.0), 0)[None, :]"
+        if k == "column_final":  # the last program adds every program's partials, in program order
+            _, j = a
+            n, cols, pb = len(self.p.column_partials), self.p.space.red, self.partial_block
+            part = f"ws_ptr + (i * {n} + {j}) * {cols} + r"
+            return "\n".join([
+                f"acc{j} = tl.zeros([{pb}, {self.rblock}], tl.float32)",
+                f"for i0 in range(0, {self.nprog}, {pb}):",
+                f"    i = i0 + tl.arange(0, {pb})[:, None]",
+                f"    acc{j} += tl.load({part}, mask=(i < {self.nprog}) & rmask, other=0)",
+                f"{s.var} = tl.sum(acc{j}, 0)[None, :]",
+            ])
         if k == "check":  # flag j is set where a live lane fails the check
             cond, j = a
             return f"tl.store(err_ptr + {j} + ({cond}).to(tl.int32) * 0, 1, mask={cond})"
@@ -203,7 +218,7 @@ class Printer:
                 v = f"({_bf16_rne(v)})"
             if s.ctx == GRID:
                 return f"tl.store(out_ptr{idx} + ({off}), {v}.to({TL_TYPES[node.dtype]}))"
-            mask = ("xmask & rmask" if s.ctx == FULL else "xmask") + within
+            mask = {FULL: "xmask & rmask", COLUMN: "rmask"}.get(s.ctx, "xmask") + within
             return f"tl.store(out_ptr{idx} + ({off}), {v}.to({TL_TYPES[node.dtype]}), mask={mask})"
         raise ValueError(f"codegen: unknown statement {k}")
 

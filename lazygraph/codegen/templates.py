@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import Op, numel
-from ..passes.loops import LoopProgram, Stmt
+from ..passes.loops import PARTIAL_ROWS, LoopProgram, Stmt
 from .printer import PTR_TYPES, Printer, param_name
 from .target import GPU, INTERPRETER, Target, block_sizes, pow2
 
@@ -51,6 +51,7 @@ class Launch:
     columns: bool = False
     splits: int = 1
     split_rows: int = 0
+    row_blocks: int = 1  # blocks of xblock rows one program walks (a row kernel with column partials)
 
     @property
     def column_blocks(self) -> int:
@@ -99,6 +100,10 @@ def _splittable(prog: LoopProgram) -> bool:
 
 def launch(prog: LoopProgram, target: Target) -> Launch:
     sp = prog.space
+    if prog.column_partials:  # enough rows per program that the partials stay small
+        xblock, rblock = block_sizes(prog, target)
+        row_blocks = max(1, PARTIAL_ROWS // xblock)
+        return Launch(xblock, rblock, max(1, _cdiv(sp.rows, xblock * row_blocks)), row_blocks=row_blocks)
     if not column_reduction(prog):
         xblock, rblock = block_sizes(prog, target)
         return Launch(xblock, rblock, max(1, -(-sp.rows // xblock)))
@@ -153,7 +158,7 @@ def _label(prog: LoopProgram) -> str:
     """The ops a body computes, in order (a reader's and a profiler's name for it)."""
     ops: list[str] = []
     for s in _statements(prog):
-        if s.kind in ("op", "acc_update", "online_sum", "grid_partial"):
+        if s.kind in ("op", "acc_update", "online_sum", "grid_partial", "column_partial"):
             op = s.args[0].value
         elif s.kind == "rand":
             op = "rand"
@@ -176,7 +181,8 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target,
     sp = prog.space
     if lc.columns:
         prog = dataclasses.replace(prog, persistent=False)  # a column program always loops over rows
-    pr = Printer(prog, strides, xblock, rblock, lc.programs, bf16_by_hand=target is INTERPRETER)
+    pr = Printer(prog, strides, xblock, rblock, lc.programs, bf16_by_hand=target is INTERPRETER,
+                 partial_block=max(1, min(pow2(lc.programs), target.max_tile // rblock)))
     # int64 index math when any element offset could pass int32: sizes, and strided views of big buffers
     reach = [sum((d - 1) * abs(st) for d, st in zip(b.shape, strides[i]) if d > 0)
              for i, b in enumerate(prog.buffers) if not b.attrs.get("scalar")]
@@ -195,6 +201,8 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target,
     body = []
     pid = "tl.program_id(0).to(tl.int64)" if use64 else "tl.program_id(0)"
     rows = f"range(0, {sp.red}, {rblock})"
+    if prog.column_partials:
+        return _with_column_partials(prog, pr, lines, pid, lc)
     if lc.splits > 1:  # program = split * column_blocks + column block
         body.append(f"pid = {pid}")
         body.append(f"cblock = pid % {lc.column_blocks}")
@@ -238,6 +246,29 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target,
     return "\n".join(lines) + "\n"
 
 
+def _with_column_partials(prog: LoopProgram, pr: Printer, lines: list[str], pid: str, lc: Launch) -> str:
+    """A row kernel that also sums its rows per column: each program walks `row_blocks` blocks of
+    rows, adding each block's values into fp32 accumulators [1, RBLOCK], and stores them as its
+    partials (workspace [programs, partials, C]); the last program to finish adds them up in
+    program order and stores the column totals and what is computed from them."""
+    sp, n, k = prog.space, len(prog.column_partials), lc.row_blocks
+    head = [f"pid = {pid}", f"r = tl.arange(0, {lc.rblock})[None, :]", f"rmask = {_rmask(sp)}"]
+    head += [f"cp{j} = tl.zeros([1, {lc.rblock}], tl.float32)" for j in range(n)]
+    rows = [f"x = {'pid' if k == 1 else f'(pid * {k} + xb)'} * {lc.xblock} + tl.arange(0, {lc.xblock})[:, None]",
+            f"xmask = x < {sp.rows}"]
+    for ph in prog.phases:  # persistent: no loops over the reduced extent
+        rows += [pr.stmt(s) for s in ph.before + ph.body + ph.after]
+    body = head + ([f"for xb in range({k}):"] + ["    " + s for s in rows] if k > 1 else rows)
+    body += [f"tl.store(ws_ptr + (pid * {n} + {j}) * {sp.red} + r, cp{j}, mask=rmask)" for j in range(n)]
+    body += ["tl.debug_barrier()",  # the counter's atomic orders the partials' stores before it
+             "finished = tl.atomic_add(cnt_ptr, 1)",
+             f"if finished == {lc.programs - 1}:"]
+    for st in prog.grid:
+        body += ["    " + line for line in pr.stmt(st).split("\n")]
+    body.append("    tl.store(cnt_ptr, 0)  # ready for the next launch")
+    return "\n".join(lines + ["    " + s for s in body]) + "\n"
+
+
 def _split_stores(prog: LoopProgram, pr: Printer, rows: str, lc: Launch) -> list[str]:
     """The store phase of a split column program. Values that do not read a total are stored by
     every split over its own rows (per-element producers read by others, e.g. by a matmul). Then
@@ -276,7 +307,7 @@ def signature(prog: LoopProgram, lc: Launch | None = None) -> dict[str, str]:
     sig = {param_name(prog, i): ("fp64" if b.dtype == torch.float64 else "fp32") if b.attrs.get("scalar")
            else PTR_TYPES[b.dtype] for i, b in enumerate(prog.buffers)}
     sig.update({f"out_ptr{i}": PTR_TYPES[o.dtype] for i, o in enumerate(prog.outputs)})
-    if prog.grid_reductions or (lc is not None and lc.splits > 1):
+    if prog.grid_reductions or prog.column_partials or (lc is not None and lc.splits > 1):
         # per-program partials, a counter of finished programs (per column block when split)
         sig.update({"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
     if prog.checks:

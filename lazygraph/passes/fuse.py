@@ -6,9 +6,10 @@ legal or not, with the reason, and the fusion report records every answer (the d
 data). Legal means: same device, no cycle through work outside the two groups, and the merged
 group lowers to one loop program (same iteration space, reductions read only at the kernel's
 own rows, stored values cover the space; see loops.py). Afterwards, side by side (horizontal
-fusion): reductions over the same space that read the same buffer; column reductions over one
-space (a layer's bias and norm-weight gradients), a few at a time; and pointwise kernels that
-cannot share a loop (a consumer reading a slice of its producer, dtype conversions between
+fusion): reductions over the same space that read the same buffer; a column reduction (a bias
+or norm-weight gradient) into a row kernel over the same [R, C] that reads its rows anyway (as
+per-program partials, loops.py); other column reductions over one space, a few at a time; and
+pointwise kernels that cannot share a loop (a consumer reading a slice of its producer, dtype conversions between
 matmuls) as parts of one packed launch, each over its own rows. Spaces compare by their
 canonical form, so [B, T, C] reduced over [0, 1] is [B*T, C] reduced over [0].
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..ir import POINTWISE, Graph, Node, Op, effective_op, numel
-from .loops import FREE_OPS, FUSIBLE_REDUCE, KERNEL_OPS, LoopProgram, Lowering, NotFusable, Space, dtype_ok
+from .loops import FREE_OPS, FUSIBLE_REDUCE, KERNEL_OPS, LoopProgram, Lowering, NotFusable, Space, dtype_ok, transposed
 from .reach import Reachability
 
 MAX_BUFFERS = 48  # kernel parameters; beyond this a kernel is hard to read and slow to compile
@@ -179,6 +180,7 @@ class _Fuser:
             self.groups[g.id] = g
             self.group_of[n.id] = g
         self.decisions: list[Decision] = []
+        self._transposed_ok = False  # a column reduction may join a row kernel (partials() only)
         self._lowered: dict[tuple, tuple[str | None, int]] = {}  # _signature -> _lowers' answer
         self._descriptions: dict[int, str] = {}
         # Reachability between units of work, computed once and kept exact across merges. A unit
@@ -276,6 +278,10 @@ class _Fuser:
     # -- legality --------------------------------------------------------------------------------
 
     def _merged_space(self, a: FusionGroup, b: FusionGroup) -> Space:
+        if self._transposed_ok:
+            for x, y in ((a, b), (b, a)):
+                if transposed(y.space, x.space):
+                    return x.space  # y's sums become the row kernel x's column partials
         if a.space.axes and b.space.axes and a.space.canonical != b.space.canonical:
             # a full reduction of one value per row of the other (the mean of per-row losses) runs
             # in the other's kernel: each program reduces its rows, the last one combines them
@@ -434,13 +440,47 @@ class _Fuser:
         for g in list(self.groups.values()):
             if not g.space.axes:
                 continue
-            if g.program is None:  # its verdict came from the cache; finish() keeps this program
-                g.program = g.lowering(g.space, self.stored(g), self.inline_ids).lower()
-            for buf in g.program.buffers:
+            for buf in self._program(g).buffers:
                 by_key.setdefault((buf.id, g.space.canonical), []).append(g)
         for (buf_id, _), groups in by_key.items():
             for other in groups[1:]:
                 self._try_horizontal(groups[0], other, self.graph.nodes[self.order[buf_id]].nbytes)
+
+    def partials(self) -> None:
+        """A column reduction joins a row kernel over the same [R, C] (a norm's backward) that
+        already loads or computes every [R, C] buffer it loads: each program sums its rows into
+        partials, so the rows are not read a second time by a column kernel. The first such row
+        kernel in graph order that can take it; else it stays for columns()."""
+        rows: dict[tuple, list[FusionGroup]] = {}
+        for h in self.groups.values():
+            blocks = h.space.canonical[0]
+            if len(blocks) == 2 and [r for _, r in blocks] == [False, True] and not h.space.chunk:
+                rows.setdefault(tuple(d for d, _ in blocks), []).append(h)
+        for g in sorted(self.groups.values(), key=lambda g: self.order[g.nodes[0].id]):
+            if not _is_column_reduction(g.space):
+                continue
+            candidates = rows.get(tuple(d for d, _ in g.space.canonical[0]), [])
+            loads = {b.id for b in self._program(g).buffers if numel(b.shape) >= numel(g.space.shape)}
+            for h in sorted({id(h): h for h in (self.group_of[c.nodes[0].id] for c in candidates)}.values(),
+                            key=lambda h: self.order[h.nodes[0].id]):
+                if not loads <= {b.id for b in self._program(h).buffers} | {n.id for n in self.stored(h)}:
+                    continue
+                self._transposed_ok = True
+                try:
+                    ok, reason, merged = self.can_fuse(h, g)
+                finally:
+                    self._transposed_ok = False
+                self.decisions.append(Decision(self.names[h.nodes[-1].id], self.names[g.nodes[-1].id], ok, reason,
+                                               kernel_loads(g) if ok else 0, "fuse" if ok else "keep apart",
+                                               kind="partials"))
+                if ok:
+                    self._merge(h, g, merged)
+                    break
+
+    def _program(self, g: FusionGroup) -> LoopProgram:
+        if g.program is None:  # its verdict came from the cache; finish() keeps this program
+            g.program = g.lowering(g.space, self.stored(g), self.inline_ids).lower()
+        return g.program
 
     def columns(self) -> None:
         """Column reductions (over the leading rows: bias and norm-weight gradients) over one space
@@ -619,6 +659,11 @@ def _is_column_reduction(space: Space) -> bool:
     return reduced and not chunk and [r for _, r in blocks] == [True, False]
 
 
+def kernel_loads(g: FusionGroup) -> int:
+    """Bytes a group's program loads (each buffer once; scalars are arguments)."""
+    return sum(b.nbytes for b in g.program.buffers if not b.attrs.get("scalar"))
+
+
 def _reduces_everything(space: Space) -> bool:
     return all(i in space.axes or d == 1 for i, d in enumerate(space.shape))
 
@@ -638,6 +683,7 @@ def fuse(graph: Graph, enabled: bool = True) -> Schedule:
     if enabled:
         f.vertical()
         f.horizontal()
+        f.partials()
         f.columns()
         f.pack()
     return f.finish()

@@ -13,6 +13,12 @@ Triton. Lowering also decides legality: if a reduction would be read at rows oth
 kernel's own (a movement op scrambles the row mapping), or a stored value does not cover the
 space, lowering raises `NotFusable` with the reason, and the fusion pass records it.
 
+A row kernel (rows [R, C] reduced over C: a norm's backward) may also hold reductions over its
+rows (column reductions: a bias or norm-weight gradient over the same [R, C]): each program
+sums the elements of its rows into fp32 partials [programs, C] as it computes them, and the
+last program to finish adds the partials up in program order (deterministic) and runs the
+per-column epilogue. The rows are read once, by the kernel that needs them anyway.
+
 A looped row is walked once per reduction level, except a softmax's max and sum: m = max(a) and
 s = sum(exp(a - m)) share one loop (a running max and a running sum rescaled as it grows, per
 lane), so softmax, log_softmax and cross-entropy read each row once for their statistics.
@@ -31,6 +37,7 @@ import torch
 from ..ir import POINTWISE, Node, Op, contiguous_strides, numel
 
 ROW, FULL, GRID = "row", "full", "grid"
+COLUMN = "column"  # the last program's per-column epilogue of column partials: [1, RBLOCK] over r
 _TOKEN = re.compile(r"[A-Za-z_]\w*")
 FUSIBLE_REDUCE = frozenset({Op.SUM, Op.AMAX, Op.AMIN})
 # nodes a kernel computes; everything else a kernel reads from a buffer
@@ -39,6 +46,9 @@ KERNEL_OPS = POINTWISE | FUSIBLE_REDUCE | {Op.GATHER, Op.RAND, Op.CAT, Op.PAD}
 FREE_OPS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.FULL, Op.IOTA})
 # reduced extents up to this fit one block ("persistent": loaded once, no loops)
 PERSISTENT_MAX_RED = 4096
+# rows (at least) one program of a row kernel sums into its column partials: the partials,
+# [programs, C] fp32, stay small beside the [R, C] rows they replace a re-read of
+PARTIAL_ROWS = 32
 
 
 class NotFusable(Exception):
@@ -143,6 +153,14 @@ class LoopProgram:
     grid: list[Stmt] = field(default_factory=list)  # run by the last program instance to finish
     # runtime checks: check j sets err_ptr[j] where eager would raise; (node, "index" | "zero_div")
     checks: list[tuple[Node, str]] = field(default_factory=list)
+    # reductions over the rows of a row kernel, as per-program partials (see the module doc)
+    column_partials: list[Node] = field(default_factory=list)
+
+    @property
+    def partials_bytes(self) -> int:
+        """The fp32 column partials' bytes, written once and read back once (at most: a program
+        sums PARTIAL_ROWS rows or more)."""
+        return 2 * 4 * len(self.column_partials) * self.space.red * -(-self.space.rows // PARTIAL_ROWS)
 
     def text(self) -> str:
         lines = [f"space {self.space}; rows={self.space.rows} red={self.space.red}"
@@ -200,8 +218,12 @@ class Lowering:
         self._n = 0
         self._var_ctx: dict[str, str] = {}
         self._in_grid = False
+        self._epilogue = GRID  # the context of the last program's statements: GRID, or COLUMN
         self._grid: list[Stmt] = []
         self._grid_memo: dict[tuple, str] = {}
+        self._column_memo: dict[tuple, str] = {}
+        self._column_ids: set[int] = set()  # reductions over the rows: per-program partials
+        self._column_totals: dict[int, str] = {}
         self._grid_reduced: dict[int, str] = {}
         self._row_memo: dict[tuple, str] = {}
         self._full_memo: dict[tuple, str] = {}
@@ -227,7 +249,7 @@ class Lowering:
         if self._sink is not None:
             self._sink.append(stmt)
         elif self._in_grid:
-            stmt.ctx = GRID
+            stmt.ctx = self._epilogue
             self._grid.append(stmt)
         elif ctx == ROW:
             self.cur.before.append(stmt)
@@ -236,7 +258,7 @@ class Lowering:
         return v
 
     def mask(self, ctx: str) -> str:
-        return "xmask" if ctx == ROW else "xmask & rmask"
+        return {ROW: "xmask", COLUMN: "rmask"}.get(ctx, "xmask & rmask")
 
     def _check(self, n: Node, kind: str, failed: str, extra_mask: str | None) -> None:
         """Flag lanes where eager would raise (an index out of range, an integer division by
@@ -259,10 +281,10 @@ class Lowering:
     # -- evaluation at coordinates ---------------------------------------------------------------
 
     def ctx_of(self, *exprs: str | None) -> str:
-        """FULL if an expression mentions the reduced index or a per-element variable; GRID when
-        evaluating the last program's epilogue."""
+        """FULL if an expression mentions the reduced index or a per-element variable; GRID (or
+        COLUMN) when evaluating the last program's epilogue."""
         if self._in_grid:
-            return GRID
+            return self._epilogue
         for e in exprs:
             if e:
                 for tok in _TOKEN.findall(e):
@@ -273,7 +295,7 @@ class Lowering:
     def value(self, n: Node, coords: tuple[str, ...], extra_mask: str | None = None) -> str:
         ctx = self.ctx_of(*coords, extra_mask)
         key = (n.id, coords, extra_mask)
-        memo = {ROW: self._row_memo, FULL: self._full_memo, GRID: self._grid_memo}[ctx]
+        memo = {ROW: self._row_memo, FULL: self._full_memo, GRID: self._grid_memo, COLUMN: self._column_memo}[ctx]
         if key in memo:
             return memo[key]
         v = self._value(n, coords, extra_mask, ctx)
@@ -347,8 +369,12 @@ class Lowering:
         # first coordinate and keeps C's, instead of unravelling one index over everything
         inner = ["0"] * len(src.shape)
         for outs, ins in groups:
-            lin = ravel([coords[i] for i in outs], tuple(n.shape[i] for i in outs))
-            for i, c in zip(ins, unravel(lin if len(outs) == 1 else f"({lin})", tuple(src.shape[i] for i in ins))):
+            # one axis splits with its coordinate as it is: [B*T, C] -> [B, T, C] at row x reads (x // T, x % T),
+            # the strings the kernel's own [B, T] rows have (a column sum over [B*T, C] beside a norm's rows)
+            lin = coords[outs[0]]
+            if len(outs) > 1:
+                lin = f"({ravel([coords[i] for i in outs], tuple(n.shape[i] for i in outs))})"
+            for i, c in zip(ins, unravel(lin, tuple(src.shape[i] for i in ins))):
                 inner[i] = c
         return tuple(inner)
 
@@ -411,6 +437,12 @@ class Lowering:
         return self.value(x, tuple(inner), mask)
 
     def _reduction(self, n: Node, coords: tuple[str, ...]) -> str:
+        if n.id in self._column_ids:
+            if not self._in_grid:
+                raise NotFusable("a column reduction's total is read back inside the row kernel")
+            if tuple(coords) != tuple(_coords(self._own_space(n), x="r")[0]):
+                raise NotFusable("a movement op changes which column a column total is read at")
+            return self._column_totals[n.id]
         if n.id in self._grid_ids:
             if not self._in_grid:
                 raise NotFusable("a value reduced over the whole grid is read back inside the grid")
@@ -441,6 +473,8 @@ class Lowering:
         gradient over [B*T, C] beside a norm weight's over [B, T, C]), whose elements are visited
         at the same (row, reduced index) pairs."""
         own = Space(tuple(red.srcs[0].shape), tuple(sorted(red.attrs["axes"])), self.space.chunk)
+        if red.id in self._column_ids:
+            return own
         if own != self.space and own.canonical != self.space.canonical:
             raise NotFusable(f"{red.op.value} over {list(red.attrs['axes'])} of {list(red.srcs[0].shape)} is a "
                              f"different iteration space from {self.space}")
@@ -449,6 +483,8 @@ class Lowering:
     def _reduced_coords(self, red: Node) -> tuple[str, ...]:
         """Where red's operand is read at this kernel's (row, reduced index)."""
         own = self._own_space(red)
+        if red.id in self._column_ids:  # its rows are this kernel's rows, its columns the reduced index
+            return tuple(_coords(own, x="r", r="x")[1])
         return tuple(self.full_coords) if own == self.space else tuple(_coords(own)[1])
 
     def is_grid_reduction(self, n: Node) -> bool:
@@ -529,6 +565,8 @@ class Lowering:
 
     def lower(self) -> LoopProgram:
         reductions = [n for n in self.nodes if n.op in FUSIBLE_REDUCE]
+        columns = self._column_partials(reductions)
+        reductions = [n for n in reductions if n.id not in self._column_ids]
         grid_reductions = [n for n in reductions if self.is_grid_reduction(n)]
         self._grid_ids = {n.id for n in grid_reductions}
         reductions = [n for n in reductions if n.id not in self._grid_ids]
@@ -574,9 +612,14 @@ class Lowering:
         self.phases.append(self.cur)
         if not self.persistent:
             self._full_memo = {}
-        grid_stored = []
+        grid_stored, column_stored = [], []
         for n in self.stored:
             k = numel(n.shape)
+            if columns and _depends_on(n, self._column_ids, self.members):
+                if k != self.space.red:
+                    raise NotFusable(f"{n.op.value}{list(n.shape)} reads a column total but is not one per column")
+                column_stored.append(n)
+                continue
             if (grid_reductions or self.space.chunk) and k == 1 and _depends_on(n, self._grid_ids, self.members):
                 grid_stored.append(n)
                 continue
@@ -594,6 +637,9 @@ class Lowering:
             v = self.value(n, coords)
             ctx = self.ctx_of(*coords, v)
             self._emit(ctx, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
+        for j, red in enumerate(columns):  # this program's rows' share, at its own (row, column) pairs
+            v = self.value(red.srcs[0], self._reduced_coords(red))
+            self._emit(FULL, "column_partial", (red.op, v, j), red.dtype, red, var=False)
         # every program writes its partial of each grid reduction; the last one combines them
         if self.space.chunk:
             grid_reductions = [r for r in reductions if r.id in split]
@@ -613,9 +659,35 @@ class Lowering:
             coords = tuple("0" for _ in n.shape)
             v = self.value(n, coords)
             self._emit(GRID, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
+        # the column totals and their per-column epilogue, with column index r
+        self._epilogue = COLUMN
+        for j, red in enumerate(columns):
+            self._column_totals[red.id] = self._emit(COLUMN, "column_final", (red.op, j), red.dtype, red)
+        for n in column_stored:
+            coords = tuple(unravel("r", n.shape))
+            v = self.value(n, coords)
+            self._emit(COLUMN, "store", (self.stored.index(n), coords, v), n.dtype, n, var=False)
         self._in_grid = False
         return LoopProgram(self.space, self.buffers, self.stored, self.phases, self.persistent,
-                           list(self._inlined.values()), grid_reductions, self._grid, self.checks)
+                           list(self._inlined.values()), grid_reductions, self._grid, self.checks, columns)
+
+    def _column_partials(self, reductions: list[Node]) -> list[Node]:
+        """The reductions over this row kernel's rows (its space transposed), which it computes as
+        per-program partials; [] when there are none. Only sums of floats (fp32 partials are exact
+        enough; eager accumulates them in fp32 too) in a kernel whose rows fit one block (a program
+        holds its rows' every column at once) and that has no other cross-program work."""
+        found = [r for r in reductions if transposed(Space(tuple(r.srcs[0].shape), tuple(sorted(r.attrs["axes"]))),
+                                                     self.space)]
+        if not found:
+            return []
+        if any(r.op is not Op.SUM or not r.dtype.is_floating_point for r in found):
+            raise NotFusable("column partials are fp32 sums: other column reductions keep their own kernel")
+        if not self.persistent or self.space.chunk or self.space.segments:
+            raise NotFusable(f"column partials need the kernel's rows in one block ({self.space})")
+        self._column_ids = {r.id for r in found}
+        if any(self.is_grid_reduction(r) for r in reductions if r.id not in self._column_ids):
+            raise NotFusable("column partials and a reduction over the whole grid in one kernel")
+        return found
 
 
 def _reshape_groups(out_shape: tuple[int, ...], in_shape: tuple[int, ...]
@@ -644,11 +716,11 @@ def _reshape_groups(out_shape: tuple[int, ...], in_shape: tuple[int, ...]
     return groups
 
 
-def _coords(space: Space) -> tuple[list[str], list[str]]:
+def _coords(space: Space, x: str = "x", r: str = "r") -> tuple[list[str], list[str]]:
     """(row coordinates, element coordinates) of a space's axes at row x and reduced index r."""
-    rx = unravel("x", tuple(space.row_dims))
+    rx = unravel(x, tuple(space.row_dims))
     # split: row x holds elements x * chunk + r of the flattened reduced axes (codegen masks the tail)
-    rr = unravel(f"(x * {space.chunk} + r)" if space.chunk else "r", tuple(space.red_dims))
+    rr = unravel(f"({x} * {space.chunk} + {r})" if space.chunk else r, tuple(space.red_dims))
     row, full = [], []
     ix = ir = 0
     for i in range(len(space.shape)):
@@ -661,6 +733,15 @@ def _coords(space: Space) -> tuple[list[str], list[str]]:
             row.append(rx[ix])
             ix += 1
     return row, full
+
+
+def transposed(col: Space, row: Space) -> bool:
+    """col reduces [R, C] over its rows and row reduces the same [R, C] over its columns (canonical
+    forms: [B, T, C] over [0, 1] is [B*T, C] over [0])."""
+    (cb, cred, cchunk, cseg), (rb, rred, rchunk, rseg) = col.canonical, row.canonical
+    return (cred and rred and not (cchunk or cseg or rchunk or rseg) and len(cb) == len(rb) == 2
+            and [d for d, _ in cb] == [d for d, _ in rb] and 0 not in [d for d, _ in cb] and [r for _, r in cb] == [True, False]
+            and [r for _, r in rb] == [False, True])
 
 
 def _nonzero_constant(n: Node) -> bool:
@@ -718,4 +799,4 @@ def dtype_ok(dtype: torch.dtype) -> bool:
 
 
 __all__ = ["Space", "Stmt", "Phase", "LoopProgram", "Lowering", "NotFusable", "KERNEL_OPS", "FREE_OPS",
-           "FUSIBLE_REDUCE", "PERSISTENT_MAX_RED", "unravel", "ravel"]
+           "FUSIBLE_REDUCE", "PERSISTENT_MAX_RED", "PARTIAL_ROWS", "unravel", "ravel", "transposed"]
