@@ -81,8 +81,10 @@ class Kernel:
         reduction, for a split column reduction [splits, reductions, columns] and per column block, or
         for a row kernel's column partials [programs, partials, columns]."""
         prog, lc = self.group.program, self.launch
-        if prog.column_partials:
-            size, counters = self.grid[0] * len(prog.column_partials) * prog.space.red, 1
+        if prog.column_partials:  # then the partial groups' sums, and a counter per group
+            groups = lc.partial_groups if lc.partial_groups > 1 else 0
+            size = (self.grid[0] + groups) * len(prog.column_partials) * prog.space.red
+            counters = 1 + groups
         elif lc.splits > 1:
             size, counters = lc.splits * len(prog.phases[0].after) * prog.space.rows, lc.column_blocks
         else:

@@ -12,6 +12,7 @@ import torch
 
 import lazygraph as lg
 from lazygraph import codegen_triton
+from lazygraph.codegen import templates
 from lazygraph.cost_model import program_cost
 from lazygraph.ir import contiguous_strides
 from lazygraph.passes.fuse import _Fuser
@@ -109,10 +110,44 @@ def test_replays_and_many_programs_add_up_in_order():
         _check(fn, x, w, dy)
 
 
+@pytest.mark.parametrize("group", [2, 3])
+def test_partials_add_up_in_groups_first(monkeypatch, no_cached_programs, group):
+    # 5 programs in groups of 2 (the last one smaller) or 3: the last of each group adds its
+    # group's partials, the last group the groups' sums; twice, as counters are reset
+    monkeypatch.setattr(templates, "PARTIAL_GROUP", group)
+    monkeypatch.setattr(templates, "PARTIAL_ROWS", 1)
+    monkeypatch.setattr(templates, "block_sizes", lambda prog, target: (8, 64))  # 8 rows a program
+    x, dy, w = torch.randn(37, 50), torch.randn(37, 50), torch.randn(50)
+    (k,) = _program(_norm_backward, x, w, dy).schedule.kernels
+    kernel = codegen_triton.Kernel(k, [contiguous_strides(b.shape) for b in k.program.buffers])
+    assert kernel.launch.programs == 5 and kernel.launch.partial_groups == -(-5 // group)
+    assert "done = tl.atomic_add(cnt_ptr + 1 + group, 1)" in kernel.source
+    for _ in range(2):
+        _check(_norm_backward, x, w, dy)
+
+
+def test_gpt2_shaped_rows_add_up_in_two_levels_on_a_gpu():
+    x, dy, w = torch.randn(8192, 768), torch.randn(8192, 768), torch.randn(768)
+    graph = lg.graph(*_norm_backward(*[lg.lazy(t) for t in (x, w, dy)]))
+    (k,) = CompiledProgram(graph).schedule.kernels
+    lc = templates.launch(k.program, codegen_triton.GPU)
+    # 4 rows a block, 8 blocks a program: 256 programs, their partials added in 16 groups of 16
+    assert (lc.xblock, lc.row_blocks, lc.programs, lc.partial_groups) == (4, 8, 256, 16)
+    assert k.program.partials_bytes == 2 * 4 * 2 * 768 * (256 + 16)
+
+
 def test_transposed_rows_keep_their_layout():
     # dy read through a transpose: the partials walk it at its strides
     x, dyt, w = torch.randn(37, 50), torch.randn(50, 37), torch.randn(50)
     _check(lambda x, w, dyt: _norm_backward(x, w, dyt.t()), x, w, dyt)
+
+
+def test_fp64_sums_keep_their_column_kernel():
+    # fp32 partials would lose fp64's digits: the column sums stay a kernel of their own
+    x, dy, w = (t.double() for t in (torch.randn(37, 50), torch.randn(37, 50), torch.randn(50)))
+    _check(_norm_backward, x, w, dy, rtol=1e-12, atol=1e-12)
+    kernels = _program(_norm_backward, x, w, dy).schedule.kernels
+    assert len(kernels) == 2 and not any(k.program.column_partials for k in kernels)
 
 
 def test_a_wide_row_keeps_its_column_kernel():
@@ -136,10 +171,11 @@ def test_layer_norm_and_linear_forward_backward_equal_eager():
 
 
 def test_the_row_kernel_with_partials_builds_for_sm90():
-    x, dy, w = torch.randn(129, 768), torch.randn(129, 768), torch.randn(768)
+    x, dy, w = torch.randn(1031, 768), torch.randn(1031, 768), torch.randn(768)
     (k,) = _program(_norm_backward, x, w, dy).schedule.kernels
     kernel = codegen_triton.Kernel(k, [contiguous_strides(b.shape) for b in k.program.buffers],
                                    target=codegen_triton.GPU)
-    assert kernel.launch.row_blocks > 1  # a GPU program sums several row blocks into its partials
+    # a GPU program sums several row blocks into its partials; 33 programs add up in 3 groups
+    assert kernel.launch.row_blocks > 1 and kernel.launch.partial_groups == 3
     (ptx,) = codegen_triton.build_bodies([(kernel.body, kernel.signature())])
     assert ".entry" in ptx

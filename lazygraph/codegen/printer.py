@@ -101,6 +101,7 @@ class Printer:
                  nprog: int = 1, bf16_by_hand: bool = False, partial_block: int = 1):
         self.p = program
         self.partial_block = partial_block  # partials the last program adds at once (column partials)
+        self.partials = (0, nprog)  # column partials the last program adds: (workspace offset, how many)
         self.bf16_by_hand = bf16_by_hand  # round to bf16 with integer ops (the interpreter truncates)
         self.nprog = nprog
         self.strides = strides
@@ -195,12 +196,13 @@ class Printer:
         if k == "column_final":  # the last program adds every program's partials, in program order
             _, j = a
             n, cols, pb = len(self.p.column_partials), self.p.space.red, self.partial_block
-            part = f"ws_ptr + (i * {n} + {j}) * {cols} + r"
+            base, count = self.partials
+            part = f"ws_ptr + {base} + (i * {n} + {j}) * {cols} + r"
             return "\n".join([
                 f"acc{j} = tl.zeros([{pb}, {self.rblock}], tl.float32)",
-                f"for i0 in range(0, {self.nprog}, {pb}):",
+                f"for i0 in range(0, {count}, {pb}):",
                 f"    i = i0 + tl.arange(0, {pb})[:, None]",
-                f"    acc{j} += tl.load({part}, mask=(i < {self.nprog}) & rmask, other=0)",
+                f"    acc{j} += tl.load({part}, mask=(i < {count}) & rmask, other=0)",
                 f"{s.var} = tl.sum(acc{j}, 0)[None, :]",
             ])
         if k == "check":  # flag j is set where a live lane fails the check

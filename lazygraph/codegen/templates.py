@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import Op, numel
-from ..passes.loops import PARTIAL_ROWS, LoopProgram, Stmt
+from ..passes.loops import PARTIAL_GROUP, PARTIAL_ROWS, LoopProgram, Stmt
 from .printer import PTR_TYPES, Printer, param_name
 from .target import GPU, INTERPRETER, Target, block_sizes, pow2
 
@@ -56,6 +56,11 @@ class Launch:
     @property
     def column_blocks(self) -> int:
         return self.programs // self.splits
+
+    @property
+    def partial_groups(self) -> int:
+        """Groups of programs whose column partials are added up first (1: no first level)."""
+        return _cdiv(self.programs, PARTIAL_GROUP) if self.programs > PARTIAL_GROUP else 1
 
 
 def column_reduction(prog: LoopProgram) -> bool:
@@ -183,6 +188,8 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target,
         prog = dataclasses.replace(prog, persistent=False)  # a column program always loops over rows
     pr = Printer(prog, strides, xblock, rblock, lc.programs, bf16_by_hand=target is INTERPRETER,
                  partial_block=max(1, min(pow2(lc.programs), target.max_tile // rblock)))
+    if lc.partial_groups > 1:  # the last program adds the groups' sums, after the programs' partials
+        pr.partials = (lc.programs * len(prog.column_partials) * sp.red, lc.partial_groups)
     # int64 index math when any element offset could pass int32: sizes, and strided views of big buffers
     reach = [sum((d - 1) * abs(st) for d, st in zip(b.shape, strides[i]) if d > 0)
              for i, b in enumerate(prog.buffers) if not b.attrs.get("scalar")]
@@ -249,8 +256,11 @@ def _source(prog: LoopProgram, strides: Sequence[Sequence[int]], target: Target,
 def _with_column_partials(prog: LoopProgram, pr: Printer, lines: list[str], pid: str, lc: Launch) -> str:
     """A row kernel that also sums its rows per column: each program walks `row_blocks` blocks of
     rows, adding each block's values into fp32 accumulators [1, RBLOCK], and stores them as its
-    partials (workspace [programs, partials, C]); the last program to finish adds them up in
-    program order and stores the column totals and what is computed from them."""
+    partials (workspace [programs, partials, C]); they are added up in program order, in groups
+    of PARTIAL_GROUP programs first when there are more (the groups' sums follow the programs'
+    partials in the workspace), and the last program to finish stores the column totals and
+    what is computed from them. Counters: cnt_ptr[0] the groups done, cnt_ptr[1 + g] group g's
+    programs done."""
     sp, n, k = prog.space, len(prog.column_partials), lc.row_blocks
     head = [f"pid = {pid}", f"r = tl.arange(0, {lc.rblock})[None, :]", f"rmask = {_rmask(sp)}"]
     head += [f"cp{j} = tl.zeros([1, {lc.rblock}], tl.float32)" for j in range(n)]
@@ -260,12 +270,27 @@ def _with_column_partials(prog: LoopProgram, pr: Printer, lines: list[str], pid:
         rows += [pr.stmt(s) for s in ph.before + ph.body + ph.after]
     body = head + ([f"for xb in range({k}):"] + ["    " + s for s in rows] if k > 1 else rows)
     body += [f"tl.store(ws_ptr + (pid * {n} + {j}) * {sp.red} + r, cp{j}, mask=rmask)" for j in range(n)]
-    body += ["tl.debug_barrier()",  # the counter's atomic orders the partials' stores before it
-             "finished = tl.atomic_add(cnt_ptr, 1)",
-             f"if finished == {lc.programs - 1}:"]
+    body.append("tl.debug_barrier()")  # a counter's atomic orders the partials' stores before it
+    indent, groups = "", lc.partial_groups
+    if groups > 1:
+        size, pb, first = PARTIAL_GROUP, pr.partial_block, lc.programs
+        body += [f"group = pid // {size}",
+                 "done = tl.atomic_add(cnt_ptr + 1 + group, 1)",
+                 f"if done == tl.minimum({first} - group * {size}, {size}) - 1:  # the last of its group"]
+        for j in range(n):
+            body += [f"    acc{j} = tl.zeros([{pb}, {lc.rblock}], tl.float32)",
+                     f"    for i0 in range(0, {size}, {pb}):",
+                     f"        i = group * {size} + i0 + tl.arange(0, {pb})[:, None]",
+                     f"        live = (i < {first}) & (i0 + tl.arange(0, {pb})[:, None] < {size}) & rmask",
+                     f"        acc{j} += tl.load(ws_ptr + (i * {n} + {j}) * {sp.red} + r, mask=live, other=0)",
+                     f"    tl.store(ws_ptr + {first * n * sp.red} + (group * {n} + {j}) * {sp.red} + r, "
+                     f"tl.sum(acc{j}, 0)[None, :], mask=rmask)"]
+        body += ["    tl.store(cnt_ptr + 1 + group, 0)  # ready for the next launch", "    tl.debug_barrier()"]
+        indent = "    "
+    body += [indent + "finished = tl.atomic_add(cnt_ptr, 1)", f"{indent}if finished == {groups - 1}:"]
     for st in prog.grid:
-        body += ["    " + line for line in pr.stmt(st).split("\n")]
-    body.append("    tl.store(cnt_ptr, 0)  # ready for the next launch")
+        body += [indent + "    " + line for line in pr.stmt(st).split("\n")]
+    body.append(indent + "    tl.store(cnt_ptr, 0)  # ready for the next launch")
     return "\n".join(lines + ["    " + s for s in body]) + "\n"
 
 

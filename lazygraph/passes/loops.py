@@ -49,6 +49,9 @@ PERSISTENT_MAX_RED = 4096
 # rows (at least) one program of a row kernel sums into its column partials: the partials,
 # [programs, C] fp32, stay small beside the [R, C] rows they replace a re-read of
 PARTIAL_ROWS = 32
+# and adds them up in two levels when there are many, so that no one program reads them all: the
+# last program of each group of PARTIAL_GROUP programs adds its group's, the last group the sums
+PARTIAL_GROUP = 16
 
 
 class NotFusable(Exception):
@@ -158,9 +161,11 @@ class LoopProgram:
 
     @property
     def partials_bytes(self) -> int:
-        """The fp32 column partials' bytes, written once and read back once (at most: a program
-        sums PARTIAL_ROWS rows or more)."""
-        return 2 * 4 * len(self.column_partials) * self.space.red * -(-self.space.rows // PARTIAL_ROWS)
+        """The fp32 column partials' bytes (and their groups' sums), written once and read back once
+        (at most: a program sums PARTIAL_ROWS rows or more)."""
+        programs = -(-self.space.rows // PARTIAL_ROWS)
+        groups = -(-programs // PARTIAL_GROUP) if programs > PARTIAL_GROUP else 0
+        return 2 * 4 * len(self.column_partials) * self.space.red * (programs + groups)
 
     def text(self) -> str:
         lines = [f"space {self.space}; rows={self.space.rows} red={self.space.red}"
@@ -673,14 +678,14 @@ class Lowering:
 
     def _column_partials(self, reductions: list[Node]) -> list[Node]:
         """The reductions over this row kernel's rows (its space transposed), which it computes as
-        per-program partials; [] when there are none. Only sums of floats (fp32 partials are exact
-        enough; eager accumulates them in fp32 too) in a kernel whose rows fit one block (a program
-        holds its rows' every column at once) and that has no other cross-program work."""
+        per-program partials; [] when there are none. Only sums of fp32, bf16 or fp16 (fp32 partials
+        are what eager accumulates them in; fp64 would lose digits) in a kernel whose rows fit one
+        block (a program holds its rows' every column at once) and has no other cross-program work."""
         found = [r for r in reductions if transposed(Space(tuple(r.srcs[0].shape), tuple(sorted(r.attrs["axes"]))),
                                                      self.space)]
         if not found:
             return []
-        if any(r.op is not Op.SUM or not r.dtype.is_floating_point for r in found):
+        if any(r.op is not Op.SUM or r.dtype not in (torch.float32, torch.bfloat16, torch.float16) for r in found):
             raise NotFusable("column partials are fp32 sums: other column reductions keep their own kernel")
         if not self.persistent or self.space.chunk or self.space.segments:
             raise NotFusable(f"column partials need the kernel's rows in one block ({self.space})")
@@ -739,8 +744,10 @@ def transposed(col: Space, row: Space) -> bool:
     """col reduces [R, C] over its rows and row reduces the same [R, C] over its columns (canonical
     forms: [B, T, C] over [0, 1] is [B*T, C] over [0])."""
     (cb, cred, cchunk, cseg), (rb, rred, rchunk, rseg) = col.canonical, row.canonical
-    return (cred and rred and not (cchunk or cseg or rchunk or rseg) and len(cb) == len(rb) == 2
-            and [d for d, _ in cb] == [d for d, _ in rb] and 0 not in [d for d, _ in cb] and [r for _, r in cb] == [True, False]
+    if not (cred and rred) or cchunk or cseg or rchunk or rseg or len(cb) != 2 or len(rb) != 2:
+        return False
+    dims = [d for d, _ in cb]
+    return (dims == [d for d, _ in rb] and 0 not in dims and [r for _, r in cb] == [True, False]
             and [r for _, r in rb] == [False, True])
 
 
@@ -799,4 +806,4 @@ def dtype_ok(dtype: torch.dtype) -> bool:
 
 
 __all__ = ["Space", "Stmt", "Phase", "LoopProgram", "Lowering", "NotFusable", "KERNEL_OPS", "FREE_OPS",
-           "FUSIBLE_REDUCE", "PERSISTENT_MAX_RED", "PARTIAL_ROWS", "unravel", "ravel", "transposed"]
+           "FUSIBLE_REDUCE", "PERSISTENT_MAX_RED", "PARTIAL_ROWS", "PARTIAL_GROUP", "unravel", "ravel", "transposed"]
