@@ -47,8 +47,9 @@ FREE_OPS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.FULL, Op.I
 # reduced extents up to this fit one block ("persistent": loaded once, no loops)
 PERSISTENT_MAX_RED = 4096
 # rows (at least) one program of a row kernel sums into its column partials: the partials,
-# [programs, C] fp32, stay small beside the [R, C] rows they replace a re-read of
-PARTIAL_ROWS = 32
+# [programs, C] fp32, stay small beside the [R, C] rows they replace a re-read of, and a
+# [8192, 768] norm backward still runs 512 programs of 8 warps (enough to keep a GPU's memory busy)
+PARTIAL_ROWS = 16
 # and adds them up in two levels when there are many, so that no one program reads them all: the
 # last program of each group of PARTIAL_GROUP programs adds its group's, the last group the sums
 PARTIAL_GROUP = 16
