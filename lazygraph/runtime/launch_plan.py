@@ -25,6 +25,10 @@ needs it, `run.join()` before the outputs), on a GPU a CUDA stream with events b
 The walk itself runs in order; runtime/lanes.py says which steps may leave the caller's lane and
 why no lane reads an arena slot that another one rewrites.
 
+Checks: a run of kernels with runtime checks ends with `finish_checks(PROGRAM, CHECKED)`, which
+reads their flags at once, or, for a compiled module's call on a GPU, leaves them to be read by
+the program's next run or by lazygraph.sync() (deferred_checks.py): no host sync per run.
+
 Every call that does device work (a kernel launch, a torch op, a fill or a copy) is a Launch
 that goes through `launcher()` once, when the plan is written: the boundary that
 benchmarks/host_overhead.py replaces to time lazygraph's own host work.
@@ -48,9 +52,11 @@ from ..codegen.flash_attention import run_attention_node, supported
 from ..counters import COUNTERS, EXTERN_OPS
 from ..ir import COLLECTIVES, Node, Op, itemsize, numel
 from ..passes.fuse import FusionGroup
-from ..reference import IndexOutOfRange, eval_node, gather_error_message, resolve_aten, run_extern, slice_index
+from ..reference import eval_node, resolve_aten, run_extern, slice_index
 from .collectives import InFlight
 from .cost import extern_call_key, extern_name
+from .deferred_checks import finish as finish_checks
+from .deferred_checks import raise_failed_checks
 from .lanes import Block, LaneRun, effective_lanes, render_cpu, render_cuda, reuse_respects_lanes
 
 if TYPE_CHECKING:
@@ -331,7 +337,8 @@ class _Writer:
         self.in_arena = {n.id for n in self.arena.nodes}
         self.lines: list[_Line] = []
         self.constants: dict[str, Any] = {"torch": torch, "empty": torch.empty, "leaf": _leaf,
-                                          "StridesChanged": StridesChanged, "raise_failed_checks": raise_failed_checks}
+                                          "StridesChanged": StridesChanged, "finish_checks": finish_checks,
+                                          "PROGRAM": program}
         self.env: dict[int, Any] = {}
         self.tensor_of_scalar: dict[int, torch.Tensor] = {}
         self.memo: dict = {}
@@ -459,7 +466,7 @@ class _Writer:
         EXTERN_OPS.update(self.extern_ops)
         self.in_flight.wait_all(self)
         if self.checked:
-            raise_failed_checks(self.checked)
+            finish_checks(p, self.checked)
         outputs, self.out_vars = [], []
         start = len(self.lines)
         for o in p.result.graph.outputs:  # an output may be a runtime scalar
@@ -685,7 +692,7 @@ class _Writer:
                               CHECKED=tuple(self.checked))
         tail = [_Line("COUNTERS.update(TOTALS)"), _Line("EXTERN_OPS.update(OPS)")]
         if self.checked:
-            tail.append(_Line("raise_failed_checks(CHECKED)"))
+            tail.append(_Line("finish_checks(PROGRAM, CHECKED)  # read now, or later (deferred_checks.py)"))
         tail.append(_Line(f"return [{', '.join(out_vars)}]", tuple(out_vars)))
         body = _with_dels(body, keep=set(out_vars) | {self.var(n) for n in self.arena.nodes}) + tail
         return "\n".join(head + ["    " + line.text for line in body]) + "\n"
@@ -764,25 +771,6 @@ def check_kernel(group: FusionGroup, env: dict, outs: Sequence[torch.Tensor], ke
         except AssertionError as e:
             raise AssertionError(f"kernel {group.name} output {o!r} differs from the reference "
                                  f"(source {kernel.path}):\n{e}") from None
-
-
-def raise_failed_checks(kernels: Sequence[Any]) -> None:
-    """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line.
-    One look at all flags per run: on a GPU that is the run's only wait for its kernels."""
-    flags = [k.flags for k in kernels if k.flags is not None]
-    if state.CAPTURING.get():
-        return  # a CUDA graph being captured: its replays read the flags (cuda_graphs.py)
-    if not flags or not bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
-        return
-    for kernel in kernels:
-        failed = kernel.failed_checks()
-        if not failed:
-            continue
-        n, kind = kernel.group.program.checks[failed[0]]
-        if kind == "zero_div":
-            where = f"recorded at {n.source}" if n.source else "source line unknown"
-            raise RuntimeError(f"ZeroDivisionError: integer {n.op.value} by zero in kernel {kernel.name} ({where})")
-        raise IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name})")
 
 
 def reference_group(group: FusionGroup, env: dict[int, Any]) -> list[torch.Tensor]:
