@@ -111,7 +111,7 @@ def _copy(owner: Any, kernels: list, flags: list[torch.Tensor], call: str, part:
         host.copy_(joined, non_blocking=True)
         torch._foreach_zero_(flags)  # after the copy on this stream: the next run starts clear
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(joined.device))
     else:
         host = joined.clone() if len(flags) == 1 else joined
         torch._foreach_zero_(flags)
