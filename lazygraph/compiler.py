@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import os
 import sys
 import threading
@@ -71,6 +72,7 @@ from .passes.simplify import simplify
 from .runtime import BACKENDS, Program, get_backend, get_program, using_backend
 
 RECOMPILE_LIMIT = 8
+_CALL_NUMBERS = itertools.count()  # one per replayed call of any module: its programs' deferred checks go together
 _TENSOR_FIELDS = ("shape", "dtype", "stride", "device", "requires_grad")
 # A trace swaps a module's parameters and buffers for lazy ones (functional_call): no other thread
 # may trace or read them meanwhile. Reentrant: a compiled submodule traces inside its parent's trace.
@@ -553,7 +555,7 @@ class _Joint(torch.autograd.Function):
     """Forward program now, backward program when autograd asks; real tensors in and out."""
 
     @staticmethod
-    def forward(ctx, tr: _Trace, p: _Programs, seeds: list, call: str, *prims: torch.Tensor):
+    def forward(ctx, tr: _Trace, p: _Programs, seeds: list, call: tuple[str, int], *prims: torch.Tensor):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, never a zero-filled tensor
         outs = _run_forward(tr, p, seeds, prims, call)
         ctx.tr, ctx.p, ctx.seeds, ctx.call = tr, p, seeds, call
@@ -593,7 +595,7 @@ class _Joint(torch.autograd.Function):
                 inputs.append(seed_of[k])
             else:
                 inputs.append(v)
-        grads = _run(program, inputs, _scalars(bwd_scalars, tr), (ctx.call, "backward program"))
+        grads = _run(program, inputs, _scalars(bwd_scalars, tr), (*ctx.call, "backward program"))
         if p.bwd_order is not None:
             grads = unpermute(grads, p.bwd_order)
         out = tuple(None if j is None else grads[j] for j in tr.grad_of)
@@ -621,9 +623,10 @@ def _seed_map(tr: _Trace, seeds: list) -> dict[int, torch.Tensor]:
 
 
 def _run(program: Program, inputs: list, scalars: list[float],
-         call: tuple[str, str] | None = None) -> list[torch.Tensor]:
-    """Run a program; `call` names the module call and the program (its check flags may then be
-    read later, runtime/deferred_checks.py), None for a run whose values are read at once (a guard)."""
+         call: tuple[str, int, str] | None = None) -> list[torch.Tensor]:
+    """Run a program; `call` is the module call it runs for (name, unique number) and which of its
+    programs (its check flags may then be read later, runtime/deferred_checks.py), None for a run
+    whose values are read at once (a guard)."""
     graph_ran()
     token = state.DEFERRED_CALL.set(call)
     try:
@@ -634,13 +637,13 @@ def _run(program: Program, inputs: list, scalars: list[float],
         state.DEFERRED_CALL.reset(token)
 
 
-def _run_forward(tr: _Trace, p: _Programs, seeds: list, prims, call: str) -> list[torch.Tensor]:
+def _run_forward(tr: _Trace, p: _Programs, seeds: list, prims, call: tuple[str, int]) -> list[torch.Tensor]:
     seed_of = _seed_map(tr, seeds)
     inputs = []
     for k in p.fwd_inputs:
         kind, v = tr.sources[k]
         inputs.append(prims[v] if kind == "primal" else seed_of[k] if kind == "seed" else v)
-    return _run(p.forward, inputs, _scalars(p.fwd_scalars, tr), (call, "forward program"))
+    return _run(p.forward, inputs, _scalars(p.fwd_scalars, tr), (*call, "forward program"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,7 +870,7 @@ class CompiledModule(torch.nn.Module):
         # a replay draws fresh seeds; a trace used once (dynamic) keeps the ones it recorded with
         seeds = [_new_seed() if tr.fresh_seeds else v for kind, v in tr.sources if kind == "seed"]
         self._lg_calls += 1
-        call = f"call {self._lg_calls} of {self._name()}"
+        call = (f"call {self._lg_calls} of {self._name()}", next(_CALL_NUMBERS))
         if p.backward is not None and torch.is_grad_enabled():
             outs = list(_Joint.apply(tr, p, seeds, call, *prims))
             updates = outs[tr.num_outputs:]

@@ -30,9 +30,9 @@ LENT_INPUTS: ContextVar[Any] = ContextVar("lazygraph_lent_inputs", default=None)
 # a CUDA graph is being captured: launch plans leave their check flags unread (reading them is a
 # host sync, which a capture forbids); the graph's replays read them (runtime/cuda_graphs.py)
 CAPTURING: ContextVar[bool] = ContextVar("lazygraph_capturing", default=False)
-# (compiled module call, which of its programs) being run: its check flags may be read later
-# (runtime/deferred_checks.py)
-DEFERRED_CALL: ContextVar[tuple[str, str] | None] = ContextVar("lazygraph_deferred_call", default=None)
+# (compiled module call, its unique number, which of its programs) being run: its check flags may
+# be read later (runtime/deferred_checks.py)
+DEFERRED_CALL: ContextVar[tuple[str, int, str] | None] = ContextVar("lazygraph_deferred_call", default=None)
 
 
 # -- process-wide --------------------------------------------------------------------------------

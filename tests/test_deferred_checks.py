@@ -30,9 +30,9 @@ def deferred(monkeypatch):
 
 
 class Embed(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, width: int = 5):
         super().__init__()
-        self.table = torch.nn.Embedding(11, 5)
+        self.table = torch.nn.Embedding(11, width)
 
     def forward(self, i):
         return torch.tanh(self.table(i) * 2).sum(-1)  # EMBED_LINE
@@ -94,6 +94,18 @@ def test_two_failures_are_both_raised(monkeypatch):
         lg.sync()
     with pytest.raises(IndexOutOfRange, match="call 4 of"):
         lg.sync()
+    lg.sync()
+
+
+def test_two_modules_failing_at_their_call_of_one_number_are_both_raised():
+    """Two modules, two programs (one module's call reads only its programs' copies)."""
+    eager = [Embed(), Embed(width=7)]
+    with torch.no_grad():
+        for e in eager:
+            assert _calls(lg.compile(copy.deepcopy(e)), e, [[1, 2, 3], [1, 2, 33]]) == [None, None]
+    for _ in range(2):  # both named "call 2 of Embed.forward": neither hides the other
+        with pytest.raises(IndexOutOfRange, match="set by the forward program of call 2 of Embed.forward"):
+            lg.sync()
     lg.sync()
 
 
@@ -181,7 +193,7 @@ class _Kernel:
 def _run(owner, kernel, call, part="forward program", fail=False):
     if fail:
         kernel.flags[1] = 1  # what the kernel does where eager would raise
-    token = state.DEFERRED_CALL.set((call, part))
+    token = state.DEFERRED_CALL.set((f"call {call}", call, part))
     try:
         deferred_checks.finish(owner, [kernel])
     finally:
@@ -192,13 +204,13 @@ def test_a_calls_other_failures_are_not_raised_again_but_other_calls_are_kept():
     """The forward and the backward of call 1 both failed (one bad batch): raised once. Call 2's
     failure in a third program is raised by the next read."""
     fwd, bwd, other = _Kernel("fwd"), _Kernel("bwd"), _Kernel("other")
-    _run("F", fwd, "call 1", fail=True)
-    _run("B", bwd, "call 1", "backward program", fail=True)
-    _run("O", other, "call 2", fail=True)
+    _run("F", fwd, 1, fail=True)
+    _run("B", bwd, 1, "backward program", fail=True)
+    _run("O", other, 2, fail=True)
     assert not fwd.flags.any()  # zeroed for the next run once copied
     with pytest.raises(RuntimeError, match=r"ZeroDivisionError: .* kernel fwd \(recorded at fwd.py:1; set by the "
                                            r"forward program of call 1, read at the end of call 3\)"):
-        _run("F", fwd, "call 3")
+        _run("F", fwd, 3)
     with pytest.raises(RuntimeError, match="kernel other .*set by the forward program of call 2"):
         lg.sync()
     lg.sync()

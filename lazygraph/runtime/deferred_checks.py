@@ -7,7 +7,8 @@ while this one runs. A deferred run reads nothing. In stream order it copies its
 pinned host memory (non_blocking), zeroes them for the next run and records an event; the copy
 is read
 - at the end of the next run of the same program, after that run's launches are queued (the GPU
-  keeps working while the host looks at the earlier run, normally long finished), or
+  keeps working while the host looks at the earlier run, normally long finished; modules of one
+  structure share programs, so that run may be another module's), or
 - at lazygraph.sync() (`read_all`), which waits for every run not read yet.
 A set flag raises the error an immediate read raises (the IR op and the user's line), plus the
 call that set it and where it was read. Each copy is read once, under a lock: an error is never
@@ -49,6 +50,7 @@ class _Copy:
     host: torch.Tensor  # their flags one after another (pinned memory on a GPU)
     event: Any  # recorded after the copy on a GPU; None on the CPU (the copy is done)
     call: str  # the module call it ran for ("call 4 of GPT.forward")
+    number: int  # that call's number, unique in the process (its programs' copies go together)
     part: str  # which of its programs ("forward program")
 
 
@@ -95,14 +97,14 @@ def discard(kernels: Sequence[Any]) -> None:
         torch._foreach_zero_(flags)
 
 
-def _defers(call: tuple[str, str] | None, flags: Sequence[torch.Tensor]) -> bool:
+def _defers(call: tuple[str, int, str] | None, flags: Sequence[torch.Tensor]) -> bool:
     if call is None:
         return False
     mode = state.SETTINGS.defer_checks
     return mode in ("on", "1") or (mode == "auto" and any(f.is_cuda for f in flags))
 
 
-def _copy(owner: Any, kernels: list, flags: list[torch.Tensor], call: str, part: str) -> _Copy:
+def _copy(owner: Any, kernels: list, flags: list[torch.Tensor], call: str, number: int, part: str) -> _Copy:
     """This run's flags on their way to the host, and zeroed for the next run, in stream order."""
     COUNTERS["checks_deferred"] += 1
     joined = torch.cat(flags) if len(flags) > 1 else flags[0]
@@ -116,7 +118,7 @@ def _copy(owner: Any, kernels: list, flags: list[torch.Tensor], call: str, part:
         host = joined.clone() if len(flags) == 1 else joined
         torch._foreach_zero_(flags)
         event = None
-    return _Copy(owner, tuple(kernels), host, event, call, part)
+    return _Copy(owner, tuple(kernels), host, event, call, number, part)
 
 
 def _read(copies: list[_Copy], where: str) -> None:
@@ -130,7 +132,7 @@ def _read(copies: list[_Copy], where: str) -> None:
         if not bool(c.host.any()):
             continue
         with _LOCK:
-            _PENDING[:] = [d for d in copies[i + 1:] + _PENDING if d.call != c.call]
+            _PENDING[:] = [d for d in copies[i + 1:] + _PENDING if d.number != c.number]
         at = 0
         for kernel in c.kernels:
             n = len(kernel.group.program.checks)
