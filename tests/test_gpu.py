@@ -368,6 +368,7 @@ def test_an_out_of_range_target_surfaces_at_the_next_call(monkeypatch, graphs):
     from lazygraph.reference import IndexOutOfRange
 
     monkeypatch.setattr(state.SETTINGS, "cuda_graphs", graphs)
+    monkeypatch.setattr(state.SETTINGS, "defer_checks", "auto")  # the default: deferred on a GPU
     torch.manual_seed(0)
     model = lg.compile(GPT(GPTConfig.tiny()).cuda())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
