@@ -6,6 +6,10 @@ on a GPU that a warm replay then makes no host sync."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -234,3 +238,20 @@ def test_cuda_graph_replays_defer_the_same_way(monkeypatch):
         raised = _calls(model, eager, [[1, 2, 30], [3, 3, 3]])  # replays: the same again
         assert [e is not None for e in raised] == [False, True] and "call 5 of" in str(raised[1])
     lg.sync()
+
+
+def test_a_failure_nobody_read_is_reported_at_exit(tmp_path):
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import torch, lazygraph as lg\n"
+        "from lazygraph import state\n"
+        "state.SETTINGS.defer_checks = 'on'\n"
+        "table = torch.randn(4, 3)\n"
+        "f = lg.compile(lambda i: table[i] * 2)\n"
+        "f(torch.tensor([1, 2]))\n"
+        "f(torch.tensor([1, 9]))\n")  # the last call fails; no sync follows
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "LAZYGRAPH_BACKEND": "auto"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "deferred check failed and nothing read it before exit" in done.stderr, done.stderr
+    assert "recorded at late.py:5" in done.stderr and "call 2 of" in done.stderr, done.stderr

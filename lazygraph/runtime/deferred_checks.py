@@ -9,7 +9,8 @@ is read
 - at the end of the next run of the same program, after that run's launches are queued (the GPU
   keeps working while the host looks at the earlier run, normally long finished; modules of one
   structure share programs, so that run may be another module's), or
-- at lazygraph.sync() (`read_all`), which waits for every run not read yet.
+- at lazygraph.sync() (`read_all`), which waits for every run not read yet, or
+- at exit, where a failure nobody read is printed (`_read_at_exit`).
 A set flag raises the error an immediate read raises (the IR op and the user's line), plus the
 call that set it and where it was read. Each copy is read once, under a lock: an error is never
 lost and never raised twice (nor once more by the other program of the same call: a bad target
@@ -29,6 +30,8 @@ runs nothing, and the warm-up repeats the run before it, whose own flags carry i
 
 from __future__ import annotations
 
+import atexit
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +86,16 @@ def read_all() -> None:
         copies = list(_PENDING)
         _PENDING.clear()
     _read(copies, "read at lazygraph.sync()")
+
+
+@atexit.register
+def _read_at_exit() -> None:
+    """A failure of the last calls is reported even if the program ends without a sync."""
+    while _PENDING:
+        try:
+            read_all()
+        except Exception as e:  # noqa: BLE001 - exiting: report each failure, raise none
+            print(f"lazygraph: a deferred check failed and nothing read it before exit: {e}", file=sys.stderr)
 
 
 def pending() -> int:
