@@ -159,10 +159,10 @@ def _train(mode: str, batches, monkeypatch):
     for idx, targets in batches:
         try:
             loss = model(idx, targets)
+            loss.backward()
         except IndexOutOfRange as e:
             raised.append(str(e))
             continue
-        loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach())
@@ -180,9 +180,28 @@ def test_training_is_bitwise_the_same_and_a_bad_target_is_raised_once(monkeypatc
     bad[1][1, 2] = 13  # a target out of range: the loss's gather fails
     losses, _, raised = _train("on", [batches[0], bad, batches[1], batches[2]], monkeypatch)
     assert len(raised) == 1 and "set by the forward program of call 2 of LM.forward" in raised[0], raised
-    assert "read at the end of call 3" in raised[0]
+    # the backward's embedding gradient indexes (with the good token ids): the flags are read before it
+    assert "read before the backward program of call 2 of LM.forward" in raised[0]
     lg.sync()  # nothing more to raise
     assert len(losses) == 3
+
+
+def test_an_out_of_range_token_is_raised_before_the_backward_indexes_with_it(monkeypatch):
+    """The backward's embedding gradient (an extern index_add) would index with the bad token (a
+    GPU asserts, losing the line): the forward's flags are read first, and raise with the line."""
+    g = torch.Generator().manual_seed(2)
+    idx, targets = torch.randint(0, 13, (3, 7), generator=g), torch.randint(0, 13, (3, 7), generator=g)
+    bad = idx.clone()
+    bad[0, 3] = 13
+    monkeypatch.setattr(state.SETTINGS, "defer_checks", "on")
+    model = lg.compile(LM())
+    model(idx, targets).backward()
+    loss = model(bad, targets)  # call 2: its forward reads nothing
+    with pytest.raises(IndexOutOfRange, match=r"set by the forward program of call 2 of LM.forward, read before the "
+                                              r"backward program of call 2 of LM.forward indexes with them"):
+        loss.backward()
+    lg.sync()
+    model(idx, targets).backward()  # and on
 
 
 class _Kernel:

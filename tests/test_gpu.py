@@ -364,6 +364,8 @@ def test_warm_compiled_gpt2_steps_make_no_host_sync(monkeypatch, graphs):
 
 @pytest.mark.parametrize("graphs", ["off", "on"])
 def test_an_out_of_range_target_surfaces_at_the_next_call(monkeypatch, graphs):
+    """Forward only: the next call reads the flags; a training step: its own backward, before the
+    embedding gradient indexes (a GPU would assert on a bad token there)."""
     from gpt2.model import GPT, GPTConfig
     from lazygraph.reference import IndexOutOfRange
 
@@ -376,10 +378,18 @@ def test_an_out_of_range_target_surfaces_at_the_next_call(monkeypatch, graphs):
     bad = idx.clone()
     bad[2, 5] = 256
     _steps(model, opt, [(idx, idx)] * 3)
-    _steps(model, opt, [(idx, bad)])  # call 4: nothing waits for its flags
+    loss = model(idx, bad)[1]  # call 4: nothing waits for its flags
+    # its backward's embedding gradient (index_add) reads them before it indexes
     with pytest.raises(IndexOutOfRange, match=r"recorded at .*model.py:\d+.*set by the forward program of call 4 of "
-                                              r"GPT.forward, read at the end of call 5"):
-        _steps(model, opt, [(idx, idx)])
+                                              r"GPT.forward, read before the backward program of call 4"):
+        loss.backward()
+    opt.zero_grad()
     lg.sync()  # raised once
+    with torch.no_grad():
+        model(idx, idx)
+        model(idx, bad)  # call 6
+        with pytest.raises(IndexOutOfRange, match=r"set by the forward program of call 6 of GPT.forward, read at the "
+                                                  r"end of call 7"):
+            model(idx, idx)
     _steps(model, opt, [(idx, idx)] * 2)
     lg.sync()

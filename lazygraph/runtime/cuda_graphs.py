@@ -58,7 +58,7 @@ from ..counters import COUNTERS, CUDA_GRAPHS_OFF, EXTERN_OPS
 from ..ir import Op, numel
 from ..reference import resolve_aten
 from .cost import extern_launches
-from .deferred_checks import discard, finish
+from .deferred_checks import before_indexing, discard, finish, indexes
 from .launch_plan import LaunchPlan
 
 if TYPE_CHECKING:
@@ -262,6 +262,7 @@ class _Graph:
     counts: tuple[Counter, Counter]  # what one run adds to COUNTERS and EXTERN_OPS
     checked: tuple  # kernels whose check flags are read after each replay
     owner: Any = None  # the program (whose next run reads a replay's deferred flags)
+    indexes: bool = False  # it runs a torch op that indexes with device values (deferred_checks.indexes)
     done: Any = None  # event recorded after the last replay's copies
 
 
@@ -295,6 +296,8 @@ class CudaGraphs:
                 return None
             self._graphs.move_to_end(sig)
             api = self.api
+            if g.indexes:
+                before_indexing()
             api.wait(g.device, g.done)
             for i, buffer in g.copies:
                 _copy_in(buffer, inputs[i])
@@ -375,7 +378,8 @@ class CudaGraphs:
         with _counted_once() as counts:
             graph, outputs = self.api.capture(device, run_capturing)
         discard(plan.checked)  # the warm-up repeated the run before, whose own flags carry the result
-        return _Graph(graph, device, in_place, copies, list(outputs), views, counts, plan.checked, program)
+        indexing = any(s.kind == "extern" and indexes(s.node) for s in program.schedule.steps)
+        return _Graph(graph, device, in_place, copies, list(outputs), views, counts, plan.checked, program, indexing)
 
     def _off(self, reason: str) -> None:
         self.on, self.reason = False, reason

@@ -23,6 +23,13 @@ program, forward or backward, in state.DEFERRED_CALL) under state.SETTINGS.defer
 once, so the immediate read costs nothing), `on` everywhere (the CPU tests run the deferred
 logic), `off` never. Lazy runs (sync(), reading a value) read their flags at once, as before.
 
+A torch op that indexes with device values (an extern index_add, gather ...: `indexes`) asserts
+on a GPU when an index is out of range, which kills the CUDA context before any flag naming the
+user's line is read: the backward of a call whose token ids were out of range would do that in
+its embedding gradient. So before the first such op of a run, `before_indexing` reads the copies
+this call's earlier programs left (its forward's); the launches queued before keep the GPU busy
+meanwhile. A CUDA graph of such a program reads them before its replay.
+
 While a CUDA graph is captured or warmed up (state.CAPTURING) flags are left alone: the capture
 runs nothing, and the warm-up repeats the run before it, whose own flags carry its result
 (`discard` zeroes what the warm-up set).
@@ -41,6 +48,7 @@ import torch
 
 from .. import state
 from ..counters import COUNTERS
+from ..ir import Node, Op
 from ..reference import IndexOutOfRange, gather_error_message
 
 
@@ -86,6 +94,27 @@ def read_all() -> None:
         copies = list(_PENDING)
         _PENDING.clear()
     _read(copies, "read at lazygraph.sync()")
+
+
+def indexes(n: Node) -> bool:
+    """Whether torch runs `n` with integer tensors as indices (a GPU asserts on one out of range)."""
+    if n.op in (Op.GATHER, Op.SCATTER_ADD):
+        return True
+    return n.op is Op.EXTERN and any(not s.dtype.is_floating_point and not s.dtype.is_complex
+                                     and s.dtype is not torch.bool for s in n.srcs)
+
+
+def before_indexing() -> None:
+    """Read the deferred copies of the current call's earlier programs (see the module docstring)."""
+    call = state.DEFERRED_CALL.get()
+    if call is None or state.CAPTURING.get():
+        return
+    with _LOCK:
+        mine = [c for c in _PENDING if c.number == call[1]]
+        if not mine:
+            return
+        _PENDING[:] = [c for c in _PENDING if c.number != call[1]]
+    _read(mine, f"read before the {call[2]} of {call[0]} indexes with them")
 
 
 @atexit.register
@@ -179,4 +208,4 @@ def _error(kernel: Any, check: int, when: str = "") -> Exception:
     return IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name}{when})")
 
 
-__all__ = ["discard", "finish", "pending", "raise_failed_checks", "read_all"]
+__all__ = ["before_indexing", "discard", "finish", "indexes", "pending", "raise_failed_checks", "read_all"]
