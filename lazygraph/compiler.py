@@ -19,10 +19,11 @@ attributes' identity and version) and replay without recording anything. A faile
 and is counted in stats()['recompiles'] / ['recompile_reasons'].
 
 A replay does not wait for the GPU: its programs' runtime checks (an index out of range) are
-read by the program's next run or by lazygraph.sync() (runtime/deferred_checks.py; each program
-run is named "call k of M.forward" for the error), so the host queues call k+1's launches while
-call k runs. The exceptions read device values before choosing a program, a host sync each
-(stats()['guard_syncs']): value guards, and a pass's assumed input that is new memory or was written.
+read by the program's next run, by lazygraph.sync(), or before the call's backward indexes with
+the same values (runtime/deferred_checks.py; each call is named "call k of M.forward" for the
+error), so the host queues call k+1's launches while call k runs. The exceptions read device
+values before choosing a program, a host sync each (stats()['guard_syncs']): value guards, and a
+pass's assumed input that is new memory or was written.
 
 Float constants are runtime scalars: programs take them as arguments (lifted before any pass), and
 each trace passes its own values, so two traces of one structure share programs, never values.

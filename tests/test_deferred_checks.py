@@ -274,3 +274,21 @@ def test_a_failure_nobody_read_is_reported_at_exit(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "deferred check failed and nothing read it before exit" in done.stderr, done.stderr
     assert "recorded at late.py:5" in done.stderr and "call 2 of" in done.stderr, done.stderr
+
+
+def test_a_run_that_raised_halfway_leaves_no_flag_for_the_next(monkeypatch):
+    """Call 2's gather kernel sets its flag, then the index_add after it raises (torch checks its
+    own indices on the CPU): the run is over, its flag must not be taken for call 3's."""
+    table = torch.randn(6, 4)
+
+    def fn(i, j):
+        rows = torch.tanh(table[i] * 2).sum(1)  # a kernel with a bounds check
+        return torch.zeros(6).index_add(0, j, rows)  # run by torch, after it
+
+    f = lg.compile(fn)
+    good = torch.tensor([1, 2, 5]), torch.tensor([0, 3, 3])
+    assert_close(f(*good), fn(*good))
+    with pytest.raises((IndexError, RuntimeError)):
+        f(torch.tensor([1, 6, 5]), torch.tensor([0, 7, 3]))
+    assert_close(f(*good), fn(*good))
+    lg.sync()

@@ -13,9 +13,8 @@ is read
 - at exit, where a failure nobody read is printed (`_read_at_exit`).
 A set flag raises the error an immediate read raises (the IR op and the user's line), plus the
 call that set it and where it was read. Each copy is read once, under a lock: an error is never
-lost and never raised twice (nor once more by the other program of the same call: a bad target
-fails the forward and the backward of a training step; eager raises once); a run whose flags are
-all clear costs no read on the device.
+lost and never raised twice (nor once more by another program of the same call: the same bad
+input, and eager raises once); a run whose flags are all clear costs no read on the device.
 
 Which runs defer (`_defers`): runs of compiled modules (compiler.py names the call and the
 program, forward or backward, in state.DEFERRED_CALL) under state.SETTINGS.defer_checks
@@ -26,9 +25,10 @@ logic), `off` never. Lazy runs (sync(), reading a value) read their flags at onc
 A torch op that indexes with device values (an extern index_add, gather ...: `indexes`) asserts
 on a GPU when an index is out of range, which kills the CUDA context before any flag naming the
 user's line is read: the backward of a call whose token ids were out of range would do that in
-its embedding gradient. So before the first such op of a run, `before_indexing` reads the copies
-this call's earlier programs left (its forward's); the launches queued before keep the GPU busy
-meanwhile. A CUDA graph of such a program reads them before its replay.
+its embedding gradient. So before such an op `before_indexing` reads the copies this call's
+earlier programs left (its forward's), the launches queued before it keeping the GPU busy
+meanwhile; a CUDA graph of such a program reads them before its replay. A training step's error
+then surfaces in its own backward.
 
 While a CUDA graph is captured or warmed up (state.CAPTURING) flags are left alone: the capture
 runs nothing, and the warm-up repeats the run before it, whose own flags carry its result

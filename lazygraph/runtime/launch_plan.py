@@ -55,7 +55,7 @@ from ..passes.fuse import FusionGroup
 from ..reference import eval_node, resolve_aten, run_extern, slice_index
 from .collectives import InFlight
 from .cost import extern_call_key, extern_name
-from .deferred_checks import before_indexing, indexes, raise_failed_checks
+from .deferred_checks import before_indexing, discard, indexes, raise_failed_checks
 from .deferred_checks import finish as finish_checks
 from .lanes import Block, LaneRun, effective_lanes, render_cpu, render_cuda, reuse_respects_lanes
 
@@ -280,6 +280,7 @@ class LaunchPlan:
         except BaseException:
             for s in self.streams:  # a replay that raised halfway: what its lanes started comes first
                 torch.cuda.current_stream(s.device).wait_stream(s)
+            discard(self.checked)  # flags of a run nobody sees must not be taken for the next run's
             raise
         finally:
             if run is not None:
@@ -319,7 +320,11 @@ def walk(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequ
     this run's outputs. `verify` compares every kernel with the reference executor as it runs (and
     writes no plan: a verified run always walks)."""
     writer = _Writer(program, verify)
-    outputs = writer.run(inputs, scalars)
+    try:
+        outputs = writer.run(inputs, scalars)
+    except BaseException:
+        discard(writer.checked)  # as LaunchPlan.run
+        raise
     return (None if verify else writer.plan()), outputs
 
 
