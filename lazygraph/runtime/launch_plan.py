@@ -27,7 +27,9 @@ why no lane reads an arena slot that another one rewrites.
 
 Checks: a run of kernels with runtime checks ends with `finish_checks(PROGRAM, CHECKED)`, which
 reads their flags at once, or, for a compiled module's call on a GPU, leaves them to be read by
-the program's next run or by lazygraph.sync() (deferred_checks.py): no host sync per run.
+the program's next run or by lazygraph.sync() (deferred_checks.py): no host sync per run. A torch
+op indexing with device values reads the call's earlier flags first (`_checks_first`); a run that
+raises clears its flags.
 
 Every call that does device work (a kernel launch, a torch op, a fill or a copy) is a Launch
 that goes through `launcher()` once, when the plan is written: the boundary that
@@ -134,9 +136,20 @@ class _ReferenceGroup:
 
 
 def _extern_call(node: Node) -> Callable:
-    if indexes(node):  # a GPU asserts on an index out of range: the flags that name the line first
-        return lambda *args: (before_indexing(), run_extern(node, args))[1]
-    return lambda *args: run_extern(node, args)
+    return _checks_first(node, lambda *args: run_extern(node, args))
+
+
+def _checks_first(node: Node, call: Callable) -> Callable:
+    """`call`, for a node torch runs with device values as indices (a GPU asserts on one out of
+    range) reading the flags of the call's earlier programs first: their error names the line."""
+    if not indexes(node):
+        return call
+
+    def indexing(*args: Any) -> Any:
+        before_indexing()
+        return call(*args)
+
+    return indexing
 
 
 def _leaf(result: Any, node: Node) -> torch.Tensor:
@@ -748,9 +761,7 @@ def _aten_call_key(n: Node) -> tuple:
 
 
 def _evaluator(n: Node) -> Callable:
-    if indexes(n):  # as _extern_call
-        return lambda *args: (before_indexing(), eval_node(n, list(args), {}))[1]
-    return lambda *args: eval_node(n, list(args), {})
+    return _checks_first(n, lambda *args: eval_node(n, list(args), {}))
 
 
 def _is_view(n: Node, args: Sequence[torch.Tensor]) -> bool:
