@@ -292,3 +292,28 @@ def test_a_run_that_raised_halfway_leaves_no_flag_for_the_next(monkeypatch):
         f(torch.tensor([1, 6, 5]), torch.tensor([0, 7, 3]))
     assert_close(f(*good), fn(*good))
     lg.sync()
+
+
+def test_host_values_go_to_a_gpu_without_a_host_sync(monkeypatch):
+    """A CPU value a GPU program reads (a compiled module's random seed) is copied into new pinned
+    memory and from there with non_blocking: a blocking copy from pageable memory waits for the
+    whole stream. (Without a GPU: what the plan asks torch for, recorded.)"""
+    from lazygraph import ops
+    from lazygraph.ir import Op
+    from lazygraph.runtime import launch_plan
+
+    seed = ops.input_node(torch.tensor(7), "seed")
+    moved = ops.derived(Op.TRANSFER, (seed,), seed, device="cuda:0")
+    back = ops.derived(Op.TRANSFER, (moved,), seed, device="cpu")  # to the host: read next, so blocking
+    to_gpu, to_host = launch_plan._evaluator(moved), launch_plan._evaluator(back)
+    asked = []
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: asked.append(("empty", k)) or empty(*a, dtype=k["dtype"]))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: asked.append(("to", a, k)) or self)
+    value = torch.tensor(7)
+    assert to_gpu(value) is not value and to_gpu(value).item() == 7
+    assert asked[:2] == [("empty", {"dtype": torch.int64, "pin_memory": True}),
+                         ("to", (torch.device("cuda:0"),), {"non_blocking": True})]
+    asked.clear()
+    to_host(value)
+    assert asked and all(not call[-1].get("non_blocking") and call[0] == "to" for call in asked)

@@ -761,7 +761,22 @@ def _aten_call_key(n: Node) -> tuple:
 
 
 def _evaluator(n: Node) -> Callable:
+    if n.op is Op.TRANSFER and n.srcs[0].device == "cpu" and n.device.startswith("cuda"):
+        return _to_gpu(torch.device(n.device))
     return _checks_first(n, lambda *args: eval_node(n, list(args), {}))
+
+
+def _to_gpu(device: torch.device) -> Callable:
+    """A host value copied to the GPU without a host sync (a blocking copy from pageable memory
+    waits for the whole stream): copied into new pinned memory at once (the caller may change its
+    tensor right after the call), from there in stream order; the caching host allocator keeps the
+    pinned block until that copy is done. A compiled module's random seeds take this way every call."""
+    def to_gpu(x: torch.Tensor) -> torch.Tensor:
+        staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        staged.copy_(x)
+        return staged.to(device, non_blocking=True)
+
+    return to_gpu
 
 
 def _is_view(n: Node, args: Sequence[torch.Tensor]) -> bool:
