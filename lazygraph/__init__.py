@@ -32,6 +32,7 @@ from .export_onnx import OnnxExportError, export_onnx
 from .ir import Graph, Node, Op, parse
 from .ops import device_name
 from .runtime import BACKENDS, build_program, get_backend, set_backend
+from .runtime import deferred_checks as _deferred_checks
 from .runtime.executor import Handle
 
 if get_backend() not in BACKENDS:
@@ -60,8 +61,15 @@ def sync(*tensors: torch.Tensor, wait: bool = True) -> Handle | None:
     waits only for the graph that produces it. Graphs run in the order they were handed off. An
     error of such a graph is raised by the next read of one of its values, or the next sync() or
     wait(). With wait=True (the default), sync returns when the values are there, and also waits
-    for the graphs handed off earlier (all of them when no tensors are given)."""
-    return _materialize.sync(*tensors, wait=wait)
+    for the graphs handed off earlier (all of them when no tensors are given).
+
+    With wait=True it also reads the check flags that compiled modules' runs left to be read
+    later (on a GPU they do not wait for their kernels: runtime/deferred_checks.py) and raises the
+    first failure (an index out of range ...), naming the user's line and the call that set it."""
+    handle = _materialize.sync(*tensors, wait=wait)
+    if wait:
+        _deferred_checks.read_all()
+    return handle
 
 
 def graph(*tensors: torch.Tensor) -> Graph:
@@ -101,6 +109,11 @@ def stats() -> dict[str, Any]:
         "async_waits": c["async_waits"],  # reads that blocked until a graph handed off earlier had run
         # reference-backend runs through a program's replay (runtime/reference_replay.py), not node by node
         "reference_replays": c["reference_replays"],
+        # compiled runs whose check flags were copied to be read later (runtime/deferred_checks.py), the
+        # reads that had to wait for the GPU, and replay guards that read device values (host syncs)
+        "checks_deferred": c["checks_deferred"],
+        "check_waits": c["check_waits"],
+        "guard_syncs": c["guard_syncs"],
     }
 
 

@@ -18,6 +18,13 @@ mode, training flags, autocast, parameter identity, every module's plain attribu
 attributes' identity and version) and replay without recording anything. A failed guard re-traces
 and is counted in stats()['recompiles'] / ['recompile_reasons'].
 
+A replay does not wait for the GPU: its programs' runtime checks (an index out of range) are
+read by the program's next run, by lazygraph.sync(), or before the call's backward indexes with
+the same values (runtime/deferred_checks.py; each call is named "call k of M.forward" for the
+error), so the host queues call k+1's launches while call k runs. The exceptions read device
+values before choosing a program, a host sync each (stats()['guard_syncs']): value guards, and a
+pass's assumed input that is new memory or was written.
+
 Float constants are runtime scalars: programs take them as arguments (lifted before any pass), and
 each trace passes its own values, so two traces of one structure share programs, never values.
 A tensor value read while tracing (`if mask.all():`, `.item()`) becomes a guard: a small program
@@ -37,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import os
 import sys
 import threading
@@ -65,6 +73,7 @@ from .passes.simplify import simplify
 from .runtime import BACKENDS, Program, get_backend, get_program, using_backend
 
 RECOMPILE_LIMIT = 8
+_CALL_NUMBERS = itertools.count()  # one per replayed call of any module: its programs' deferred checks go together
 _TENSOR_FIELDS = ("shape", "dtype", "stride", "device", "requires_grad")
 # A trace swaps a module's parameters and buffers for lazy ones (functional_call): no other thread
 # may trace or read them meanwhile. Reentrant: a compiled submodule traces inside its parent's trace.
@@ -411,6 +420,7 @@ class _ReadGuard:
     scalars: list[float]
 
     def failure(self, prims: list[torch.Tensor]) -> str | None:
+        COUNTERS["guard_syncs"] += 1  # the values are read on the host: a host sync on a GPU, unavoidable
         inputs = [prims[v] if kind == "primal" else v for kind, v in self.sources]
         values = [_as_tensor(v) for v in _run(self.program, inputs, self.scalars)]
         i = 0
@@ -482,6 +492,7 @@ class _Programs:
             expected, ptr, version = slot
             if t.data_ptr() == ptr and t._version == version:
                 continue
+            COUNTERS["guard_syncs"] += 1  # torch.equal reads a device value: a host sync on a GPU
             if t.shape != expected.shape or not torch.equal(t, expected.to(t.device)):
                 if self.plain is None:
                     self.plain = self.rebuild()
@@ -545,10 +556,10 @@ class _Joint(torch.autograd.Function):
     """Forward program now, backward program when autograd asks; real tensors in and out."""
 
     @staticmethod
-    def forward(ctx, tr: _Trace, p: _Programs, seeds: list, *prims: torch.Tensor):
+    def forward(ctx, tr: _Trace, p: _Programs, seeds: list, call: tuple[str, int], *prims: torch.Tensor):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, never a zero-filled tensor
-        outs = _run_forward(tr, p, seeds, prims)
-        ctx.tr, ctx.p, ctx.seeds = tr, p, seeds
+        outs = _run_forward(tr, p, seeds, prims, call)
+        ctx.tr, ctx.p, ctx.seeds, ctx.call = tr, p, seeds, call
         saved = [outs[i] for i in p.saved_at]
         needed = [k for kind, k in p.bwd_inputs if kind == "joint" and tr.sources[k][0] == "primal"]
         ctx.primal_pos = {tr.sources[k][1]: i for i, k in enumerate(needed)}
@@ -585,7 +596,7 @@ class _Joint(torch.autograd.Function):
                 inputs.append(seed_of[k])
             else:
                 inputs.append(v)
-        grads = _run(program, inputs, _scalars(bwd_scalars, tr))
+        grads = _run(program, inputs, _scalars(bwd_scalars, tr), (*ctx.call, "backward program"))
         if p.bwd_order is not None:
             grads = unpermute(grads, p.bwd_order)
         out = tuple(None if j is None else grads[j] for j in tr.grad_of)
@@ -594,7 +605,7 @@ class _Joint(torch.autograd.Function):
                 # autograd clones a gradient laid out unlike its parameter before storing it in .grad
                 COUNTERS["grad_clones"] += 1
                 COUNTERS["hidden_bytes"] += 2 * g.numel() * g.element_size()
-        return (None, None, None) + out
+        return (None, None, None, None) + out
 
 
 def _dense(g: torch.Tensor | None) -> torch.Tensor | None:
@@ -612,20 +623,28 @@ def _seed_map(tr: _Trace, seeds: list) -> dict[int, torch.Tensor]:
     return {k: next(it) for k, (kind, _) in enumerate(tr.sources) if kind == "seed"}
 
 
-def _run(program: Program, inputs: list, scalars: list[float]) -> list[torch.Tensor]:
+def _run(program: Program, inputs: list, scalars: list[float],
+         call: tuple[str, int, str] | None = None) -> list[torch.Tensor]:
+    """Run a program; `call` is the module call it runs for (name, unique number) and which of its
+    programs (its check flags may then be read later, runtime/deferred_checks.py), None for a run
+    whose values are read at once (a guard)."""
     graph_ran()
-    # the programs hold explicit casts already; autocast must not add its own
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        return program.run(inputs, scalars)
+    token = state.DEFERRED_CALL.set(call)
+    try:
+        # the programs hold explicit casts already; autocast must not add its own
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return program.run(inputs, scalars)
+    finally:
+        state.DEFERRED_CALL.reset(token)
 
 
-def _run_forward(tr: _Trace, p: _Programs, seeds: list, prims) -> list[torch.Tensor]:
+def _run_forward(tr: _Trace, p: _Programs, seeds: list, prims, call: tuple[str, int]) -> list[torch.Tensor]:
     seed_of = _seed_map(tr, seeds)
     inputs = []
     for k in p.fwd_inputs:
         kind, v = tr.sources[k]
         inputs.append(prims[v] if kind == "primal" else seed_of[k] if kind == "seed" else v)
-    return _run(p.forward, inputs, _scalars(p.fwd_scalars, tr))
+    return _run(p.forward, inputs, _scalars(p.fwd_scalars, tr), (*call, "forward program"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,6 +764,7 @@ class CompiledModule(torch.nn.Module):
         self._lg_seen: list[list[tuple[str, Any]]] = []  # the guards of every cached signature
         self._lg_by_structure: dict[tuple, _Programs] = {}
         self._lg_count = 0  # traces recorded
+        self._lg_calls = 0  # calls replayed (a deferred check's error names the call that failed)
         self._lg_last: _Trace | None = None
 
     # -- behave like the wrapped module -----------------------------------------------------------
@@ -850,11 +870,13 @@ class CompiledModule(torch.nn.Module):
         p = tr.programs.for_inputs(tr, prims)
         # a replay draws fresh seeds; a trace used once (dynamic) keeps the ones it recorded with
         seeds = [_new_seed() if tr.fresh_seeds else v for kind, v in tr.sources if kind == "seed"]
+        self._lg_calls += 1
+        call = (f"call {self._lg_calls} of {self._name()}", next(_CALL_NUMBERS))
         if p.backward is not None and torch.is_grad_enabled():
-            outs = list(_Joint.apply(tr, p, seeds, *prims))
+            outs = list(_Joint.apply(tr, p, seeds, call, *prims))
             updates = outs[tr.num_outputs:]
         else:
-            res = _run_forward(tr, p, seeds, prims)
+            res = _run_forward(tr, p, seeds, prims, call)
             outs = [res[i] for i in p.outputs_at]
             updates = outs[tr.num_outputs:]
         if updates:

@@ -30,6 +30,9 @@ LENT_INPUTS: ContextVar[Any] = ContextVar("lazygraph_lent_inputs", default=None)
 # a CUDA graph is being captured: launch plans leave their check flags unread (reading them is a
 # host sync, which a capture forbids); the graph's replays read them (runtime/cuda_graphs.py)
 CAPTURING: ContextVar[bool] = ContextVar("lazygraph_capturing", default=False)
+# (compiled module call, its unique number, which of its programs) being run: its check flags may
+# be read later (runtime/deferred_checks.py)
+DEFERRED_CALL: ContextVar[tuple[str, int, str] | None] = ContextVar("lazygraph_deferred_call", default=None)
 
 
 # -- process-wide --------------------------------------------------------------------------------
@@ -72,6 +75,9 @@ class Settings:
     # LAZYGRAPH_MATMUL_TEMPLATES=auto|on|off: matmuls run as Triton templates with their casts and
     # pointwise neighbours fused in (passes/matmul_fusion.py; auto: 16-bit ones that save bytes)
     matmul_templates: str = os.environ.get("LAZYGRAPH_MATMUL_TEMPLATES", "auto").strip().lower() or "auto"
+    # LAZYGRAPH_DEFER_CHECKS=auto|on|off: compiled modules' check flags read by the program's next run
+    # or lazygraph.sync() instead of a host sync per run (runtime/deferred_checks.py; auto: on CUDA devices)
+    defer_checks: str = os.environ.get("LAZYGRAPH_DEFER_CHECKS", "auto").strip().lower() or "auto"
 
 
 SETTINGS = Settings()

@@ -5,6 +5,7 @@ Skipped without one (CI has none). A session lent a GPU runs `python -m pytest -
 then `python -m benchmarks` for the timings.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -305,3 +306,90 @@ def test_several_lanes_are_captured_in_one_graph(monkeypatch):
             assert_close(a, e, **TOL[torch.float32])
     graphs = two.cuda_graphs()
     assert graphs.replays == 2, graphs.describe()
+
+
+# -- deferred check reads (runtime/deferred_checks.py) ------------------------------------------------
+
+
+def _steps(model, opt, batches, region=contextlib.nullcontext):
+    """Training steps; `region` wraps each call and backward (the optimizer is the user's)."""
+    losses = []
+    for idx, targets in batches:
+        with region():
+            _, loss = model(idx, targets)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        losses.append(loss.detach())
+    return losses
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    torch.cuda.set_sync_debug_mode("error")  # .item(), bool(cuda tensor), .cpu(), synchronize: raise
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_warm_compiled_gpt2_steps_make_no_host_sync(monkeypatch, graphs):
+    """A warm compiled training step (forward with the embedding's and the loss's index checks,
+    backward) queues its launches and returns without waiting for the GPU; the results are bitwise
+    those of reading the check flags after every run."""
+    from gpt2.model import GPT, GPTConfig
+
+    monkeypatch.setattr(state.SETTINGS, "cuda_graphs", graphs)
+    torch.manual_seed(0)
+    init = GPT(GPTConfig.tiny()).cuda()
+    batches = [(torch.randint(0, 256, (4, 32), device="cuda"), torch.randint(0, 256, (4, 32), device="cuda"))
+               for _ in range(6)]
+    runs = {}
+    for mode in ("off", "auto"):
+        monkeypatch.setattr(state.SETTINGS, "defer_checks", mode)
+        model = lg.compile(copy.deepcopy(init))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = _steps(model, opt, batches[:3])  # traces, plans, captures
+        lg.reset_stats()
+        losses += _steps(model, opt, batches[3:], _no_host_sync if mode == "auto" else contextlib.nullcontext)
+        lg.sync()  # reads what is left: nothing failed
+        runs[mode] = losses, [p.detach().clone() for p in model.parameters()]
+    s = lg.stats()
+    assert s["checks_deferred"] >= 3 and s["guard_syncs"] == 0, s
+    assert (s["cuda_graph_replays"] > 0) == (graphs == "on"), s
+    for a, b in zip(runs["off"][0] + runs["off"][1], runs["auto"][0] + runs["auto"][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_an_out_of_range_target_surfaces_at_the_next_call(monkeypatch, graphs):
+    """Forward only: the next call reads the flags; a training step: its own backward, before the
+    embedding gradient indexes (a GPU would assert on a bad token there)."""
+    from gpt2.model import GPT, GPTConfig
+    from lazygraph.reference import IndexOutOfRange
+
+    monkeypatch.setattr(state.SETTINGS, "cuda_graphs", graphs)
+    monkeypatch.setattr(state.SETTINGS, "defer_checks", "auto")  # the default: deferred on a GPU
+    torch.manual_seed(0)
+    model = lg.compile(GPT(GPTConfig.tiny()).cuda())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    idx = torch.randint(0, 256, (4, 32), device="cuda")
+    bad = idx.clone()
+    bad[2, 5] = 256
+    _steps(model, opt, [(idx, idx)] * 3)
+    loss = model(idx, bad)[1]  # call 4: nothing waits for its flags
+    # its backward's embedding gradient (index_add) reads them before it indexes
+    with pytest.raises(IndexOutOfRange, match=r"recorded at .*model.py:\d+.*set by the forward program of call 4 of "
+                                              r"GPT.forward, read before the backward program of call 4"):
+        loss.backward()
+    opt.zero_grad()
+    lg.sync()  # raised once
+    with torch.no_grad():
+        model(idx, idx)
+        model(idx, bad)  # call 6
+        with pytest.raises(IndexOutOfRange, match=r"set by the forward program of call 6 of GPT.forward, read at the "
+                                                  r"end of call 7"):
+            model(idx, idx)
+    _steps(model, opt, [(idx, idx)] * 2)
+    lg.sync()

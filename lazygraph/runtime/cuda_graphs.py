@@ -32,7 +32,9 @@ Buffers of a graph:
   hands out its token ids for the backward) is handed out as that view of the caller's input, as
   the launch plan does.
 - runtime checks (index bounds, integer division by zero): the kernels set their flags inside the
-  graph; the flags are read after each replay, as a launch plan reads them after each run.
+  graph; after each replay they are read, or copied for a later read, as after a launch plan's run
+  (deferred_checks.finish: a compiled module's replays on a GPU wait for no flag). The warm-up
+  before a capture repeats the run before it, so its flags are cleared unread.
 Replays of one graph take turns: a lock, and an event the next replay's stream waits for.
 
 The torch.cuda calls sit behind `TorchCuda` (the module's CUDA); tests substitute a fake that runs
@@ -56,7 +58,8 @@ from ..counters import COUNTERS, CUDA_GRAPHS_OFF, EXTERN_OPS
 from ..ir import Op, numel
 from ..reference import resolve_aten
 from .cost import extern_launches
-from .launch_plan import LaunchPlan, raise_failed_checks
+from .deferred_checks import before_indexing, discard, finish, indexes
+from .launch_plan import LaunchPlan
 
 if TYPE_CHECKING:
     from ..passes.fuse import Step
@@ -258,6 +261,8 @@ class _Graph:
     views: dict[int, tuple[int, int]]  # output position -> (input position, its offset in elements from the input's)
     counts: tuple[Counter, Counter]  # what one run adds to COUNTERS and EXTERN_OPS
     checked: tuple  # kernels whose check flags are read after each replay
+    owner: Any = None  # the program (whose next run reads a replay's deferred flags)
+    indexes: bool = False  # it runs a torch op that indexes with device values (deferred_checks.indexes)
     done: Any = None  # event recorded after the last replay's copies
 
 
@@ -291,6 +296,8 @@ class CudaGraphs:
                 return None
             self._graphs.move_to_end(sig)
             api = self.api
+            if g.indexes:
+                before_indexing()
             api.wait(g.device, g.done)
             for i, buffer in g.copies:
                 _copy_in(buffer, inputs[i])
@@ -305,7 +312,7 @@ class CudaGraphs:
         EXTERN_OPS.update(g.counts[1])
         COUNTERS["cuda_graph_replays"] += 1
         if g.checked:
-            raise_failed_checks(g.checked)
+            finish(g.owner, g.checked)
         return outputs
 
     def ran(self, program: CompiledProgram, plan: LaunchPlan, inputs: Sequence[torch.Tensor],
@@ -356,24 +363,23 @@ class CudaGraphs:
                 copies.append((i, buffer))
                 statics.append(buffer.as_strided(t.shape, t.stride()))
 
-        def run() -> list[torch.Tensor] | None:
-            return plan.run_in(plan.arena.allocate(), statics, scalars)
-
         def run_capturing() -> list[torch.Tensor] | None:
-            token = state.CAPTURING.set(True)  # flags are read after each replay instead
+            token = state.CAPTURING.set(True)  # flags unread: each replay reads its own (and discard below)
             try:
-                return run()
+                return plan.run_in(plan.arena.allocate(), statics, scalars)
             finally:
                 state.CAPTURING.reset(token)
 
         with _counted_once():
-            warm = self.api.warm_up(device, run)
+            warm = self.api.warm_up(device, run_capturing)
         if warm is None:
             raise Refused("the static inputs do not have the plan's strides")  # by construction they do
         views = _views_of_inputs(warm, statics)
         with _counted_once() as counts:
             graph, outputs = self.api.capture(device, run_capturing)
-        return _Graph(graph, device, in_place, copies, list(outputs), views, counts, plan.checked)
+        discard(plan.checked)  # the warm-up repeated the run before, whose own flags carry the result
+        indexing = any(s.kind == "extern" and indexes(s.node) for s in program.schedule.steps)
+        return _Graph(graph, device, in_place, copies, list(outputs), views, counts, plan.checked, program, indexing)
 
     def _off(self, reason: str) -> None:
         self.on, self.reason = False, reason

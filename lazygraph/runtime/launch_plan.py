@@ -25,6 +25,12 @@ needs it, `run.join()` before the outputs), on a GPU a CUDA stream with events b
 The walk itself runs in order; runtime/lanes.py says which steps may leave the caller's lane and
 why no lane reads an arena slot that another one rewrites.
 
+Checks: a run of kernels with runtime checks ends with `finish_checks(PROGRAM, CHECKED)`, which
+reads their flags at once, or, for a compiled module's call on a GPU, leaves them to be read by
+the program's next run or by lazygraph.sync() (deferred_checks.py): no host sync per run. A torch
+op indexing with device values reads the call's earlier flags first (`_checks_first`); a run that
+raises clears its flags.
+
 Every call that does device work (a kernel launch, a torch op, a fill or a copy) is a Launch
 that goes through `launcher()` once, when the plan is written: the boundary that
 benchmarks/host_overhead.py replaces to time lazygraph's own host work.
@@ -48,9 +54,11 @@ from ..codegen.flash_attention import run_attention_node, supported
 from ..counters import COUNTERS, EXTERN_OPS
 from ..ir import COLLECTIVES, Node, Op, itemsize, numel
 from ..passes.fuse import FusionGroup
-from ..reference import IndexOutOfRange, eval_node, gather_error_message, resolve_aten, run_extern, slice_index
+from ..reference import eval_node, resolve_aten, run_extern, slice_index
 from .collectives import InFlight
 from .cost import extern_call_key, extern_name
+from .deferred_checks import before_indexing, discard, indexes, raise_failed_checks
+from .deferred_checks import finish as finish_checks
 from .lanes import Block, LaneRun, effective_lanes, render_cpu, render_cuda, reuse_respects_lanes
 
 if TYPE_CHECKING:
@@ -128,7 +136,20 @@ class _ReferenceGroup:
 
 
 def _extern_call(node: Node) -> Callable:
-    return lambda *args: run_extern(node, args)
+    return _checks_first(node, lambda *args: run_extern(node, args))
+
+
+def _checks_first(node: Node, call: Callable) -> Callable:
+    """`call`, for a node torch runs with device values as indices (a GPU asserts on one out of
+    range) reading the flags of the call's earlier programs first: their error names the line."""
+    if not indexes(node):
+        return call
+
+    def indexing(*args: Any) -> Any:
+        before_indexing()
+        return call(*args)
+
+    return indexing
 
 
 def _leaf(result: Any, node: Node) -> torch.Tensor:
@@ -272,6 +293,7 @@ class LaunchPlan:
         except BaseException:
             for s in self.streams:  # a replay that raised halfway: what its lanes started comes first
                 torch.cuda.current_stream(s.device).wait_stream(s)
+            discard(self.checked)  # flags of a run nobody sees must not be taken for the next run's
             raise
         finally:
             if run is not None:
@@ -311,7 +333,11 @@ def walk(program: CompiledProgram, inputs: Sequence[torch.Tensor], scalars: Sequ
     this run's outputs. `verify` compares every kernel with the reference executor as it runs (and
     writes no plan: a verified run always walks)."""
     writer = _Writer(program, verify)
-    outputs = writer.run(inputs, scalars)
+    try:
+        outputs = writer.run(inputs, scalars)
+    except BaseException:
+        discard(writer.checked)  # as LaunchPlan.run
+        raise
     return (None if verify else writer.plan()), outputs
 
 
@@ -331,7 +357,8 @@ class _Writer:
         self.in_arena = {n.id for n in self.arena.nodes}
         self.lines: list[_Line] = []
         self.constants: dict[str, Any] = {"torch": torch, "empty": torch.empty, "leaf": _leaf,
-                                          "StridesChanged": StridesChanged, "raise_failed_checks": raise_failed_checks}
+                                          "StridesChanged": StridesChanged, "finish_checks": finish_checks,
+                                          "PROGRAM": program}
         self.env: dict[int, Any] = {}
         self.tensor_of_scalar: dict[int, torch.Tensor] = {}
         self.memo: dict = {}
@@ -459,7 +486,7 @@ class _Writer:
         EXTERN_OPS.update(self.extern_ops)
         self.in_flight.wait_all(self)
         if self.checked:
-            raise_failed_checks(self.checked)
+            finish_checks(p, self.checked)
         outputs, self.out_vars = [], []
         start = len(self.lines)
         for o in p.result.graph.outputs:  # an output may be a runtime scalar
@@ -685,7 +712,7 @@ class _Writer:
                               CHECKED=tuple(self.checked))
         tail = [_Line("COUNTERS.update(TOTALS)"), _Line("EXTERN_OPS.update(OPS)")]
         if self.checked:
-            tail.append(_Line("raise_failed_checks(CHECKED)"))
+            tail.append(_Line("finish_checks(PROGRAM, CHECKED)  # read now, or later (deferred_checks.py)"))
         tail.append(_Line(f"return [{', '.join(out_vars)}]", tuple(out_vars)))
         body = _with_dels(body, keep=set(out_vars) | {self.var(n) for n in self.arena.nodes}) + tail
         return "\n".join(head + ["    " + line.text for line in body]) + "\n"
@@ -734,7 +761,22 @@ def _aten_call_key(n: Node) -> tuple:
 
 
 def _evaluator(n: Node) -> Callable:
-    return lambda *args: eval_node(n, list(args), {})
+    if n.op is Op.TRANSFER and n.srcs[0].device == "cpu" and n.device.startswith("cuda"):
+        return _to_gpu(torch.device(n.device))
+    return _checks_first(n, lambda *args: eval_node(n, list(args), {}))
+
+
+def _to_gpu(device: torch.device) -> Callable:
+    """A host value copied to the GPU without a host sync (a blocking copy from pageable memory
+    waits for the whole stream): copied into new pinned memory at once (the caller may change its
+    tensor right after the call), from there in stream order; the caching host allocator keeps the
+    pinned block until that copy is done. A compiled module's random seeds take this way every call."""
+    def to_gpu(x: torch.Tensor) -> torch.Tensor:
+        staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        staged.copy_(x)
+        return staged.to(device, non_blocking=True)
+
+    return to_gpu
 
 
 def _is_view(n: Node, args: Sequence[torch.Tensor]) -> bool:
@@ -764,25 +806,6 @@ def check_kernel(group: FusionGroup, env: dict, outs: Sequence[torch.Tensor], ke
         except AssertionError as e:
             raise AssertionError(f"kernel {group.name} output {o!r} differs from the reference "
                                  f"(source {kernel.path}):\n{e}") from None
-
-
-def raise_failed_checks(kernels: Sequence[Any]) -> None:
-    """Turn the first flag a kernel set into eager's error, naming the IR op and the user's line.
-    One look at all flags per run: on a GPU that is the run's only wait for its kernels."""
-    flags = [k.flags for k in kernels if k.flags is not None]
-    if state.CAPTURING.get():
-        return  # a CUDA graph being captured: its replays read the flags (cuda_graphs.py)
-    if not flags or not bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
-        return
-    for kernel in kernels:
-        failed = kernel.failed_checks()
-        if not failed:
-            continue
-        n, kind = kernel.group.program.checks[failed[0]]
-        if kind == "zero_div":
-            where = f"recorded at {n.source}" if n.source else "source line unknown"
-            raise RuntimeError(f"ZeroDivisionError: integer {n.op.value} by zero in kernel {kernel.name} ({where})")
-        raise IndexOutOfRange(f"{gather_error_message(n)} (kernel {kernel.name})")
 
 
 def reference_group(group: FusionGroup, env: dict[int, Any]) -> list[torch.Tensor]:
