@@ -98,6 +98,9 @@ def stats() -> dict[str, Any]:
         "collectives": c["collectives"],  # all-reduces, sends, ... started (torch.distributed)
         "collective_bytes": c["collective_bytes"],  # bytes they were given
         "async_graphs": c["async_graphs"],  # graphs handed to the executor (sync(wait=False), or read in flight)
+        # hand-offs whose graph the worker ran from a private copy (a program to build, inputs in
+        # flight, dumps); the others only run a cached program (runtime.bind)
+        "async_graph_copies": c["async_graph_copies"],
         "async_waits": c["async_waits"],  # reads that blocked until a graph handed off earlier had run
         # reference-backend runs through a program's replay (runtime/reference_replay.py), not node by node
         "reference_replays": c["reference_replays"],

@@ -2,6 +2,7 @@
 
 `execute(graph)` is the way in: it checks the captured inputs, takes the program for the graph's
 structure from the cache, runs it, and dumps or prints what LAZYGRAPH_DUMP / LAZYGRAPH_DEBUG ask.
+`bind(graph)` takes a cached program's run apart from its graph, for another thread to run.
 The parts of this room:
 
     cache.py              backend choice and the program cache (by structural hash)
@@ -19,53 +20,64 @@ The parts of this room:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
 from .. import dumps, state
 from ..counters import COUNTERS, graph_ran
-from ..ir import Graph, fingerprint, runtime_scalars
-from .cache import BACKENDS, build_program, clear_cache, get_backend, get_program, set_backend, using_backend
+from ..ir import Graph, Node, fingerprint, runtime_scalars
+from .cache import (
+    BACKENDS,
+    build_program,
+    clear_cache,
+    get_backend,
+    get_program,
+    lookup_program,
+    set_backend,
+    using_backend,
+)
 from .cost import eager_cost, extern_launches
 from .reference_program import Program
 
 
-def check_inputs(graph: Graph, handed_off: str | None = None) -> None:
-    """Raise if a captured input changed since it was captured. `handed_off`: the user's line
-    where lazygraph.sync(wait=False) handed the graph off; the same check ran then, so a change
-    seen now was made after it."""
-    after = "" if handed_off is None else (
-        f" It was written after lazygraph.sync(wait=False) handed the graph off at {handed_off}: wait() on "
-        "the handle, or read a value of the graph, before writing it.")
-    for n in graph.inputs:
+def check_inputs(inputs: Sequence[Node], handed_off: str | None = None) -> None:
+    """Raise if a captured input (of a graph's inputs) changed since it was captured. `handed_off`:
+    the user's line where lazygraph.sync(wait=False) handed the graph off; the same check ran then,
+    so a change seen now was made after it."""
+    for n in inputs:
         if n.captured_version is not None and n.value._version != n.captured_version:
             raise RuntimeError(
                 f"lazygraph: a tensor captured by a lazy op ({n.source or 'unknown line'}) was modified in "
                 "place before the pending graph ran; its old value is gone. clone() it before using it "
-                "in lazy ops, or make it lazy with lazygraph.lazy() first." + after)
+                "in lazy ops, or make it lazy with lazygraph.lazy() first." + _after(handed_off))
         if n.fingerprint is not None and fingerprint(n.value) != n.fingerprint:
             raise RuntimeError(
                 f"lazygraph: a CPU tensor captured by a lazy op ({n.source or 'unknown line'}) was written "
                 "behind torch's back (through numpy or .data) before the pending graph ran; the ops "
                 "recorded before the write would read the new value. clone() it before writing, or call "
-                "lazygraph.sync() first." + after)
+                "lazygraph.sync() first." + _after(handed_off))
+
+
+def _after(handed_off: str | None) -> str:
+    return "" if handed_off is None else (
+        f" It was written after lazygraph.sync(wait=False) handed the graph off at {handed_off}: wait() on "
+        "the handle, or read a value of the graph, before writing it.")
 
 
 def execute(graph: Graph, backend: str | None = None, handed_off: str | None = None) -> list[torch.Tensor]:
     """Run the graph now, on this thread; `handed_off` as in check_inputs."""
     backend = backend or get_backend()
-    check_inputs(graph, handed_off)
+    inputs = graph.inputs
+    check_inputs(inputs, handed_off)
     hits = COUNTERS["cache_hits"]
     program = get_program(graph, backend)
     graph_ran()
-    inputs, scalars = [n.value for n in graph.inputs], runtime_scalars(graph)
+    values, scalars = [n.value for n in inputs], runtime_scalars(graph)
     try:
-        outputs = program.run(inputs, scalars)
+        outputs = program.run(values, scalars)
     except RuntimeError as error:
-        fresh = _named_for(graph, inputs, scalars, error)
-        if fresh is error:
-            raise
-        raise fresh  # noqa: B904 - fresh carries its own cause (the torch error under it)
+        raise _named_for(graph, values, scalars, error)  # noqa: B904 - a fresh error carries its own cause
     if dumps.enabled():
         dumps.write_run(graph, program)
     if state.SETTINGS.debug:
@@ -73,10 +85,45 @@ def execute(graph: Graph, backend: str | None = None, handed_off: str | None = N
     return outputs
 
 
+class BoundRun:
+    """A run of a cached program, taken apart from its graph by `bind` on the thread that recorded
+    it: another thread (the async worker) then runs the program and nothing else, no graph walk, no
+    structural hash, no copy of the graph."""
+
+    __slots__ = ("program", "built_from", "inputs", "values", "scalars", "nodes")
+
+    def __init__(self, program: Program, built_from: Graph, graph: Graph):
+        self.program, self.built_from = program, built_from  # the graph the program was built from
+        self.inputs = graph.inputs
+        self.values = [n.value for n in self.inputs]
+        self.scalars = runtime_scalars(graph)
+        self.nodes = graph.nodes  # only for their lines, if the run fails (their structure may be gone by then)
+
+    def run(self, handed_off: str | None = None) -> list[torch.Tensor]:
+        """execute() of the graph; `handed_off` as in check_inputs."""
+        check_inputs(self.inputs, handed_off)  # written since bind(): the caller went on meanwhile
+        graph_ran()
+        try:
+            return self.program.run(self.values, self.scalars)
+        except RuntimeError as error:
+            graph = self.built_from.clone(sources=[n.source for n in self.nodes])  # this run's lines
+            raise _named_for(graph, self.values, self.scalars, error)  # noqa: B904 - as in execute
+
+
+def bind(graph: Graph, backend: str) -> BoundRun | None:
+    """The run of the graph as a BoundRun when its program is cached; None where execute() must run
+    it: a miss (it builds), dumps or debug output (they show the graph). Every input value must be
+    there (a tensor: its strides are part of the structure)."""
+    if dumps.enabled() or state.SETTINGS.debug:
+        return None
+    cached = lookup_program(graph, backend)
+    return None if cached is None else BoundRun(cached.program, cached.graph, graph)
+
+
 def _named_for(graph: Graph, inputs: list, scalars: list, error: RuntimeError) -> RuntimeError:
     """A cached program was built from the first graph of this structure, so an error naming a recorded
     line names that graph's line. Rerun this graph with the reference executor (the oracle; errors are
-    rare, so this costs nothing in a normal run) to raise the error with this graph's lines."""
+    rare, so this costs nothing in a normal run) for the error with this graph's lines (else `error`)."""
     from ..ir import COLLECTIVES
     from ..reference import run_graph
 
@@ -118,6 +165,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "CompiledProgram", "Program", "build_program", "check_inputs", "clear_cache", "eager_cost",
-           "execute",
+__all__ = ["BACKENDS", "BoundRun", "CompiledProgram", "Program", "bind", "build_program", "check_inputs", "clear_cache",
+           "eager_cost", "execute",
            "extern_launches", "get_backend", "get_program", "set_backend", "using_backend"]

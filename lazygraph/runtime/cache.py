@@ -2,12 +2,14 @@
 
 A graph is looked up by structural hash; a miss builds a program for the chosen backend (the
 reference executor, or fused Triton kernels), a hit reuses it. Programs hold a value-free copy
-of their graph, so the cache never keeps a run's tensors alive.
+of their graph, so the cache never keeps a run's tensors alive; the cache keeps one more, of the
+graph as it was recorded (`lookup_program`), whose structure every later graph of the key shares.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 from .. import state
 from ..counters import COUNTERS
@@ -16,7 +18,16 @@ from ..passes import is_after_partition
 from .reference_program import Program
 
 BACKENDS = ("reference", "triton", "auto")
-_PROGRAMS: dict[str, Program] = {}
+
+
+class Cached(NamedTuple):
+    program: Program
+    # a value-free copy of the graph it was built from, before any pass: node by node the structure
+    # of every graph with its key (a run of another names its own lines with it, runtime._named_for)
+    graph: Graph
+
+
+_PROGRAMS: dict[str, Cached] = {}
 
 
 def set_backend(name: str) -> None:
@@ -56,19 +67,32 @@ def build_program(graph: Graph, backend: str) -> Program:
     return Program(graph)
 
 
-def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
-    """The cached program for this graph's structure (built on a miss; counted either way)."""
+def _key(graph: Graph, backend: str, extra_key: tuple) -> str:
     # a half of a compiled joint graph skips the graph-level passes: never the same program as a
     # lazy run of an identical graph, which runs them all; matmul templates change the program too
-    key = (f"{backend}:{graph.structural_hash()}:{extra_key!r}:{is_after_partition()}:"
-           f"{state.SETTINGS.matmul_templates}")
-    program = _PROGRAMS.get(key)
-    if program is None:
+    return (f"{backend}:{graph.structural_hash()}:{extra_key!r}:{is_after_partition()}:"
+            f"{state.SETTINGS.matmul_templates}")
+
+
+def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
+    """The cached program for this graph's structure (built on a miss; counted either way)."""
+    key = _key(graph, backend, extra_key)
+    cached = _PROGRAMS.get(key)
+    if cached is None:
         COUNTERS["compiles"] += 1
-        program = _PROGRAMS[key] = build_program(graph, backend)
+        cached = _PROGRAMS[key] = Cached(build_program(graph, backend), graph.clone())
     else:
         COUNTERS["cache_hits"] += 1
-    return program
+    return cached.program
+
+
+def lookup_program(graph: Graph, backend: str) -> Cached | None:
+    """The cached program for this graph's structure and the graph it was built from, or None: never
+    builds (a hit is counted as get_program counts it)."""
+    cached = _PROGRAMS.get(_key(graph, backend, ()))
+    if cached is not None:
+        COUNTERS["cache_hits"] += 1
+    return cached
 
 
 def clear_cache() -> None:
