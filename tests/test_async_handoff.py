@@ -1,0 +1,140 @@
+"""The async hand-off of a graph whose program is cached: the caller looks the program up and binds
+its run (runtime.bind), the worker runs the program only. No copy of the graph is made (observed by
+stats()["async_graph_copies"] and by a _private_copy that fails if called), errors still name the
+user's line of the graph handed off, and results stay bitwise those of synchronous runs.
+"""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import lazygraph as lg
+from gpt2.model import GPT, GPTConfig, make_optimizer
+from lazygraph.capture import materialize
+from lazygraph.reference import IndexOutOfRange
+from lazygraph.runtime.executor import WORKER
+
+pytestmark = pytest.mark.usefixtures("reference_backend", "no_cached_programs")
+
+
+def _no_copy(graph):
+    raise AssertionError("the hand-off of a cached program copied its graph")
+
+
+def _step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    h = lg.lazy(x) @ lg.lazy(w)
+    return (F.softmax(h, dim=1) * 0.37 - h.tanh()).sum(0)  # 0.37: a runtime scalar
+
+
+def test_hit_hands_off_no_graph_copy(monkeypatch):
+    x, w = torch.randn(7, 5), torch.randn(5, 3)
+    first = _step(x, w)
+    lg.sync(first, wait=False)  # a miss: the worker builds the program from a copy of the graph
+    lg.sync()
+    assert lg.stats()["async_graph_copies"] == 1
+    monkeypatch.setattr(materialize, "_private_copy", _no_copy)
+    x2, w2 = torch.randn(7, 5), torch.randn(5, 3)
+    second = _step(x2, w2)
+    h = lg.sync(second, wait=False)
+    h.wait()
+    stats = lg.stats()
+    assert stats["async_graphs"] == 2 and stats["async_graph_copies"] == 1 and stats["cache_hits"] == 1
+    h2 = x2 @ w2
+    assert_close(lg.to_eager(second), (F.softmax(h2, dim=1) * 0.37 - h2.tanh()).sum(0))
+    assert_close(lg.to_eager(first), (F.softmax(x @ w, dim=1) * 0.37 - (x @ w).tanh()).sum(0))
+
+
+GATE_OPEN = threading.Event()
+
+
+@torch.library.custom_op("lazygraph_test_async_handoff::gate", mutates_args=())
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """x, once the test opens the gate (its graph waits on the worker meanwhile)."""
+    GATE_OPEN.wait(timeout=60)
+    return x.clone()
+
+
+@gate.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_inputs_still_in_flight_hand_off_a_copy():
+    """A graph reading a value whose job has not run cannot be bound (the value's strides are part of
+    the structure): it goes the way of a miss, a private copy run after that job, and is right."""
+    x, w = torch.randn(6, 5), torch.randn(5, 3)
+    lg.sync(_step(x, w))  # cached now
+    GATE_OPEN.clear()
+    try:
+        held = gate(lg.lazy(x)) * 1
+        lg.sync(held, wait=False)  # held at the gate on the worker
+        out = _step(x, w) + held.sum()  # reads a value in flight
+        lg.sync(out, wait=False)
+        assert lg.stats()["async_graph_copies"] == 2
+    finally:
+        GATE_OPEN.set()
+        WORKER.drain()
+    assert_close(lg.to_eager(out), (F.softmax(x @ w, dim=1) * 0.37 - (x @ w).tanh()).sum(0) + x.sum())
+
+
+def _lookup_first(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    i = (lg.lazy(idx) + 3) - 3
+    return F.embedding(i, lg.lazy(w))
+
+
+def _lookup_second(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # the same ops, on other lines
+    i = (lg.lazy(idx) + 3) - 3
+    return F.embedding(i, lg.lazy(w))
+
+
+def test_error_of_a_bound_run_names_the_graph_handed_off(monkeypatch):
+    w = torch.randn(4, 3)
+    for _ in range(2):  # the program is built, then replayed (TorchScript: its error is rerun by the oracle)
+        assert_close(lg.to_eager(_lookup_first(torch.tensor([0, 3, 1]), w)), w[[0, 3, 1]])
+    monkeypatch.setattr(materialize, "_private_copy", _no_copy)
+    out = _lookup_second(torch.tensor([0, 5, 1]), w)  # index 5: out of range, seen only by the run
+    h = lg.sync(out, wait=False)
+    line = _lookup_second.__code__.co_firstlineno + 2
+    with pytest.raises(IndexOutOfRange, match=rf"recorded at test_async_handoff.py:{line}\b") as raised:
+        lg.to_eager(out)
+    assert "sync(wait=False) at test_async_handoff.py:" in "\n".join(raised.value.__notes__)
+    with pytest.raises(IndexOutOfRange):
+        h.wait()
+    assert lg.stats()["async_graph_copies"] == 0
+
+
+def _train(steps: int, wait: bool) -> tuple[list[float], list[torch.Tensor]]:
+    """Tiny GPT-2 and AdamW, recorded lazily; an async step is handed off once the one before it ran
+    (so every value is there and the hand-off binds a cached program, whatever the machine's speed)."""
+    torch.manual_seed(0)
+    model = lg.lazy_module(GPT(GPTConfig.tiny(n_layer=1, n_embd=32, block_size=16)))
+    opt = make_optimizer(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses, handle = [], None
+    for step in range(steps):
+        x = torch.randint(0, 256, (3, 11), generator=gen)  # odd batch and length
+        _, loss = model(x, torch.roll(x, 1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if handle is not None:
+            handle.wait()
+        handle = lg.sync(wait=wait)
+        losses.append(loss)
+        if (step + 1) % 5 == 0:
+            loss.item()
+    return [t.item() for t in losses], [lg.to_eager(p).clone() for p in model.parameters()]
+
+
+def test_twenty_training_steps_async_are_bitwise_the_synchronous_run():
+    sync_losses, sync_params = _train(20, wait=True)
+    async_losses, async_params = _train(20, wait=False)  # on the programs the synchronous loop built
+    stats = lg.stats()
+    assert stats["async_graphs"] == 20 and stats["async_graph_copies"] == 0  # every step bound its run
+    assert async_losses == sync_losses  # bitwise: the same floats
+    for a, s in zip(async_params, sync_params, strict=True):
+        assert torch.equal(a, s)
+    assert sync_losses[-1] < sync_losses[0]
