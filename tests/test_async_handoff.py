@@ -62,15 +62,15 @@ def _(x):
     return torch.empty_like(x)
 
 
-def test_inputs_still_in_flight_hand_off_a_copy():
-    """A graph reading a value whose job has not run cannot be bound (the value's strides are part of
-    the structure): it goes the way of a miss, a private copy run after that job, and is right."""
+def test_inputs_in_flight_of_unknown_strides_hand_off_a_copy():
+    """A graph reading a value whose job has not run, of a program that never ran, cannot be bound
+    (the value's strides are part of the structure): a private copy runs after that job, and is right."""
     x, w = torch.randn(6, 5), torch.randn(5, 3)
     lg.sync(_step(x, w))  # cached now
     GATE_OPEN.clear()
     try:
         held = gate(lg.lazy(x)) * 1
-        lg.sync(held, wait=False)  # held at the gate on the worker
+        lg.sync(held, wait=False)  # held at the gate on the worker; a program never run
         out = _step(x, w) + held.sum()  # reads a value in flight
         lg.sync(out, wait=False)
         assert lg.stats()["async_graph_copies"] == 2
@@ -78,6 +78,70 @@ def test_inputs_still_in_flight_hand_off_a_copy():
         GATE_OPEN.set()
         WORKER.drain()
     assert_close(lg.to_eager(out), (F.softmax(x @ w, dim=1) * 0.37 - (x @ w).tanh()).sum(0) + x.sum())
+
+
+def _producer(x: torch.Tensor) -> torch.Tensor:
+    return lg.lazy(x) + 1
+
+
+def _consumer(y: torch.Tensor) -> torch.Tensor:
+    return (y * 3).sum(1)
+
+
+def _built(x: torch.Tensor) -> None:
+    """The producer's and the consumer's programs for x, built and run (synchronously)."""
+    y = _producer(x)
+    lg.sync(y)
+    lg.sync(_consumer(y))
+    assert_close(lg.to_eager(y), x + 1)
+
+
+def _held_back():
+    """Hands off a graph that holds the worker at the gate until the test opens it."""
+    GATE_OPEN.clear()
+    lg.sync(gate(lg.lazy(torch.randn(2))), wait=False)
+
+
+def test_inputs_in_flight_of_known_strides_bind_with_no_copy(monkeypatch):
+    x = torch.randn(5, 4)
+    _built(x)  # the producer's output strides known
+    _held_back()
+    monkeypatch.setattr(materialize, "_private_copy", _no_copy)
+    try:
+        y = _producer(x * 2)
+        lg.sync(y, wait=False)  # bound, queued behind the gate
+        z = _consumer(y)  # reads y in flight: bound with y's strides to be
+        h = lg.sync(z, wait=False)
+        assert not h.done() and lg.stats()["async_graph_copies"] == 1  # the gate's graph only
+    finally:
+        GATE_OPEN.set()
+        WORKER.drain()
+    assert_close(lg.to_eager(z), ((x * 2 + 1) * 3).sum(1))
+
+
+def test_strides_in_flight_mispredicted_run_from_the_graph(monkeypatch):
+    """A value in flight whose strides turn out other than predicted: the run bound with them would
+    run a program built for other strides; it runs the graph rebuilt from the program's structure."""
+    from lazygraph.counters import COUNTERS
+    from lazygraph.runtime.cache import get_cached
+
+    _built(torch.randn(4, 5).t())  # transposed: a consumer program for an input of strides (1, 5)
+    x = torch.randn(5, 4)
+    _built(x)  # and the producer program for a contiguous input
+    _held_back()
+    monkeypatch.setattr(materialize, "_private_copy", _no_copy)
+    try:
+        y = _producer(x * 2)
+        get_cached(lg.graph(y), lg.get_backend()).output_strides = [(1, 5)]  # a wrong prediction
+        lg.sync(y, wait=False)
+        z = _consumer(y)  # bound to the consumer program for strides (1, 5)
+        lg.sync(z, wait=False)
+    finally:
+        GATE_OPEN.set()
+        WORKER.drain()
+    assert COUNTERS["async_strides_mispredicted"] == 1
+    assert_close(lg.to_eager(z), ((x * 2 + 1) * 3).sum(1))
+    assert lg.stats()["async_graph_copies"] == 1  # the gate's graph only
 
 
 def _lookup_first(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

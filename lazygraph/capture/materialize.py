@@ -34,10 +34,16 @@ class InFlight:
     the job fails the marker stays, and every read raises the job's error. Not a tensor, so code that
     reads a value without waiting fails loudly instead of reading memory that is not there."""
 
-    __slots__ = ("job",)
+    __slots__ = ("job", "_stride")
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, stride: tuple[int, ...] | None = None):
         self.job = job
+        self._stride = stride
+
+    def stride(self) -> tuple[int, ...] | None:
+        """The strides the value will have where its program ran before (None otherwise): a graph
+        reading it can be bound to a program before it is there (runtime.bind checks them)."""
+        return self._stride
 
 
 def live_pending_nodes() -> list[Node]:
@@ -100,18 +106,19 @@ def _run(graph: Graph, backend: str | None, wait: bool) -> Job | None:
     where = user_source()
     backend = backend or runtime.get_backend()
     outputs = list(graph.outputs)
-    # its values there: the program is looked up here and the worker only runs it; otherwise the
-    # worker runs a private copy of the graph from the start, once the jobs it reads from have run
-    bound = runtime.bind(graph, backend) if ready else None
+    # the program is looked up here and the worker only runs it; otherwise (a miss, values in flight
+    # whose strides are not known) the worker runs a private copy of the graph from the start
+    bound = runtime.bind(graph, backend)
+    strides = None
     if bound is not None:
         runtime.check_inputs(bound.inputs)  # what a synchronous run would raise, raised now
+        strides = bound.cached.output_strides  # known once the program ran
 
         def run() -> None:
             with _disable_current_modes():
                 values = bound.run(handed_off=where)
             _fill(outputs, values)
 
-        deps = {}
     else:
         runtime.check_inputs(graph.inputs)
         private = _private_copy(graph)
@@ -123,9 +130,8 @@ def _run(graph: Graph, backend: str | None, wait: bool) -> Job | None:
             _fill(outputs, values)
 
     job = Job(run, deps.values(), where)
-    marker = InFlight(job)
-    for n in outputs:  # leaves from now on, for the caller; before the worker can fill them
-        n.realize(marker)
+    for i, n in enumerate(outputs):  # leaves from now on, for the caller; before the worker can fill them
+        n.realize(InFlight(job, None if strides is None else strides[i]))
     WORKER.submit(job)
     return job
 

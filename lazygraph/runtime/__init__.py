@@ -26,12 +26,14 @@ import torch
 
 from .. import dumps, state
 from ..counters import COUNTERS, graph_ran
-from ..ir import Graph, Node, fingerprint, runtime_scalars
+from ..ir import Graph, Node, fingerprint, is_runtime_scalar, runtime_scalars
 from .cache import (
     BACKENDS,
+    Cached,
     build_program,
     clear_cache,
     get_backend,
+    get_cached,
     get_program,
     lookup_program,
     set_backend,
@@ -71,13 +73,15 @@ def execute(graph: Graph, backend: str | None = None, handed_off: str | None = N
     inputs = graph.inputs
     check_inputs(inputs, handed_off)
     hits = COUNTERS["cache_hits"]
-    program = get_program(graph, backend)
+    cached = get_cached(graph, backend)
+    program = cached.program
     graph_ran()
     values, scalars = [n.value for n in inputs], runtime_scalars(graph)
     try:
         outputs = program.run(values, scalars)
     except RuntimeError as error:
         raise _named_for(graph, values, scalars, error)  # noqa: B904 - a fresh error carries its own cause
+    _keep_strides(cached, outputs)
     if dumps.enabled():
         dumps.write_run(graph, program)
     if state.SETTINGS.debug:
@@ -85,39 +89,71 @@ def execute(graph: Graph, backend: str | None = None, handed_off: str | None = N
     return outputs
 
 
+def _keep_strides(cached: Cached, outputs: list[torch.Tensor]) -> None:
+    if cached.output_strides is None:
+        cached.output_strides = [o.stride() for o in outputs]
+
+
 class BoundRun:
     """A run of a cached program, taken apart from its graph by `bind` on the thread that recorded
     it: another thread (the async worker) then runs the program and nothing else, no graph walk, no
-    structural hash, no copy of the graph."""
+    structural hash, no copy of the graph.
 
-    __slots__ = ("program", "built_from", "inputs", "values", "scalars", "nodes")
+    Its inputs may be values still in flight (their graph handed off before, not run yet): the key
+    was computed with the strides they will have (those of their program's outputs last time), and
+    a run checks them first. Where one differs, the run goes the way of a miss (`_unbound`)."""
 
-    def __init__(self, program: Program, built_from: Graph, graph: Graph):
-        self.program, self.built_from = program, built_from  # the graph the program was built from
+    __slots__ = ("cached", "backend", "inputs", "expected", "scalars", "nodes")
+
+    def __init__(self, cached: Cached, backend: str, graph: Graph, expected: list[tuple[int, tuple[int, ...]]]):
+        self.cached, self.backend = cached, backend
         self.inputs = graph.inputs
-        self.values = [n.value for n in self.inputs]
+        self.expected = expected  # (input position, stride) of the values in flight at bind()
         self.scalars = runtime_scalars(graph)
         self.nodes = graph.nodes  # only for their lines, if the run fails (their structure may be gone by then)
 
     def run(self, handed_off: str | None = None) -> list[torch.Tensor]:
-        """execute() of the graph; `handed_off` as in check_inputs."""
+        """execute() of the graph, once every input value is there; `handed_off` as in check_inputs."""
         check_inputs(self.inputs, handed_off)  # written since bind(): the caller went on meanwhile
+        values = [n.value for n in self.inputs]
+        if any(values[i].stride() != stride for i, stride in self.expected):
+            COUNTERS["async_strides_mispredicted"] += 1
+            return execute(self._unbound(values), self.backend, handed_off)
         graph_ran()
         try:
-            return self.program.run(self.values, self.scalars)
+            outputs = self.cached.program.run(values, self.scalars)
         except RuntimeError as error:
-            graph = self.built_from.clone(sources=[n.source for n in self.nodes])  # this run's lines
-            raise _named_for(graph, self.values, self.scalars, error)  # noqa: B904 - as in execute
+            graph = self.cached.graph.clone(sources=[n.source for n in self.nodes])  # this run's lines
+            raise _named_for(graph, values, self.scalars, error)  # noqa: B904 - as in execute
+        _keep_strides(self.cached, outputs)
+        return outputs
+
+    def _unbound(self, values: list[torch.Tensor]) -> Graph:
+        """The graph of this run again, from the structure its program was built from, with this
+        run's lines, input values and runtime scalars. (Inputs computed by a graph before count as
+        plain inputs here, so its key is not the recorded graph's: it gets a program of its own.)"""
+        graph = self.cached.graph.clone(sources=[n.source for n in self.nodes])
+        for n, v in zip(graph.inputs, values, strict=True):
+            n.value = v
+        for n, v in zip([n for n in graph.nodes if is_runtime_scalar(n)], self.scalars, strict=True):
+            n.attrs["value"] = v
+        return graph
 
 
 def bind(graph: Graph, backend: str) -> BoundRun | None:
     """The run of the graph as a BoundRun when its program is cached; None where execute() must run
-    it: a miss (it builds), dumps or debug output (they show the graph). Every input value must be
-    there (a tensor: its strides are part of the structure)."""
+    it: a miss (it builds), dumps or debug output (they show the graph), an input value in flight
+    whose strides are not known. A value in flight stands in for the tensor with stride(), None where
+    it does not know them (capture.materialize.InFlight)."""
     if dumps.enabled() or state.SETTINGS.debug:
         return None
+    # read before the hash: a value may arrive meanwhile, never leave (the hash may then read either)
+    expected = [(i, v.stride()) for i, v in enumerate([n.value for n in graph.inputs])
+                if not isinstance(v, torch.Tensor)]
+    if any(stride is None for _, stride in expected):
+        return None
     cached = lookup_program(graph, backend)
-    return None if cached is None else BoundRun(cached.program, cached.graph, graph)
+    return None if cached is None else BoundRun(cached, backend, graph, expected)
 
 
 def _named_for(graph: Graph, inputs: list, scalars: list, error: RuntimeError) -> RuntimeError:

@@ -9,7 +9,6 @@ graph as it was recorded (`lookup_program`), whose structure every later graph o
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 from .. import state
 from ..counters import COUNTERS
@@ -20,11 +19,19 @@ from .reference_program import Program
 BACKENDS = ("reference", "triton", "auto")
 
 
-class Cached(NamedTuple):
-    program: Program
-    # a value-free copy of the graph it was built from, before any pass: node by node the structure
-    # of every graph with its key (a run of another names its own lines with it, runtime._named_for)
-    graph: Graph
+class Cached:
+    """A cache entry: the program, and what runs of another thread's graphs need to know of it."""
+
+    __slots__ = ("program", "graph", "output_strides")
+
+    def __init__(self, program: Program, graph: Graph):
+        self.program = program
+        # a value-free copy of the graph it was built from, before any pass: node by node the structure
+        # of every graph with its key (a run of another names its own lines with it, runtime._named_for)
+        self.graph = graph
+        # the strides of its outputs, once it ran: the same for every run (input strides are in the
+        # key), so those of a run still in flight (runtime.bind)
+        self.output_strides: list[tuple[int, ...]] | None = None
 
 
 _PROGRAMS: dict[str, Cached] = {}
@@ -76,6 +83,11 @@ def _key(graph: Graph, backend: str, extra_key: tuple) -> str:
 
 def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
     """The cached program for this graph's structure (built on a miss; counted either way)."""
+    return get_cached(graph, backend, extra_key).program
+
+
+def get_cached(graph: Graph, backend: str, extra_key: tuple = ()) -> Cached:
+    """get_program's cache entry."""
     key = _key(graph, backend, extra_key)
     cached = _PROGRAMS.get(key)
     if cached is None:
@@ -83,7 +95,7 @@ def get_program(graph: Graph, backend: str, extra_key: tuple = ()) -> Program:
         cached = _PROGRAMS[key] = Cached(build_program(graph, backend), graph.clone())
     else:
         COUNTERS["cache_hits"] += 1
-    return cached.program
+    return cached
 
 
 def lookup_program(graph: Graph, backend: str) -> Cached | None:
