@@ -4,12 +4,13 @@ turn the results into leaves, so the pending graph never grows across steps.
 With wait=False (lazygraph.sync(wait=False)) the graph is handed to the executor's worker thread
 instead, and its outputs become leaves at once whose value is an `InFlight` marker: the caller goes
 on recording on them as on any realized value, and the worker runs the graph, then puts the real
-values in. Where its program is cached and its inputs are there, the caller looks the program up and
-takes the inputs (runtime.bind), and the worker runs only the program: that work is what overlaps
-the caller's recording (the GIL lets one thread run Python at a time). Otherwise the worker runs a
-private copy of the graph (runtime.execute: it builds the program). Reading a value (realize with
-wait) waits only for the job that produces it; a graph recorded on in-flight values is handed off
-too, after their jobs, so it runs after them.
+values in. Where its program is cached, the caller looks the program up and takes the inputs
+(runtime.bind), and the worker runs only the program: that work is what overlaps the caller's
+recording (the GIL lets one thread run Python at a time). An input may be a value in flight whose
+strides are known (those its program gave last time). Otherwise (a miss, strides not known) the
+worker runs a private copy of the graph (runtime.execute: it builds the program). Reading a value
+(realize with wait) waits only for the job that produces it; a graph recorded on in-flight values
+is handed off too, after their jobs, so it runs after them.
 """
 
 from __future__ import annotations

@@ -90,8 +90,7 @@ def execute(graph: Graph, backend: str | None = None, handed_off: str | None = N
 
 
 def _keep_strides(cached: Cached, outputs: list[torch.Tensor]) -> None:
-    if cached.output_strides is None:
-        cached.output_strides = [o.stride() for o in outputs]
+    cached.output_strides = [o.stride() for o in outputs]  # for runs bound before these values are there
 
 
 class BoundRun:
@@ -105,9 +104,10 @@ class BoundRun:
 
     __slots__ = ("cached", "backend", "inputs", "expected", "scalars", "nodes")
 
-    def __init__(self, cached: Cached, backend: str, graph: Graph, expected: list[tuple[int, tuple[int, ...]]]):
+    def __init__(self, cached: Cached, backend: str, graph: Graph, inputs: list[Node],
+                 expected: list[tuple[int, tuple[int, ...]]]):
         self.cached, self.backend = cached, backend
-        self.inputs = graph.inputs
+        self.inputs = inputs  # graph.inputs
         self.expected = expected  # (input position, stride) of the values in flight at bind()
         self.scalars = runtime_scalars(graph)
         self.nodes = graph.nodes  # only for their lines, if the run fails (their structure may be gone by then)
@@ -147,13 +147,13 @@ def bind(graph: Graph, backend: str) -> BoundRun | None:
     it does not know them (capture.materialize.InFlight)."""
     if dumps.enabled() or state.SETTINGS.debug:
         return None
+    inputs = graph.inputs
     # read before the hash: a value may arrive meanwhile, never leave (the hash may then read either)
-    expected = [(i, v.stride()) for i, v in enumerate([n.value for n in graph.inputs])
-                if not isinstance(v, torch.Tensor)]
+    expected = [(i, v.stride()) for i, v in enumerate([n.value for n in inputs]) if not isinstance(v, torch.Tensor)]
     if any(stride is None for _, stride in expected):
         return None
     cached = lookup_program(graph, backend)
-    return None if cached is None else BoundRun(cached, backend, graph, expected)
+    return None if cached is None else BoundRun(cached, backend, graph, inputs, expected)
 
 
 def _named_for(graph: Graph, inputs: list, scalars: list, error: RuntimeError) -> RuntimeError:

@@ -29,8 +29,8 @@ class Cached:
         # a value-free copy of the graph it was built from, before any pass: node by node the structure
         # of every graph with its key (a run of another names its own lines with it, runtime._named_for)
         self.graph = graph
-        # the strides of its outputs, once it ran: the same for every run (input strides are in the
-        # key), so those of a run still in flight (runtime.bind)
+        # the strides of its outputs in its last run: those of a run still in flight (input strides
+        # are in the key; runtime.bind relies on them, and checks them)
         self.output_strides: list[tuple[int, ...]] | None = None
 
 
