@@ -465,7 +465,9 @@ class Graph:
         an optimizer's step-dependent learning-rate factors must not recompile every step.
 
         Computed once per graph from the nodes' fields (no text) and kept on the graph; the
-        cache is dropped when the node list, the outputs or which nodes are realized change."""
+        cache is dropped when the node list, the outputs or which nodes are realized change.
+        An input's value may stand in for a tensor still being computed (capture.materialize's
+        InFlight): its stride() is what the tensor's will be."""
         key = (tuple(map(id, self.nodes)), tuple(map(id, self.outputs)),
                sum(n.value is not None for n in self.nodes))
         cached = getattr(self, "_structural_hash", None)

@@ -122,7 +122,6 @@ def test_inputs_in_flight_of_known_strides_bind_with_no_copy(monkeypatch):
 def test_strides_in_flight_mispredicted_run_from_the_graph(monkeypatch):
     """A value in flight whose strides turn out other than predicted: the run bound with them would
     run a program built for other strides; it runs the graph rebuilt from the program's structure."""
-    from lazygraph.counters import COUNTERS
     from lazygraph.runtime.cache import get_cached
 
     _built(torch.randn(4, 5).t())  # transposed: a consumer program for an input of strides (1, 5)
@@ -139,9 +138,24 @@ def test_strides_in_flight_mispredicted_run_from_the_graph(monkeypatch):
     finally:
         GATE_OPEN.set()
         WORKER.drain()
-    assert COUNTERS["async_strides_mispredicted"] == 1
+    assert lg.stats()["async_strides_mispredicted"] == 1
     assert_close(lg.to_eager(z), ((x * 2 + 1) * 3).sum(1))
     assert lg.stats()["async_graph_copies"] == 1  # the gate's graph only
+
+
+def test_input_written_after_a_bound_hand_off_is_an_error(monkeypatch):
+    x = torch.randn(5)
+    lg.sync(lg.lazy(torch.randn(5)) * x)  # cached
+    _held_back()
+    monkeypatch.setattr(materialize, "_private_copy", _no_copy)
+    try:
+        y = lg.lazy(torch.randn(5)) * x  # x captured as it is now
+        lg.sync(y, wait=False)  # bound, waits in the queue behind the gate
+        x.add_(1)  # a synchronous run would have read x already; this one has not
+    finally:
+        GATE_OPEN.set()
+    with pytest.raises(RuntimeError, match="written after lazygraph.sync\\(wait=False\\) handed the graph off"):
+        lg.to_eager(y)
 
 
 def _lookup_first(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -171,22 +185,19 @@ def test_error_of_a_bound_run_names_the_graph_handed_off(monkeypatch):
 
 
 def _train(steps: int, wait: bool) -> tuple[list[float], list[torch.Tensor]]:
-    """Tiny GPT-2 and AdamW, recorded lazily; an async step is handed off once the one before it ran
-    (so every value is there and the hand-off binds a cached program, whatever the machine's speed)."""
+    """Tiny GPT-2 and AdamW, recorded lazily, loss.item() every 5 steps."""
     torch.manual_seed(0)
     model = lg.lazy_module(GPT(GPTConfig.tiny(n_layer=1, n_embd=32, block_size=16)))
     opt = make_optimizer(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
-    losses, handle = [], None
+    losses = []
     for step in range(steps):
         x = torch.randint(0, 256, (3, 11), generator=gen)  # odd batch and length
         _, loss = model(x, torch.roll(x, 1, 1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if handle is not None:
-            handle.wait()
-        handle = lg.sync(wait=wait)
+        lg.sync(wait=wait)
         losses.append(loss)
         if (step + 1) % 5 == 0:
             loss.item()
@@ -195,9 +206,12 @@ def _train(steps: int, wait: bool) -> tuple[list[float], list[torch.Tensor]]:
 
 def test_twenty_training_steps_async_are_bitwise_the_synchronous_run():
     sync_losses, sync_params = _train(20, wait=True)
-    async_losses, async_params = _train(20, wait=False)  # on the programs the synchronous loop built
+    # on the programs the synchronous loop built, whose output strides it saw: every step binds its
+    # run, whether the step before it still runs or not
+    async_losses, async_params = _train(20, wait=False)
     stats = lg.stats()
-    assert stats["async_graphs"] == 20 and stats["async_graph_copies"] == 0  # every step bound its run
+    assert stats["async_graphs"] == 20 and stats["async_graph_copies"] == 0
+    assert stats["async_strides_mispredicted"] == 0
     assert async_losses == sync_losses  # bitwise: the same floats
     for a, s in zip(async_params, sync_params, strict=True):
         assert torch.equal(a, s)
