@@ -4,6 +4,7 @@ stats()["async_graph_copies"] and by a _private_copy that fails if called), erro
 user's line of the graph handed off, and results stay bitwise those of synchronous runs.
 """
 
+import re
 import threading
 
 import pytest
@@ -156,6 +157,20 @@ def test_input_written_after_a_bound_hand_off_is_an_error(monkeypatch):
         GATE_OPEN.set()
     with pytest.raises(RuntimeError, match="written after lazygraph.sync\\(wait=False\\) handed the graph off"):
         lg.to_eager(y)
+
+
+def test_debug_output_of_a_handed_off_cached_program(monkeypatch, capsys):
+    """LAZYGRAPH_DEBUG prints the graph each run ran: a cached program's hand-off still goes through
+    the graph (a copy) then, and prints it as a synchronous run would."""
+    from lazygraph import state
+
+    x, w = torch.randn(4, 5), torch.randn(5, 3)
+    lg.sync(_step(x, w))
+    monkeypatch.setattr(state.SETTINGS, "debug", 1)
+    lg.sync(_step(x, w), wait=False)
+    lg.sync()
+    assert re.search(r"lazygraph: ran graph \w+ \(\d+ nodes, cached\)", capsys.readouterr().err)
+    assert lg.stats()["async_graph_copies"] == 1
 
 
 def _lookup_first(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
