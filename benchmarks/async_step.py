@@ -13,10 +13,14 @@ caller's recording with the worker's run, so it wins on wall time only where a s
 
 What overlaps: the reference backend replays a program as one TorchScript call (runtime/reference_replay.py)
 that holds no GIL, so the worker's torch work runs beside the caller's recording, which holds the GIL.
-The worker's own Python (input checks, the structural hash, filling in the results) and the caller's
-hand-off (a private copy of the graph) do not overlap: async adds them to the GIL's time. Recording
-costs the same at every shape, the torch work grows with the batch: the suite prints gpt2.train's
-default shape and a larger batch, where the overlapped torch work is most of a step.
+Python on either thread does not overlap, so the hand-off keeps the worker's Python small: the caller
+looks the cached program up and takes its inputs (runtime.bind; values of the step still running
+count with the strides their program gave them last time), the worker checks the inputs, runs the
+program and fills in the results. Only a step whose program must be built hands off a private copy
+of its graph, which the worker runs from the start (stats()["async_graph_copies"]): async adds
+about no CPU time to a step. Recording costs the same at every shape, the torch work grows with the
+batch: the suite prints gpt2.train's default shape and a larger batch, where the overlapped torch
+work is most of a step.
 """
 
 from __future__ import annotations

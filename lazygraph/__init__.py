@@ -106,6 +106,12 @@ def stats() -> dict[str, Any]:
         "collectives": c["collectives"],  # all-reduces, sends, ... started (torch.distributed)
         "collective_bytes": c["collective_bytes"],  # bytes they were given
         "async_graphs": c["async_graphs"],  # graphs handed to the executor (sync(wait=False), or read in flight)
+        # hand-offs whose graph the worker ran from a private copy (a program to build, values in
+        # flight of unknown strides, dumps); the others only run a cached program (runtime.bind)
+        "async_graph_copies": c["async_graph_copies"],
+        # of those others, runs whose values in flight came with other strides than their program's
+        # last ones: rebuilt as a graph and run from it
+        "async_strides_mispredicted": c["async_strides_mispredicted"],
         "async_waits": c["async_waits"],  # reads that blocked until a graph handed off earlier had run
         # reference-backend runs through a program's replay (runtime/reference_replay.py), not node by node
         "reference_replays": c["reference_replays"],

@@ -370,7 +370,7 @@ def is_runtime_scalar(n: Node) -> bool:
 
 def runtime_scalars(graph: Graph) -> list[float]:
     """The runtime scalars' values, in graph order (the order programs take them in)."""
-    return [n.attrs["value"] for n in graph.nodes if is_runtime_scalar(n)]
+    return [n.attrs["value"] for n in graph.nodes if n.op is Op.FULL and is_runtime_scalar(n)]
 
 
 def effective_op(node: Node) -> Op:
@@ -411,7 +411,7 @@ class Graph:
 
     @property
     def inputs(self) -> list[Node]:
-        return [n for n in self.nodes if effective_op(n) is Op.INPUT]
+        return [n for n in self.nodes if n.value is not None or n.op is Op.INPUT]  # effective_op, inlined
 
     def users(self) -> dict[int, list[Node]]:
         out: dict[int, list[Node]] = {n.id: [] for n in self.nodes}
@@ -421,17 +421,19 @@ class Graph:
                     out[s.id].append(n)
         return out
 
-    def clone(self) -> Graph:
+    def clone(self, sources: Sequence[str | None] | None = None) -> Graph:
         """A structural copy without values: realized nodes become plain INPUTs. Programs keep
-        this copy, so a cached program never holds on to tensors of the run that built it."""
+        this copy, so a cached program never holds on to tensors of the run that built it.
+        `sources`: the recording lines to give the copy's nodes instead of their own, by position
+        (those of another graph with this structure)."""
         new: dict[int, Node] = {}
-        for n in self.nodes:
+        for i, n in enumerate(self.nodes):
+            source = n.source if sources is None else sources[i]
             if n.value is not None or n.op is Op.INPUT:
                 attrs = {"name": n.attrs["name"]} if "name" in n.attrs else {}
-                c = Node(Op.INPUT, (), n.shape, n.dtype, n.device, attrs, n.source)
+                c = Node(Op.INPUT, (), n.shape, n.dtype, n.device, attrs, source)
             else:
-                c = Node(n.op, tuple(new[s.id] for s in n.srcs), n.shape, n.dtype, n.device, dict(n.attrs),
-                         n.source)
+                c = Node(n.op, tuple(new[s.id] for s in n.srcs), n.shape, n.dtype, n.device, dict(n.attrs), source)
             new[n.id] = c
         return Graph([new[n.id] for n in self.nodes], [new[o.id] for o in self.outputs])
 
@@ -463,7 +465,9 @@ class Graph:
         an optimizer's step-dependent learning-rate factors must not recompile every step.
 
         Computed once per graph from the nodes' fields (no text) and kept on the graph; the
-        cache is dropped when the node list, the outputs or which nodes are realized change."""
+        cache is dropped when the node list, the outputs or which nodes are realized change.
+        An input's value may stand in for a tensor still being computed (capture.materialize's
+        InFlight): its stride() is what the tensor's will be."""
         key = (tuple(map(id, self.nodes)), tuple(map(id, self.outputs)),
                sum(n.value is not None for n in self.nodes))
         cached = getattr(self, "_structural_hash", None)
@@ -512,27 +516,39 @@ class Graph:
 
 def _structure_digest(graph: Graph) -> str:
     """sha256 of what the text form shows without sources and runtime-scalar values (nodes by
-    position, ops, operands, attrs, types), plus the strides of input values."""
-    index = {n.id: i for i, n in enumerate(graph.nodes)}
-    parts: list[tuple] = []
-    for n in graph.nodes:
+    position, ops, operands, attrs, types), plus the strides of input values. Paid on every run, on
+    the caller's time: one string per node, dtypes named from a table (a torch object's repr is
+    slow), and few containers (each is work for the garbage collector, which a step's recording
+    keeps busy)."""
+    index: dict[int, int] = {}
+    parts: list[str] = []
+    for i, n in enumerate(graph.nodes):
+        index[n.id] = i
+        dtype = DTYPE_NAMES.get(n.dtype) or dtype_name(n.dtype)
         if n.value is not None:  # a leaf now, whatever op once produced it
-            attrs = n.attrs if n.op is Op.INPUT else {"was": n.op.value}
-            parts.append(("input", n.shape, n.dtype, n.device, _hashed_attrs(n, attrs), tuple(n.value.stride())))
+            attrs = _hashed_attrs(n) if n.op is Op.INPUT else f"was={_OP_NAMES[n.op]}"
+            parts.append(f"input {n.shape} {dtype} {n.device} {attrs} {n.value.stride()}")
         else:
-            parts.append((n.op.value, [index[s.id] for s in n.srcs], n.shape, n.dtype, n.device,
-                          _hashed_attrs(n, n.attrs)))
-    parts.append(("return", [index[o.id] for o in graph.outputs]))
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+            srcs = n.srcs
+            operands = index[srcs[0].id] if len(srcs) == 1 else [index[s.id] for s in srcs]
+            attrs = _hashed_attrs(n) if n.attrs else ""
+            parts.append(f"{_OP_NAMES[n.op]} {operands} {n.shape} {dtype} {n.device} {attrs}")
+    parts.append(f"return {[index[o.id] for o in graph.outputs]}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _hashed_attrs(n: Node, attrs: dict[str, Any]) -> list[tuple[str, Any]]:
-    if not attrs:
-        return []
-    out = [(k, v) for k, v in attrs.items() if k != "name"]  # an input's name is not structure
-    if is_runtime_scalar(n):
-        out = [(k, "?" if k == "value" else v) for k, v in out]
-    return sorted(out)
+def _hashed_attrs(n: Node) -> str:
+    """The node's attrs as the structure sees them: not an input's name, not a runtime scalar's value."""
+    attrs = n.attrs
+    if "name" in attrs:
+        attrs = {k: v for k, v in attrs.items() if k != "name"}
+    if n.op is Op.FULL and is_runtime_scalar(n):
+        attrs = {**attrs, "value": "?"}
+    return repr(attrs) if len(attrs) < 2 else repr(sorted(attrs.items()))
+
+
+# op -> its name (Op.value goes through enum's descriptor, a Python call)
+_OP_NAMES = {op: op.value for op in Op}
 
 
 def _fmt_attr(v: Any) -> str:

@@ -3,9 +3,14 @@ turn the results into leaves, so the pending graph never grows across steps.
 
 With wait=False (lazygraph.sync(wait=False)) the graph is handed to the executor's worker thread
 instead, and its outputs become leaves at once whose value is an `InFlight` marker: the caller goes
-on recording on them as on any realized value, and the worker runs a private copy of the graph, then
-puts the real values in. Reading a value (realize with wait) waits only for the job that produces it;
-a graph recorded on in-flight values is handed off too, after their jobs, so it runs after them.
+on recording on them as on any realized value, and the worker runs the graph, then puts the real
+values in. Where its program is cached, the caller looks the program up and takes the inputs
+(runtime.bind), and the worker runs only the program: that work is what overlaps the caller's
+recording (the GIL lets one thread run Python at a time). An input may be a value in flight whose
+strides are known (those its program gave last time). Otherwise (a miss, strides not known) the
+worker runs a private copy of the graph (runtime.execute: it builds the program). Reading a value
+(realize with wait) waits only for the job that produces it; a graph recorded on in-flight values
+is handed off too, after their jobs, so it runs after them.
 """
 
 from __future__ import annotations
@@ -30,10 +35,16 @@ class InFlight:
     the job fails the marker stays, and every read raises the job's error. Not a tensor, so code that
     reads a value without waiting fails loudly instead of reading memory that is not there."""
 
-    __slots__ = ("job",)
+    __slots__ = ("job", "_stride")
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, stride: tuple[int, ...] | None = None):
         self.job = job
+        self._stride = stride
+
+    def stride(self) -> tuple[int, ...] | None:
+        """The strides the value will have where its program ran before (None otherwise): a graph
+        reading it can be bound to a program before it is there (runtime.bind checks them)."""
+        return self._stride
 
 
 def live_pending_nodes() -> list[Node]:
@@ -87,26 +98,41 @@ def _run(graph: Graph, backend: str | None, wait: bool) -> Job | None:
     """Run the graph here, or hand it off: when asked to, or when it reads values still in flight
     (their job must run first, and the worker runs jobs in order)."""
     deps = {id(j): j for j in in_flight(graph)}
-    if wait and not deps:
+    ready = all(j.done() and j.error is None for j in deps.values())  # its values are all there now
+    if wait and ready:
         with _disable_current_modes():
             values = runtime.execute(graph, backend)
         _fill(graph.outputs, values)
         return None
     where = user_source()
-    runtime.check_inputs(graph)  # what a synchronous run would raise, raised now
-    private = _private_copy(graph)
-    outputs = list(graph.outputs)
     backend = backend or runtime.get_backend()
+    outputs = list(graph.outputs)
+    # the program is looked up here and the worker only runs it; otherwise (a miss, values in flight
+    # whose strides are not known) the worker runs a private copy of the graph from the start
+    bound = runtime.bind(graph, backend)
+    strides = None
+    if bound is not None:
+        runtime.check_inputs(bound.inputs)  # what a synchronous run would raise, raised now
+        strides = bound.cached.output_strides  # known once the program ran
 
-    def run() -> None:
-        with _disable_current_modes():
-            values = runtime.execute(private, backend, handed_off=where)
-        _fill(outputs, values)
+        def run() -> None:
+            with _disable_current_modes():
+                values = bound.run(handed_off=where)
+            _fill(outputs, values)
+
+    else:
+        runtime.check_inputs(graph.inputs)
+        private = _private_copy(graph)
+        COUNTERS["async_graph_copies"] += 1
+
+        def run() -> None:
+            with _disable_current_modes():
+                values = runtime.execute(private, backend, handed_off=where)
+            _fill(outputs, values)
 
     job = Job(run, deps.values(), where)
-    marker = InFlight(job)
-    for n in outputs:  # leaves from now on, for the caller; before the worker can fill them
-        n.realize(marker)
+    for i, n in enumerate(outputs):  # leaves from now on, for the caller; before the worker can fill them
+        n.realize(InFlight(job, None if strides is None else strides[i]))
     WORKER.submit(job)
     return job
 
