@@ -24,79 +24,57 @@ from .aliasing import empty_strided, inplace_view, multi_view, view_handler
 from .arguments import flat_tensors, meta_check, to_nodes, wrap_outputs
 from .fallback import DATA_DEPENDENT, VALUE_OPS, extern, fallback, graph_break, read_value
 from .functionalize import foreach, inplace
-from .rules import META_CHECKED, RULES, NotImplementedForDtype, Unhandled, declaration, outside
+from .rules import META_CHECKED, RULES, NotImplementedForDtype, Unhandled, undeclared
 from .source import user_source
 from .tensor import LazyTensor
 
 aten = torch.ops.aten
 
 
-# id(func) -> (func, handler). Keyed by id: OpOverload.__hash__ is Python code, run on every lookup;
-# the overload itself is kept and compared, so a reused id never finds another op's handler
-_HANDLERS: dict[int, tuple[Any, Callable]] = {}
+# id(func) -> (func, handler, lowers: the handler records func by its rule alone). Keyed by id:
+# OpOverload.__hash__ is Python code; the overload itself is kept and compared, so a reused id never
+# finds another op's handler. Rules, declarations and checks are still looked up per call (tests patch them).
+_HANDLERS: dict[int, tuple[Any, Callable, bool]] = {}
 
 
-def _new_handler(func) -> Callable:
-    handler = _classify(func)
-    if func in arg_checks.CHECKS:
-        handler = _checked(handler)
-    _HANDLERS[id(func)] = (func, handler)
-    return handler
+def _entry(func) -> tuple:
+    entry = _HANDLERS.get(id(func))
+    if entry is None or entry[0] is not func:
+        handler = _classify(func)
+        lowers = func in RULES and func not in _SPECIAL_RULES and func is not torch.ops.prims.copy_to.default
+        entry = _HANDLERS[id(func)] = (func, handler, lowers)
+    return entry
 
 
 def dispatch(func, args, kwargs):
     entry = _HANDLERS.get(id(func))
-    handler = entry[1] if entry is not None and entry[0] is func else _new_handler(func)
+    handler = entry[1] if entry is not None and entry[0] is func else _entry(func)[1]
     state.SOURCE.set(user_source())
     try:
+        if func in arg_checks.CHECKS:
+            arg_checks.check(func, args, kwargs)
         return handler(func, args, kwargs)
     except Exception as e:  # eager's exception, raised while recording: say which user line recorded it
         _note_source(e, func)
         raise
 
 
-def redispatch(func, args, kwargs):
+def redispatch(func, args, kwargs, nodes: bool = False):
     """dispatch() for a call capture makes itself while recording another (an in-place op's
     functional variant): only capture's frames lie between the two, so the user's line that
-    dispatch() found for the outer call is this call's line too."""
-    entry = _HANDLERS.get(id(func))
-    handler = entry[1] if entry is not None and entry[0] is func else _new_handler(func)
+    dispatch() found for the outer call is this call's line too. nodes=True: the caller keeps only
+    the result's nodes, so an op its rule records returns the rule's nodes unwrapped (LazyTensors,
+    their layout and Storage would be made and dropped at once)."""
+    _, handler, lowers = _entry(func)
     try:
+        if func in arg_checks.CHECKS:
+            arg_checks.check(func, args, kwargs)
+        if nodes and lowers:
+            return lowered(func, args, kwargs, wrap=False)
         return handler(func, args, kwargs)
     except Exception as e:
         _note_source(e, func)
         raise
-
-
-# id(func) -> (func, its rule's handler returning nodes, or None where func is recorded otherwise)
-_NODE_HANDLERS: dict[int, tuple[Any, Callable | None]] = {}
-
-
-def record_nodes(func, args, kwargs):
-    """redispatch() for a caller that keeps only the result's nodes (an in-place op binds them to
-    the tensor it writes): an op lowered by its rule returns the rule's nodes, unwrapped (the
-    LazyTensors, their layout and Storage would be made and dropped at once); others return
-    what redispatch() returns."""
-    entry = _NODE_HANDLERS.get(id(func))
-    if entry is None or entry[0] is not func:
-        plain = func in RULES and func not in _SPECIAL_RULES and func not in arg_checks.CHECKS
-        entry = _NODE_HANDLERS[id(func)] = (func, lowering(func, wrap=False) if plain else None)
-    if entry[1] is None:
-        return redispatch(func, args, kwargs)
-    try:
-        return entry[1](func, args, kwargs)
-    except Exception as e:
-        _note_source(e, func)
-        raise
-
-
-def _checked(handler: Callable) -> Callable:
-    """`handler` after eager's argument checks that neither meta kernels nor decompositions repeat."""
-    def checked(func, args, kwargs):
-        arg_checks.check(func, args, kwargs)
-        return handler(func, args, kwargs)
-
-    return checked
 
 
 def _note_source(e: Exception, func) -> None:
@@ -106,32 +84,22 @@ def _note_source(e: Exception, func) -> None:
         e.add_note(f"lazygraph: raised while recording {func} at {source}")
 
 
-def lowered(func, args, kwargs):
-    """Record func by its rule (for callers outside dispatch; dispatch binds lowering(func) once)."""
-    return lowering(func)(func, args, kwargs)
-
-
-def lowering(func, wrap: bool = True) -> Callable:
-    """The handler that records `func` by its rule, with the rule and its declaration looked up once
-    (wrap=False: a lowered result stays the rule's nodes)."""
-    rule, meta_checked, declared = RULES[func], func in META_CHECKED, declaration(func)
-
-    def lowered(func, args, kwargs):
-        if outside(declared, args, kwargs) is not None:
-            return _undeclared(func, args, kwargs)
-        if meta_checked:
-            meta_check(func, args, kwargs)
-        try:
-            out = rule(*to_nodes(args), **{k: to_nodes(v) for k, v in kwargs.items()})
-        except NotImplementedForDtype:
-            raise
-        except Unhandled:
-            return _undeclared(func, args, kwargs)
-        except NotImplementedError:
-            return fallback(func, args, kwargs)
-        return wrap_outputs(out) if wrap else out
-
-    return lowered
+def lowered(func, args, kwargs, wrap: bool = True):
+    """Record func by its rule (wrap=False: the result stays the rule's nodes)."""
+    if undeclared(func, args, kwargs) is not None:
+        return _undeclared(func, args, kwargs)
+    rule = RULES[func]
+    if func in META_CHECKED:
+        meta_check(func, args, kwargs)
+    try:
+        out = rule(*to_nodes(args), **{k: to_nodes(v) for k, v in kwargs.items()})
+    except NotImplementedForDtype:
+        raise
+    except Unhandled:
+        return _undeclared(func, args, kwargs)
+    except NotImplementedError:
+        return fallback(func, args, kwargs)
+    return wrap_outputs(out) if wrap else out
 
 
 def _undeclared(func, args, kwargs):
@@ -172,10 +140,8 @@ def _pointwise_layout(func, out: Node, args, kwargs) -> tuple | None:
     return strides.pointwise(out.shape, operands)
 
 
-def _with_layout(func, layout: Callable) -> Callable:
+def _with_layout(layout: Callable) -> Callable:
     """A handler for lowered ops whose result eager may lay out non-contiguously."""
-    lowered = lowering(func)
-
     def handler(func, args, kwargs):
         out = lowered(func, args, kwargs)
         if type(out) is not LazyTensor or out._storage.node is not out._node or out._chain:
@@ -203,10 +169,10 @@ def _classify(func) -> Callable:
         if func in _SPECIAL_RULES:
             return empty_strided
         if func in _LIKE:
-            return _with_layout(func, _copy_layout)
+            return _with_layout(_copy_layout)
         if torch.Tag.pointwise in func.tags:
-            return _with_layout(func, _pointwise_layout)
-        return lowering(func)
+            return _with_layout(_pointwise_layout)
+        return lowered
     if func in views.VIEW_RULES:
         return view_handler(func)
     if func in views.MULTI_VIEW_RULES:

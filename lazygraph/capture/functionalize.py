@@ -82,7 +82,7 @@ def inplace(func) -> Callable:
                     fargs = fargs[:i]
             if len(flat_written) == 1 and "dtype" not in fkwargs and takes_dtype:
                 fkwargs["dtype"] = flat_written[0].dtype  # eager computes in out's dtype (sum: per element)
-        result = _dispatch.record_nodes(functional, tuple(fargs), fkwargs)
+        result = _dispatch.redispatch(functional, tuple(fargs), fkwargs, nodes=True)
         results = _flat_values(result, []) if isinstance(result, (tuple, list)) else [result]
         for w, r in zip(flat_written, results):
             rn = r if type(r) is Node else node_of(r) if isinstance(r, LazyTensor) else const_node(r)
@@ -102,7 +102,7 @@ def inplace(func) -> Callable:
 
 
 def _flat_values(x, out: list) -> list:
-    """flat_tensors() of a result that may hold nodes as well as tensors (record_nodes())."""
+    """flat_tensors() of a result that may hold nodes as well as tensors (redispatch(nodes=True))."""
     if isinstance(x, (Node, torch.Tensor)):
         out.append(x)
     elif isinstance(x, (list, tuple)):

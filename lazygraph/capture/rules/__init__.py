@@ -18,12 +18,9 @@ from .registry import (
                        NotImplementedForDtype,
                        Unhandled,
                        count_rules,
-                       declaration,
-                       outside,
                        scalar_type_name,
                        undeclared,
 )
 
 __all__ = ["RULES", "HANDLES", "META_CHECKED", "STRIDED_TYPES", "NotImplementedForDtype", "Unhandled", "undeclared",
-           "count_rules", "scalar_type_name",
-           "declaration", "outside"]
+           "count_rules", "scalar_type_name"]

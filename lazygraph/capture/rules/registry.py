@@ -118,19 +118,9 @@ def _describe(x) -> str:
     return repr(x)[:80]
 
 
-def declaration(func) -> tuple:
-    """func's declaration bound to its schema: (dtypes, [(position, name, default, allowed)])."""
-    return _CHECKS.get(func) or _bind(func)
-
-
 def undeclared(func, args: tuple, kwargs: dict) -> str | None:
     """Why a call falls outside what func's rule declares it handles; None when it is inside."""
-    return outside(declaration(func), args, kwargs)
-
-
-def outside(declared: tuple, args: tuple, kwargs: dict) -> str | None:
-    """undeclared() with func's declaration already bound (dispatch binds it once per overload)."""
-    dtypes, slots = declared
+    dtypes, slots = _CHECKS.get(func) or _bind(func)
     for x in args:  # the common case inline: lazy tensors and scalars (this runs once per recorded op)
         t = type(x)
         if t in _SCALARS:
@@ -148,6 +138,7 @@ def outside(declared: tuple, args: tuple, kwargs: dict) -> str | None:
         if not _allowed(v, allowed):
             return f"{name}={v!r:.80}"
     return None
+
 
 
 # ---------------------------------------------------------------------------------------------
