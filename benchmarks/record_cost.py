@@ -5,7 +5,10 @@
 (a) records a chain of pointwise ops (add, mul, ...) on a lazy tensor, never running it, and
     reports the median cost per op over several repeats;
 (b) records GPT-2 small (124M) forward + backward at B=1, T=--seq with lazy parameters, again
-    without running anything: this is the per-step overhead lazy mode adds on top of the kernels.
+    without running anything: this is the per-step overhead lazy mode adds on top of the kernels;
+(c) records training steps of the tiny GPT-2 (B=8, T=32: forward, backward, AdamW), each run
+    before the next is recorded, and reports the recording's thread time per step (min and
+    median): with async dispatch this Python is the critical path while the step before runs.
 --profile prints where (a) spends its time (cProfile, by own time).
 """
 
@@ -96,6 +99,32 @@ def gpt2_record_time(seq: int, repeats: int) -> dict:
             "extern_ops": best["extern_ops"]}
 
 
+def train_step_record_ms(steps: int, batch: int = 8, seq: int = 32) -> dict:
+    """Thread time of recording one tiny-GPT-2 training step (the graph runs between steps)."""
+    from gpt2.model import GPT, GPTConfig, make_optimizer
+
+    torch.manual_seed(0)
+    model = lg.lazy_module(GPT(GPTConfig.tiny(block_size=seq)))
+    opt = make_optimizer(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    times, nodes = [], 0
+    for k in range(steps + 3):  # 3 warm-up steps: handler caches, meta checks, AdamW's state
+        x = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
+        lg.reset_stats()
+        t0 = time.thread_time()
+        _, loss = model(x, torch.roll(x, -1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed = time.thread_time() - t0
+        nodes = lg.stats()["nodes_recorded"]
+        lg.sync()
+        if k >= 3:
+            times.append(elapsed * 1e3)
+    return {"batch": batch, "seq": seq, "steps": steps, "median_ms": statistics.median(times),
+            "min_ms": min(times), "nodes": nodes, "us_per_node": min(times) * 1e3 / max(nodes, 1)}
+
+
 def profile_chain(n_ops: int, top: int = 18) -> None:
     record_chain(64)
     prof = cProfile.Profile()
@@ -112,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq", type=int, default=64, help="GPT-2 sequence length (batch is 1)")
     ap.add_argument("--gpt2-repeats", type=int, default=3)
     ap.add_argument("--skip-gpt2", action="store_true")
+    ap.add_argument("--train-steps", type=int, default=20, help="tiny GPT-2 training steps timed (0: skip)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--profile", action="store_true", help="cProfile the per-op recording path")
     args = ap.parse_args(argv)
@@ -133,6 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{'  us per recorded node':<44}{g['us_per_node']:>14.1f}")
         if g["extern_ops"]:
             print(f"  extern ops: {g['extern_ops']}")
+    if args.train_steps:
+        t = result["train_step"] = train_step_record_ms(args.train_steps)
+        label = f"GPT-2 tiny step B={t['batch']} T={t['seq']}"
+        print(f"{label + ', record ms min':<44}{t['min_ms']:>14.1f}")
+        print(f"{label + ', record ms median':<44}{t['median_ms']:>14.1f}")
+        print(f"{'  IR nodes recorded per step':<44}{t['nodes']:>14d}")
+        print(f"{'  us per recorded node (min)':<44}{t['us_per_node']:>14.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -18,9 +18,13 @@ from . import state
 from .counters import COUNTERS
 from .ir import BOOL_RESULT, LEAF, Node, Op, Shape, broadcast_shapes, numel
 
+# LEAF as a tuple: `in` compares its three members by identity in C, where a set lookup calls
+# Enum.__hash__, a Python function (once per recorded node)
+_LEAF = tuple(LEAF)
+
 
 def node(op: Op, srcs: Sequence[Node], shape: Shape, dtype: torch.dtype, device: str, **attrs: Any) -> Node:
-    if op not in LEAF:
+    if op not in _LEAF:
         COUNTERS["nodes_recorded"] += 1  # constants are not recorded work
     pin = state.PIN.get()
     if pin is not None:

@@ -9,6 +9,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
 from ..ir import Node, Op, fingerprint
+from .rules.common import VERIFIED_VALUES
 from .tensor import LazyTensor, node_of
 
 const_inputs = WeakIdKeyDictionary()
@@ -40,6 +41,7 @@ def const_node(t: torch.Tensor) -> Node:
     n = ops.input_node(t_val)
     n.fingerprint = fp
     const_inputs[t] = n
+    VERIFIED_VALUES.add(n)  # checked against t's version and bytes above on every use
     return n
 
 

@@ -31,19 +31,48 @@ from .tensor import LazyTensor
 aten = torch.ops.aten
 
 
-_HANDLERS: dict[Any, Callable] = {}
+# id(func) -> (func, handler, lowers: the handler records func by its rule alone). Keyed by id:
+# OpOverload.__hash__ is Python code; the overload itself is kept and compared, so a reused id never
+# finds another op's handler. Rules, declarations and checks are still looked up per call (tests patch them).
+_HANDLERS: dict[int, tuple[Any, Callable, bool]] = {}
+
+
+def _entry(func) -> tuple:
+    entry = _HANDLERS.get(id(func))
+    if entry is None or entry[0] is not func:
+        handler = _classify(func)
+        lowers = func in RULES and func not in _SPECIAL_RULES and func is not torch.ops.prims.copy_to.default
+        entry = _HANDLERS[id(func)] = (func, handler, lowers)
+    return entry
 
 
 def dispatch(func, args, kwargs):
-    handler = _HANDLERS.get(func)
-    if handler is None:
-        handler = _HANDLERS[func] = _classify(func)
+    entry = _HANDLERS.get(id(func))
+    handler = entry[1] if entry is not None and entry[0] is func else _entry(func)[1]
     state.SOURCE.set(user_source())
     try:
         if func in arg_checks.CHECKS:
             arg_checks.check(func, args, kwargs)
         return handler(func, args, kwargs)
     except Exception as e:  # eager's exception, raised while recording: say which user line recorded it
+        _note_source(e, func)
+        raise
+
+
+def redispatch(func, args, kwargs, nodes: bool = False):
+    """dispatch() for a call capture makes itself while recording another (an in-place op's
+    functional variant): only capture's frames lie between the two, so the user's line that
+    dispatch() found for the outer call is this call's line too. nodes=True: the caller keeps only
+    the result's nodes, so an op its rule records returns the rule's nodes unwrapped (LazyTensors,
+    their layout and Storage would be made and dropped at once)."""
+    _, handler, lowers = _entry(func)
+    try:
+        if func in arg_checks.CHECKS:
+            arg_checks.check(func, args, kwargs)
+        if nodes and lowers:
+            return lowered(func, args, kwargs, wrap=False)
+        return handler(func, args, kwargs)
+    except Exception as e:
         _note_source(e, func)
         raise
 
@@ -55,7 +84,8 @@ def _note_source(e: Exception, func) -> None:
         e.add_note(f"lazygraph: raised while recording {func} at {source}")
 
 
-def lowered(func, args, kwargs):
+def lowered(func, args, kwargs, wrap: bool = True):
+    """Record func by its rule (wrap=False: the result stays the rule's nodes)."""
     if undeclared(func, args, kwargs) is not None:
         return _undeclared(func, args, kwargs)
     rule = RULES[func]
@@ -69,7 +99,7 @@ def lowered(func, args, kwargs):
         return _undeclared(func, args, kwargs)
     except NotImplementedError:
         return fallback(func, args, kwargs)
-    return wrap_outputs(out)
+    return wrap_outputs(out) if wrap else out
 
 
 def _undeclared(func, args, kwargs):
@@ -127,12 +157,16 @@ def _copy_to(func, args, kwargs):
     return dispatch(aten.copy_.default, args, kwargs)
 
 
+# ops with rules whose handler does more than the rule: their results' nodes are not the rule's alone
+_SPECIAL_RULES = frozenset({aten.empty_strided.default, aten.new_empty_strided.default})
+
+
 def _classify(func) -> Callable:
     name = func._schema.name.split("::")[1]
     if func is torch.ops.prims.copy_to.default:
         return _copy_to
     if func in RULES:
-        if func in (aten.empty_strided.default, aten.new_empty_strided.default):
+        if func in _SPECIAL_RULES:
             return empty_strided
         if func in _LIKE:
             return _with_layout(_copy_layout)
@@ -148,7 +182,7 @@ def _classify(func) -> Callable:
     if torch.Tag.inplace_view in func.tags and name != "resize_":
         return inplace_view
     if func._schema.is_mutable:
-        return inplace
+        return inplace(func)
     if name.startswith("_foreach_"):
         return foreach
     if name in DATA_DEPENDENT:

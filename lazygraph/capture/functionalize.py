@@ -3,6 +3,8 @@ bound to the written tensor (and scattered into its base when that tensor is a v
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..ir import Node, broadcast_shapes
@@ -47,48 +49,66 @@ def _functional_variant(func):
     return None
 
 
-def inplace(func, args, kwargs):
-    """In-place or out= op: run its functional variant lazily, then bind results to the written args."""
+def inplace(func) -> Callable:
+    """The handler of an in-place or out= op: run its functional variant lazily, then bind results
+    to the written args. What depends on the op alone (its schema) is worked out here, once."""
     mutated = mutated_args(func)
-    written = [args[i] if i < len(args) else kwargs.get(n) for i, n in mutated]
-    flat_written = flat_tensors(written, [])  # lists of tensors (foreach ops) count element-wise
-    if not all(isinstance(w, LazyTensor) for w in flat_written):
-        return eager(func, args, kwargs)
     functional = _functional_variant(func)
-    if functional is None:
-        return eager(func, args, kwargs)
     written_at = {i for i, _ in mutated} | {n for _, n in mutated}
-    read = [t for t in flat_tensors([a for i, a in enumerate(args) if i not in written_at]
-                                    + [v for k, v in kwargs.items() if k not in written_at], [])
-            if isinstance(t, LazyTensor)]
-    overlap.check_write_overlap(func, flat_written, read)
+    refused = overlap.refused_overlaps(func)
     is_out = any(n.startswith("out") or n in ("values", "indices") for _, n in mutated) and \
         not func._schema.name.endswith("_")
-    fargs, fkwargs = list(args), dict(kwargs)
-    if is_out:
-        meta_check(func, args, kwargs)  # out= dtype rules differ by op (sum may truncate, mean may not)
-        for i, n in mutated:
-            fkwargs.pop(n, None)
-            if i < len(fargs):
-                fargs = fargs[:i]
-        if len(flat_written) == 1 and "dtype" not in fkwargs and any(
-                a.name == "dtype" and a.kwarg_only for a in functional._schema.arguments):
-            fkwargs["dtype"] = flat_written[0].dtype  # eager computes in out's dtype (sum: per element)
-    result = _dispatch.dispatch(functional, tuple(fargs), fkwargs)
-    results = flat_tensors(result, []) if isinstance(result, (tuple, list)) else [result]
-    for w, r in zip(flat_written, results):
-        rn = node_of(r) if isinstance(r, LazyTensor) else const_node(r)
-        if rn.shape != tuple(w.shape) and is_out:
-            raise RuntimeError(f"lazygraph: out= tensor of shape {tuple(w.shape)} cannot be resized to "
-                               f"{rn.shape}; pass an out tensor of the result's shape")
-        if not is_out:
-            _check_inplace_result(w, rn)
-        assign(w, rn)
-    if not func._schema.returns:
-        return None
-    if len(written) == 1:
-        return written[0]
-    return tuple(written)
+    takes_dtype = functional is not None and any(a.name == "dtype" and a.kwarg_only
+                                                 for a in functional._schema.arguments)
+    returns = bool(func._schema.returns)
+
+    def handler(func, args, kwargs):
+        written = [args[i] if i < len(args) else kwargs.get(n) for i, n in mutated]
+        flat_written = flat_tensors(written, [])  # lists of tensors (foreach ops) count element-wise
+        if not all(isinstance(w, LazyTensor) for w in flat_written):
+            return eager(func, args, kwargs)
+        if functional is None:
+            return eager(func, args, kwargs)
+        read = [t for t in flat_tensors([a for i, a in enumerate(args) if i not in written_at]
+                                        + [v for k, v in kwargs.items() if k not in written_at], [])
+                if isinstance(t, LazyTensor)]
+        overlap.check_overlaps(refused, flat_written, read)
+        fargs, fkwargs = list(args), dict(kwargs)
+        if is_out:
+            meta_check(func, args, kwargs)  # out= dtype rules differ by op (sum may truncate, mean may not)
+            for i, n in mutated:
+                fkwargs.pop(n, None)
+                if i < len(fargs):
+                    fargs = fargs[:i]
+            if len(flat_written) == 1 and "dtype" not in fkwargs and takes_dtype:
+                fkwargs["dtype"] = flat_written[0].dtype  # eager computes in out's dtype (sum: per element)
+        result = _dispatch.redispatch(functional, tuple(fargs), fkwargs, nodes=True)
+        results = _flat_values(result, []) if isinstance(result, (tuple, list)) else [result]
+        for w, r in zip(flat_written, results):
+            rn = r if type(r) is Node else node_of(r) if isinstance(r, LazyTensor) else const_node(r)
+            if rn.shape != tuple(w.shape) and is_out:
+                raise RuntimeError(f"lazygraph: out= tensor of shape {tuple(w.shape)} cannot be resized to "
+                                   f"{rn.shape}; pass an out tensor of the result's shape")
+            if not is_out:
+                _check_inplace_result(w, rn)
+            assign(w, rn)
+        if not returns:
+            return None
+        if len(written) == 1:
+            return written[0]
+        return tuple(written)
+
+    return handler
+
+
+def _flat_values(x, out: list) -> list:
+    """flat_tensors() of a result that may hold nodes as well as tensors (redispatch(nodes=True))."""
+    if isinstance(x, (Node, torch.Tensor)):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for e in x:
+            _flat_values(e, out)
+    return out
 
 
 def _check_inplace_result(self: LazyTensor, result: Node) -> None:

@@ -53,16 +53,28 @@ def internal_overlap(t) -> bool:
 def check_write_overlap(func, written: list, inputs: list) -> None:
     """Raise eager's error when a tensor `func` writes repeats its own memory, or shares memory
     with one it reads, in the way eager refuses for that op."""
+    check_overlaps(refused_overlaps(func), written, inputs)
+
+
+def refused_overlaps(func) -> tuple | None:
+    """The overlaps between a written and a read tensor that eager refuses for `func` (None: it
+    checks none)."""
     name = func._schema.name.split("::")[1]
     if name in _NO_OVERLAP:
-        refused = ("full", "partial")
-    elif (name in _NO_PARTIAL_OVERLAP or torch.Tag.pointwise in func.tags
-          or torch.Tag.nondeterministic_seeded in func.tags):  # random fills run as TensorIterators
-        refused = ("partial",)
-    else:
+        return ("full", "partial")
+    if (name in _NO_PARTIAL_OVERLAP or torch.Tag.pointwise in func.tags
+            or torch.Tag.nondeterministic_seeded in func.tags):  # random fills run as TensorIterators
+        return ("partial",)
+    return None
+
+
+def check_overlaps(refused: tuple | None, written: list, inputs: list) -> None:
+    """check_write_overlap() with refused_overlaps(func) already known (looked up once per op)."""
+    if refused is None:
         return
     for w in written:
-        if internal_overlap(w):
+        # a plainly contiguous lazy tensor (torch's own contiguous strides) has no stride-0 axis
+        if not getattr(w, "_std", False) and internal_overlap(w):
             raise RuntimeError(INTERNAL_OVERLAP)
         for x in inputs:
             if overlap(w, x) in refused:

@@ -28,8 +28,13 @@ def is_internal(filename: str) -> bool:
 
 def user_source() -> str | None:
     f = sys._getframe(2)
+    names = _internal_cache
     while f is not None:
-        name = _user_name(f.f_code.co_filename)
+        # _user_name inlined: this walk runs once per recorded op, over ~7 frames
+        filename = f.f_code.co_filename
+        name = names.get(filename, False)
+        if name is False:
+            name = _user_name(filename)
         if name is not None:
             return f"{name}:{f.f_lineno}"
         f = f.f_back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,14 @@ def known_value(n) -> torch.Tensor | None:
     return None
 
 
+# INPUT nodes whose value capture re-verifies on every use (arguments.const_node: a new node once the
+# tensor's version or bytes change), so bounds found once stay true for the node's life
+VERIFIED_VALUES: weakref.WeakSet = weakref.WeakSet()
+# such a node -> {ignore: (value version, lowest, highest entry other than ignore; None when none)}
+_BOUNDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_INT64_RANGE = range(-(1 << 63), 1 << 63)
+
+
 def check_index_values(index, size: int, error: Callable[[int], Exception], negative_ok: bool = False,
                        ignore: int | None = None) -> None:
     """Raise error(bad_index) if a host-known index tensor has an entry outside [0, size) (or
@@ -75,8 +84,29 @@ def check_index_values(index, size: int, error: Callable[[int], Exception], nega
     if v is None or v.numel() == 0 or v.dtype == torch.bool or v.dtype.is_floating_point:
         return  # not an index tensor: the op's own dtype check speaks
     low = -size if negative_ok else 0
+    bounds = _known_bounds(index, v, ignore)
+    if bounds is not None and (bounds[0] is None or low <= bounds[0] and bounds[1] < size):
+        return  # no entry out of range: no torch call (each lets another thread take the GIL)
     bad = (v < low) | (v >= size)
     if ignore is not None:
         bad &= v != ignore
     if bool(bad.any()):
         raise error(int(v[bad].flatten()[0]))
+
+
+def _known_bounds(index: Node, v: torch.Tensor, ignore: int | None) -> tuple | None:
+    """(lowest, highest) entry of v other than `ignore`, computed once per verified node and
+    version; None where comparing Python ints is not what torch's comparisons do (only int64
+    compares with any Python int in range exactly)."""
+    if v.dtype is not torch.int64 or index not in VERIFIED_VALUES:
+        return None
+    if ignore is not None and ignore not in _INT64_RANGE:
+        return None
+    known = _BOUNDS.setdefault(index, {})
+    hit = known.get(ignore)
+    if hit is not None and hit[0] == v._version:
+        return hit[1:]
+    kept = v if ignore is None else v[v != ignore]
+    lo_hi = (None, None) if kept.numel() == 0 else tuple(int(x) for x in torch.aminmax(kept))
+    known[ignore] = (v._version, *lo_hi)
+    return lo_hi
