@@ -31,6 +31,8 @@ import torch
 
 
 class Op(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: an identity hash, without Enum's Python-level call
+
     # leaves
     INPUT = "input"  # an external buffer (a realized tensor); attrs: name
     FULL = "full"  # a constant filled to a shape; attrs: value
