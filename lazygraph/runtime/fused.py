@@ -43,7 +43,7 @@ class CompiledProgram:
 
     @collecting_new_objects_only()
     def __init__(self, graph: Graph, lend_values: bool = True):
-        self.graph = graph.clone()
+        source = self.graph = graph.clone()  # passes never change it: the fallback below builds from it too
         self.input_ids = [n.id for n in self.graph.inputs]
         # Passes may rely on small input values (a causal mask in a buffer). They are lent while
         # building; each run then checks those inputs still hold them (see _assumptions_hold).
@@ -60,7 +60,7 @@ class CompiledProgram:
             v = lent.values[i]
             self.assumed[i] = [_snapshot(v, snapshots), v.data_ptr(), v._version]
         self._without_assumptions: CompiledProgram | None = None
-        self._source_graph = graph.clone() if self.assumed else None
+        self._source_graph = source if self.assumed else None
         self.schedule = self.result.schedule
         self.names = self.schedule.names
         self._kernels: dict[tuple, Any] = {}
