@@ -35,13 +35,16 @@ def record(config: str, layers: int | None, batch_size: int, block_size: int):
     return lg.graph(loss, *[p.grad for p in model.parameters()])
 
 
-def build_time(graph, repeat: int = 1) -> float:
-    best = float("inf")
+def build_time(graph, repeat: int = 1) -> tuple[float, float]:
+    """The fastest build's wall time, and the least CPU time this process spent on one (on a shared
+    machine the CPU time says more: waiting for a core does not count)."""
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         CompiledProgram(graph)
         best = min(best, time.perf_counter() - start)
-    return best
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    return best, best_cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(args.profile)
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
-        s = times[layers] = build_time(graph, args.repeat)
+        s, cpu = times[layers] = build_time(graph, args.repeat)
         print(f"GPT-2 {args.config}, {layers or 'default'} layers: {len(graph.nodes)} IR nodes, "
-              f"program built in {s:.2f} s", flush=True)
+              f"program built in {s:.2f} s ({cpu:.2f} s CPU)", flush=True)
         if args.dump:
             files = CompiledProgram(graph).dump_files()
             for name, text in files.items():
@@ -75,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                 with open(path, "w") as f:
                     f.write(text)
     if len(times) > 1:
-        (lo, t_lo), (hi, t_hi) = min(times.items()), max(times.items())
-        print(f"{hi} layers take {t_hi / t_lo:.2f}x the time of {lo} ({hi / lo:.0f}x the depth)")
+        (lo, (t_lo, c_lo)), (hi, (t_hi, c_hi)) = min(times.items()), max(times.items())
+        print(f"{hi} layers take {t_hi / t_lo:.2f}x the time of {lo} ({c_hi / c_lo:.2f}x the CPU time; "
+              f"{hi / lo:.0f}x the depth)")
 
 
 if __name__ == "__main__":

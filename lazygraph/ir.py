@@ -31,6 +31,8 @@ import torch
 
 
 class Op(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: an identity hash, without Enum's Python-level call
+
     # leaves
     INPUT = "input"  # an external buffer (a realized tensor); attrs: name
     FULL = "full"  # a constant filled to a shape; attrs: value
@@ -656,19 +658,34 @@ _ARITY = {**{o: 1 for o in UNARY}, **{o: 2 for o in BINARY}, Op.WHERE: 3, Op.CAS
           Op.ALL_GATHER: 1, Op.SEND: 1, Op.RECV: 0}
 
 
+_SAME_SHAPE = UNARY | BINARY | {Op.WHERE}  # pointwise: operands of the node's shape
+
+
+class _Where:
+    """The node a verify message is about, printed only when a check fails (repr costs)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: Node):
+        self.n = n
+
+    def __format__(self, spec: str) -> str:
+        return f"{self.n!r} ({self.n.source or 'no source'})"
+
+
 def verify(graph: Graph) -> None:
     """Raise AssertionError naming the node if the graph is not well formed."""
     seen: set[int] = set()
     for n in graph.nodes:
         op = effective_op(n)
-        where = f"{n!r} ({n.source or 'no source'})"
+        where = _Where(n)
         if n.value is None:
             for s in n.srcs:
                 assert s.id in seen, f"{where}: operand {s!r} is not defined before it"
             if op in _ARITY:
                 assert len(n.srcs) == _ARITY[op], f"{where}: {op.value} takes {_ARITY[op]} operands"
         assert all(isinstance(d, int) and d >= 0 for d in n.shape), f"{where}: bad shape {n.shape}"
-        if op in UNARY | BINARY | {Op.WHERE}:
+        if op in _SAME_SHAPE:
             for s in n.srcs:
                 assert s.shape == n.shape, f"{where}: pointwise operand shape {s.shape} != {n.shape}"
         if op in REDUCE:
@@ -692,7 +709,7 @@ def verify(graph: Graph) -> None:
         assert o.id in seen, f"output {o!r} not in graph"
 
 
-def _verify_collective(n: Node, where: str) -> None:
+def _verify_collective(n: Node, where: _Where) -> None:
     assert isinstance(n.attrs.get("group"), str) and n.attrs.get("size", 0) >= 1, f"{where}: needs group and size"
     size, src = n.attrs["size"], n.srcs[0] if n.srcs else None
     if n.op is Op.ALL_REDUCE:

@@ -15,7 +15,7 @@ prints their counts at the top of each dumped stage, so a dump says why a graph 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..ir import Node, Op, effective_op
@@ -108,6 +108,8 @@ class RuleSet:
         self.rules = rules
         self.max_steps = max_steps  # a replacement may match another rule: fire up to this many
         self._by_op: dict[Op, list[Rule]] = {}
+        # a bare P() matches every node once, binding nothing: tried on every node, so without a generator
+        self._every_node = {id(r) for r in rules if r.pattern == P()}
 
     def _for(self, op: Op) -> list[Rule]:
         rules = self._by_op.get(op)
@@ -126,9 +128,13 @@ class RuleSet:
 
     def _fire_one(self, n: Node, log: list[Fired] | None) -> Node | None:
         for rule in self._for(n.op):
-            if not _may_match(rule.pattern, n):
+            if id(rule) in self._every_node:
+                found: Iterable[Match] = (({}, ()),)
+            elif _may_match(rule.pattern, n):
+                found = matches(rule.pattern, n)
+            else:
                 continue
-            for binds, _ in matches(rule.pattern, n):
+            for binds, _ in found:
                 new = rule.build(binds, n)
                 if new is not None and new.shape == n.shape and new.dtype == n.dtype:
                     if log is not None:

@@ -8,10 +8,11 @@ any number of passes.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 from .. import ops
-from ..ir import Graph, Node, Op, effective_op
+from ..ir import Graph, Node, Op
 
 # (original node, its rewritten operands) -> the node that replaces it
 RewriteFn = Callable[[Node, tuple[Node, ...]], Node]
@@ -19,7 +20,7 @@ RewriteFn = Callable[[Node, tuple[Node, ...]], Node]
 
 def copy_with(n: Node, srcs: tuple[Node, ...]) -> Node:
     """`n` itself when its operands did not change, else a copy over the new operands."""
-    if all(a is b for a, b in zip(n.srcs, srcs)):
+    if all(map(operator.is_, n.srcs, srcs)):
         return n
     return ops.copy(n, srcs)
 
@@ -28,10 +29,9 @@ def rebuild(graph: Graph, fn: RewriteFn) -> Graph:
     """Apply `fn` to every non-input node in order; drop nodes no output needs any more."""
     new: dict[int, Node] = {}
     for n in graph.nodes:
-        if effective_op(n) is Op.INPUT:
+        if n.value is not None or n.op is Op.INPUT:  # effective_op(n) is Op.INPUT, inlined: every node passes here
             new[n.id] = n
             continue
-        srcs = tuple(new[s.id] for s in n.srcs)
-        new[n.id] = fn(n, srcs)
+        new[n.id] = fn(n, tuple([new[s.id] for s in n.srcs]))
     outputs = [new[o.id] for o in graph.outputs]
     return Graph.from_outputs(outputs)
