@@ -451,19 +451,26 @@ class _Fuser:
         already loads or computes every [R, C] buffer it loads: each program sums its rows into
         partials, so the rows are not read a second time by a column kernel. The first such row
         kernel in graph order that can take it; else it stays for columns()."""
-        rows: dict[tuple, list[FusionGroup]] = {}
+        # row kernels by the [R, C] buffers they load or store, found once: a column reduction tries
+        # only the kernels that cover one of its buffers (every row kernel of the model would make
+        # this quadratic in depth); the exact check below runs on the kernel as it is now
+        covering: dict[int, list[FusionGroup]] = {}
         for h in self.groups.values():
             blocks = h.space.canonical[0]
             if len(blocks) == 2 and [r for _, r in blocks] == [False, True] and not h.space.chunk:
-                rows.setdefault(tuple(d for d, _ in blocks), []).append(h)
+                for buf in self._covered(h):
+                    covering.setdefault(buf, []).append(h)
         for g in sorted(self.groups.values(), key=lambda g: self.order[g.nodes[0].id]):
             if not _is_column_reduction(g.space):
                 continue
-            candidates = rows.get(tuple(d for d, _ in g.space.canonical[0]), [])
             loads = {b.id for b in self._program(g).buffers if numel(b.shape) >= numel(g.space.shape)}
-            for h in sorted({id(h): h for h in (self.group_of[c.nodes[0].id] for c in candidates)}.values(),
-                            key=lambda h: self.order[h.nodes[0].id]):
-                if not loads <= {b.id for b in self._program(h).buffers} | {n.id for n in self.stored(h)}:
+            if not loads:
+                continue
+            dims = tuple(d for d, _ in g.space.canonical[0])
+            fewest = min(loads, key=lambda b: len(covering.get(b, ())))
+            candidates = {id(h): h for h in (self.group_of[c.nodes[0].id] for c in covering.get(fewest, ()))}
+            for h in sorted(candidates.values(), key=lambda h: self.order[h.nodes[0].id]):
+                if tuple(d for d, _ in h.space.canonical[0]) != dims or not loads <= self._covered(h):
                     continue
                 self._transposed_ok = True
                 try:
@@ -476,6 +483,10 @@ class _Fuser:
                 if ok:
                     self._merge(h, g, merged)
                     break
+
+    def _covered(self, h: FusionGroup) -> set[int]:
+        """Buffers a kernel loads or stores."""
+        return {b.id for b in self._program(h).buffers} | {n.id for n in self.stored(h)}
 
     def _program(self, g: FusionGroup) -> LoopProgram:
         if g.program is None:  # its verdict came from the cache; finish() keeps this program
