@@ -272,7 +272,7 @@ def contiguous_strides(shape: Shape) -> tuple[int, ...]:
 _ids = itertools.count()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Node:
     """One SSA value. `srcs` are operand nodes; `attrs` are static, hashable parameters.
 

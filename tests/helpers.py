@@ -1,4 +1,5 @@
-"""The one shared check: run a function on lazy copies of its tensors, sync, compare with eager."""
+"""Shared by tests: the lazy-vs-eager check (run a function on lazy copies of its tensors, sync,
+compare with eager) and the tiny GPT-2 training loop the asynchronous-dispatch tests replay."""
 
 from __future__ import annotations
 
@@ -22,3 +23,29 @@ def assert_lazy_matches(fn: Callable, *args: Any, rtol: float | None = None, ato
     got = pytree.tree_map_only(torch.Tensor, lg.to_eager, got)
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True, check_stride=check_stride)
     return got
+
+
+def train_tiny_gpt2(steps: int, read_every: int, wait: bool) -> tuple[list[float], list[torch.Tensor], int]:
+    """Tiny GPT-2 and AdamW, recorded lazily; loss.item() only every `read_every` steps. Returns the
+    losses read in the loop followed by every step's loss, the trained parameters, and how many
+    reads blocked on a graph in flight during the loop."""
+    from gpt2.model import GPT, GPTConfig, make_optimizer
+
+    torch.manual_seed(0)
+    model = lg.lazy_module(GPT(GPTConfig.tiny(n_layer=1, n_embd=32, block_size=16)))
+    opt = make_optimizer(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses, values = [], []
+    for step in range(steps):
+        x = torch.randint(0, 256, (3, 11), generator=gen)  # odd batch and length
+        _, loss = model(x, torch.roll(x, 1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lg.sync(wait=wait)
+        losses.append(loss)
+        if (step + 1) % read_every == 0:
+            values.append(loss.item())
+    waits = lg.stats()["async_waits"]
+    values += [t.item() for t in losses]
+    return values, [lg.to_eager(p).clone() for p in model.parameters()], waits

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lazygraph as lg
-from gpt2.model import GPT, GPTConfig, make_optimizer
 from lazygraph.reference import IndexOutOfRange
 from lazygraph.runtime import using_backend
 from lazygraph.runtime.executor import WORKER
+from tests.helpers import train_tiny_gpt2
 
 GATE_OPEN = threading.Event()
 EVENTS: list[str] = []
@@ -161,38 +161,15 @@ def test_input_written_after_hand_off_is_an_error(closed_gate, reference_backend
         lg.to_eager(y)
 
 
-def _train(steps: int, read_every: int, wait: bool) -> tuple[list[float], list[torch.Tensor], int]:
-    """Tiny GPT-2, AdamW, recorded lazily; loss.item() only every `read_every` steps (and at the end).
-    Also returns how many reads blocked on a graph in flight during the loop."""
-    torch.manual_seed(0)
-    model = lg.lazy_module(GPT(GPTConfig.tiny(n_layer=1, n_embd=32, block_size=16)))
-    opt = make_optimizer(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(1)
-    losses, values = [], []
-    for step in range(steps):
-        x = torch.randint(0, 256, (3, 11), generator=gen)  # odd batch and length
-        _, loss = model(x, torch.roll(x, 1, 1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lg.sync(wait=wait)
-        losses.append(loss)
-        if (step + 1) % read_every == 0:
-            values.append(loss.item())
-    waits = lg.stats()["async_waits"]
-    values += [t.item() for t in losses]
-    return values, [lg.to_eager(p).clone() for p in model.parameters()], waits
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name, steps", [("reference", 20), ("auto", 3)])  # auto: fused, interpreted
 def test_training_async_is_bitwise_the_synchronous_run(backend_name, steps):
     previous = lg.get_backend()
     lg.set_backend(backend_name)
     try:
-        sync_losses, sync_params, _ = _train(steps, read_every=5, wait=True)
+        sync_losses, sync_params, _ = train_tiny_gpt2(steps, read_every=5, wait=True)
         assert lg.stats()["async_graphs"] == 0
-        async_losses, async_params, waits = _train(steps, read_every=5, wait=False)
+        async_losses, async_params, waits = train_tiny_gpt2(steps, read_every=5, wait=False)
     finally:
         lg.set_backend(previous)
     assert lg.stats()["async_graphs"] == steps

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lazygraph as lg
-from gpt2.model import GPT, GPTConfig, make_optimizer
 from lazygraph.capture import materialize
 from lazygraph.reference import IndexOutOfRange
 from lazygraph.runtime.executor import WORKER
+from tests.helpers import train_tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("reference_backend", "no_cached_programs")
 
@@ -199,31 +199,11 @@ def test_error_of_a_bound_run_names_the_graph_handed_off(monkeypatch):
     assert lg.stats()["async_graph_copies"] == 0
 
 
-def _train(steps: int, wait: bool) -> tuple[list[float], list[torch.Tensor]]:
-    """Tiny GPT-2 and AdamW, recorded lazily, loss.item() every 5 steps."""
-    torch.manual_seed(0)
-    model = lg.lazy_module(GPT(GPTConfig.tiny(n_layer=1, n_embd=32, block_size=16)))
-    opt = make_optimizer(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for step in range(steps):
-        x = torch.randint(0, 256, (3, 11), generator=gen)  # odd batch and length
-        _, loss = model(x, torch.roll(x, 1, 1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lg.sync(wait=wait)
-        losses.append(loss)
-        if (step + 1) % 5 == 0:
-            loss.item()
-    return [t.item() for t in losses], [lg.to_eager(p).clone() for p in model.parameters()]
-
-
 def test_twenty_training_steps_async_are_bitwise_the_synchronous_run():
-    sync_losses, sync_params = _train(20, wait=True)
+    sync_losses, sync_params, _ = train_tiny_gpt2(20, read_every=5, wait=True)
     # on the programs the synchronous loop built, whose output strides it saw: every step binds its
     # run, whether the step before it still runs or not
-    async_losses, async_params = _train(20, wait=False)
+    async_losses, async_params, _ = train_tiny_gpt2(20, read_every=5, wait=False)
     stats = lg.stats()
     assert stats["async_graphs"] == 20 and stats["async_graph_copies"] == 0
     assert stats["async_strides_mispredicted"] == 0

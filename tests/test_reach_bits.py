@@ -50,8 +50,11 @@ def test_closure_is_networkx_reachability(n):
     assert [_units(r) for r in reach.up] == [nx.ancestors(g, i) for i in range(n)]
 
 
+@pytest.mark.parametrize("eager_rows", [0, 2, Reachability.EAGER_ROWS])  # 0: every update waits
 @pytest.mark.parametrize("seed,n", [(0, 67), (1, 99), (2, 131), (3, 157), (4, 203)])
-def test_via_and_merges_agree_with_networkx(seed, n):
+def test_via_and_merges_agree_with_networkx(seed, n, eager_rows, monkeypatch):
+    """Late updates (rows ORed when next read) give the same relation as eager ones."""
+    monkeypatch.setattr(Reachability, "EAGER_ROWS", eager_rows)
     rng = random.Random(seed)
     preds = _random_dag(rng, n)
     reach = Reachability(preds)
@@ -76,5 +79,7 @@ def test_via_and_merges_agree_with_networkx(seed, n):
     g = _contracted(preds, cls)
     for r in {reach.rep[u] for u in range(n)}:
         c = cls[r]
-        assert _units(reach.down[r]) == {u for u in range(n) if cls[u] in nx.descendants(g, c)}
-        assert _units(reach.up[r]) == {u for u in range(n) if cls[u] in nx.ancestors(g, c)}
+        assert _units(reach.row("down", r)) == {u for u in range(n) if cls[u] in nx.descendants(g, c)}
+        assert _units(reach.row("up", r)) == {u for u in range(n) if cls[u] in nx.ancestors(g, c)}
+    if eager_rows == 0:
+        assert reach.late["down"] and reach.late["up"]  # the late path ran

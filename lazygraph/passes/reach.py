@@ -17,10 +17,17 @@ A row is a Python int used as a bit set (unit j is bit j): an AND or OR of two r
 over their machine words, with no per-call overhead beyond the operator, and a row is as long as
 its highest unit only. For n units the rows take at most 2 n^2 / 8 bytes (13 MB at n = 7300,
 GPT-2 small with 48 layers, forward and backward); building them costs an OR per edge.
+
+A merge's two sides are lopsided: in GPT-2 one side is at most 8 units, the other up to thousands
+(a forward value fused with a backward recompute that reads only forward values: everything after
+it in the forward now follows the few units that reach the recompute). ORing a few bits into
+thousands of rows, once per layer, grew with depth squared; such an update is kept as one entry
+(which rows, which bits) that a row takes in when it is next read.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +38,9 @@ class Reachability:
 
     Merged units form classes. A class is reached as a whole, so every row holds whole classes;
     only the rows of a class's representative `rep[i]` are kept up to date (the others are never
-    read again)."""
+    read again). Read rows through `row`: some updates wait in `late` until the row is read."""
+
+    EAGER_ROWS = 64  # a merge ORs into up to this many rows of one direction at once, else late
 
     def __init__(self, preds: Sequence[Sequence[int]]):
         n = len(preds)
@@ -45,13 +54,30 @@ class Reachability:
         self.members: dict[int, list[int]] = {i: [i] for i in range(n)}
         self.own: dict[int, int] = {}  # a merged class's representative -> its members as bits
         self.reps = (1 << n) - 1  # the representatives, whose rows are kept
+        # Late row updates, per direction: (which rows as a bytes mask, bits to OR in). A merge that
+        # would OR the same few bits into thousands of rows appends one entry instead; a row takes
+        # the entries made since it was last read when it is next read (`row`).
+        self.late: dict[str, list[tuple[bytes, int]]] = {"down": [], "up": []}
+        self.synced: dict[str, list[int]] = {"down": [0] * n, "up": [0] * n}
 
     def via(self, a: int, b: int) -> int | None:
         """The lowest unit outside a's and b's classes on a path from one to the other: merged,
         they would need it both before and after themselves. None if there is none."""
         a, b = self.rep[a], self.rep[b]
-        between = (self.down[a] & self.up[b]) | (self.down[b] & self.up[a])
+        between = (self.row("down", a) & self.row("up", b)) | (self.row("down", b) & self.row("up", a))
         return _lowest(between) if between else None
+
+    def row(self, direction: str, i: int) -> int:
+        """Unit i's row of `direction` ("down": what i reaches; "up": what reaches it), exact."""
+        rows, late, synced = getattr(self, direction), self.late[direction], self.synced[direction]
+        if synced[i] < len(late):
+            r = rows[i]
+            for mask, bits in itertools.islice(late, synced[i], None):
+                if mask[i]:
+                    r |= bits
+            rows[i] = r
+            synced[i] = len(late)
+        return rows[i]
 
     def merge(self, a: int, b: int) -> None:
         """Contract the classes of a and b (the caller checked `via` is None)."""
@@ -61,25 +87,45 @@ class Reachability:
         if len(self.members[a]) < len(self.members[b]):
             a, b = b, a  # relabel the smaller class
         own = {x: self.own.get(x, 1 << x) for x in (a, b)}
-        reaches = {x: self.down[x] | own[x] for x in (a, b)}  # x and all it reaches
-        reached = {x: self.up[x] | own[x] for x in (a, b)}  # x and all that reach it
+        reaches = {x: self.row("down", x) | own[x] for x in (a, b)}  # x and all it reaches
+        reached = {x: self.row("up", x) | own[x] for x in (a, b)}  # x and all that reach it
         for x, y in ((a, b), (b, a)):
             # what reached y but not x now reaches what x reached and y did not
             sources = reached[y] & ~reached[x]
             targets = reaches[x] & ~reaches[y] if sources else 0
             if targets:
-                for s in _units(sources & self.reps):
-                    self.down[s] |= targets
-                for t in _units(targets & self.reps):
-                    self.up[t] |= sources
+                self._or_into("down", sources & self.reps, targets)
+                self._or_into("up", targets & self.reps, sources)
         both = self.own[a] = own[a] | own[b]
         self.own.pop(b, None)
         self.reps &= ~(1 << b)
         self.down[a] = (reaches[a] | reaches[b]) & ~both
         self.up[a] = (reached[a] | reached[b]) & ~both
+        self.synced["down"][a] = len(self.late["down"])  # exact as written: older late entries are in it
+        self.synced["up"][a] = len(self.late["up"])
         for i in self.members[b]:
             self.rep[i] = a
         self.members[a] += self.members.pop(b)
+
+
+    def _or_into(self, direction: str, which: int, bits: int) -> None:
+        """OR `bits` into the rows of the units set in `which`: now if they are few, else when each
+        is next read. A merge's two sides are lopsided (a few units reaching thousands, e.g. a
+        forward value fused into a backward recompute): the many rows of the long side each take a
+        few bits, so one entry replaces thousands of row copies, and rows never read again cost
+        nothing."""
+        rows = getattr(self, direction)
+        if which.bit_count() <= self.EAGER_ROWS:
+            for u in _units(which):
+                rows[u] |= bits
+        else:
+            self.late[direction].append((_mask(which, len(rows)), bits))
+
+
+def _mask(bits: int, n: int) -> bytes:
+    """Byte i is 1 where bit i is set: a row test in constant time."""
+    packed = np.frombuffer(bits.to_bytes((n + 7) // 8, "little"), dtype=np.uint8)
+    return np.unpackbits(packed, bitorder="little")[:n].tobytes()
 
 
 def _lowest(bits: int) -> int:

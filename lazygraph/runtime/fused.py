@@ -26,7 +26,7 @@ import torch
 from .. import state
 from ..counters import COUNTERS
 from ..ir import Graph
-from ..passes import InputValues, PipelineResult, collecting_new_objects_only, run_pipeline
+from ..passes import InputValues, PipelineResult, collector_paused, run_pipeline
 from ..passes.fuse import FusionGroup
 from ..passes.lift_scalars import lift_scalars
 from . import cuda_graphs
@@ -41,7 +41,7 @@ _MAX_PLANS = 8  # launch plans kept per program (one per signature of input stri
 class CompiledProgram:
     backend = "triton"
 
-    @collecting_new_objects_only()
+    @collector_paused()
     def __init__(self, graph: Graph, lend_values: bool = True):
         source = self.graph = graph.clone()  # passes never change it: the fallback below builds from it too
         self.input_ids = [n.id for n in self.graph.inputs]

@@ -1,0 +1,33 @@
+"""benchmarks.build_time: every depth recorded first, then built in turn each round (so a machine
+that speeds up or slows down meanwhile affects every depth alike), the fastest build counting."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks import build_time
+
+
+def test_depths_are_built_in_turn_and_the_fastest_build_counts(monkeypatch):
+    order = []
+    walls = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 6.0, 4.0])}
+
+    def fake(graph):
+        order.append(graph)
+        wall = next(walls[graph])
+        return wall, wall / 2
+
+    monkeypatch.setattr(build_time, "build_seconds", fake)
+    best = build_time.build_times({1: "a", 2: "b"}, repeat=3)
+    assert order == ["a", "b"] * 3
+    assert best == {1: (1.0, 0.5), 2: (4.0, 2.0)}
+
+
+def test_tiny_model_at_two_depths(capsys):
+    build_time.main(["--config", "tiny", "--layers", "1", "3", "--repeat", "2"])
+    out = capsys.readouterr().out
+    nodes = {int(d): int(n) for d, n in re.findall(r"(\d+) layers: (\d+) IR nodes, program built in", out)}
+    assert set(nodes) == {1, 3} and nodes[3] > nodes[1]
+    assert "best of 2" in out
+    ratio = re.search(r"3 layers take ([\d.]+)x the time of 1", out)
+    assert ratio and float(ratio.group(1)) > 0
