@@ -432,7 +432,9 @@ def _is_matmul_call(n: Node) -> bool:
     return n.op is Op.EXTERN and n.attrs.get("target") in _MATMUL_TARGETS
 
 
-def _extern_flops(n: Node) -> int:
+def call_flops(n: Node) -> int:
+    """Flops of one call whose first output is n: a matmul's, attention's, a convolution's; any
+    other call one per output element (memory-bound)."""
     if n.op is Op.MATMUL:
         return _matmul_flops(n)
     if _is_matmul_call(n):  # addmm(bias, mat1, mat2): mat1 is the second argument
@@ -488,7 +490,7 @@ def step_cost(step, profile: DeviceProfile, first_of_call: bool = True) -> StepC
         if not first_of_call:
             return StepCost(n.nbytes, 0, n.nbytes / profile.bandwidth)
         nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
-        flops, launch = _extern_flops(n), profile.extern_launch
+        flops, launch = call_flops(n), profile.extern_launch
         peak = _peak_flops(n, profile)
     return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / peak) + launch)
 
@@ -500,6 +502,6 @@ def node_cost(n: Node, profile: DeviceProfile) -> StepCost:
     if n.op in MOVEMENT or effective_op(n) is Op.INPUT:
         return StepCost(0, 0, 0.0)
     nbytes = n.nbytes + sum(operand_bytes(s) for s in n.srcs)
-    flops = _extern_flops(n) if n.op is Op.MATMUL or n.op in _ATTENTION or _is_matmul_call(n) else \
+    flops = call_flops(n) if n.op is Op.MATMUL or n.op in _ATTENTION or _is_matmul_call(n) else \
         max((numel(s.shape) for s in n.srcs), default=numel(n.shape))
     return StepCost(nbytes, flops, max(nbytes / profile.bandwidth, flops / _peak_flops(n, profile)))

@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import state
-from ..cost_model import kernel_read_bytes, operand_bytes
+from ..cost_model import call_flops, kernel_read_bytes, operand_bytes
 from ..counters import COUNTERS, CUDA_GRAPHS_OFF, EXTERN_OPS
-from ..ir import Op, numel
+from ..ir import Op
 from ..reference import resolve_aten
 from .cost import extern_launches
 from .deferred_checks import before_indexing, discard, finish, indexes
@@ -157,7 +157,7 @@ def host_work(step: Step, names: dict[int, str]) -> str | None:
 
 def launch_times(program: CompiledProgram) -> list[float]:
     """Modelled device time of each launch of the program, in µs: max(bytes / bandwidth, flops /
-    peak). Flops are counted for matmuls and attention; an extern aten call by its bytes."""
+    peak), flops as the cost model counts them (cost_model.call_flops)."""
     t = THRESHOLD
     times = []
     for g in program.schedule.kernels:
@@ -167,21 +167,9 @@ def launch_times(program: CompiledProgram) -> list[float]:
     for nodes in (*launches["attention"].values(), *launches["extern"].values()):
         srcs = {x.id: x for n in nodes for x in n.srcs}.values()
         moved = sum(operand_bytes(x) for x in srcs) + sum(n.nbytes for n in nodes)
-        flops = sum(_flops(n) for n in nodes)
+        flops = call_flops(nodes[0])  # the launch's first output carries its flops (cost_model.step_cost)
         times.append(max(moved / t.bandwidth, flops / t.peak_flops) * 1e6)
     return times
-
-
-def _flops(n) -> float:
-    if n.op is Op.MATMUL:
-        return 2.0 * numel(n.shape) * n.srcs[0].shape[-1]
-    if n.op is Op.ATTENTION:  # q @ k^T and p @ v: [B, H, T, D] each
-        q, k = n.srcs[0].shape, n.srcs[1].shape
-        return 4.0 * numel(q) * k[-2]
-    if n.op is Op.ATTENTION_BWD and n.attrs.get("which") != "qkv_sums":  # (the partials: the same launch)
-        q, k = n.srcs[0].shape, n.srcs[1].shape
-        return 10.0 * numel(q) * k[-2]
-    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------
