@@ -5,8 +5,9 @@
     python -m benchmarks.build_time --config tiny --dump /tmp/tiny   # fusion report, kernels, passes
 
 Records the model lazily (no values computed) at every depth asked for, then times
-`CompiledProgram(graph)` (passes, fusion, memory plan), building the depths in turn, best of
-`--repeat` rounds. Build time should grow linearly with depth; `--dump` writes the program's dump files
+`CompiledProgram(graph)` (passes, fusion, memory plan), building the depths in turn for `--repeat`
+rounds: each depth's best build, and the depths' ratio as the median of the rounds' ratios. Build
+time should grow linearly with depth; `--dump` writes the program's dump files
 (fusion report, loop programs, kernel sources) so two versions can be compared with `diff -r`.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import statistics
 import time
 
 import torch
@@ -46,17 +48,22 @@ def build_seconds(graph) -> tuple[float, float]:
     return wall, cpu
 
 
-def build_times(graphs: dict, repeat: int = 1) -> dict:
-    """The fastest build's wall time and the least CPU time per graph, over `repeat` rounds that
-    build every graph once each, in turn: a machine that speeds up or slows down meanwhile (this
-    one varies by a third from minute to minute) affects every depth alike, and every build runs
-    with the same objects alive, all the recorded graphs."""
-    best = {key: (float("inf"), float("inf")) for key in graphs}
+def build_times(graphs: dict, repeat: int = 1) -> dict[object, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of `repeat` builds per graph, in rounds that build every graph once each,
+    in turn: a machine that speeds up or slows down meanwhile (this one varies by a third from
+    minute to minute) affects the builds of one round alike, and every build runs with the same
+    objects alive, all the recorded graphs."""
+    times: dict[object, list[tuple[float, float]]] = {key: [] for key in graphs}
     for _ in range(repeat):
         for key, graph in graphs.items():
-            wall, cpu = build_seconds(graph)
-            best[key] = (min(best[key][0], wall), min(best[key][1], cpu))
-    return best
+            times[key].append(build_seconds(graph))
+    return times
+
+
+def depth_ratio(times: dict, lo, hi) -> float:
+    """How many times longer depth `hi` builds than `lo`: the median over rounds of the two builds'
+    CPU-time ratio within a round (paired, so a slow minute of the machine cancels out)."""
+    return statistics.median(b[1] / a[1] for a, b in zip(times[lo], times[hi]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,13 +95,15 @@ def main(argv: list[str] | None = None) -> None:
                 with open(path, "w") as f:
                     f.write(text)
     times = build_times(graphs, args.repeat)
-    for layers, (s, cpu) in times.items():
+    for layers, runs in times.items():
+        wall, cpu = min(w for w, _ in runs), min(c for _, c in runs)
         print(f"GPT-2 {args.config}, {layers or 'default'} layers: {len(graphs[layers].nodes)} IR nodes, "
-              f"program built in {s:.2f} s ({cpu:.2f} s CPU; best of {args.repeat})", flush=True)
+              f"program built in {wall:.2f} s ({cpu:.2f} s CPU; best of {args.repeat})", flush=True)
     if len(times) > 1:
-        (lo, (t_lo, c_lo)), (hi, (t_hi, c_hi)) = min(times.items()), max(times.items())
-        print(f"{hi} layers take {t_hi / t_lo:.2f}x the time of {lo} ({c_hi / c_lo:.2f}x the CPU time; "
-              f"{hi / lo:.0f}x the depth)")
+        lo, hi = min(times), max(times)
+        best = min(c for _, c in times[hi]) / min(c for _, c in times[lo])
+        print(f"{hi} layers take {depth_ratio(times, lo, hi):.2f}x the CPU time of {lo} (median of {args.repeat} "
+              f"rounds, each building both; the best builds' ratio: {best:.2f}x; {hi / lo:.0f}x the depth)")
 
 
 if __name__ == "__main__":
