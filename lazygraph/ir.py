@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import math
 import re
+import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -272,7 +273,12 @@ def contiguous_strides(shape: Shape) -> tuple[int, ...]:
 _ids = itertools.count()
 
 
-@dataclass(eq=False, slots=True, weakref_slot=True)
+# Nodes keep their fields in slots (no per-node __dict__, so a build touches less memory);
+# capture's caches hold nodes weakly, which slots allow from Python 3.11 on.
+_NODE_SLOTS = {"slots": True, "weakref_slot": True} if sys.version_info >= (3, 11) else {}
+
+
+@dataclass(eq=False, **_NODE_SLOTS)
 class Node:
     """One SSA value. `srcs` are operand nodes; `attrs` are static, hashable parameters.
 
