@@ -72,14 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, nargs="*", default=[None], help="override n_layer (several: one build each)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=5, help="rounds of builds (each builds every depth once); "
-                                                         "the fastest counts")
+    p.add_argument("--repeat", type=int, default=5, help="rounds of builds (each builds every depth once): "
+                                                         "each depth's fastest build counts, and the depths' "
+                                                         "ratio is the median of the rounds'")
     p.add_argument("--profile", type=int, default=0, help="print the N most expensive functions (cumulative)")
     p.add_argument("--dump", default=None, help="write the program's dump files into this folder")
     args = p.parse_args(argv)
     graphs = {layers: record(args.config, layers, args.batch_size, args.block_size) for layers in args.layers}
     for layers, graph in graphs.items():
-        CompiledProgram(graph)  # warm: imports, the lowering caches every build shares
+        warm = CompiledProgram(graph)  # warm: imports, the lowering caches every build shares
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(args.profile)
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
         if args.dump:
-            files = CompiledProgram(graph).dump_files()
+            files = warm.dump_files()
             for name, text in files.items():
                 path = os.path.join(args.dump, str(layers or "default"), name)
                 os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import Op, numel
-from ..passes.loops import PARTIAL_GROUP, PARTIAL_ROWS, LoopProgram, Stmt
+from ..passes.loops import PARTIAL_GROUP, PARTIAL_ROWS, LoopProgram, Stmt, partial_groups
 from .printer import PTR_TYPES, Printer, param_name
 from .target import GPU, INTERPRETER, Target, block_sizes, pow2
 
@@ -60,7 +60,7 @@ class Launch:
     @property
     def partial_groups(self) -> int:
         """Groups of programs whose column partials are added up first (1: no first level)."""
-        return _cdiv(self.programs, PARTIAL_GROUP) if self.programs > PARTIAL_GROUP else 1
+        return partial_groups(self.programs, PARTIAL_GROUP)  # the group size the source is printed for
 
 
 def column_reduction(prog: LoopProgram) -> bool:

@@ -55,6 +55,11 @@ PARTIAL_ROWS = 16
 PARTIAL_GROUP = 16
 
 
+def partial_groups(programs: int, size: int = PARTIAL_GROUP) -> int:
+    """Groups of `size` programs whose column partials are added up first (1: no first level)."""
+    return -(-programs // size) if programs > size else 1
+
+
 class NotFusable(Exception):
     """The group cannot be one kernel; str() is the reason the fusion report shows."""
 
@@ -165,8 +170,8 @@ class LoopProgram:
         """The fp32 column partials' bytes (and their groups' sums), written once and read back once
         (at most: a program sums PARTIAL_ROWS rows or more)."""
         programs = -(-self.space.rows // PARTIAL_ROWS)
-        groups = -(-programs // PARTIAL_GROUP) if programs > PARTIAL_GROUP else 0
-        return 2 * 4 * len(self.column_partials) * self.space.red * (programs + groups)
+        groups = partial_groups(programs)
+        return 2 * 4 * len(self.column_partials) * self.space.red * (programs + (groups if groups > 1 else 0))
 
     def text(self) -> str:
         lines = [f"space {self.space}; rows={self.space.rows} red={self.space.red}"
@@ -807,4 +812,5 @@ def dtype_ok(dtype: torch.dtype) -> bool:
 
 
 __all__ = ["Space", "Stmt", "Phase", "LoopProgram", "Lowering", "NotFusable", "KERNEL_OPS", "FREE_OPS",
-           "FUSIBLE_REDUCE", "PERSISTENT_MAX_RED", "PARTIAL_ROWS", "PARTIAL_GROUP", "unravel", "ravel", "transposed"]
+           "FUSIBLE_REDUCE", "PERSISTENT_MAX_RED", "PARTIAL_ROWS", "PARTIAL_GROUP", "partial_groups",
+           "unravel", "ravel", "transposed"]

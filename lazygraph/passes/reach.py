@@ -122,10 +122,15 @@ class Reachability:
             self.late[direction].append((_mask(which, len(rows)), bits))
 
 
+def _unpacked(bits: int, n: int) -> np.ndarray:
+    """Bits 0..n-1 (and up to the next byte) as one uint8 each, 1 where set."""
+    packed = np.frombuffer(bits.to_bytes((n + 7) // 8, "little"), dtype=np.uint8)
+    return np.unpackbits(packed, bitorder="little")
+
+
 def _mask(bits: int, n: int) -> bytes:
     """Byte i is 1 where bit i is set: a row test in constant time."""
-    packed = np.frombuffer(bits.to_bytes((n + 7) // 8, "little"), dtype=np.uint8)
-    return np.unpackbits(packed, bitorder="little")[:n].tobytes()
+    return _unpacked(bits, n)[:n].tobytes()
 
 
 def _lowest(bits: int) -> int:
@@ -136,8 +141,7 @@ def _units(bits: int) -> list[int]:
     """The units set in a row, ascending (through numpy: a merge may touch thousands)."""
     if not bits & (bits - 1):
         return [_lowest(bits)] if bits else []
-    packed = np.frombuffer(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), dtype=np.uint8)
-    return np.flatnonzero(np.unpackbits(packed, bitorder="little")).tolist()
+    return np.flatnonzero(_unpacked(bits, bits.bit_length())).tolist()
 
 
 def _closure(order: Sequence[int] | range, edges: Sequence[Sequence[int]]) -> list[int]:

@@ -76,7 +76,7 @@ class CompiledProgram:
             t = env[i]
             if t.data_ptr() == ptr and t._version == version:
                 continue
-            if t.shape != expected.shape or not torch.equal(t, expected.to(t.device)):
+            if t.shape != expected.shape or not _equal(t, expected.to(t.device)):
                 return False
             slot[1], slot[2] = t.data_ptr(), t._version
         return True
